@@ -1,0 +1,98 @@
+"""Model folders: weights + config.yaml + meta.json + MODEL_CARD.md; save, load, locate shipped ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from smear import __version__
+from smear.io import write_text_atomic
+from smear.types import ModelError
+
+META = "meta.json"
+CONFIG = "config.yaml"
+CARD = "MODEL_CARD.md"
+REQUIRED_META = ("stage", "weights", "classes")
+
+
+def shipped_dir(name: str) -> Path:
+    """Path of a shipped model folder inside the package (may not exist yet)."""
+    return Path(str(resources.files("smear.weights").joinpath(name)))
+
+
+def resolve_model_dir(spec: str | Path, default_name: str) -> Path:
+    """``"shipped"`` -> the packaged folder ``default_name``; anything else is a path."""
+    return shipped_dir(default_name) if str(spec) == "shipped" else Path(spec)
+
+
+def load_meta(model_dir: str | Path) -> dict[str, Any]:
+    """Read and check a model folder's meta.json; raises ModelError naming what is missing."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: model folder not found")
+    meta_path = model_dir / META
+    if not meta_path.is_file():
+        raise ModelError(f"{meta_path}: missing (a model folder needs {META})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{meta_path}: not valid JSON ({exc.msg})") from exc
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ModelError(f"{meta_path}: missing keys {', '.join(missing)}")
+    weights = model_dir / meta["weights"]
+    if not weights.is_file():
+        raise ModelError(f"{weights}: weights file missing")
+    return meta
+
+
+def load_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """The config.yaml a model was built and trained with (empty if absent)."""
+    path = Path(model_dir) / CONFIG
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(paths: Iterable[str | Path]) -> str:
+    """A short hash of file names and sizes: identifies the data a model saw without storing it."""
+    h = hashlib.sha256()
+    for p in sorted(str(x) for x in paths):
+        path = Path(p)
+        h.update(path.name.encode())
+        h.update(str(path.stat().st_size if path.exists() else -1).encode())
+    return h.hexdigest()[:16]
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short id of a model folder's weights, used to key caches and reports."""
+    meta = load_meta(model_dir)
+    return file_sha256(Path(model_dir) / meta["weights"])[:12]
+
+
+def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str, Any],
+                   card: str | None = None) -> Path:
+    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir``."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"smear_version": __version__, **meta}
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ModelError(f"{model_dir}: meta lacks {', '.join(missing)}")
+    write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(model_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    if card is not None:
+        write_text_atomic(model_dir / CARD, card)
+    return model_dir

@@ -1,0 +1,174 @@
+"""The `smear` command line: thin commands that resolve config, call one function, render."""
+
+from __future__ import annotations
+
+import functools
+import io
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from smear import __version__
+from smear.types import SmearError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="smear: blood-smear fields to a leukocyte differential.")
+config_app = typer.Typer(no_args_is_help=True, help="Show configuration.")
+app.add_typer(config_app, name="config")
+
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"verbose": False}
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file overriding defaults.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: a.b=value (repeatable).")]
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def fail(message: str, hint: str = "", code: int = 1) -> None:
+    """Print one red error line (and a dim hint) and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    if hint:
+        err_console.print(f"[dim]hint: {hint}[/]")
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn SmearError into one red line and exit 1; tracebacks only with --verbose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SmearError as exc:
+            if _state["verbose"]:
+                raise
+            fail(str(exc), exc.hint)
+
+    return wrapper
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+          ) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command()
+@handle_errors
+def run(
+    paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
+    report: Annotated[ReportFormat, typer.Option(help="Output format.")] = ReportFormat.table,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
+    cells: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per detected cell.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    recursive: Annotated[bool, typer.Option(help="Each subfolder holding images is a slide.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Count and classify the cells of each slide and print the differential."""
+    from smear.config import load_config
+    from smear.io import find_slides, write_text_atomic
+    from smear.pipeline import report as rep
+    from smear.pipeline.build import build_stages
+    from smear.pipeline.run import run_slide
+    from smear.pipeline.render import progress, render_table
+
+    overrides = list(set_ or []) + ([f"device={device}"] if device else [])
+    cfg = load_config("pipeline", config, overrides)
+    for target in (out, cells):
+        if target is not None and any(target.resolve() == p.resolve() for p in paths):
+            raise SmearError(f"{target}: refusing to overwrite an input")
+    slides = find_slides(paths, recursive=recursive)
+    stages = build_stages(cfg)
+    reports = []
+    with progress(err_console, total=sum(len(s.fields) for s in slides)) as advance:
+        for slide in slides:
+            def on_field(item, _slide=slide):
+                if hasattr(item, "reason"):
+                    warn(f"skipped {item.reason}")
+                advance()
+            reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field))
+    if not any(r.fields for r in reports):
+        raise SmearError("no field could be read", hint="see the warnings above")
+    if report == ReportFormat.csv:
+        text = rep.to_csv(rep.summary_frame(reports))
+    elif report == ReportFormat.json:
+        text = rep.to_json(reports)
+    else:
+        text = None
+    if cells is not None:
+        write_text_atomic(cells, rep.cells_csv(reports))
+    if text is None:
+        table_console = Console(record=True, file=io.StringIO(), width=120) if out else out_console
+        render_table(rep.summary_frame(reports), table_console)
+        if out:
+            write_text_atomic(out, table_console.export_text())
+    elif out:
+        write_text_atomic(out, text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+@handle_errors
+def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print versions, the device and the models in use."""
+    import platform
+
+    import torch
+
+    from smear.artifacts import load_meta, model_version, resolve_model_dir
+    from smear.config import load_config
+    from smear.devices import available_cores, resolve_device
+
+    cfg = load_config("pipeline", config, set_ or [])
+    dev = resolve_device(cfg["device"])
+    out_console.print(f"smear {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    out_console.print(f"device: {dev} (cores: {available_cores()}, torch threads: {torch.get_num_threads()},"
+                      f" cuda available: {torch.cuda.is_available()})")
+    out_console.print(f"detector: {cfg['detector']}")
+    for key, name in (("detector_model", "detector"), ("classifier_model", "classifier"),
+                      ("segmenter_model", "segmenter")):
+        path = resolve_model_dir(cfg[key], name)
+        try:
+            meta = load_meta(path)
+            out_console.print(f"  {name} model: {path} (version {model_version(path)},"
+                              f" trained {meta.get('trained', '?')})")
+        except SmearError as exc:
+            out_console.print(f"  {name} model: none ({exc})")
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(
+    stage: Annotated[str, typer.Argument(help="pipeline | detect | segment | classify")] = "pipeline",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved config of a stage as YAML."""
+    from smear.config import dump_config, load_config
+
+    sys.stdout.write(dump_config(load_config(stage, config, set_ or [])))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

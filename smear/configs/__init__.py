@@ -1,0 +1,1 @@
+"""Default configs (package data)."""

@@ -1,0 +1,1 @@
+"""Detector stage: YOLO (ultralytics, only here), classical colour detector, dataset converters."""

@@ -1,0 +1,74 @@
+"""Train the YOLO detector through ultralytics: merged dataset, resolved config, resumable runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from smear.config import dump_config
+from smear.detect.data import load_dataset, read_voc, split_holdout, write_yolo_dataset, clean_boxes
+from smear.io import write_text_atomic
+from smear.types import SmearError
+
+
+def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:
+    """Merge bccd/train (minus a fixed validation part) and txl-pbc train/val into one YOLO folder."""
+    dcfg = cfg["data"]
+    bccd = Path(dcfg["bccd"])
+    if not (bccd / "train").is_dir():
+        raise SmearError(f"{bccd}: BCCD folder with train/ not found", hint="set data.bccd")
+    bccd_train, problems = read_voc(bccd / "train", source="bccd")
+    bccd_train, more = clean_boxes(bccd_train)
+    problems += more
+    bccd_fit, bccd_val = split_holdout(bccd_train, dcfg["bccd_val_fraction"], dcfg["seed"])
+    train, val = list(bccd_fit), list(bccd_val)
+    if dcfg.get("txl"):
+        for split, bucket in (("train", train), ("val", val)):
+            samples, more = load_dataset(dcfg["txl"], split=split)
+            for s in samples:
+                s.source = f"txl-{s.source}" if s.source else "txl"
+            bucket += samples
+            problems += more
+    for p in problems:
+        log(f"warning: {p}")
+    log(f"detector data: {len(train)} train fields, {len(val)} val fields, {len(problems)} box problems")
+    return write_yolo_dataset({"train": train, "val": val}, Path(dcfg["workdir"]))
+
+
+def _keep_threads(model) -> None:
+    """ultralytics drops torch to cores-1 threads for CPU training; restore all cores once it starts."""
+    from smear.devices import set_threads
+
+    model.add_callback("on_train_start", lambda trainer: set_threads())
+
+
+def train(cfg: dict[str, Any], out: Path, resume: bool = False,
+          log: Callable[[str], None] = print) -> Path:
+    """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt."""
+    from smear.detect.ultra import yolo
+    from smear.devices import resolve_device, set_threads
+
+    out = Path(out).resolve()
+    last = out / "weights" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise SmearError(f"{last}: nothing to resume", hint="start without --resume")
+        model = yolo(last)
+        _keep_threads(model)
+        model.train(resume=True)
+        set_threads()
+        return out
+    data_yaml = build_training_data(cfg, log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "smear_config.yaml", dump_config(cfg))
+    t = dict(cfg["train"])
+    device = resolve_device(t.pop("device"))
+    model = yolo(cfg["model"])
+    _keep_threads(model)
+    model.train(
+        data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
+        device="cpu" if device.type == "cpu" else device.index or 0,
+        pretrained=False, amp=device.type == "cuda", plots=False, verbose=False, **t,
+    )
+    set_threads()
+    return out

@@ -1,0 +1,54 @@
+"""The one place that imports ultralytics: offline set-up and thread restoration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def _font_source() -> Path | None:
+    try:
+        import matplotlib
+
+        font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return font if font.exists() else None
+    except ImportError:
+        return None
+
+
+def setup_offline() -> None:
+    """Keep ultralytics from reaching the network: offline flag and a config dir holding its font."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        cfg_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smear" / "ultralytics"
+        os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
+    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    src = _font_source()
+    if src is not None:
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            if not (font_dir / name).exists():
+                font_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, font_dir / name)
+
+
+def ultralytics():
+    """Import ultralytics after the offline set-up, restoring torch's thread count."""
+    from smear.devices import set_threads
+
+    setup_offline()
+    import ultralytics as ul  # noqa: PLC0415
+
+    set_threads()
+    return ul
+
+
+def yolo(model: str | Path, task: str = "detect"):
+    """An ultralytics YOLO model from a model YAML (no download) or a .pt file of ours."""
+    from smear.devices import set_threads
+
+    ul = ultralytics()
+    m = ul.YOLO(str(model), task=task)
+    set_threads()
+    return m

@@ -1,0 +1,65 @@
+"""YOLO inference behind the Detector protocol: batched, on the configured device, RGB in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from smear.artifacts import load_meta
+from smear.types import CellKind, Detection, ModelError
+
+
+class YoloDetector:
+    """An ultralytics detector; ``names[i]`` is the CellKind value of class id i."""
+
+    def __init__(self, weights: str | Path, names: Sequence[str] = ("wbc", "rbc", "platelet"),
+                 imgsz: int = 416, conf: float = 0.25, iou: float = 0.5, max_det: int = 400,
+                 batch: int = 8, device: str = "auto", per_class_conf: dict[str, float] | None = None):
+        from smear.detect.ultra import yolo
+        from smear.devices import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = yolo(weights)
+        self.kinds = [CellKind(n) for n in names]
+        self.imgsz, self.conf, self.iou, self.max_det, self.batch = imgsz, conf, iou, max_det, batch
+        self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", **overrides: Any) -> "YoloDetector":
+        """Load a detector model folder (weights + meta.json with classes and thresholds)."""
+        meta = load_meta(model_dir)
+        if meta["stage"] != "detect":
+            raise ModelError(f"{model_dir}: is a {meta['stage']} model, not a detector")
+        infer = dict(meta.get("infer", {}))
+        infer.update(overrides)
+        keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf")
+        return cls(Path(model_dir) / meta["weights"], names=meta["classes"], device=device,
+                   **{k: infer[k] for k in keys if k in infer})
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Detections per RGB image, boxes in that image's pixels."""
+        from smear.devices import set_threads
+
+        out: list[list[Detection]] = []
+        half = self.device.type == "cuda"
+        for i in range(0, len(images), self.batch):
+            chunk = [np.ascontiguousarray(im[..., ::-1]) for im in images[i:i + self.batch]]  # to BGR
+            results = self.model.predict(chunk, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                         max_det=self.max_det, device=str(self.device), half=half,
+                                         verbose=False)
+            set_threads()
+            for res in results:
+                boxes = res.boxes
+                xyxy = boxes.xyxy.cpu().numpy().astype(float)
+                cls = boxes.cls.cpu().numpy().astype(int)
+                scores = boxes.conf.cpu().numpy().astype(float)
+                dets = []
+                for b, c, s in zip(xyxy, cls, scores):
+                    kind = self.kinds[c]
+                    if s < self.per_class_conf.get(kind, self.conf):
+                        continue
+                    dets.append(Detection((b[0], b[1], b[2], b[3]), kind, float(s)))
+                out.append(dets)
+        return out

@@ -1,0 +1,49 @@
+"""Resolve "auto" | "cpu" | "cuda[:N]" to a torch.device and set torch's thread count, in one place."""
+
+from __future__ import annotations
+
+import os
+
+from smear.types import SmearError
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads to ``n`` (default: the available cores); returns the count."""
+    import torch
+
+    n = n or available_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(name: str = "auto"):
+    """A torch.device for "auto", "cpu", "cuda" or "cuda:N"; auto picks CUDA when present."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    elif name == "cpu":
+        device = torch.device("cpu")
+    elif name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise SmearError(f"device {name!r} asked for, but no CUDA device is available",
+                             hint="use --device cpu or --device auto")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise SmearError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        device = torch.device(f"cuda:{index}")
+    else:
+        raise SmearError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        set_threads()
+    return device

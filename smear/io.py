@@ -1,0 +1,180 @@
+"""Read any field image as RGB uint8 HxWx3, list slides and fields, write outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from smear.types import ImageReadError, SmearError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+DEFAULT_MAX_PIXELS = 200_000_000
+
+# Truncated files must fail, not be padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit or float array to uint8 by its dtype's range."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 65535 if arr.max(initial=0) > 255 else 255
+        return (arr.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+    arr = arr.astype(np.float64)
+    top = 1.0 if arr.max(initial=0) <= 1.0 else arr.max()
+    return (arr / top * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8 HxWx3 (EXIF orientation applied), or raise ImageReadError."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageReadError(
+                        f"{path}: image is {im.width}x{im.height}, over the limit of {max_pixels} pixels",
+                        hint="raise io.max_pixels in the pipeline config",
+                    )
+                if getattr(im, "n_frames", 1) > 1:
+                    warnings.warn(f"{path}: multi-page image, using the first page only", stacklevel=2)
+                    im.seek(0)
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return _pil_to_rgb(im, path)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{path}: not a readable image file") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{path}: unreadable or truncated image ({reason})") from exc
+
+
+def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in ("RGB",):
+        arr = np.asarray(im)
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = _to_uint8(np.asarray(im))
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        # Composite on white: smear backgrounds are light, so transparency reads as background.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        arr = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    else:  # L, 1, P, CMYK, YCbCr, LAB, HSV, 48-bit RGB decoded by PIL, ...
+        try:
+            arr = np.asarray(im.convert("RGB"))
+        except (ValueError, OSError) as exc:
+            raise ImageReadError(f"{path}: unsupported image mode {mode}") from exc
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(f"{path}: could not convert to an RGB image (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def is_image_file(path: Path) -> bool:
+    """True for visible files with an image suffix."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Slide:
+    """A slide: a name and its field image paths, in sorted order."""
+
+    name: str
+    fields: tuple[Path, ...]
+
+
+def list_fields(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted, hidden files skipped."""
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]:
+    """Each path as a slide: an image is a one-field slide, a folder of images is one slide."""
+    slides: list[Slide] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise SmearError(f"{path}: no such file or folder")
+        if path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ImageReadError(
+                    f"{path}: not an image file (suffix {path.suffix or 'none'})",
+                    hint=f"accepted: {', '.join(sorted(IMAGE_SUFFIXES))}",
+                )
+            slides.append(Slide(path.stem, (path,)))
+            continue
+        folders = [path]
+        if recursive:
+            folders += sorted(p for p in path.rglob("*") if p.is_dir() and not p.name.startswith("."))
+        found = False
+        for folder in folders:
+            fields = list_fields(folder)
+            if fields:
+                name = path.name if folder == path else str(folder.relative_to(path.parent))
+                slides.append(Slide(name or str(folder), tuple(fields)))
+                found = True
+        if not found:
+            raise SmearError(f"{path}: folder holds no image files",
+                             hint=f"accepted suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}")
+    return slides
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    """Write text to ``target`` atomically (temp file + rename)."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> Path:
+    """Write bytes to ``target`` atomically (temp file + rename)."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_image_atomic(target: str | Path, image_rgb: np.ndarray, **save_kwargs) -> Path:
+    """Save an RGB uint8 array as an image file atomically; format from the suffix."""
+    target = Path(target)
+    fmt = Image.registered_extensions().get(target.suffix.lower())
+    with atomic_path(target) as tmp:
+        Image.fromarray(image_rgb).save(tmp, format=fmt, **save_kwargs)
+    return target

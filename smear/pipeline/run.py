@@ -1,0 +1,99 @@
+"""Run the stages over a slide's fields: detect -> crop -> (segment) -> classify -> SlideReport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from smear.io import Slide, read_image
+from smear.pipeline.crops import cut_crop, pad_value
+from smear.types import (
+    FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
+    MaskStats, Segmenter, SkippedField, SlideReport, SmearError,
+)
+
+
+@dataclass
+class Stages:
+    """The stages a run uses; only the detector is required."""
+
+    detector: Detector
+    classifier: Classifier | None = None
+    segmenter: Segmenter | None = None
+    review_threshold: float = 0.5
+    field_batch: int = 8
+    classify_batch: int = 64
+
+
+def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
+    best = max(FINE_CLASSES, key=lambda c: probs.get(c, 0.0))
+    p = float(probs.get(best, 0.0))
+    return (best if p >= threshold else UNIDENTIFIED), p
+
+
+def _mask_stats(mask: np.ndarray) -> MaskStats:
+    return MaskStats(cell_area_px=int((mask > 0).sum()), nucleus_area_px=int((mask == 2).sum()))
+
+
+def classify_field_cells(image_rgb: np.ndarray, detections: Sequence[Detection],
+                         stages: Stages) -> tuple[CellPrediction, ...]:
+    """Crop every WBC detection with the classifier's geometry and classify it."""
+    clf = stages.classifier
+    if clf is None:
+        return ()
+    wbcs = [d for d in detections if d.kind == CellKind.WBC]
+    if not wbcs:
+        return ()
+    fill = pad_value(image_rgb)
+    crops = [cut_crop(image_rgb, d.box_xyxy, clf.crop_margin, clf.input_size, fill) for d in wbcs]
+    masks: list[np.ndarray | None] = [None] * len(crops)
+    if stages.segmenter is not None:
+        masks = list(stages.segmenter.segment(crops))
+    probs: list[dict[str, float]] = []
+    for i in range(0, len(crops), stages.classify_batch):
+        probs += clf.classify(crops[i:i + stages.classify_batch])
+    cells = []
+    for det, p, m in zip(wbcs, probs, masks):
+        label, top = _label(p, stages.review_threshold)
+        cells.append(CellPrediction(det, label, top, dict(p), _mask_stats(m) if m is not None else None))
+    return tuple(cells)
+
+
+def iter_field_results(
+    slide: Slide, stages: Stages, max_pixels: int,
+    on_skip: Callable[[SkippedField], None] | None = None,
+    skip_names: Iterable[str] = (),
+) -> Iterator[FieldResult | SkippedField]:
+    """Process a slide's fields in batches, yielding a result or a SkippedField per field, in order."""
+    skip = set(skip_names)
+    paths = [p for p in slide.fields if p.name not in skip]
+    for start in range(0, len(paths), stages.field_batch):
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in paths[start:start + stages.field_batch]:
+            try:
+                batch.append((path, read_image(path, max_pixels=max_pixels)))
+            except SmearError as exc:
+                skipped = SkippedField(slide.name, path.name, str(exc))
+                if on_skip:
+                    on_skip(skipped)
+                yield skipped
+        if not batch:
+            continue
+        all_dets = stages.detector.detect([img for _, img in batch])
+        for (path, img), dets in zip(batch, all_dets):
+            cells = classify_field_cells(img, dets, stages)
+            yield FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets), cells)
+
+
+def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
+              on_field: Callable[[FieldResult | SkippedField], None] | None = None) -> SlideReport:
+    """All fields of one slide through the stages, aggregated into a SlideReport."""
+    fields, skipped = [], []
+    for item in iter_field_results(slide, stages, max_pixels):
+        (skipped if isinstance(item, SkippedField) else fields).append(item)
+        if on_field:
+            on_field(item)
+    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=stages.classifier is not None)

@@ -1,0 +1,271 @@
+"""The contracts between stages: taxonomy, detections, predictions, results, stage protocols.
+
+Conventions, written once: images are RGB uint8 arrays of shape HxWx3; boxes are full-field
+pixel coordinates ``(x0, y0, x1, y1)`` as floats, x to the right and y down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+class SmearError(Exception):
+    """An error a user can act on; the CLI prints it as one line and exits non-zero."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ImageReadError(SmearError):
+    """An image could not be read (missing, unreadable, truncated, too large)."""
+
+
+class ConfigError(SmearError):
+    """A configuration file or override is wrong."""
+
+
+class ModelError(SmearError):
+    """A model folder is missing or incomplete."""
+
+
+# ---------------------------------------------------------------- taxonomy
+
+
+class CellKind(str, Enum):
+    """What the detector finds."""
+
+    WBC = "wbc"
+    RBC = "rbc"
+    PLATELET = "platelet"
+
+
+#: The 11 fine classes in the order every model and report uses.
+FINE_CLASSES: tuple[str, ...] = (
+    "SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET",
+)
+
+FINE_NAMES: dict[str, str] = {
+    "SNE": "segmented neutrophil",
+    "BNE": "band neutrophil",
+    "MMY": "metamyelocyte",
+    "MY": "myelocyte",
+    "PMY": "promyelocyte",
+    "EO": "eosinophil",
+    "BA": "basophil",
+    "LY": "lymphocyte",
+    "MO": "monocyte",
+    "ERB": "erythroblast",
+    "PLATELET": "platelet",
+}
+
+#: The 8 PBC groups, in order.
+GROUPS8: tuple[str, ...] = (
+    "neutrophil", "ig", "eosinophil", "basophil", "lymphocyte", "monocyte", "erythroblast", "platelet",
+)
+
+FINE_TO_GROUP8: dict[str, str] = {
+    "SNE": "neutrophil", "BNE": "neutrophil",
+    "MMY": "ig", "MY": "ig", "PMY": "ig",
+    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
+    "ERB": "erythroblast", "PLATELET": "platelet",
+}
+
+#: The 5 mature WBC types other datasets use, in order.
+TYPES5: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+
+#: Fine class -> 5-type; classes outside the 5 mature types map to None.
+FINE_TO_TYPE5: dict[str, str | None] = {
+    "SNE": "neutrophil", "BNE": "neutrophil",
+    "MMY": None, "MY": None, "PMY": None,
+    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
+    "ERB": None, "PLATELET": None,
+}
+
+#: Fine classes that are leukocytes and enter the WBC percentages.
+WBC_CLASSES: tuple[str, ...] = tuple(c for c in FINE_CLASSES if c not in ("ERB", "PLATELET"))
+
+#: Label used for cells whose calibrated top probability is under the review threshold.
+UNIDENTIFIED = "UNIDENTIFIED"
+
+# Aliases seen in public datasets -> our names. Keys are lower-cased.
+_FINE_ALIASES: dict[str, str] = {
+    "sne": "SNE", "segmented neutrophil": "SNE", "seg": "SNE",
+    "bne": "BNE", "band": "BNE", "band neutrophil": "BNE",
+    "mmy": "MMY", "metamyelocyte": "MMY",
+    "my": "MY", "myelocyte": "MY",
+    "pmy": "PMY", "promyelocyte": "PMY",
+    "eo": "EO", "eosinophil": "EO", "eosinophils": "EO",
+    "ba": "BA", "basophil": "BA", "basophils": "BA",
+    "ly": "LY", "lymphocyte": "LY", "lymphocytes": "LY",
+    "mo": "MO", "monocyte": "MO", "monocytes": "MO",
+    "erb": "ERB", "erythroblast": "ERB", "erythroblasts": "ERB", "nrbc": "ERB",
+    "platelet": "PLATELET", "platelets": "PLATELET", "plt": "PLATELET", "thrombocyte": "PLATELET",
+}
+_GROUP_ALIASES: dict[str, str] = {
+    "neutrophil": "neutrophil", "neutrophils": "neutrophil",
+    "ig": "ig", "immature granulocyte": "ig", "immature granulocytes": "ig",
+}
+_KIND_ALIASES: dict[str, CellKind] = {
+    "wbc": CellKind.WBC, "leukocyte": CellKind.WBC, "white blood cell": CellKind.WBC,
+    "rbc": CellKind.RBC, "erythrocyte": CellKind.RBC, "red blood cell": CellKind.RBC,
+    "platelet": CellKind.PLATELET, "platelets": CellKind.PLATELET, "plt": CellKind.PLATELET,
+}
+
+
+def fine_class(name: str) -> str | None:
+    """Our fine class for a dataset's class name, or None if it names only a group or nothing."""
+    return _FINE_ALIASES.get(name.strip().lower().replace("_", " "))
+
+
+def group8_of(name: str) -> str | None:
+    """The 8-group of a fine class or group name, or None."""
+    fine = fine_class(name)
+    if fine is not None:
+        return FINE_TO_GROUP8[fine]
+    key = name.strip().lower().replace("_", " ")
+    return _GROUP_ALIASES.get(key) or (key if key in GROUPS8 else None)
+
+
+def type5_of(name: str) -> str | None:
+    """The 5-type of a fine class or group name, or None for classes outside the 5 mature types."""
+    group = group8_of(name)
+    return group if group in TYPES5 else None
+
+
+def cell_kind(name: str) -> CellKind:
+    """The detector kind for a dataset's object name (WBC/RBC/Platelets ...)."""
+    key = name.strip().lower()
+    if key not in _KIND_ALIASES:
+        raise SmearError(f"unknown object class {name!r}", hint="expected WBC, RBC or Platelets")
+    return _KIND_ALIASES[key]
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected cell on a field: box xyxy in field pixels, kind, detector score."""
+
+    box_xyxy: tuple[float, float, float, float]
+    kind: CellKind
+    score: float = 1.0
+
+    @property
+    def width(self) -> float:
+        return self.box_xyxy[2] - self.box_xyxy[0]
+
+    @property
+    def height(self) -> float:
+        return self.box_xyxy[3] - self.box_xyxy[1]
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Measurements of a cell mask in crop pixels."""
+
+    cell_area_px: int
+    nucleus_area_px: int
+
+    @property
+    def nucleus_to_cell(self) -> float:
+        return self.nucleus_area_px / self.cell_area_px if self.cell_area_px else float("nan")
+
+
+@dataclass(frozen=True)
+class CellPrediction:
+    """A classified cell: its detection, label (a fine class or UNIDENTIFIED), calibrated probs."""
+
+    detection: Detection
+    label: str
+    prob: float
+    probs: dict[str, float] = field(default_factory=dict)
+    mask: MaskStats | None = None
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """Everything found on one field."""
+
+    slide: str
+    field: str
+    width: int
+    height: int
+    detections: tuple[Detection, ...]
+    cells: tuple[CellPrediction, ...] = ()
+
+    def count(self, kind: CellKind) -> int:
+        return sum(1 for d in self.detections if d.kind == kind)
+
+
+@dataclass(frozen=True)
+class SkippedField:
+    """A field that could not be processed, with the reason."""
+
+    slide: str
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SlideReport:
+    """A slide's aggregated counts; built from its field results by the pipeline."""
+
+    slide: str
+    fields: tuple[FieldResult, ...]
+    skipped: tuple[SkippedField, ...] = ()
+    classified: bool = False
+
+    @property
+    def n_fields(self) -> int:
+        return len(self.fields)
+
+    def count(self, kind: CellKind) -> int:
+        return sum(f.count(kind) for f in self.fields)
+
+    def cells(self) -> list[CellPrediction]:
+        return [c for f in self.fields for c in f.cells]
+
+    def label_counts(self) -> dict[str, int]:
+        """Counts of each fine class and UNIDENTIFIED over the classified cells."""
+        counts = {c: 0 for c in (*FINE_CLASSES, UNIDENTIFIED)}
+        for cell in self.cells():
+            counts[cell.label] = counts.get(cell.label, 0) + 1
+        return counts
+
+
+# ---------------------------------------------------------------- stage protocols
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Finds cells on whole fields."""
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]: ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Masks cell crops: returns per crop an HxW uint8 mask, 0 background, 1 cytoplasm, 2 nucleus."""
+
+    def segment(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Labels WBC crops with calibrated probabilities over FINE_CLASSES.
+
+    ``crop_margin`` and ``input_size`` state the crop geometry the classifier was trained on.
+    """
+
+    crop_margin: float
+    input_size: int
+
+    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]: ...
