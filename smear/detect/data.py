@@ -201,7 +201,8 @@ def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list
                 problems.append(Problem(str(s.image), f"{kind.value} box {x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}"
                                         f" is empty, tiny or outside the image", "dropped"))
                 continue
-            if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            overshoot = max(cx0 - x0, cy0 - y0, x1 - cx1, y1 - cy1)
+            if overshoot >= 1.0:  # sub-pixel overshoots are rounding in normalised labels
                 problems.append(Problem(str(s.image), f"{kind.value} box {x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}"
                                         f" crosses the image border", "clamped"))
             kept.append((kind, (cx0, cy0, cx1, cy1)))

@@ -1,0 +1,164 @@
+"""Detector evaluation: COCO-style AP per class, mAP50 and mAP50-95, P/R at a threshold, per source."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from smear.detect.data import DET_CLASSES, Sample
+from smear.io import read_image
+from smear.types import CellKind, Detection, Detector
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4 xyxy) with every box in ``b`` (M x 4)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def _match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """TP flags (n_pred x n_iou) by greedy one-to-one matching, highest score first."""
+    tp = np.zeros((len(pred), len(IOU_THRESHOLDS)), bool)
+    if len(pred) == 0 or len(truth) == 0:
+        return tp
+    ious = iou_matrix(pred, truth)
+    order = np.argsort(-scores, kind="stable")
+    for k, thr in enumerate(IOU_THRESHOLDS):
+        taken = np.zeros(len(truth), bool)
+        for i in order:
+            cand = np.where(~taken & (ious[i] >= thr))[0]
+            if len(cand):
+                j = cand[np.argmax(ious[i, cand])]
+                taken[j] = True
+                tp[i, k] = True
+    return tp
+
+
+def average_precision(tp: np.ndarray, scores: np.ndarray, n_truth: int) -> np.ndarray:
+    """101-point interpolated AP for each IoU column of ``tp``."""
+    if n_truth == 0:
+        return np.full(tp.shape[1], np.nan)
+    if len(scores) == 0:
+        return np.zeros(tp.shape[1])
+    order = np.argsort(-scores, kind="stable")
+    tpc = np.cumsum(tp[order], axis=0)
+    fpc = np.cumsum(~tp[order], axis=0)
+    recall = tpc / n_truth
+    precision = tpc / np.maximum(tpc + fpc, 1e-9)
+    grid = np.linspace(0, 1, 101)
+    out = np.zeros(tp.shape[1])
+    for k in range(tp.shape[1]):
+        env = np.maximum.accumulate(precision[::-1, k])[::-1]
+        idx = np.searchsorted(recall[:, k], grid, side="left")
+        out[k] = np.where(idx < len(env), env[np.minimum(idx, len(env) - 1)], 0.0).mean()
+    return out
+
+
+def _arrays(dets: Sequence[Detection], kind: CellKind) -> tuple[np.ndarray, np.ndarray]:
+    sel = [d for d in dets if d.kind == kind]
+    return (np.array([d.box_xyxy for d in sel], float).reshape(-1, 4),
+            np.array([d.score for d in sel], float))
+
+
+def truth_detections(sample: Sample) -> list[Detection]:
+    """A sample's ground-truth boxes as Detections."""
+    return [Detection(b, k, 1.0) for k, b in sample.boxes]
+
+
+def score_detections(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequence[Detection]],
+                     conf: dict[CellKind, float]) -> dict[str, Any]:
+    """mAP50, mAP50-95, AP per class; precision/recall/F1 at IoU 0.5 at the ``conf`` of each class."""
+    per_class: dict[str, Any] = {}
+    aps50, aps = [], []
+    for kind in DET_CLASSES:
+        tps, scores, n_truth = [], [], 0
+        for p, t in zip(preds, truths):
+            pb, ps = _arrays(p, kind)
+            tb, _ = _arrays(t, kind)
+            tps.append(_match(pb, ps, tb))
+            scores.append(ps)
+            n_truth += len(tb)
+        tp = np.concatenate(tps) if tps else np.zeros((0, len(IOU_THRESHOLDS)), bool)
+        sc = np.concatenate(scores) if scores else np.zeros(0)
+        ap = average_precision(tp, sc, n_truth)
+        keep = sc >= conf.get(kind, 0.0)
+        n_tp = int(tp[keep, 0].sum())
+        n_pred = int(keep.sum())
+        prec = n_tp / n_pred if n_pred else float("nan")
+        rec = n_tp / n_truth if n_truth else float("nan")
+        per_class[kind.value] = {
+            "ap50": _f(ap[0]), "ap50_95": _f(np.nanmean(ap)) if n_truth else None,
+            "precision": _f(prec), "recall": _f(rec), "n_truth": n_truth, "n_pred": n_pred,
+            "conf": conf.get(kind, 0.0),
+        }
+        if n_truth:
+            aps50.append(ap[0])
+            aps.append(np.mean(ap))
+    return {"map50": _f(np.mean(aps50)) if aps50 else None, "map50_95": _f(np.mean(aps)) if aps else None,
+            "per_class": per_class}
+
+
+def _f(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def predict_samples(detector: Detector, samples: Sequence[Sample], batch: int = 8,
+                    on_batch: Callable[[int], None] | None = None) -> list[list[Detection]]:
+    """Run a detector over samples' images in batches."""
+    preds: list[list[Detection]] = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        preds += detector.detect([read_image(s.image) for s in chunk])
+        if on_batch:
+            on_batch(len(chunk))
+    return preds
+
+
+def evaluate_predictions(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]],
+                         conf: dict[CellKind, float]) -> dict[str, Any]:
+    """Overall and per-source figures for predictions on samples."""
+    truths = [truth_detections(s) for s in samples]
+    out = score_detections(preds, truths, conf)
+    out["n_images"] = len(samples)
+    by_src: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_src[s.source or "unknown"].append(i)
+    out["per_source"] = {src: {**score_detections([preds[i] for i in idx], [truths[i] for i in idx], conf),
+                               "n_images": len(idx)} for src, idx in sorted(by_src.items())}
+    return out
+
+
+def tune_conf(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]]) -> dict[CellKind, float]:
+    """Per-class confidence threshold maximising F1 at IoU 0.5 (fit on validation data only)."""
+    truths = [truth_detections(s) for s in samples]
+    out = {}
+    for kind in DET_CLASSES:
+        tps, scores, n_truth = [], [], 0
+        for p, t in zip(preds, truths):
+            pb, ps = _arrays(p, kind)
+            tb, _ = _arrays(t, kind)
+            tps.append(_match(pb, ps, tb)[:, 0])
+            scores.append(ps)
+            n_truth += len(tb)
+        tp, sc = np.concatenate(tps), np.concatenate(scores)
+        if n_truth == 0 or len(sc) == 0:
+            out[kind] = 0.25
+            continue
+        order = np.argsort(-sc, kind="stable")
+        tpc = np.cumsum(tp[order])
+        prec = tpc / np.arange(1, len(sc) + 1)
+        rec = tpc / n_truth
+        f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-9)
+        best = int(np.argmax(f1))
+        out[kind] = round(float(max(sc[order][best], 0.05)), 3)
+    return out

@@ -1,0 +1,20 @@
+"""Shared test set-up: fakes importable, real-data location."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need_data(*parts: str) -> Path:
+    """The path under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not present: {path} (tests on ../shared/data run only where it exists)")
+    return path

@@ -1,0 +1,51 @@
+"""Tiny fake stages for pipeline tests: behaviour fixed by the test, no models."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from smear.types import FINE_CLASSES, CellKind, Detection
+
+
+class FakeDetector:
+    """Returns preset detections for each image, keyed by the image's width."""
+
+    def __init__(self, by_width: dict[int, list[Detection]]):
+        self.by_width = by_width
+        self.batches: list[int] = []
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        self.batches.append(len(images))
+        return [list(self.by_width.get(im.shape[1], [])) for im in images]
+
+
+class FakeClassifier:
+    """Hands out (label, top probability) pairs in call order."""
+
+    crop_margin = 1.2
+    input_size = 16
+
+    def __init__(self, labels: list[tuple[str, float]]):
+        self.labels = list(labels)
+        self.crop_shapes: list[tuple[int, ...]] = []
+
+    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        out = []
+        for crop in crops:
+            self.crop_shapes.append(crop.shape)
+            label, p = self.labels.pop(0)
+            rest = (1.0 - p) / (len(FINE_CLASSES) - 1)
+            out.append({c: (p if c == label else rest) for c in FINE_CLASSES})
+        return out
+
+
+def dets(n_wbc: int, n_rbc: int, n_plt: int) -> list[Detection]:
+    """Boxes laid out on a row: WBCs, then RBCs, then platelets."""
+    out, x = [], 2.0
+    for kind, n in ((CellKind.WBC, n_wbc), (CellKind.RBC, n_rbc), (CellKind.PLATELET, n_plt)):
+        for _ in range(n):
+            out.append(Detection((x, 2.0, x + 8.0, 10.0), kind, 0.9))
+            x += 10.0
+    return out

@@ -1,0 +1,72 @@
+"""The pipeline with fake stages: counts, unidentified cells, skipped fields, golden CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fakes import FakeClassifier, FakeDetector, dets
+from smear.io import find_slides
+from smear.pipeline.report import cells_csv, summary_frame, to_csv, to_json
+from smear.pipeline.run import Stages, run_slide
+from smear.types import UNIDENTIFIED
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _slide(tmp_path: Path) -> Path:
+    folder = tmp_path / "slideA"
+    folder.mkdir()
+    Image.fromarray(np.full((60, 100, 3), 220, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((60, 90, 3), 220, np.uint8)).save(folder / "b.png")
+    (folder / "c.png").write_text("not an image")
+    return folder
+
+
+def _stages(classified: bool) -> tuple[Stages, FakeDetector, FakeClassifier]:
+    det = FakeDetector({100: dets(3, 5, 1), 90: dets(2, 4, 0)})
+    clf = FakeClassifier([("SNE", 0.9), ("LY", 0.8), ("SNE", 0.4), ("MO", 0.95), ("ERB", 0.7)])
+    return Stages(det, clf if classified else None, review_threshold=0.5, field_batch=2), det, clf
+
+
+def test_detector_only_counts_and_skip(tmp_path):
+    [slide] = find_slides([_slide(tmp_path)])
+    stages, det, _ = _stages(classified=False)
+    rep = run_slide(slide, stages)
+    assert [f.field for f in rep.fields] == ["a.png", "b.png"]
+    assert [s.field for s in rep.skipped] == ["c.png"] and "c.png" in rep.skipped[0].reason
+    assert det.batches == [2]  # the unreadable field's batch still ran the two good ones together
+    assert to_csv(summary_frame([rep])) == (GOLDEN / "detector_only.csv").read_text()
+
+
+def test_classified_counts_unidentified_and_golden(tmp_path):
+    [slide] = find_slides([_slide(tmp_path)])
+    stages, _, clf = _stages(classified=True)
+    rep = run_slide(slide, stages)
+    assert all(shape == (16, 16, 3) for shape in clf.crop_shapes) and len(clf.crop_shapes) == 5
+    labels = [c.label for c in rep.cells()]
+    assert labels == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]
+    df = summary_frame([rep])
+    row = df.iloc[0]
+    assert row["n_wbc"] == 3 and row["n_unidentified"] == 1 and row["ERB_n"] == 1
+    wbc_pcts = [row[f"{c}_pct"] for c in ("SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO")]
+    assert abs(sum(wbc_pcts) - 100.0) < 0.02
+    assert pd.isna(row["ERB_pct"]) and pd.isna(row["PLATELET_pct"])
+    assert to_csv(df) == (GOLDEN / "classified.csv").read_text()
+
+
+def test_cells_csv_and_json(tmp_path):
+    [slide] = find_slides([_slide(tmp_path)])
+    stages, _, _ = _stages(classified=True)
+    rep = run_slide(slide, stages)
+    cells = pd.read_csv(__import__("io").StringIO(cells_csv([rep])))
+    assert list(cells.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob"]
+    assert len(cells) == 15
+    assert cells["kind"].value_counts().to_dict() == {"rbc": 9, "wbc": 5, "platelet": 1}
+    assert cells.loc[cells.kind == "wbc", "label"].tolist() == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]
+    assert cells.loc[cells.kind == "rbc", "label"].isna().all()
+    js = to_json([rep])
+    assert '"reason"' in js and "c.png" in js and "NaN" not in js
