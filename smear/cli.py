@@ -19,6 +19,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="smear: blood-smear fields to a leukocyte differential.")
 config_app = typer.Typer(no_args_is_help=True, help="Show configuration.")
 app.add_typer(config_app, name="config")
+train_app = typer.Typer(no_args_is_help=True, help="Train a stage.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a stage on labelled data.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets.")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(data_app, name="data")
 
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -163,6 +169,87 @@ def config_show(
     from smear.config import dump_config, load_config
 
     sys.stdout.write(dump_config(load_config(stage, config, set_ or [])))
+
+
+@data_app.command("convert")
+@handle_errors
+def data_convert(
+    sources: Annotated[list[str], typer.Argument(help="VOC folder, YOLO data.yaml[:split], COCO .json or images folder.")],
+    out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")],
+    val_fraction: Annotated[float, typer.Option(help="Fixed, seeded part held out as 'val'.")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Convert detection datasets into one YOLO folder (absolute paths, source tags, cleaned boxes)."""
+    from smear.detect.data import load_dataset, split_holdout, write_yolo_dataset
+
+    samples, problems = [], []
+    for src in sources:
+        path, _, split = src.partition(":") if src.endswith((":train", ":val", ":test")) else (src, "", "")
+        got, probs = load_dataset(path, split=split or "train")
+        samples += got
+        problems += probs
+    for p in problems:
+        warn(str(p))
+    train, val = split_holdout(samples, val_fraction, seed) if val_fraction else (samples, [])
+    data_yaml = write_yolo_dataset({"train": train, **({"val": val} if val else {})}, out)
+    out_console.print(f"{len(train)} train, {len(val)} val fields, {len(problems)} box problems -> {data_yaml}")
+
+
+@train_app.command("detect")
+@handle_errors
+def train_detect(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/detect"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the YOLO detector (offline, from the model YAML) and package it into OUT/model."""
+    from smear.config import load_config
+    from smear.detect.train import package, train
+
+    cfg = load_config("detect", config, set_ or [])
+    run_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
+    model_dir = package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"],
+                        log=lambda m: out_console.print(m, markup=False))
+    out_console.print(f"model folder: {model_dir}")
+
+
+@eval_app.command("detect")
+@handle_errors
+def eval_detect(
+    data: Annotated[Path, typer.Option(help="VOC folder, YOLO data.yaml, COCO .json or images folder.")],
+    model: Annotated[str, typer.Option(help="Detector model folder, or 'shipped'.")] = "shipped",
+    split: Annotated[str, typer.Option(help="Split of a data.yaml.")] = "test",
+    detector: Annotated[str, typer.Option(help="yolo | classical")] = "yolo",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """mAP50, mAP50-95, AP50 per class, P/R at the shipped thresholds, per source."""
+    import json
+
+    from smear.artifacts import resolve_model_dir
+    from smear.detect.data import DET_CLASSES, load_dataset
+    from smear.detect.evaluate import evaluate_detector
+    from smear.pipeline.build import build_detector
+    from smear.pipeline.render import render_detect_metrics
+
+    samples, _ = load_dataset(data, split=split)
+    if not samples:
+        raise SmearError(f"{data}: no labelled images found")
+    if detector == "yolo":
+        from smear.detect.yolo import YoloDetector
+
+        det = YoloDetector.from_dir(resolve_model_dir(model, "detector"), device=device)
+        conf = {k: det.per_class_conf.get(k, det.conf) for k in DET_CLASSES}
+        det.conf, det.per_class_conf = 0.001, {}  # score every box for AP; P/R use the shipped conf
+    else:
+        det = build_detector({"detector": detector, "classical": {}, "device": device})
+        conf = {k: 0.0 for k in DET_CLASSES}
+    metrics = evaluate_detector(det, samples, conf)
+    if json_:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    else:
+        render_detect_metrics(metrics, out_console)
 
 
 def main() -> None:

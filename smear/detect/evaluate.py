@@ -162,3 +162,9 @@ def tune_conf(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]]) -
         best = int(np.argmax(f1))
         out[kind] = round(float(max(sc[order][best], 0.05)), 3)
     return out
+
+
+def evaluate_detector(detector: Detector, samples: Sequence[Sample], conf: dict[CellKind, float],
+                      batch: int = 8, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Predict on samples and score: overall, per class and per source."""
+    return evaluate_predictions(samples, predict_samples(detector, samples, batch, on_batch), conf)

@@ -72,3 +72,44 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
     )
     set_threads()
     return out
+
+
+def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "auto",
+            log: Callable[[str], None] = print) -> Path:
+    """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
+    import shutil
+    from datetime import date
+
+    from smear.artifacts import data_fingerprint, save_model_dir
+    from smear.detect.data import load_dataset
+    from smear.detect.evaluate import evaluate_predictions, predict_samples, tune_conf
+    from smear.detect.yolo import YoloDetector
+
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    best = run_dir / "weights" / "best.pt"
+    if not best.exists():
+        raise SmearError(f"{best}: run has no best weights yet")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, model_dir / "detector.pt")
+    infer = dict(cfg["infer"])
+    data_yaml = Path(cfg["data"]["workdir"]) / "data.yaml"
+    val, _ = load_dataset(data_yaml, split="val")
+    det = YoloDetector(model_dir / "detector.pt", imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
+                       max_det=infer["max_det"], device=device)
+    preds = predict_samples(det, val)
+    conf = tune_conf(val, preds)
+    metrics = evaluate_predictions(val, preds, conf)
+    log(f"validation: mAP50 {metrics['map50']}, tuned conf {({k.value: v for k, v in conf.items()})}")
+    infer["per_class_conf"] = {k.value: v for k, v in conf.items()}
+    infer["conf"] = min(conf.values())
+    meta = {
+        "stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
+        "architecture": cfg["model"], "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
+        "infer": infer, "trained": date.today().isoformat(),
+        "metrics": {"val": {"split": "bccd/train holdout "
+                            f"{cfg['data']['bccd_val_fraction']:.0%} seed {cfg['data']['seed']} + txl-pbc/val",
+                            **metrics}},
+        "data_fingerprint": data_fingerprint(s.image for s in val),
+    }
+    save_model_dir(model_dir, meta, cfg)
+    return model_dir

@@ -25,6 +25,8 @@ class YoloDetector:
         self.kinds = [CellKind(n) for n in names]
         self.imgsz, self.conf, self.iou, self.max_det, self.batch = imgsz, conf, iou, max_det, batch
         self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
+        # Tiling of large fields: fields over tile_above x field_scale are cut into field_scale tiles.
+        self.field_scale, self.tile_above, self.tile_overlap = 640, 1.6, 0.2
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", **overrides: Any) -> "YoloDetector":
@@ -35,20 +37,26 @@ class YoloDetector:
         infer = dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf")
-        return cls(Path(model_dir) / meta["weights"], names=meta["classes"], device=device,
-                   **{k: infer[k] for k in keys if k in infer})
+        if overrides.get("conf") is not None and "per_class_conf" not in overrides:
+            infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
+        det = cls(Path(model_dir) / meta["weights"], names=meta["classes"], device=device,
+                  **{k: infer[k] for k in keys if k in infer})
+        det.field_scale = int(infer.get("field_scale", 640))
+        det.tile_above = float(infer.get("tile_above", 1.6))
+        det.tile_overlap = float(infer.get("tile_overlap", 0.2))
+        return det
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per RGB image, boxes in that image's pixels."""
         from smear.devices import set_threads
 
         out: list[list[Detection]] = []
-        half = self.device.type == "cuda"
+        extra = {"half": True} if self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
             chunk = [np.ascontiguousarray(im[..., ::-1]) for im in images[i:i + self.batch]]  # to BGR
             results = self.model.predict(chunk, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
-                                         max_det=self.max_det, device=str(self.device), half=half,
-                                         verbose=False)
+                                         max_det=self.max_det, device=str(self.device), verbose=False,
+                                         **extra)
             set_threads()
             for res in results:
                 boxes = res.boxes
@@ -60,6 +68,6 @@ class YoloDetector:
                     kind = self.kinds[c]
                     if s < self.per_class_conf.get(kind, self.conf):
                         continue
-                    dets.append(Detection((b[0], b[1], b[2], b[3]), kind, float(s)))
+                    dets.append(Detection((float(b[0]), float(b[1]), float(b[2]), float(b[3])), kind, float(s)))
                 out.append(dets)
         return out

@@ -35,3 +35,23 @@ def progress(console: Console, total: int) -> Iterator[Callable[[], None]]:
     with bar:
         task = bar.add_task("fields", total=total)
         yield lambda: bar.advance(task)
+
+
+def render_detect_metrics(metrics: dict, console: Console) -> None:
+    """Detector figures: one row per source (and all), AP50 per class, P/R per class."""
+    table = Table(title=f"detector evaluation ({metrics['n_images']} fields)")
+    for col in ("source", "fields", "mAP50", "mAP50-95", "AP50 wbc", "AP50 rbc", "AP50 platelet",
+                "P/R wbc", "P/R rbc", "P/R platelet"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+
+    def row(name: str, m: dict) -> None:
+        pc = m["per_class"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        pr = [f"{fmt(pc[k]['precision'])}/{fmt(pc[k]['recall'])}" for k in ("wbc", "rbc", "platelet")]
+        table.add_row(name, str(m["n_images"]), fmt(m["map50"]), fmt(m["map50_95"]),
+                      *(fmt(pc[k]["ap50"]) for k in ("wbc", "rbc", "platelet")), *pr)
+
+    row("all", metrics)
+    for src, m in metrics.get("per_source", {}).items():
+        row(src, m)
+    console.print(table)

@@ -1,0 +1,116 @@
+"""The CLI through typer's CliRunner: files, exit codes, messages."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from smear.cli import app
+
+runner = CliRunner()
+CLASSICAL = ["--set", "detector=classical"]
+
+
+def _synth_slide(folder, seeds=(1, 2, 3)):
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for s in seeds:
+        f = make_field(seed=s)
+        write_image_atomic(folder / f"field_{s:02d}.png", f.image_rgb)
+        truth[f"field_{s:02d}.png"] = f
+    return truth
+
+
+def test_run_csv_counts_synthetic_wbcs(tmp_path):
+    from smear.types import CellKind
+
+    truth = _synth_slide(tmp_path / "slide1")
+    res = runner.invoke(app, ["run", str(tmp_path / "slide1"), "--report", "csv", *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(io.StringIO(res.stdout))
+    assert list(df.columns[:4]) == ["slide", "n_fields", "n_skipped", "n_wbc"]
+    assert df.loc[0, "slide"] == "slide1" and df.loc[0, "n_fields"] == 3 and df.loc[0, "n_skipped"] == 0
+    n_true = sum(sum(d.kind == CellKind.WBC for d in f.detections) for f in truth.values())
+    assert df.loc[0, "n_wbc"] == n_true
+
+
+def test_run_outputs_cells_json_and_table(tmp_path):
+    _synth_slide(tmp_path / "s", seeds=(4,))
+    out, cells = tmp_path / "o" / "report.json", tmp_path / "cells.csv"
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "json", "--out", str(out),
+                              "--cells", str(cells), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["slides"][0]["summary"]["n_fields"] == 1
+    table = pd.read_csv(cells)
+    assert list(table.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob"]
+    assert set(table["kind"]) <= {"wbc", "rbc", "platelet"} and (table["x1"] > table["x0"]).all()
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), *CLASSICAL])
+    assert res.exit_code == 0 and "n_wbc" in res.stdout and "smear differential" in res.stdout
+
+
+def test_batch_with_one_bad_field_reports_the_rest(tmp_path):
+    _synth_slide(tmp_path / "s", seeds=(5, 6))
+    (tmp_path / "s" / "field_99.png").write_text("this is text, not a PNG")
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", *CLASSICAL])
+    assert res.exit_code == 0
+    assert "warning" in res.stderr and "field_99.png" in res.stderr
+    df = pd.read_csv(io.StringIO(res.stdout))
+    assert df.loc[0, "n_fields"] == 2 and df.loc[0, "n_skipped"] == 1
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p / "missing", "no such file or folder"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "holds no image files"),
+    (lambda p: (p / "t.png").write_text("text") and p / "t.png", "t.png"),
+])
+def test_bad_inputs_one_line_error(tmp_path, make, match):
+    path = make(tmp_path)
+    res = runner.invoke(app, ["run", str(path), *CLASSICAL])
+    assert res.exit_code != 0
+    first = res.stderr.strip().splitlines()[0]
+    assert first.startswith("error:") and match in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_truncated_jpeg_single_field(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="JPEG")
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(buf.getvalue()[:200])
+    res = runner.invoke(app, ["run", str(bad), "--report", "csv", *CLASSICAL])
+    assert res.exit_code != 0 and "cut.jpg" in res.stderr
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    _synth_slide(tmp_path / "s", seeds=(7,))
+    target = tmp_path / "s" / "field_07.png"
+    before = target.read_bytes()
+    res = runner.invoke(app, ["run", str(target), "--out", str(target), *CLASSICAL])
+    assert res.exit_code != 0 and "overwrite" in res.stderr
+    assert target.read_bytes() == before
+
+
+def test_config_show_and_errors(tmp_path):
+    res = runner.invoke(app, ["config", "show", "detect", "--set", "train.epochs=2"])
+    assert res.exit_code == 0 and "epochs: 2" in res.stdout
+    res = runner.invoke(app, ["config", "show", "--set", "detectr=yolo"])
+    assert res.exit_code != 0 and "unknown config key 'detectr'" in res.stderr
+    res = runner.invoke(app, ["run", str(tmp_path), "--set", "classifier=resnet"])
+    assert res.exit_code != 0
+
+
+def test_info_lists_device_and_models():
+    res = runner.invoke(app, ["info"])
+    assert res.exit_code == 0, res.output
+    assert "device: cpu" in res.stdout or "device: cuda" in res.stdout
+    assert "detector model" in res.stdout
