@@ -91,7 +91,7 @@ def run(
     from smear.pipeline import report as rep
     from smear.pipeline.build import build_stages
     from smear.pipeline.run import run_slide
-    from smear.pipeline.render import progress, render_table
+    from smear.pipeline.render import progress, render_summary
 
     overrides = list(set_ or []) + ([f"device={device}"] if device else [])
     cfg = load_config("pipeline", config, overrides)
@@ -110,22 +110,23 @@ def run(
             reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field))
     if not any(r.fields for r in reports):
         raise SmearError("no field could be read", hint="see the warnings above")
-    if report == ReportFormat.csv:
-        text = rep.to_csv(rep.summary_frame(reports))
-    elif report == ReportFormat.json:
-        text = rep.to_json(reports)
-    else:
-        text = None
+    rows = rep.summary_rows(reports, cfg)
+    for row in rows:
+        for message in row["warnings"]:
+            warn(message)
     if cells is not None:
         write_text_atomic(cells, rep.cells_csv(reports))
-    if text is None:
-        table_console = Console(record=True, file=io.StringIO(), width=120) if out else out_console
-        render_table(rep.summary_frame(reports), table_console)
-        if out:
-            write_text_atomic(out, table_console.export_text())
-    elif out:
-        write_text_atomic(out, text)
+    if report == ReportFormat.csv:
+        text = rep.to_csv(rep.summary_frame(rows))
+    elif report == ReportFormat.json:
+        text = rep.to_json(reports, rows)
     else:
+        console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
+        render_summary(rows, console)
+        text = console.export_text() if out else None
+    if out is not None:
+        write_text_atomic(out, text)
+    elif text is not None:
         sys.stdout.write(text)
 
 

@@ -200,6 +200,7 @@ class FieldResult:
     height: int
     detections: tuple[Detection, ...]
     cells: tuple[CellPrediction, ...] = ()
+    path: str = ""  # the field's image file, for reports that show it
 
     def count(self, kind: CellKind) -> int:
         return sum(1 for d in self.detections if d.kind == kind)

@@ -11,20 +11,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-def render_table(df: pd.DataFrame, console: Console) -> None:
-    """One column per slide, one row per figure: reads like a differential sheet."""
-    table = Table(title="smear differential", show_lines=False)
-    table.add_column("")
-    for slide in df["slide"]:
-        table.add_column(str(slide), justify="right")
-    for col in df.columns:
-        if col == "slide":
-            continue
-        values = ["" if pd.isna(v) else str(v) for v in df[col]]
-        if all(v == "" for v in values):
-            continue
-        table.add_row(col, *values)
-    console.print(table)
+def render_summary(rows: list[dict], console: Console) -> None:
+    """Per slide: a differential sheet (class, n, %, CI) with counts, warnings and flags."""
+    from smear.types import FINE_CLASSES, FINE_NAMES
+
+    for row in rows:
+        head = (f"[bold]{row['slide']}[/]: {row['n_fields']} fields, {row['n_wbc']} WBC"
+                + (f", {row['n_unidentified']} unidentified" if row["classified"] else "")
+                + f", {row['n_rbc']} RBC ({row['rbc_per_field']}/field), {row['n_platelet']} platelets"
+                + f" ({row['platelets_per_field']}/field)"
+                + (f", {row['n_skipped']} fields skipped" if row["n_skipped"] else ""))
+        console.print(head)
+        if row["classified"]:
+            table = Table(show_edge=False, pad_edge=False)
+            for col, just in (("class", "left"), ("", "left"), ("n", "right"), ("%", "right"),
+                              ("95% CI", "right")):
+                table.add_column(col, justify=just)
+            for code in FINE_CLASSES:
+                pct = row[f"{code}_pct"]
+                ci = "" if pct is None else f"{row[f'{code}_ci_low']:.1f}-{row[f'{code}_ci_high']:.1f}"
+                table.add_row(code, FINE_NAMES[code], str(row[f"{code}_n"]), "" if pct is None else f"{pct:.1f}", ci)
+            console.print(table)
+            if row["nrbc_per_100_wbc"] is not None:
+                console.print(f"NRBC per 100 WBC: {row['nrbc_per_100_wbc']}")
+        for flag in row["flags"]:
+            console.print(f"[yellow]flag:[/] {flag}")
+        console.print()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from smear.types import FINE_CLASSES, UNIDENTIFIED, WBC_CLASSES, CellKind, SlideReport
+from smear.pipeline.summary import summarize
+from smear.types import CellKind, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob")
 
@@ -18,33 +19,20 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def summary_row(report: SlideReport) -> dict[str, Any]:
-    """One slide's counts: fields, detected kinds, and when classified each fine class's n and %."""
-    n_fields = report.n_fields
-    n_rbc, n_plt = report.count(CellKind.RBC), report.count(CellKind.PLATELET)
-    row: dict[str, Any] = {"slide": report.slide, "n_fields": n_fields, "n_skipped": len(report.skipped)}
-    if not report.classified:
-        row["n_wbc"] = report.count(CellKind.WBC)
-    else:
-        counts = report.label_counts()
-        n_wbc = sum(counts[c] for c in WBC_CLASSES)
-        row["n_wbc"] = n_wbc
-        row["n_unidentified"] = counts[UNIDENTIFIED]
-        for code in FINE_CLASSES:
-            row[f"{code}_n"] = counts[code]
-            # ERB and PLATELET are counted apart from the WBC percentages.
-            pct = code in WBC_CLASSES and n_wbc > 0
-            row[f"{code}_pct"] = _r(100.0 * counts[code] / n_wbc, 2) if pct else None
-    row["n_rbc"] = n_rbc
-    row["n_platelet"] = n_plt
-    row["rbc_per_field"] = _r(n_rbc / n_fields, 2) if n_fields else None
-    row["platelets_per_field"] = _r(n_plt / n_fields, 2) if n_fields else None
-    return row
+def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The summary of each slide (see summary.summarize); ``cfg`` is the pipeline config."""
+    cfg = cfg or {}
+    return [summarize(r, cfg.get("report"), cfg.get("flags")) for r in reports]
 
 
-def summary_frame(reports: Sequence[SlideReport]) -> pd.DataFrame:
-    """Summary rows of all slides as a DataFrame (columns in a fixed order)."""
-    return pd.DataFrame([summary_row(r) for r in reports])
+def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
+    table = []
+    for row in rows:
+        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags")}
+        out["flags"] = "; ".join(row["flags"])
+        table.append(out)
+    return pd.DataFrame(table)
 
 
 def cell_rows(reports: Sequence[SlideReport]) -> list[dict[str, Any]]:
@@ -77,14 +65,14 @@ def cells_csv(reports: Sequence[SlideReport]) -> str:
     return to_csv(pd.DataFrame(cell_rows(reports), columns=list(CELL_COLUMNS)))
 
 
-def to_json(reports: Sequence[SlideReport]) -> str:
+def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> str:
     """Summary plus per-field results and skipped fields, as JSON text."""
     out = []
-    for rep in reports:
+    for rep, row in zip(reports, rows):
         fields = []
         for fr in rep.fields:
             fields.append({
-                "field": fr.field, "width": fr.width, "height": fr.height,
+                "field": fr.field, "path": fr.path, "width": fr.width, "height": fr.height,
                 "counts": {k.value: fr.count(k) for k in CellKind},
                 "detections": [{"box_xyxy": [_r(v, 1) for v in d.box_xyxy], "kind": d.kind.value,
                                 "score": _r(d.score)} for d in fr.detections],
@@ -92,6 +80,6 @@ def to_json(reports: Sequence[SlideReport]) -> str:
                            "prob": _r(c.prob), "mask": asdict(c.mask) if c.mask else None}
                           for c in fr.cells],
             })
-        out.append({"summary": summary_row(rep), "fields": fields,
+        out.append({"summary": row, "fields": fields,
                     "skipped": [{"field": s.field, "reason": s.reason} for s in rep.skipped]})
     return json.dumps({"slides": out}, indent=2) + "\n"

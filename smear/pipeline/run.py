@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -62,30 +63,43 @@ def classify_field_cells(image_rgb: np.ndarray, detections: Sequence[Detection],
     return tuple(cells)
 
 
+def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | SmearError]]:
+    out: list[tuple[Path, np.ndarray | SmearError]] = []
+    for path in paths:
+        try:
+            out.append((path, read_image(path, max_pixels=max_pixels)))
+        except SmearError as exc:
+            out.append((path, exc))
+    return out
+
+
 def iter_field_results(
-    slide: Slide, stages: Stages, max_pixels: int,
-    on_skip: Callable[[SkippedField], None] | None = None,
-    skip_names: Iterable[str] = (),
+    slide: Slide, stages: Stages, max_pixels: int, skip_names: Iterable[str] = (),
 ) -> Iterator[FieldResult | SkippedField]:
-    """Process a slide's fields in batches, yielding a result or a SkippedField per field, in order."""
+    """Process a slide's fields in batches, yielding a result or a SkippedField per field, in order.
+
+    The next batch is decoded in a background thread while the models run on the current one.
+    """
     skip = set(skip_names)
     paths = [p for p in slide.fields if p.name not in skip]
-    for start in range(0, len(paths), stages.field_batch):
-        batch: list[tuple[Path, np.ndarray]] = []
-        for path in paths[start:start + stages.field_batch]:
-            try:
-                batch.append((path, read_image(path, max_pixels=max_pixels)))
-            except SmearError as exc:
-                skipped = SkippedField(slide.name, path.name, str(exc))
-                if on_skip:
-                    on_skip(skipped)
-                yield skipped
-        if not batch:
-            continue
-        all_dets = stages.detector.detect([img for _, img in batch])
-        for (path, img), dets in zip(batch, all_dets):
-            cells = classify_field_cells(img, dets, stages)
-            yield FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets), cells)
+    batches = [paths[i:i + stages.field_batch] for i in range(0, len(paths), stages.field_batch)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_batch, batches[0], max_pixels) if batches else None
+        for k in range(len(batches)):
+            loaded = pending.result()
+            pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if k + 1 < len(batches) else None
+            good = []
+            for path, img in loaded:
+                if isinstance(img, SmearError):
+                    yield SkippedField(slide.name, path.name, str(img))
+                else:
+                    good.append((path, img))
+            if not good:
+                continue
+            all_dets = stages.detector.detect([img for _, img in good])
+            for (path, img), dets in zip(good, all_dets):
+                cells = classify_field_cells(img, dets, stages)
+                yield FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets), cells, str(path))
 
 
 def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,

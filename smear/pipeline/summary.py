@@ -1,0 +1,113 @@
+"""A slide's differential: counts, percentages with confidence intervals, derived figures, flags."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from scipy.stats import binomtest, norm
+
+from smear.types import (
+    FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
+    SlideReport,
+)
+
+DEFAULT_REPORT = {"confidence": 0.95, "ci_method": "wilson", "min_wbc": 100, "target_halfwidth_pct": 5.0}
+APART = ("ERB", "PLATELET")  # counted, but outside the WBC percentages
+GROUPS_APART = ("erythroblast", "platelet")
+
+
+def proportion_ci(k: int, n: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Confidence interval of k/n in percent (scipy's binomtest: 'wilson' or 'exact')."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method=method)
+    return 100.0 * float(ci.low), 100.0 * float(ci.high)
+
+
+def cells_needed(pcts: list[float], halfwidth_pct: float, confidence: float) -> int:
+    """WBCs to count so the widest interval among these percentages is about +/- halfwidth (normal approx.)."""
+    z = norm.ppf(0.5 + confidence / 2.0)
+    pq = max([(p / 100.0) * (1 - p / 100.0) for p in pcts] or [0.25]) or 0.25
+    return int(math.ceil(z * z * pq / (halfwidth_pct / 100.0) ** 2))
+
+
+def _view(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ...], n: int,
+          rcfg: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        k = counts.get(name, 0)
+        out[f"{prefix}{name}_n"] = k
+        if name in apart or n == 0:
+            out[f"{prefix}{name}_pct"] = out[f"{prefix}{name}_ci_low"] = out[f"{prefix}{name}_ci_high"] = None
+            continue
+        low, high = proportion_ci(k, n, rcfg["confidence"], rcfg["ci_method"])
+        out[f"{prefix}{name}_pct"] = round(100.0 * k / n, 2)
+        out[f"{prefix}{name}_ci_low"] = round(low, 2)
+        out[f"{prefix}{name}_ci_high"] = round(high, 2)
+    return out
+
+
+def evaluate_flags(row: dict[str, Any], fcfg: dict[str, float], min_wbc: int) -> list[str]:
+    """Review prompts from a summary row and the flag thresholds."""
+    if not row.get("classified"):
+        return []
+    flags = []
+    n = row["n_wbc"]
+    pct = lambda code: row.get(f"{code}_pct") or 0.0  # noqa: E731
+    ig = sum(pct(c) for c in ("MMY", "MY", "PMY"))
+    if n < min_wbc:
+        flags.append(f"too few cells counted ({n} < {min_wbc})")
+    if n == 0:
+        return flags
+    checks = [
+        (ig > fcfg["ig_present_pct"], f"immature granulocytes present ({ig:.1f}%)"),
+        (pct("BNE") + ig > fcfg["left_shift_pct"], f"left shift (bands + IG {pct('BNE') + ig:.1f}%)"),
+        ((row["nrbc_per_100_wbc"] or 0) > fcfg["nrbc_present_per_100_wbc"],
+         f"NRBC present ({row['nrbc_per_100_wbc']} per 100 WBC)"),
+        (pct("EO") > fcfg["eosinophilia_pct"], f"eosinophilia ({pct('EO'):.1f}%)"),
+        (pct("BA") > fcfg["basophilia_pct"], f"basophilia ({pct('BA'):.1f}%)"),
+        (pct("MO") > fcfg["monocytosis_pct"], f"monocytosis ({pct('MO'):.1f}%)"),
+        (pct("LY") > fcfg["lymphocytosis_pct"], f"lymphocytosis ({pct('LY'):.1f}%)"),
+        (pct("LY") < fcfg["lymphopenia_pct"], f"lymphopenia ({pct('LY'):.1f}%)"),
+    ]
+    return flags + [text + ": review" for hit, text in checks if hit]
+
+
+def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
+              fcfg: dict[str, float] | None = None) -> dict[str, Any]:
+    """The slide's summary row: the CSV columns, in order, plus 'classified', 'flags', 'warnings'."""
+    rcfg = {**DEFAULT_REPORT, **(rcfg or {})}
+    n_rbc, n_plt = report.count(CellKind.RBC), report.count(CellKind.PLATELET)
+    n_fields = report.n_fields
+    row: dict[str, Any] = {"slide": report.slide, "n_fields": n_fields}
+    counts = report.label_counts() if report.classified else {}
+    n_wbc = sum(counts[c] for c in WBC_CLASSES) if report.classified else report.count(CellKind.WBC)
+    row["n_wbc"] = n_wbc
+    row["n_unidentified"] = counts.get(UNIDENTIFIED) if report.classified else None
+    n_for_pct = n_wbc if report.classified else 0
+    row.update(_view(counts, FINE_CLASSES, APART, n_for_pct, rcfg, ""))
+    groups = {g: sum(k for c, k in counts.items() if FINE_TO_GROUP8.get(c) == g) for g in GROUPS8}
+    row.update(_view(groups, GROUPS8, GROUPS_APART, n_for_pct, rcfg, "group_"))
+    types = {t: sum(k for c, k in counts.items() if FINE_TO_TYPE5.get(c) == t) for t in TYPES5}
+    row.update(_view(types, TYPES5, (), n_for_pct, rcfg, "type_"))
+    row["nrbc_per_100_wbc"] = round(100.0 * counts.get("ERB", 0) / n_wbc, 2) if report.classified and n_wbc else None
+    row["n_rbc"] = n_rbc
+    row["rbc_per_field"] = round(n_rbc / n_fields, 2) if n_fields else None
+    row["n_platelet"] = n_plt + counts.get("PLATELET", 0)
+    row["platelets_per_field"] = round(row["n_platelet"] / n_fields, 2) if n_fields else None
+    row["platelets_per_100_rbc"] = round(100.0 * row["n_platelet"] / n_rbc, 2) if n_rbc else None
+    row["n_skipped"] = len(report.skipped)
+    row["n_wbc_detected"] = report.count(CellKind.WBC)
+    pcts = [row[f"{c}_pct"] for c in WBC_CLASSES if row.get(f"{c}_pct") is not None]
+    needed = cells_needed(pcts, rcfg["target_halfwidth_pct"], rcfg["confidence"])
+    row["wbc_needed"] = needed if report.classified else None
+    row["classified"] = report.classified
+    warnings = []
+    if report.classified and n_wbc < rcfg["min_wbc"]:
+        warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg['min_wbc']}); "
+                        f"+/-{rcfg['target_halfwidth_pct']:g} points at {rcfg['confidence']:.0%} needs about"
+                        f" {needed} WBCs")
+    row["warnings"] = warnings
+    row["flags"] = evaluate_flags(row, fcfg, rcfg["min_wbc"]) if fcfg else []
+    return row
