@@ -38,6 +38,7 @@ class ReportFormat(str, Enum):
     table = "table"
     csv = "csv"
     json = "json"
+    html = "html"
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> None:
@@ -77,11 +78,14 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Traceba
 @handle_errors
 def run(
     paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
-    report: Annotated[ReportFormat, typer.Option(help="Output format.")] = ReportFormat.table,
+    report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")
+                      ] = ReportFormat.table,
     out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
     cells: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per detected cell.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     recursive: Annotated[bool, typer.Option(help="Each subfolder holding images is a slide.")] = False,
+    resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
+                      ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -89,7 +93,7 @@ def run(
     from smear.config import load_config
     from smear.io import find_slides, write_text_atomic
     from smear.pipeline import report as rep
-    from smear.pipeline.build import build_stages
+    from smear.pipeline.build import build_cache, build_stages
     from smear.pipeline.run import run_slide
     from smear.pipeline.render import progress, render_summary
 
@@ -100,6 +104,7 @@ def run(
             raise SmearError(f"{target}: refusing to overwrite an input")
     slides = find_slides(paths, recursive=recursive)
     stages = build_stages(cfg)
+    cache = build_cache(cfg, stages.version)
     reports = []
     with progress(err_console, total=sum(len(s.fields) for s in slides)) as advance:
         for slide in slides:
@@ -107,7 +112,7 @@ def run(
                 if hasattr(item, "reason"):
                     warn(f"skipped {item.reason}")
                 advance()
-            reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field))
+            reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume))
     if not any(r.fields for r in reports):
         raise SmearError("no field could be read", hint="see the warnings above")
     rows = rep.summary_rows(reports, cfg)
@@ -120,6 +125,11 @@ def run(
         text = rep.to_csv(rep.summary_frame(rows))
     elif report == ReportFormat.json:
         text = rep.to_json(reports, rows)
+    elif report == ReportFormat.html:
+        from smear.pipeline.html import render_html
+
+        margin = stages.classifier.crop_margin if stages.classifier is not None else 1.2
+        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin)
     else:
         console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
         render_summary(rows, console)

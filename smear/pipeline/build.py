@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
-from smear.artifacts import resolve_model_dir
+from smear.artifacts import model_version, resolve_model_dir
 from smear.pipeline.run import Stages
 from smear.types import ConfigError, Detector
 
@@ -30,6 +33,21 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
 
+def stages_version(cfg: dict[str, Any]) -> str:
+    """A short id of everything that decides a field's result: stage choices, settings, model weights."""
+    from smear import __version__
+
+    parts: dict[str, Any] = {k: cfg[k] for k in ("detector", "classical", "segment", "classifier",
+                                                 "review_threshold")}
+    parts["smear"] = __version__
+    for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
+                          ("classifier_model", "classifier", cfg["classifier"] != "off"),
+                          ("segmenter_model", "segmenter", cfg["segment"] not in ("off", "kmeans"))):
+        if on:
+            parts[key] = model_version(resolve_model_dir(cfg[key], name))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def build_stages(cfg: dict[str, Any]) -> Stages:
     """Stages for a resolved pipeline config."""
     for key, allowed in (("classifier", CLASSIFIERS), ("segment", SEGMENTERS)):
@@ -37,4 +55,14 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
             raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
                               hint=f"one of {', '.join(allowed)}")
     return Stages(detector=build_detector(cfg), review_threshold=float(cfg["review_threshold"]),
-                  classify_batch=int(cfg["classify_batch"]))
+                  classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
+
+
+def build_cache(cfg: dict[str, Any], version: str):
+    """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder)."""
+    from smear.pipeline.cache import FieldCache, default_cache_dir
+
+    where = str(cfg["cache_dir"])
+    if where == "off":
+        return None
+    return FieldCache(default_cache_dir() if where == "auto" else Path(where), version)

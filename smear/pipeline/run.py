@@ -5,11 +5,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from smear.io import Slide, read_image
+from smear.pipeline.cache import FieldCache
 from smear.pipeline.crops import cut_crop, pad_value
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
@@ -27,6 +28,7 @@ class Stages:
     review_threshold: float = 0.5
     field_batch: int = 8
     classify_batch: int = 64
+    version: str = "unversioned"  # identifies models + settings; keys the resume cache
 
 
 def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
@@ -74,39 +76,51 @@ def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.n
 
 
 def iter_field_results(
-    slide: Slide, stages: Stages, max_pixels: int, skip_names: Iterable[str] = (),
+    slide: Slide, stages: Stages, max_pixels: int, cache: FieldCache | None = None, resume: bool = False,
 ) -> Iterator[FieldResult | SkippedField]:
     """Process a slide's fields in batches, yielding a result or a SkippedField per field, in order.
 
-    The next batch is decoded in a background thread while the models run on the current one.
+    The next batch is decoded in a background thread while the models run on the current one. With a
+    cache every result is stored as it is made; with ``resume`` cached fields are not run again.
     """
-    skip = set(skip_names)
-    paths = [p for p in slide.fields if p.name not in skip]
-    batches = [paths[i:i + stages.field_batch] for i in range(0, len(paths), stages.field_batch)]
+    fields = list(slide.fields)
+    cached = {p: cache.get(p, slide.name) for p in fields} if cache is not None and resume else {}
+    todo = [p for p in fields if cached.get(p) is None]
+    batches = [todo[i:i + stages.field_batch] for i in range(0, len(todo), stages.field_batch)]
+    done: dict[Path, FieldResult | SkippedField] = {k: v for k, v in cached.items() if v is not None}
+    position = {p: i for i, p in enumerate(fields)}
+    emitted = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_read_batch, batches[0], max_pixels) if batches else None
-        for k in range(len(batches)):
+        for k, batch in enumerate(batches):
             loaded = pending.result()
             pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if k + 1 < len(batches) else None
             good = []
             for path, img in loaded:
                 if isinstance(img, SmearError):
-                    yield SkippedField(slide.name, path.name, str(img))
+                    done[path] = SkippedField(slide.name, path.name, str(img))
                 else:
                     good.append((path, img))
-            if not good:
-                continue
-            all_dets = stages.detector.detect([img for _, img in good])
-            for (path, img), dets in zip(good, all_dets):
+            for (path, img), dets in zip(good, stages.detector.detect([img for _, img in good]) if good else []):
                 cells = classify_field_cells(img, dets, stages)
-                yield FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets), cells, str(path))
+                done[path] = FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets),
+                                         cells, str(path))
+                if cache is not None:
+                    cache.put(path, done[path])
+            while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
+                yield done.pop(fields[emitted])
+                emitted += 1
+    while emitted < len(fields):
+        yield done.pop(fields[emitted])
+        emitted += 1
 
 
 def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
-              on_field: Callable[[FieldResult | SkippedField], None] | None = None) -> SlideReport:
+              on_field: Callable[[FieldResult | SkippedField], None] | None = None,
+              cache: FieldCache | None = None, resume: bool = False) -> SlideReport:
     """All fields of one slide through the stages, aggregated into a SlideReport."""
     fields, skipped = [], []
-    for item in iter_field_results(slide, stages, max_pixels):
+    for item in iter_field_results(slide, stages, max_pixels, cache, resume):
         (skipped if isinstance(item, SkippedField) else fields).append(item)
         if on_field:
             on_field(item)
