@@ -18,3 +18,9 @@ def need_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not present: {path} (tests on ../shared/data run only where it exists)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Keep the result cache of `smear run` out of the user's home during tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
