@@ -106,15 +106,19 @@ def run(
     stages = build_stages(cfg)
     cache = build_cache(cfg, stages.version)
     reports = []
-    with progress(err_console, total=sum(len(s.fields) for s in slides)) as advance:
+    n_fields = sum(len(s.fields) for s in slides)
+    with progress(err_console, total=n_fields) as advance:
         for slide in slides:
             def on_field(item, _slide=slide):
-                if hasattr(item, "reason"):
+                if hasattr(item, "reason") and n_fields > 1:
                     warn(f"skipped {item.reason}")
                 advance()
             reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume))
     if not any(r.fields for r in reports):
-        raise SmearError("no field could be read", hint="see the warnings above")
+        skipped = [s for r in reports for s in r.skipped]
+        if len(skipped) == 1:
+            raise SmearError(skipped[0].reason)
+        raise SmearError(f"none of the {len(skipped)} fields could be read", hint="see the warnings above")
     rows = rep.summary_rows(reports, cfg)
     for row in rows:
         for message in row["warnings"]:

@@ -62,7 +62,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 return _pil_to_rgb(im, path)
     except ImageReadError:
         raise
-    except UnidentifiedImageError as exc:
+    except (UnidentifiedImageError, ImportError) as exc:
+        # ImportError: ultralytics patches Image.open to try an optional HEIF plugin on unknown files
         raise ImageReadError(f"{path}: not a readable image file") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
@@ -151,6 +152,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

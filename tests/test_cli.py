@@ -37,7 +37,7 @@ def test_run_csv_counts_synthetic_wbcs(tmp_path):
     res = runner.invoke(app, ["run", str(tmp_path / "slide1"), "--report", "csv", *CLASSICAL])
     assert res.exit_code == 0, res.output
     df = pd.read_csv(io.StringIO(res.stdout))
-    assert list(df.columns[:4]) == ["slide", "n_fields", "n_skipped", "n_wbc"]
+    assert list(df.columns[:4]) == ["slide", "n_fields", "n_wbc", "n_unidentified"]
     assert df.loc[0, "slide"] == "slide1" and df.loc[0, "n_fields"] == 3 and df.loc[0, "n_skipped"] == 0
     n_true = sum(sum(d.kind == CellKind.WBC for d in f.detections) for f in truth.values())
     assert df.loc[0, "n_wbc"] == n_true
@@ -55,7 +55,7 @@ def test_run_outputs_cells_json_and_table(tmp_path):
     assert list(table.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob"]
     assert set(table["kind"]) <= {"wbc", "rbc", "platelet"} and (table["x1"] > table["x0"]).all()
     res = runner.invoke(app, ["run", str(tmp_path / "s"), *CLASSICAL])
-    assert res.exit_code == 0 and "n_wbc" in res.stdout and "smear differential" in res.stdout
+    assert res.exit_code == 0 and "s: 1 fields, 2 WBC" in res.stdout and "RBC" in res.stdout
 
 
 def test_batch_with_one_bad_field_reports_the_rest(tmp_path):

@@ -36,9 +36,9 @@ def _view(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ...]
           rcfg: dict[str, Any], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
-        k = counts.get(name, 0)
+        k = counts.get(name, 0) if counts else None  # no counts: the slide was not classified
         out[f"{prefix}{name}_n"] = k
-        if name in apart or n == 0:
+        if name in apart or n == 0 or k is None:
             out[f"{prefix}{name}_pct"] = out[f"{prefix}{name}_ci_low"] = out[f"{prefix}{name}_ci_high"] = None
             continue
         low, high = proportion_ci(k, n, rcfg["confidence"], rcfg["ci_method"])
@@ -87,9 +87,9 @@ def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
     row["n_unidentified"] = counts.get(UNIDENTIFIED) if report.classified else None
     n_for_pct = n_wbc if report.classified else 0
     row.update(_view(counts, FINE_CLASSES, APART, n_for_pct, rcfg, ""))
-    groups = {g: sum(k for c, k in counts.items() if FINE_TO_GROUP8.get(c) == g) for g in GROUPS8}
+    groups = {g: sum(k for c, k in counts.items() if FINE_TO_GROUP8.get(c) == g) for g in GROUPS8} if counts else {}
     row.update(_view(groups, GROUPS8, GROUPS_APART, n_for_pct, rcfg, "group_"))
-    types = {t: sum(k for c, k in counts.items() if FINE_TO_TYPE5.get(c) == t) for t in TYPES5}
+    types = {t: sum(k for c, k in counts.items() if FINE_TO_TYPE5.get(c) == t) for t in TYPES5} if counts else {}
     row.update(_view(types, TYPES5, (), n_for_pct, rcfg, "type_"))
     row["nrbc_per_100_wbc"] = round(100.0 * counts.get("ERB", 0) / n_wbc, 2) if report.classified and n_wbc else None
     row["n_rbc"] = n_rbc
