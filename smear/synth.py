@@ -8,8 +8,8 @@ Stains are painted as optical densities (Beer-Lambert), so overlapping cells dar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -20,12 +20,13 @@ from smear.types import CellKind, Detection
 WBC_KINDS: tuple[str, ...] = ("SNE", "BNE", "LY", "MO", "EO", "BA")
 BACKGROUND_RGB = (207.0, 208.0, 205.0)
 REF_AREA = 640 * 480  # densities below are per BCCD field
+_OD_OFFSET = 0.1  # the render table also holds slightly negative density (brighter than background)
 
 # Optical density per unit stain, RGB (transmitted = background * exp(-od)).
 OD_RBC = (0.13, 0.27, 0.255)
 OD_NUCLEUS = (0.42, 0.60, 0.02)
-OD_PLATELET = (0.45, 0.68, 0.10)
-OD_CYTO = {"SNE": (0.03, 0.10, 0.0), "BNE": (0.03, 0.10, 0.0), "EO": (0.02, 0.12, 0.10),
+OD_PLATELET = (0.40, 0.58, 0.06)
+OD_CYTO = {"SNE": (0.05, 0.13, 0.0), "BNE": (0.05, 0.13, 0.0), "EO": (0.02, 0.12, 0.10),
            "BA": (0.10, 0.16, 0.02), "LY": (0.12, 0.07, 0.0), "MO": (0.12, 0.11, 0.02)}
 OD_GRANULE = {"EO": (0.0, 0.28, 0.42), "BA": (0.9, 1.1, 0.35)}
 # White-cell radius range in px per kind.
@@ -104,7 +105,7 @@ def _draw_rbc(cv: _Canvas, rng, cx, cy, r, stain):
     win = cv.window(cx, cy, r * 1.25 + 3)
     h, w = win[3] - win[1], win[2] - win[0]
     ecc = rng.uniform(0.88, 1.0)
-    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * ecc, rng.uniform(0, np.pi), 0.12,
+    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * ecc, rng.uniform(0, np.pi), 0.15,
                       rng.uniform(2.0, 3.5))
     pallor = rng.uniform(0.45, 0.8)
     profile = 1.0 - pallor * np.exp(-(d / rng.uniform(0.4, 0.55)) ** 4) + 0.2 * np.exp(-((d - 0.8) / 0.12) ** 2)
@@ -124,11 +125,11 @@ def _nucleus(kind: str, r: float, size: int, rng) -> np.ndarray:
     if kind in ("SNE", "EO"):
         n = 2 if kind == "EO" else int(rng.integers(2, 6))
         spread = 0.85 * np.pi if n == 2 else rng.uniform(1.0, 1.5) * np.pi
-        lobe = r * (0.36 if n == 2 else 0.36 - 0.015 * n)
+        lobe = r * (0.4 if n == 2 else 0.37 - 0.015 * n)
         prev = None
         for k in range(n):
             a = rot + spread * (k / max(n - 1, 1) - 0.5) + rng.uniform(-0.12, 0.12)
-            p = pt(a, r * rng.uniform(0.3, 0.4))
+            p = pt(a, r * rng.uniform(0.28, 0.36))
             axes = (int(lobe * rng.uniform(0.95, 1.15)), int(lobe * rng.uniform(0.75, 0.95)))
             cv2.ellipse(out, p, axes, float(np.degrees(a + rng.uniform(-0.5, 0.5))), 0, 360, 255, -1, cv2.LINE_AA)
             if prev is not None:
@@ -136,7 +137,7 @@ def _nucleus(kind: str, r: float, size: int, rng) -> np.ndarray:
             prev = p
     elif kind == "BNE":  # a thick band bent into a C or S
         cv2.ellipse(out, (int(c), int(c)), (int(r * 0.45), int(r * 0.4)), float(np.degrees(rot)), 0,
-                    rng.uniform(200, 260), 255, max(6, int(r * 0.26)), cv2.LINE_AA)
+                    rng.uniform(210, 280), 255, max(8, int(r * 0.3)), cv2.LINE_AA)
     elif kind == "MO":  # kidney: an ellipse with a bite out of one side
         cv2.ellipse(out, (int(c), int(c)), (int(r * 0.62), int(r * 0.46)), float(np.degrees(rot)), 0, 360,
                     255, -1, cv2.LINE_AA)
@@ -161,7 +162,7 @@ def _draw_wbc(cv: _Canvas, rng, cx, cy, kind, r, stain):
     tex = _smooth_noise(rng, size, size, 3.0)
     cyto = alpha * (1.0 - nuc) * np.clip(1.0 + 0.4 * tex, 0, 2)
     cv.add(win, (cyto * stain)[sl], OD_CYTO[kind])
-    chrom = np.clip(1.0 + 0.2 * _smooth_noise(rng, size, size, 9.0), 0.55, 1.6) * rng.uniform(0.85, 1.15)
+    chrom = np.clip(1.0 + 0.2 * _smooth_noise(rng, size, size, 9.0), 0.55, 1.6) * rng.uniform(0.95, 1.2)
     cv.add(win, (nuc * chrom * stain * (0.55 if kind == "BA" else 1.0))[sl], OD_NUCLEUS)
     if kind in OD_GRANULE:
         n_gran = int(alpha.sum() / (4.0 if kind == "EO" else 12.0))
@@ -175,25 +176,28 @@ def _draw_wbc(cv: _Canvas, rng, cx, cy, kind, r, stain):
 
 
 def _draw_platelet(cv: _Canvas, rng, cx, cy, stain):
-    r = rng.uniform(7.5, 14.0)
+    """A pale hyalomere with a darker granular centre, 18-30 px across."""
+    r = rng.uniform(9.0, 15.0)
     win = cv.window(cx, cy, r * 1.6 + 3)
     h, w = win[3] - win[1], win[2] - win[0]
-    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * rng.uniform(0.6, 0.95), rng.uniform(0, np.pi),
-                      0.35, 1.3)
+    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * rng.uniform(0.65, 0.95), rng.uniform(0, np.pi),
+                      0.3, 1.5)
     grain = np.clip(1.0 + 0.35 * _smooth_noise(rng, h, w, 2.5), 0.3, 1.8)
-    cv.add(win, alpha * grain * (1.1 - 0.5 * d.clip(0, 1)) * stain * rng.uniform(0.8, 1.2), OD_PLATELET)
+    core = 0.3 + 1.0 * np.exp(-(d / rng.uniform(0.45, 0.65)) ** 2)
+    cv.add(win, alpha * grain * core * stain * rng.uniform(0.8, 1.2), OD_PLATELET)
     return _box(win, alpha)
 
 
 def _place(rng, w, h, radius, taken, gap, margin=0.0, tries=40):
-    """A centre at least ``gap * (r_i + radius)`` from each taken disc, or anywhere after ``tries``."""
+    """A centre at least ``gap * (r_i + radius)`` from each taken disc, else the roomiest of ``tries``."""
     lo_x, lo_y = min(margin, w / 2), min(margin, h / 2)
     pts = rng.uniform((lo_x, lo_y), (w - lo_x, h - lo_y), size=(tries, 2))
     if taken:
         arr = np.asarray(taken, np.float32)
         dist = np.hypot(pts[:, None, 0] - arr[None, :, 0], pts[:, None, 1] - arr[None, :, 1])
-        ok = np.nonzero((dist > gap * (arr[None, :, 2] + radius)).all(axis=1))[0]
-        pick = pts[ok[0]] if len(ok) else pts[-1]
+        clearance = (dist - gap * (arr[None, :, 2] + radius)).min(axis=1)
+        ok = np.nonzero(clearance > 0)[0]
+        pick = pts[ok[0]] if len(ok) else pts[int(np.argmax(clearance))]  # crowded: least overlap
     else:
         pick = pts[0]
     taken.append((float(pick[0]), float(pick[1]), radius))
@@ -210,29 +214,30 @@ def make_field(seed: int, width: int = 640, height: int = 480, n_wbc: int | None
     """
     if width < 1 or height < 1:
         raise ValueError(f"field size must be positive, got {width}x{height}")
-    kinds = tuple(wbc_kinds or WBC_KINDS)
+    explicit = bool(wbc_kinds)
+    kinds = tuple(wbc_kinds) if explicit else WBC_KINDS
     bad = [k for k in kinds if k not in WBC_RADIUS]
     if bad:
         raise ValueError(f"unknown WBC kind(s) {bad}; known: {', '.join(WBC_KINDS)}")
     rng = np.random.default_rng(seed)
     scale = width * height / REF_AREA
-    if n_wbc is None:  # BCCD: nearly every field has a white cell, a few have two
+    if n_wbc is None:  # as in BCCD, a full-size field has at least one white cell
         n_wbc = int(rng.poisson(1.15 * scale)) if scale < 0.5 else max(1, int(rng.poisson(1.15 * scale)))
-    n_rbc = int(rng.poisson(20 * scale)) if n_rbc is None else n_rbc
+    n_rbc = int(rng.poisson(22 * scale)) if n_rbc is None else n_rbc
     n_platelets = int(rng.poisson(1.2 * scale)) if n_platelets is None else n_platelets
     if min(n_wbc, n_rbc, n_platelets) < 0:
         raise ValueError("cell counts must be >= 0")
-    stain = rng.uniform(0.85, 1.15)
+    stain = rng.uniform(0.9, 1.12)
     cv = _Canvas(height, width)
     taken: list[tuple[float, float, float]] = []
-    picks = rng.integers(0, len(kinds), n_wbc) if wbc_kinds is None else np.arange(n_wbc) % len(kinds)
+    picks = np.arange(n_wbc) % len(kinds) if explicit else rng.integers(0, len(kinds), n_wbc)
     wbcs = []
     for kind in (kinds[int(i)] for i in picks):
         r = rng.uniform(*WBC_RADIUS[kind])
         wbcs.append((kind, r, *_place(rng, width, height, r, taken, 1.1, margin=0.4 * r)))
     n_wbc_taken = len(taken)
     taken[:] = [(x, y, r * 1.2) for x, y, r in taken]  # red cells may touch white ones, barely overlap
-    rbcs = [_place(rng, width, height, 46.0, taken, 0.8) for _ in range(n_rbc)]
+    rbcs = [_place(rng, width, height, 46.0, taken, 0.78) for _ in range(n_rbc)]
     del taken[n_wbc_taken:]  # platelets may sit on red cells, not on white ones
     plts = [_place(rng, width, height, 14.0, taken, 1.0) for _ in range(n_platelets)]
     wbc_boxes = [(kind, _draw_wbc(cv, rng, cx, cy, kind, r, stain)) for kind, r, cx, cy in wbcs]
@@ -260,9 +265,6 @@ def _render(od: np.ndarray, rng) -> np.ndarray:
     steps = np.arange(256, dtype=np.float32) / 128.0 - _OD_OFFSET
     lut = np.clip(bg[None, :] * np.exp(-steps)[:, None] + 0.5, 0, 255).astype(np.uint8).reshape(256, 1, 3)
     return cv2.LUT(cv2.convertScaleAbs(od, alpha=128.0, beta=128.0 * _OD_OFFSET), lut)
-
-
-_OD_OFFSET = 0.1  # lets the table hold slightly negative density (brighter than the background)
 
 
 def make_large_field(seed: int, width: int = 2000, height: int = 1500, **counts) -> SynthField:

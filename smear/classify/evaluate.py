@@ -1,0 +1,245 @@
+"""Classifier metrics at the 11-class, 8-group and 5-type levels, in numpy; ``evaluate`` a model folder.
+
+Predictions at a coarser level sum the fine probabilities inside each group (8-group) or type
+(5-type). A cell is scored at every level its label allows: a PBC ``SNE`` at all three, a
+PBC ``IG_*`` (group only) at the 8-group level, a ``neutrophil`` of a 5-type dataset at the
+8-group and 5-type levels. The 5-type level scores only cells whose true type is one of the
+5 mature types, with the 5 summed probabilities renormalised to 1 (the question there is
+"which of the 5", as those datasets ask it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from smear.types import FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, fine_class, group8_of, type5_of
+
+ECE_BINS = 15
+
+
+# ---------------------------------------------------------------- plain metrics
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], k: int) -> np.ndarray:
+    """k x k counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return cm
+
+
+def per_class_prf(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    tp = np.diag(cm).astype(float)
+    pred, support = cm.sum(0).astype(float), cm.sum(1).astype(float)
+    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1, support
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Mean F1 over the classes that occur in the truth or the predictions (as sklearn does)."""
+    _, _, f1, support = per_class_prf(cm)
+    present = (support > 0) | (cm.sum(0) > 0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def cohen_kappa(cm: np.ndarray) -> float:
+    """Cohen's kappa: agreement beyond chance, (p_o - p_e) / (1 - p_e)."""
+    n = cm.sum()
+    if n == 0:
+        return float("nan")
+    po = np.trace(cm) / n
+    pe = float((cm.sum(0) * cm.sum(1)).sum()) / float(n) ** 2
+    return float((po - pe) / (1 - pe)) if pe < 1 else float("nan")
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: Sequence[int], bins: int = ECE_BINS) -> float:
+    """ECE: bin by top probability into ``bins`` equal-width bins (lo, hi], average |accuracy -
+    confidence| weighted by the bin's share of samples."""
+    probs = np.asarray(probs, float)
+    if len(probs) == 0:
+        return float("nan")
+    conf, pred = probs.max(1), probs.argmax(1)
+    correct = (pred == np.asarray(y_true)).astype(float)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def nll(probs: np.ndarray, y_true: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the true class."""
+    p = np.asarray(probs, float)[np.arange(len(probs)), np.asarray(y_true, int)]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(p) else float("nan")
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if one class."""
+    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def level_metrics(probs: np.ndarray, y_true: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, kappa, ECE, NLL, one-vs-rest AUC, per-class table and confusion matrix."""
+    probs, y = np.asarray(probs, float), np.asarray(y_true, int)
+    k = len(classes)
+    if len(y) == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "kappa": None, "ece": None, "nll": None,
+                "auc_macro": None, "per_class": {}, "confusion": {"labels": list(classes), "matrix": []}}
+    pred = probs.argmax(1)
+    cm = confusion_matrix(y, pred, k)
+    precision, recall, f1, support = per_class_prf(cm)
+    aucs = [roc_auc(probs[:, c], y == c) for c in range(k)]
+    valid = [a for a in aucs if not np.isnan(a)]
+    per_class = {
+        name: {"precision": round(float(precision[c]), 4), "recall": round(float(recall[c]), 4),
+               "f1": round(float(f1[c]), 4), "support": int(support[c]),
+               "auc": None if np.isnan(aucs[c]) else round(float(aucs[c]), 4)}
+        for c, name in enumerate(classes)
+    }
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "macro_f1": macro_f1(cm),
+            "kappa": cohen_kappa(cm), "ece": expected_calibration_error(probs, y), "nll": nll(probs, y),
+            "auc_macro": float(np.mean(valid)) if valid else None, "per_class": per_class,
+            "confusion": {"labels": list(classes), "matrix": cm.tolist()}}
+
+
+# ---------------------------------------------------------------- the three levels
+
+
+def _pool(probs: np.ndarray, fine_classes: Sequence[str], mapping: dict[str, str | None],
+          targets: Sequence[str]) -> np.ndarray:
+    """Sum fine probabilities into ``targets`` via ``mapping`` (unmapped classes dropped)."""
+    out = np.zeros((len(probs), len(targets)))
+    for j, c in enumerate(fine_classes):
+        t = mapping.get(c)
+        if t is not None:
+            out[:, targets.index(t)] += probs[:, j]
+    return out
+
+
+def classification_metrics(probs: np.ndarray, labels: Sequence[str | None],
+                           classes: Sequence[str] = FINE_CLASSES) -> dict[str, Any]:
+    """Metrics of fine-class probabilities (N x 11, ``classes`` order) against ``labels``: each
+    a fine class, 8-group or 5-type name (any alias the taxonomy knows), or None to skip."""
+    probs = np.asarray(probs, float)
+    classes = list(classes)
+    fine = [fine_class(lb) if lb else None for lb in labels]
+    group = [group8_of(lb) if lb else None for lb in labels]
+    type5 = [type5_of(lb) if lb else None for lb in labels]
+
+    fi = [i for i, f in enumerate(fine) if f is not None and f in classes]
+    fine_m = level_metrics(probs[fi], [classes.index(fine[i]) for i in fi], classes)
+
+    p8 = _pool(probs, classes, FINE_TO_GROUP8, list(GROUPS8))
+    gi = [i for i, g in enumerate(group) if g is not None]
+    g_m = level_metrics(p8[gi], [GROUPS8.index(group[i]) for i in gi], GROUPS8)
+
+    p5 = _pool(probs, classes, FINE_TO_TYPE5, list(TYPES5))
+    p5 = p5 / np.clip(p5.sum(1, keepdims=True), 1e-12, None)
+    ti = [i for i, t in enumerate(type5) if t is not None]
+    t_m = level_metrics(p5[ti], [TYPES5.index(type5[i]) for i in ti], TYPES5)
+
+    out: dict[str, Any] = {"n": len(labels), "n_fine": fine_m["n"]}
+    out.update({k: v for k, v in fine_m.items() if k != "n"})
+    for prefix, m in (("group8", g_m), ("type5", t_m)):
+        out[f"n_{prefix}"] = m["n"]
+        for key in ("accuracy", "macro_f1", "kappa", "ece", "auc_macro", "per_class", "confusion"):
+            out[f"{prefix}_{key}"] = m[key]
+    return out
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    """One line of the headline numbers."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    return (f"n={m['n']} acc={f(m['accuracy'])} macroF1={f(m['macro_f1'])} kappa={f(m['kappa'])} "
+            f"ECE={f(m['ece'])} | 8-group acc={f(m['group8_accuracy'])} | 5-type acc={f(m['type5_accuracy'])}")
+
+
+def plot_confusion(confusion: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
+    """Row-normalised confusion matrix as a PNG with counts in the cells (None if empty)."""
+    cm = np.asarray(confusion["matrix"], float)
+    if cm.size == 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = confusion["labels"]
+    rows = np.clip(cm.sum(1, keepdims=True), 1, None)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels)), dpi=110)
+    ax.imshow(cm / rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] / rows[i, 0] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: bool = True) -> None:
+    """``<name>_metrics.json`` and (if ``plots``) confusion PNGs at the three levels into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    if not plots:
+        return
+    plot_confusion(metrics["confusion"], out / f"{name}_confusion.png", f"{name}: 11 classes")
+    plot_confusion(metrics["group8_confusion"], out / f"{name}_confusion_group8.png", f"{name}: 8 groups")
+    plot_confusion(metrics["type5_confusion"], out / f"{name}_confusion_type5.png", f"{name}: 5 types")
+
+
+def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
+             part: str = "test", out: str | Path | None = None, device: str = "auto",
+             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
+    cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given."""
+    from smear.classify.cache import cached_crops
+    from smear.classify.data import load_items, load_split
+    from smear.classify.model import CnnClassifier
+
+    clf = CnnClassifier.from_dir(model_dir, device=device)
+    if split is not None:
+        parts = dict(zip(("train", "val", "test"), load_split(split, data)))
+        items = parts[part]
+    else:
+        items = load_items(data, layout)
+    crops = cached_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log)
+    probs = clf.predict_proba(list(crops))
+    m = classification_metrics(probs, [it.fine or it.group for it in items], clf.classes)
+    m["data"] = str(data) if split is None else f"{data} ({part} of {split})"
+    if log is not None:
+        log(summary_line(m))
+    if out is not None:
+        write_report(m, out, Path(str(data)).name if split is None else part)
+    return m

@@ -1,0 +1,117 @@
+"""The classifier network (a timm CNN trained from scratch) and ``CnnClassifier``, the pipeline stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from smear.artifacts import load_meta
+from smear.devices import resolve_device
+from smear.types import FINE_CLASSES, ModelError
+
+WEIGHTS = "model.safetensors"
+
+
+def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0) -> torch.nn.Module:
+    """A timm model by name with random weights (nothing is ever downloaded)."""
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    except RuntimeError as exc:  # timm raises RuntimeError for unknown names
+        raise ModelError(f"unknown timm architecture {arch!r}", hint="see timm.list_models()") from exc
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the model's state dict as safetensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return Path(path)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a safetensors state dict into ``model`` (strict)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+class Normalize(torch.nn.Module):
+    """(x - mean) / std per channel, for x in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """RGB uint8 HxWx3 crops -> float B x 3 x size x size in [0, 1], resized where needed."""
+    out = np.empty((len(crops), size, size, 3), np.uint8)
+    for i, crop in enumerate(crops):
+        crop = np.asarray(crop)
+        if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+            raise ValueError(f"crop {i}: expected RGB uint8 HxWx3, got {crop.dtype} {crop.shape}")
+        if crop.shape[:2] != (size, size):
+            interp = cv2.INTER_AREA if max(crop.shape[:2]) > size else cv2.INTER_LINEAR
+            crop = cv2.resize(crop, (size, size), interpolation=interp)
+        out[i] = crop
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class CnnClassifier:
+    """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64):
+        self.meta = meta
+        self.classes: tuple[str, ...] = tuple(meta["classes"])
+        self.crop_margin = float(meta["crop_margin"])
+        self.input_size = int(meta["input_size"])
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.batch = int(batch)
+        self.device = resolve_device(device)
+        norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
+        self.normalize = Normalize(norm["mean"], norm["std"]).to(self.device)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64) -> "CnnClassifier":
+        """Load a classifier model folder (meta.json + safetensors weights)."""
+        meta = load_meta(model_dir)
+        if meta.get("stage") != "classify":
+            raise ModelError(f"{model_dir}: not a classifier model folder (stage {meta.get('stage')!r})")
+        missing = [k for k in ("arch", "input_size", "crop_margin") if k not in meta]
+        if missing:
+            raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
+        model = build_model(meta["arch"], num_classes=len(meta["classes"]))
+        load_weights(model, Path(model_dir) / meta["weights"])
+        return cls(model, meta, device=device, batch=batch)
+
+    @torch.no_grad()
+    def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """Raw logits (before temperature), N x classes, on the CPU."""
+        outs = [torch.zeros(0, len(self.classes))]
+        for i in range(0, len(crops), self.batch):
+            x = crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device)
+            outs.append(self.model(self.normalize(x)).float().cpu())
+        return torch.cat(outs)
+
+    def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""
+        logits = self.logits(crops)
+        return torch.softmax(logits / self.temperature, dim=1).double().numpy()
+
+    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        """Calibrated probability of each fine class for each crop."""
+        probs = self.predict_proba(crops)
+        return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]

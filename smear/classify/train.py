@@ -1,0 +1,359 @@
+"""Train the classifier: a small loop in the style of torchvision's references, then calibrate and save.
+
+Class imbalance is handled by weighting the loss, not by resampling: each fine class's weight is
+``(mean count / its count) ** class_weight_power`` (0.5 by default: square-root balancing), so
+every epoch still shows every image once and the rare classes (PMY, BA, LY) count more without
+the same few images being repeated. Items labelled only by group (PBC ``NEUTROPHIL_*``, ``IG_*``)
+add ``-log sum_{c in group} p_c`` (see ``mixed_loss``).
+
+The run folder ``out`` holds config.yaml (resolved), split.json, log.csv (per epoch: loss, val
+metrics, wall time, images/s), checkpoint.pt (model, optimizer, scheduler, epoch, best; written
+every epoch, ``resume=True`` continues from it), best.safetensors, the test report, and
+``model/``, the shipped model folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smear.artifacts import data_fingerprint, save_model_dir
+from smear.classify import data as cdata
+from smear.classify.augment import BatchAugment, eval_batch
+from smear.classify.cache import cached_crops, channel_stats
+from smear.classify.calibrate import calibration_report, fit_temperature
+from smear.classify.evaluate import classification_metrics, summary_line, write_report
+from smear.classify.model import WEIGHTS, Normalize, build_model, load_weights, save_weights
+from smear.config import dump_config
+from smear.devices import resolve_device, set_threads
+from smear.io import write_text_atomic
+from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, SmearError
+
+LOG_FIELDS = ("epoch", "lr", "train_loss", "train_images", "train_seconds", "train_images_per_s",
+              "val_nll", "val_accuracy", "val_macro_f1", "val_ece", "wall_seconds", "best_macro_f1")
+
+#: GROUP_MASK[g, c] is True when fine class c belongs to 8-group g.
+GROUP_MASK = torch.tensor([[FINE_TO_GROUP8[c] == g for c in FINE_CLASSES] for g in GROUPS8])
+
+
+def mixed_loss(logits: torch.Tensor, fine: torch.Tensor, group: torch.Tensor, class_weights: torch.Tensor,
+               smoothing: float = 0.0, group_weight: float = 1.0) -> torch.Tensor:
+    """Weighted mean of label-smoothed cross-entropy (items with a fine class, ``fine >= 0``) and
+    group NLL ``-log sum_{c in group} p_c`` (group-only items, ``fine == -1``)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    has_fine = fine >= 0
+    loss = torch.zeros(len(fine), device=logits.device)
+    weight = torch.full((len(fine),), float(group_weight), device=logits.device)
+    if has_fine.any():
+        lp, y = logp[has_fine], fine[has_fine]
+        ce = -lp.gather(1, y[:, None]).squeeze(1)
+        loss[has_fine] = (1 - smoothing) * ce + smoothing * (-lp.mean(1))
+        weight[has_fine] = class_weights.to(logits.device)[y]
+    if (~has_fine).any():
+        mask = GROUP_MASK.to(logits.device)[group[~has_fine]]
+        loss[~has_fine] = -torch.logsumexp(logp[~has_fine].masked_fill(~mask, -torch.inf), dim=1)
+    return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+def class_weights(items: list[cdata.Item], power: float) -> torch.Tensor:
+    """Per fine class ``(mean count / count) ** power`` over the items with a fine class."""
+    counts = np.array([sum(1 for it in items if it.fine == c) for c in FINE_CLASSES], float)
+    present = counts > 0
+    w = np.ones(len(FINE_CLASSES))
+    w[present] = (counts[present].mean() / counts[present]) ** power
+    return torch.tensor(w / (w[present] * counts[present]).sum() * counts[present].sum(), dtype=torch.float32)
+
+
+def labels_of(items: list[cdata.Item]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine class index (-1 for group-only) and 8-group index of each item."""
+    fine = torch.tensor([FINE_CLASSES.index(it.fine) if it.fine else -1 for it in items], dtype=torch.long)
+    group = torch.tensor([GROUPS8.index(it.group) for it in items], dtype=torch.long)
+    return fine, group
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  floor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR factor: linear warmup from ``floor`` to 1, then cosine down to ``floor``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return floor + (1 - floor) * step / max(1, warmup_steps)
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: torch.Tensor,
+                    group: torch.Tensor, augment: BatchAugment, batch: int, weights: torch.Tensor,
+                    smoothing: float, group_weight: float, epoch: int, seed: int, device,
+                    log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """One pass over the training crops in a seeded order (whole batches only)."""
+    model.train()
+    order = np.random.default_rng([seed, epoch]).permutation(len(crops))
+    n_batches = max(1, len(order) // batch) if len(order) >= batch else 1
+    batches = [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    for b, (idx, x) in enumerate(_prefetch(batches, lambda i: augment(torch.from_numpy(crops[i])))):
+        x = x.to(device, non_blocking=True)
+        fi, gi = fine[idx].to(device), group[idx].to(device)
+        loss = mixed_loss(model(norm(x)), fi, gi, weights, smoothing, group_weight)
+        if not torch.isfinite(loss):
+            raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+        if log is not None and (b + 1) % 50 == 0:
+            log(f"  epoch {epoch} batch {b + 1}/{n_batches} loss {total / seen:.4f} "
+                f"{seen / (time.perf_counter() - t0):.1f} images/s")
+    secs = time.perf_counter() - t0
+    return {"train_loss": total / max(1, seen), "train_images": seen, "train_seconds": secs,
+            "train_images_per_s": seen / max(secs, 1e-9)}
+
+
+def _prefetch(batches: list[np.ndarray], make: Callable[[np.ndarray], torch.Tensor], depth: int = 2):
+    """Yield ``(idx, make(idx))`` with the next batches prepared in a background thread, so that
+    augmentation overlaps the training step (torch ops release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for idx in batches:
+                if stop.is_set():
+                    return
+                q.put((idx, make(idx)))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+        q.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+@torch.no_grad()
+def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device) -> torch.Tensor:
+    """Logits (CPU, float) of evaluation crops, no augmentation."""
+    model.eval()
+    outs = [torch.zeros(0, len(FINE_CLASSES))]
+    for i in range(0, len(crops), batch):
+        x = eval_batch(torch.from_numpy(np.ascontiguousarray(crops[i:i + batch])), size).to(device)
+        outs.append(model(norm(x)).float().cpu())
+    return torch.cat(outs)
+
+
+def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list]:
+    d = cfg["data"]
+    root = Path(os.path.expanduser(str(d["root"])))
+    saved = out / "split.json"
+    if d["split"]:
+        parts = cdata.load_split(d["split"], root)
+    elif saved.is_file():
+        parts = cdata.load_split(saved, root)
+        log(f"split: reusing {saved}")
+    else:
+        items = cdata.load_items(root, d["layout"])
+        parts = cdata.stratified_split(items, d["split_fractions"], d["split_seed"])
+    cdata.save_split(saved, parts, root, seed=d["split_seed"], fractions=list(d["split_fractions"]))
+    train = cdata.subsample(parts[0], d["max_train_items"], d["split_seed"])
+    val = cdata.subsample(parts[1], d["max_eval_items"], d["split_seed"])
+    test = cdata.subsample(parts[2], d["max_eval_items"], d["split_seed"])
+    return root, train, val, test
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
+          log: Callable[[str], None] = print) -> Path:
+    """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it."""
+    out = Path(out)
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    ckpt_path = out / "checkpoint.pt"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SmearError(f"{out}: run folder exists and is not empty", hint="pass resume=True or a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    threads = set_threads(t["threads"])
+    device = resolve_device(t["device"])
+    torch.manual_seed(t["seed"])
+    log(f"classify: {m['arch']} at {m['input_size']} px on {device} ({threads} threads)")
+
+    root, train_items, val_items, test_items = _splits(cfg, out, log)
+    if not train_items or not val_items:
+        raise SmearError(f"{root}: the split leaves {len(train_items)} training and {len(val_items)} "
+                         "validation images", hint="more images per class, or other data.split_fractions")
+    log(f"data: {len(train_items)} train, {len(val_items)} val, {len(test_items)} test from {root}")
+    size, margin, pad = int(m["input_size"]), float(m["crop_margin"]), float(d["cache_pad"])
+    wide = int(round(size * pad))
+    train_crops = cached_crops(train_items, margin * wide / size, wide, d["cache_dir"], d["workers"], log)
+    val_crops = cached_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
+    mean, std = channel_stats(train_crops)
+    fine, group = labels_of(train_items)
+    val_labels = [it.fine or it.group for it in val_items]
+    weights = class_weights(train_items, float(t["class_weight_power"]))
+
+    model = build_model(m["arch"], drop_rate=float(m["drop_rate"])).to(device)
+    norm = Normalize(mean, std).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+    batch = int(t["batch"])
+    steps = max(1, len(train_items) // batch) if len(train_items) >= batch else 1
+    scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
+    augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
+    start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        augment.set_state(ck["augment"])
+        start, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
+        wall0 = ck.get("wall_seconds", 0.0)
+        log(f"resume: from epoch {ck['epoch']} (best val macro-F1 {best:.4f} at epoch {best_epoch})")
+    t0 = time.perf_counter() - wall0
+    max_s = float(t["max_minutes"]) * 60 if t["max_minutes"] else math.inf
+    for epoch in range(start, int(t["epochs"]) + 1):
+        if t["patience"] and bad >= int(t["patience"]):
+            log(f"early stop: no better val macro-F1 for {bad} epochs")
+            break
+        if time.perf_counter() - t0 > max_s:
+            log(f"time limit: {t['max_minutes']} min reached")
+            break
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, fine, group, augment,
+                                batch, weights, float(t["label_smoothing"]), float(t["group_loss_weight"]),
+                                epoch, int(t["seed"]), device, log)
+        probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
+        vm = classification_metrics(probs, val_labels)
+        score = vm["macro_f1"] if vm["macro_f1"] is not None else vm["group8_macro_f1"]
+        if score > best:
+            best, best_epoch, bad = score, epoch, 0
+            save_weights(model, out / "best.safetensors")
+        else:
+            bad += 1
+        wall = time.perf_counter() - t0
+        _append_log(out / "log.csv", {"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"],
+                                      "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
+                                      "val_ece": vm["ece"], "wall_seconds": wall, "best_macro_f1": best})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "augment": augment.state(), "epoch": epoch,
+                    "best": best, "best_epoch": best_epoch, "bad_epochs": bad, "wall_seconds": wall},
+                   out / "checkpoint.tmp")
+        os.replace(out / "checkpoint.tmp", ckpt_path)
+        log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
+            f"val acc {vm['accuracy'] or 0:.4f} macro-F1 {score:.4f} (best {best:.4f} @ {best_epoch}) "
+            f"{wall / 60:.1f} min")
+    if not (out / "best.safetensors").is_file():
+        raise SmearError(f"{out}: no epoch finished, nothing to save")
+    wall = time.perf_counter() - t0
+    return _finish(cfg, out, model, norm, device, root, train_items, val_items, test_items, val_crops,
+                   mean, std, best_epoch, wall, log)
+
+
+def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_items, test_items, val_crops,
+            mean, std, best_epoch: int, wall: float, log) -> Path:
+    """Load the best weights, fit the temperature on val, score test, write the model folder."""
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    size, batch = int(m["input_size"]), int(t["batch"])
+    load_weights(model, out / "best.safetensors")
+    model.to(device)
+    val_logits = evaluate(model, norm, val_crops, size, batch, device)
+    fine_rows = [i for i, it in enumerate(val_items) if it.fine is not None]
+    y_val = torch.tensor([FINE_CLASSES.index(val_items[i].fine) for i in fine_rows], dtype=torch.long)
+    temperature = fit_temperature(val_logits[fine_rows], y_val)
+    calib = calibration_report(val_logits[fine_rows], y_val, temperature)
+    log(f"calibration on val: T={temperature:.3f} ECE {calib['ece_before']:.4f} -> {calib['ece_after']:.4f}")
+    val_m = classification_metrics(torch.softmax(val_logits / temperature, 1).numpy(),
+                                   [it.fine or it.group for it in val_items])
+    test_crops = cached_crops(test_items, float(m["crop_margin"]), size, d["cache_dir"], d["workers"], log)
+    test_logits = evaluate(model, norm, test_crops, size, batch, device)
+    test_m = classification_metrics(torch.softmax(test_logits / temperature, 1).numpy(),
+                                    [it.fine or it.group for it in test_items])
+    log(f"test: {summary_line(test_m)}")
+    write_report(test_m, out, "test")
+    write_report(val_m, out, "val", plots=False)
+
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, model_dir / WEIGHTS)
+    fingerprint = data_fingerprint(it.path for it in [*train_items, *val_items, *test_items])
+    head = ("n", "accuracy", "macro_f1", "kappa", "ece", "nll", "auc_macro", "group8_accuracy",
+            "group8_macro_f1", "type5_accuracy", "type5_macro_f1")
+    meta = {
+        "stage": "classify", "weights": WEIGHTS, "classes": list(FINE_CLASSES), "arch": m["arch"],
+        "input_size": size, "crop_margin": float(m["crop_margin"]),
+        "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
+                "(smear.pipeline.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
+        "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
+        "temperature": round(float(temperature), 6),
+        "metrics": {"split": "test", "split_file": "split.json (run folder)",
+                    "test": {k: test_m[k] for k in head} | {"per_class": test_m["per_class"]},
+                    "val": {k: val_m[k] for k in head}, "calibration": {"split": "val", **calib}},
+        "data": {"root": str(d["root"]), "fingerprint": fingerprint, "n_train": len(train_items),
+                 "n_val": len(val_items), "n_test": len(test_items), "split_seed": d["split_seed"]},
+        "data_fingerprint": fingerprint,
+        "training": {"best_epoch": best_epoch, "wall_minutes": round(wall / 60, 1)},
+    }
+    save_model_dir(model_dir, meta, cfg, card=_card(meta))
+    log(f"model folder: {model_dir}")
+    return model_dir
+
+
+def _card(meta: dict[str, Any]) -> str:
+    tm, cal = meta["metrics"]["test"], meta["metrics"]["calibration"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    rows = "\n".join(f"| {c} | {f(p['precision'])} | {f(p['recall'])} | {f(p['f1'])} | {p['support']} |"
+                     for c, p in tm["per_class"].items())
+    return f"""# Leukocyte classifier ({meta['arch']}, {meta['input_size']} px)
+
+11 fine classes ({', '.join(meta['classes'])}) from single-cell crops: a square of side = the
+WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. Trained from
+scratch on PBC (Acevedo et al. 2020, CellaVision DM96, May-Grunwald-Giemsa), one lab and one
+scanner; temperature-scaled on the validation split (T = {meta['temperature']:.3f}).
+
+## Test split of PBC (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})
+accuracy {f(tm['accuracy'])}, macro-F1 {f(tm['macro_f1'])}, Cohen's kappa {f(tm['kappa'])};
+8-group accuracy {f(tm['group8_accuracy'])}, 5-type accuracy {f(tm['type5_accuracy'])};
+ECE {f(tm['ece'])} (val ECE {cal['ece_before']:.3f} before, {cal['ece_after']:.3f} after scaling).
+
+| class | precision | recall | F1 | n |
+|---|---|---|---|---|
+{rows}
+
+## Limits
+Figures are for PBC's own lab, stain and scanner. Other labs' images differ in stain, focus and
+resolution; measure on them (e.g. at the 5-type level) before trusting these numbers there.
+Not a medical device: cells under the review threshold must be checked by a person.
+"""
