@@ -27,6 +27,8 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
 
 out_console = Console(highlight=False, soft_wrap=True)
+if not out_console.is_terminal:  # pipes and files get whole tables, not 80-column ellipses
+    out_console = Console(highlight=False, soft_wrap=True, width=160)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"verbose": False}
 
