@@ -13,7 +13,7 @@ from pathlib import Path
 
 from smear.detect.classical import ClassicalDetector
 from smear.detect.data import clean_boxes, read_voc
-from smear.detect.metrics import match_boxes
+from smear.detect.evaluate import match_boxes
 from smear.io import read_image
 from smear.types import CellKind, Detection
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from smear.detect.classical import ClassicalDetector
-from smear.detect.metrics import box_iou, match_boxes
+from smear.detect.evaluate import box_iou, match_boxes
 from smear.synth import make_field, make_large_field
 from smear.types import CellKind, ConfigError, Detection, Detector
 

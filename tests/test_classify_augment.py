@@ -5,12 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_classify_data import draw_cell
 
 from smear.classify.augment import (
-    HED_FROM_RGB, RGB_FROM_HED, BatchAugment, affine_warp, center_crop, colour_jitter, eval_batch,
-    gaussian_blur, gaussian_noise, hed_jitter, to_float,
+    HED_FROM_RGB,
+    RGB_FROM_HED,
+    BatchAugment,
+    affine_warp,
+    center_crop,
+    colour_jitter,
+    eval_batch,
+    gaussian_blur,
+    gaussian_noise,
+    hed_jitter,
+    to_float,
 )
-from test_classify_data import draw_cell
 
 
 @pytest.fixture

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from smear.classify.data import (
-    Item, class_counts, load_folders, load_items, load_pbc, load_split, save_split, stratified_split,
+    Item,
+    class_counts,
+    load_folders,
+    load_items,
+    load_pbc,
+    load_split,
+    save_split,
+    stratified_split,
     subsample,
 )
 from smear.types import SmearError
@@ -177,3 +184,16 @@ def test_subsample_keeps_class_shares():
     sub = subsample(items, 30, seed=0)
     assert class_counts(sub) == {"EO": 10, "LY": 20}
     assert subsample(items, None) == items
+
+
+def test_labels_csv_dataset(tmp_path):
+    root = tmp_path / "seg"
+    for i in range(3):
+        write_png(root / "images" / f"{i:03d}.png", draw_cell(32, seed=i))
+    (root / "labels.csv").write_text("image,label\n000,neutrophil\n001,lymphocyte\n002.png,Monocyte\n")
+    items = load_items(root)  # auto: labels.csv present
+    assert [(it.path.name, it.fine, it.group) for it in items] == [
+        ("000.png", None, "neutrophil"), ("001.png", "LY", "lymphocyte"), ("002.png", "MO", "monocyte")]
+    (root / "labels.csv").write_text("image,label\n000,alien\n")
+    with pytest.raises(SmearError, match="alien"):
+        load_items(root, "csv")

@@ -10,19 +10,26 @@ import torch
 import torch.nn.functional as F
 
 from smear.classify.calibrate import calibration_report, fit_temperature
+from smear.classify.data import Item
 from smear.classify.evaluate import (
-    classification_metrics, cohen_kappa, confusion_matrix, expected_calibration_error, macro_f1,
-    per_class_prf, plot_confusion, roc_auc, summary_line,
+    classification_metrics,
+    cohen_kappa,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    per_class_prf,
+    plot_confusion,
+    roc_auc,
+    summary_line,
 )
 from smear.classify.train import GROUP_MASK, class_weights, mixed_loss
-from smear.classify.data import Item
 from smear.types import FINE_CLASSES, GROUPS8
 
 
 def test_confusion_f1_kappa_by_hand():
     cm = confusion_matrix([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], 3)
     np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
-    p, r, f1, support = per_class_prf(cm)
+    p, r, f1, _ = per_class_prf(cm)
     np.testing.assert_allclose(p, [1, 0.5, 0.5])
     np.testing.assert_allclose(r, [2 / 3, 0.5, 1])
     np.testing.assert_allclose(f1, [0.8, 0.5, 2 / 3])

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_classify_data import PBC_FOLDERS, draw_cell, make_pbc
 
 from smear.artifacts import load_meta, save_model_dir
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model, crops_to_tensor, save_weights
 from smear.config import load_config
 from smear.types import FINE_CLASSES, Classifier, ModelError
-from test_classify_data import PBC_FOLDERS, draw_cell, make_pbc
 
 TINY = "test_efficientnet"  # timm's own test network: ~0.1 M parameters
 
@@ -79,6 +79,7 @@ def _cfg(root, cache, epochs):
 
 @pytest.mark.slow
 def test_train_end_to_end_then_resume(tmp_path):
+    """A 1-epoch run writes everything; resuming to 2 epochs equals a 2-epoch run."""
     from smear.classify.train import train
 
     # 13 prefixes x 4 images, incl. NEUTROPHIL and IG: 2 train, 1 val, 1 test each
@@ -105,8 +106,15 @@ def test_train_end_to_end_then_resume(tmp_path):
     with pytest.raises(Exception, match="not empty"):
         train(_cfg(root, tmp_path / "cache", 1), out, log=lines.append)
     train(_cfg(root, tmp_path / "cache", 2), out, resume=True, log=lines.append)
-    rows = list(csv.DictReader(open(out / "log.csv")))
+    with open(out / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[0]["train_images_per_s"]) > 0 and float(rows[1]["wall_seconds"]) > 0
     assert any("resume: from epoch 1" in line for line in lines)
     assert any("from cache" in line for line in lines)
+    # the resumed run is bit-identical to an uninterrupted one
+    train(_cfg(root, tmp_path / "cache", 2), tmp_path / "run2", log=lines.append)
+    a = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+

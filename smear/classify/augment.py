@@ -16,7 +16,8 @@ B x 3 x size x size in [0, 1], not yet normalised.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch

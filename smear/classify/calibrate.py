@@ -37,7 +37,7 @@ def calibration_report(logits: torch.Tensor, y_true: torch.Tensor, temperature: 
     y = np.asarray(y_true)
     before = torch.softmax(logits, 1).numpy()
     after = torch.softmax(logits / temperature, 1).numpy()
-    return {"temperature": round(float(temperature), 4), "n": int(len(y)),
+    return {"temperature": round(float(temperature), 4), "n": len(y),
             "ece_before": round(expected_calibration_error(before, y), 4),
             "ece_after": round(expected_calibration_error(after, y), 4),
             "nll_before": round(nll(before, y), 4), "nll_after": round(nll(after, y), 4)}

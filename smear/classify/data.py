@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -106,6 +106,30 @@ def load_folders(root: str | Path) -> list[Item]:
     return items
 
 
+def load_labels_csv(root: str | Path, csv_name: str = "labels.csv", image_dir: str = "images") -> list[Item]:
+    """A table-labelled dataset: ``root/labels.csv`` with columns ``image,label`` (image = file
+    name or stem inside ``root/images``), labels any class or group name (e.g. wbc-seg's 5 types)."""
+    import csv
+
+    root = Path(root)
+    table = root / csv_name
+    if not table.is_file():
+        raise SmearError(f"{table}: label table not found")
+    files = {p.stem: p for p in _images(root / image_dir)} if (root / image_dir).is_dir() else {}
+    items: list[Item] = []
+    with open(table, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            name = (row.get("image") or "").strip()
+            path = root / image_dir / name if (root / image_dir / name).is_file() else files.get(Path(name).stem)
+            if path is None:
+                raise SmearError(f"{table}: image {name!r} not found in {root / image_dir}")
+            fine, group = label_from_name(row.get("label") or "")
+            if group is None:
+                raise SmearError(f"{table}: label {row.get('label')!r} of {name!r} is not in the taxonomy")
+            items.append(Item(path, fine, group))
+    return items
+
+
 def is_pbc_layout(root: str | Path) -> bool:
     """True when some image's file-name prefix names a class (PBC style)."""
     root = Path(root)
@@ -117,17 +141,20 @@ def is_pbc_layout(root: str | Path) -> bool:
 
 
 def load_items(root: str | Path, layout: str = "auto") -> list[Item]:
-    """Items of a dataset; ``layout`` is ``pbc``, ``folders`` or ``auto`` (PBC if names have prefixes)."""
+    """Items of a dataset; ``layout``: ``pbc``, ``folders``, ``csv`` (labels.csv + images/) or ``auto``."""
     root = Path(root)
     if layout == "auto":
         if not root.is_dir():
             raise SmearError(f"{root}: dataset folder not found")
-        layout = "pbc" if is_pbc_layout(root) else "folders"
+        layout = ("csv" if (root / "labels.csv").is_file() else
+                  "pbc" if is_pbc_layout(root) else "folders")
     if layout == "pbc":
         return load_pbc(root)
     if layout == "folders":
         return load_folders(root)
-    raise SmearError(f"unknown dataset layout {layout!r}", hint="use pbc, folders or auto")
+    if layout == "csv":
+        return load_labels_csv(root)
+    raise SmearError(f"unknown dataset layout {layout!r}", hint="use pbc, folders, csv or auto")
 
 
 def class_counts(items: Sequence[Item]) -> dict[str, int]:
@@ -168,10 +195,12 @@ def _rel(path: Path, root: Path) -> str:
 def split_to_json(splits: Sequence[Sequence[Item]], root: str | Path, **info) -> str:
     """The split as JSON text: per split, ``[relative path, fine or null, group]`` rows."""
     root = Path(root)
-    doc = {"format": "smear-classify-split/1", **info,
-           **{name: [[_rel(it.path, root), it.fine, it.group] for it in part]
-              for name, part in zip(SPLIT_NAMES, splits)}}
-    return json.dumps(doc, indent=1)
+    head = json.dumps({"format": "smear-classify-split/1", **info})[:-1]
+    parts = []
+    for name, part in zip(SPLIT_NAMES, splits):
+        rows = ",\n  ".join(json.dumps([_rel(it.path, root), it.fine, it.group]) for it in part)
+        parts.append(f'"{name}": [\n  {rows}\n ]' if rows else f'"{name}": []')
+    return head + ",\n " + ",\n ".join(parts) + "\n}"  # one row per line: diffable, compact
 
 
 def save_split(path: str | Path, splits: Sequence[Sequence[Item]], root: str | Path, **info) -> Path:

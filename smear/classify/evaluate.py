@@ -11,12 +11,22 @@ PBC ``IG_*`` (group only) at the 8-group level, a ``neutrophil`` of a 5-type dat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from smear.types import FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, fine_class, group8_of, type5_of
+from smear.types import (
+    FINE_CLASSES,
+    FINE_TO_GROUP8,
+    FINE_TO_TYPE5,
+    GROUPS8,
+    TYPES5,
+    fine_class,
+    group8_of,
+    type5_of,
+)
 
 ECE_BINS = 15
 
@@ -116,7 +126,7 @@ def level_metrics(probs: np.ndarray, y_true: Sequence[int], classes: Sequence[st
                "auc": None if np.isnan(aucs[c]) else round(float(aucs[c]), 4)}
         for c, name in enumerate(classes)
     }
-    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "macro_f1": macro_f1(cm),
+    return {"n": len(y), "accuracy": float((pred == y).mean()), "macro_f1": macro_f1(cm),
             "kappa": cohen_kappa(cm), "ece": expected_calibration_error(probs, y), "nll": nll(probs, y),
             "auc_macro": float(np.mean(valid)) if valid else None, "per_class": per_class,
             "confusion": {"labels": list(classes), "matrix": cm.tolist()}}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -85,7 +86,7 @@ class CnnClassifier:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64) -> "CnnClassifier":
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64) -> CnnClassifier:
         """Load a classifier model folder (meta.json + safetensors weights)."""
         meta = load_meta(model_dir)
         if meta.get("stage") != "classify":

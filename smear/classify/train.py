@@ -10,6 +10,10 @@ The run folder ``out`` holds config.yaml (resolved), split.json, log.csv (per ep
 metrics, wall time, images/s), checkpoint.pt (model, optimizer, scheduler, epoch, best; written
 every epoch, ``resume=True`` continues from it), best.safetensors, the test report, and
 ``model/``, the shipped model folder.
+
+On a CPU shared with other jobs, start Python with ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP
+threads otherwise spin while waiting, and with more busy threads than cores a training step
+ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,14 +100,19 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: torch.Tensor,
                     group: torch.Tensor, augment: BatchAugment, batch: int, weights: torch.Tensor,
                     smoothing: float, group_weight: float, epoch: int, seed: int, device,
-                    log: Callable[[str], None] | None = None) -> dict[str, float]:
+                    log: Callable[[str], None] | None = None, prefetch: bool = True) -> dict[str, float]:
     """One pass over the training crops in a seeded order (whole batches only)."""
     model.train()
     order = np.random.default_rng([seed, epoch]).permutation(len(crops))
     n_batches = max(1, len(order) // batch) if len(order) >= batch else 1
     batches = [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
     total, seen, t0 = 0.0, 0, time.perf_counter()
-    for b, (idx, x) in enumerate(_prefetch(batches, lambda i: augment(torch.from_numpy(crops[i])))):
+
+    def make(i: np.ndarray) -> torch.Tensor:
+        return augment(torch.from_numpy(crops[i]))
+
+    stream = _prefetch(batches, make) if prefetch else ((i, make(i)) for i in batches)
+    for b, (idx, x) in enumerate(stream):
         x = x.to(device, non_blocking=True)
         fi, gi = fine[idx].to(device), group[idx].to(device)
         loss = mixed_loss(model(norm(x)), fi, gi, weights, smoothing, group_weight)
@@ -134,7 +144,7 @@ def _prefetch(batches: list[np.ndarray], make: Callable[[np.ndarray], torch.Tens
                 if stop.is_set():
                     return
                 q.put((idx, make(idx)))
-        except BaseException as exc:  # handed to the consumer, raised there
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
             q.put(exc)
         q.put(None)
 
@@ -142,7 +152,7 @@ def _prefetch(batches: list[np.ndarray], make: Callable[[np.ndarray], torch.Tens
     thread.start()
     try:
         while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
+            if isinstance(item, Exception):
                 raise item
             yield item
     finally:
@@ -237,6 +247,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         augment.set_state(ck["augment"])
+        torch.set_rng_state(ck["torch_rng"])
         start, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
         wall0 = ck.get("wall_seconds", 0.0)
         log(f"resume: from epoch {ck['epoch']} (best val macro-F1 {best:.4f} at epoch {best_epoch})")
@@ -249,10 +260,10 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         if time.perf_counter() - t0 > max_s:
             log(f"time limit: {t['max_minutes']} min reached")
             break
-        lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, fine, group, augment,
                                 batch, weights, float(t["label_smoothing"]), float(t["group_loss_weight"]),
-                                epoch, int(t["seed"]), device, log)
+                                epoch, int(t["seed"]), device, log, bool(t["prefetch"]))
+        lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
         vm = classification_metrics(probs, val_labels)
         score = vm["macro_f1"] if vm["macro_f1"] is not None else vm["group8_macro_f1"]
@@ -266,7 +277,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
                                       "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
                                       "val_ece": vm["ece"], "wall_seconds": wall, "best_macro_f1": best})
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "augment": augment.state(), "epoch": epoch,
+                    "scheduler": scheduler.state_dict(), "augment": augment.state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch,
                     "best": best, "best_epoch": best_epoch, "bad_epochs": bad, "wall_seconds": wall},
                    out / "checkpoint.tmp")
         os.replace(out / "checkpoint.tmp", ckpt_path)

@@ -26,6 +26,18 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+def _greedy(ious: np.ndarray, order: np.ndarray, thr: float) -> np.ndarray:
+    """TP flag per prediction: in ``order``, each takes the free truth of highest IoU >= thr."""
+    tp = np.zeros(ious.shape[0], bool)
+    taken = np.zeros(ious.shape[1], bool)
+    for i in order:
+        cand = np.where(~taken & (ious[i] >= thr))[0]
+        if len(cand):
+            taken[cand[np.argmax(ious[i, cand])]] = True
+            tp[i] = True
+    return tp
+
+
 def _match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """TP flags (n_pred x n_iou) by greedy one-to-one matching, highest score first."""
     tp = np.zeros((len(pred), len(IOU_THRESHOLDS)), bool)
@@ -34,13 +46,7 @@ def _match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarra
     ious = iou_matrix(pred, truth)
     order = np.argsort(-scores, kind="stable")
     for k, thr in enumerate(IOU_THRESHOLDS):
-        taken = np.zeros(len(truth), bool)
-        for i in order:
-            cand = np.where(~taken & (ious[i] >= thr))[0]
-            if len(cand):
-                j = cand[np.argmax(ious[i, cand])]
-                taken[j] = True
-                tp[i, k] = True
+        tp[:, k] = _greedy(ious, order, thr)
     return tp
 
 
@@ -168,3 +174,23 @@ def evaluate_detector(detector: Detector, samples: Sequence[Sample], conf: dict[
                       batch: int = 8, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Predict on samples and score: overall, per class and per source."""
     return evaluate_predictions(samples, predict_samples(detector, samples, batch, on_batch), conf)
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two xyxy boxes (0.0 when either is empty)."""
+    return float(iou_matrix(np.array([a], float), np.array([b], float))[0, 0])
+
+
+def match_boxes(pred: Sequence[Detection], truth: Sequence[Detection], iou: float = 0.5) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of one field at one IoU threshold.
+
+    Greedy one-to-one, highest score first, each prediction taking the free truth box of its own
+    kind with the highest IoU (the same matching as the AP figures).
+    """
+    tp = 0
+    for kind in {d.kind for d in pred} | {t.kind for t in truth}:
+        pb, ps = _arrays(pred, kind)
+        tb, _ = _arrays(truth, kind)
+        if len(pb) and len(tb):
+            tp += int(_greedy(iou_matrix(pb, tb), np.argsort(-ps, kind="stable"), iou).sum())
+    return tp, len(pred) - tp, len(truth) - tp
