@@ -9,7 +9,7 @@ from test_classify_data import BACKGROUND, draw_cell, make_pbc
 from smear.classify.cache import cache_key, cached_crops, channel_stats, cut_cell_crop
 from smear.classify.cellbox import central_box, find_cell_box, find_cell_box_info
 from smear.classify.data import load_pbc
-from smear.pipeline.crops import cut_crop
+from smear.crops import cut_crop
 
 
 def iou(a, b) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from smear.pipeline.crops import crop_square, cut_crop
+from smear.crops import crop_square, cut_crop
 
 
 def _field(h=100, w=120):

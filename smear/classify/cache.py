@@ -25,7 +25,7 @@ from smear.classify.cellbox import CELLBOX_VERSION, find_cell_box_info
 from smear.classify.data import Item
 from smear.devices import available_cores
 from smear.io import read_image, write_text_atomic
-from smear.pipeline.crops import cut_crop
+from smear.crops import cut_crop
 
 DEFAULT_CACHE_DIR = "~/.cache/smear/classify"
 

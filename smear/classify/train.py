@@ -325,7 +325,7 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         "stage": "classify", "weights": WEIGHTS, "classes": list(FINE_CLASSES), "arch": m["arch"],
         "input_size": size, "crop_margin": float(m["crop_margin"]),
         "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
-                "(smear.pipeline.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
+                "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
         "temperature": round(float(temperature), 6),
         "metrics": {"split": "test", "split_file": "split.json (run folder)",

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from smear.io import read_image
-from smear.pipeline.crops import cut_crop, pad_value
+from smear.crops import cut_crop, pad_value
 from smear.types import FINE_CLASSES, FINE_NAMES, UNIDENTIFIED, CellKind, SlideReport, SmearError
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}

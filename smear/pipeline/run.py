@@ -11,7 +11,7 @@ import numpy as np
 
 from smear.io import Slide, read_image
 from smear.pipeline.cache import FieldCache
-from smear.pipeline.crops import cut_crop, pad_value
+from smear.crops import cut_crop, pad_value
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
     MaskStats, Segmenter, SkippedField, SlideReport, SmearError,

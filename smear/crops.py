@@ -1,4 +1,5 @@
-"""The crop geometry, in one function: a square centred on the box, padded at field borders."""
+"""The crop geometry, in one function shared by the pipeline and classifier training: a square
+centred on the box, padded at field borders."""
 
 from __future__ import annotations
 
