@@ -269,6 +269,48 @@ def eval_detect(
         render_detect_metrics(metrics, out_console)
 
 
+@train_app.command("classify")
+@handle_errors
+def train_classify(
+    out: Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")] = Path("runs/classify"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the leukocyte classifier from scratch, calibrate it on validation, score it on test."""
+    from smear.classify.train import train
+    from smear.config import load_config
+
+    cfg = load_config("classify", config, set_ or [])
+    model_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
+    out_console.print(f"model folder: {model_dir}")
+
+
+@eval_app.command("classify")
+@handle_errors
+def eval_classify(
+    data: Annotated[Path, typer.Option(help="PBC-style folder, class-per-folder dataset or labels.csv folder.")],
+    model: Annotated[str, typer.Option(help="Classifier model folder, or 'shipped'.")] = "shipped",
+    split: Annotated[Optional[Path], typer.Option(help="A split JSON: evaluate one part of it.")] = None,
+    part: Annotated[str, typer.Option(help="train | val | test, with --split.")] = "test",
+    layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON and confusion-matrix PNGs here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Accuracy, macro-F1, kappa, AUC, ECE, per-class figures; also at the 8-group and 5-type levels."""
+    import json
+
+    from smear.artifacts import resolve_model_dir
+    from smear.classify.evaluate import evaluate
+
+    m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
+                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)))
+    if json_:
+        keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n")
+        sys.stdout.write(json.dumps({k: m.get(k) for k in keys}, indent=2, default=float) + "\n")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,38 @@
+"""`smear train classify` and `smear eval classify` through the CLI, on a tiny drawn PBC folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_classify_data import PBC_FOLDERS, make_pbc
+from typer.testing import CliRunner
+
+from smear.cli import app
+
+
+@pytest.mark.slow
+def test_train_then_eval_json(tmp_path):
+    root = make_pbc(tmp_path / "pbc", {p: 4 for p in PBC_FOLDERS}, size=40)
+    sets = ["model.arch=test_efficientnet", "model.input_size=32", f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch=16", "train.device=cpu",
+            "train.patience=0", "infer.device=cpu"]
+    args = ["train", "classify", "--out", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "model folder" in res.stdout and (tmp_path / "run" / "model" / "meta.json").is_file()
+    res = CliRunner().invoke(app, ["eval", "classify", "--model", str(tmp_path / "run" / "model"),
+                                   "--data", str(root), "--split", str(tmp_path / "run" / "split.json"),
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert set(m) == {"accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy",
+                      "type5_accuracy", "n"}
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] > 0
+
+
+def test_eval_classify_missing_model_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["eval", "classify", "--model", str(tmp_path / "none"), "--data", str(tmp_path)])
+    assert res.exit_code != 0 and "model folder not found" in res.stderr
