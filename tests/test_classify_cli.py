@@ -36,3 +36,36 @@ def test_train_then_eval_json(tmp_path):
 def test_eval_classify_missing_model_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["eval", "classify", "--model", str(tmp_path / "none"), "--data", str(tmp_path)])
     assert res.exit_code != 0 and "model folder not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_run_with_trained_classifier_reports_classes(tmp_path):
+    """The pipeline with `classifier: cnn` labels every detected WBC and reports the class columns."""
+    import io
+
+    import pandas as pd
+
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+
+    root = make_pbc(tmp_path / "pbc", {p: 4 for p in PBC_FOLDERS}, size=40)
+    sets = ["model.arch=test_efficientnet", "model.input_size=32", f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch=16", "train.device=cpu",
+            "train.patience=0", "infer.device=cpu"]
+    args = ["train", "classify", "--out", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    trained = CliRunner().invoke(app, args)
+    assert trained.exit_code == 0, trained.output
+    slide = tmp_path / "slide"
+    fields = [make_field(s) for s in (1, 2)]
+    for i, f in enumerate(fields):
+        write_image_atomic(slide / f"f{i}.png", f.image_rgb)
+    res = CliRunner().invoke(app, ["run", str(slide), "--report", "csv", "--set", "detector=classical",
+                                   "--set", "classifier=cnn", "--set", f"classifier_model={tmp_path / 'run' / 'model'}",
+                                   "--set", "review_threshold=0.0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(io.StringIO(res.stdout)).iloc[0]
+    counted = sum(int(row[f"{c}_n"]) for c in ("SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO",
+                                                "ERB", "PLATELET")) + int(row["n_unidentified"])
+    assert counted == row["n_wbc_detected"] > 0

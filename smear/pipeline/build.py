@@ -12,7 +12,7 @@ from smear.pipeline.run import Stages
 from smear.types import ConfigError, Detector
 
 DETECTORS = ("yolo", "classical")
-CLASSIFIERS = ("off",)
+CLASSIFIERS = ("off", "cnn")
 SEGMENTERS = ("off",)
 
 
@@ -54,7 +54,13 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
         if str(cfg[key]) not in allowed:
             raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
                               hint=f"one of {', '.join(allowed)}")
-    return Stages(detector=build_detector(cfg), review_threshold=float(cfg["review_threshold"]),
+    classifier = None
+    if cfg["classifier"] == "cnn":
+        from smear.classify.model import CnnClassifier
+
+        classifier = CnnClassifier.from_dir(resolve_model_dir(cfg["classifier_model"], "classifier"),
+                                            device=cfg["device"], batch=int(cfg["classify_batch"]))
+    return Stages(detector=build_detector(cfg), classifier=classifier, review_threshold=float(cfg["review_threshold"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
 
 
