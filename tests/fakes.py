@@ -30,8 +30,10 @@ class FakeClassifier:
     def __init__(self, labels: list[tuple[str, float]]):
         self.labels = list(labels)
         self.crop_shapes: list[tuple[int, ...]] = []
+        self.calls: list[int] = []
 
     def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        self.calls.append(len(crops))
         out = []
         for crop in crops:
             self.crop_shapes.append(crop.shape)

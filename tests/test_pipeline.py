@@ -47,6 +47,7 @@ def test_classified_counts_unidentified_and_golden(tmp_path):
     stages, _, clf = _stages(classified=True)
     rep = run_slide(slide, stages)
     assert all(shape == (16, 16, 3) for shape in clf.crop_shapes) and len(clf.crop_shapes) == 5
+    assert clf.calls == [5]  # the crops of both fields went to the classifier in one batch
     labels = [c.label for c in rep.cells()]
     assert labels == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]
     df = summary_frame(summary_rows([rep]))

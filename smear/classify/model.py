@@ -104,7 +104,8 @@ class CnnClassifier:
         outs = [torch.zeros(0, len(self.classes))]
         for i in range(0, len(crops), self.batch):
             x = crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device)
-            outs.append(self.model(self.normalize(x)).float().cpu())
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                outs.append(self.model(self.normalize(x)).float().cpu())  # half precision on CUDA
         return torch.cat(outs)
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:

@@ -41,28 +41,32 @@ def _mask_stats(mask: np.ndarray) -> MaskStats:
     return MaskStats(cell_area_px=int((mask > 0).sum()), nucleus_area_px=int((mask == 2).sum()))
 
 
-def classify_field_cells(image_rgb: np.ndarray, detections: Sequence[Detection],
-                         stages: Stages) -> tuple[CellPrediction, ...]:
-    """Crop every WBC detection with the classifier's geometry and classify it."""
+def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]],
+                   stages: Stages) -> list[tuple[CellPrediction, ...]]:
+    """Crop every WBC detection of several fields with the classifier's geometry and classify the
+    crops of all of them together, in batches of ``classify_batch``; cells per field, in order."""
     clf = stages.classifier
     if clf is None:
-        return ()
-    wbcs = [d for d in detections if d.kind == CellKind.WBC]
-    if not wbcs:
-        return ()
-    fill = pad_value(image_rgb)
-    crops = [cut_crop(image_rgb, d.box_xyxy, clf.crop_margin, clf.input_size, fill) for d in wbcs]
+        return [() for _ in images]
+    owners, wbcs, crops = [], [], []
+    for k, (image, dets) in enumerate(zip(images, detections)):
+        fill = pad_value(image) if any(d.kind == CellKind.WBC for d in dets) else None
+        for d in dets:
+            if d.kind == CellKind.WBC:
+                owners.append(k)
+                wbcs.append(d)
+                crops.append(cut_crop(image, d.box_xyxy, clf.crop_margin, clf.input_size, fill))
     masks: list[np.ndarray | None] = [None] * len(crops)
-    if stages.segmenter is not None:
+    if stages.segmenter is not None and crops:
         masks = list(stages.segmenter.segment(crops))
     probs: list[dict[str, float]] = []
     for i in range(0, len(crops), stages.classify_batch):
         probs += clf.classify(crops[i:i + stages.classify_batch])
-    cells = []
-    for det, p, m in zip(wbcs, probs, masks):
+    cells: list[list[CellPrediction]] = [[] for _ in images]
+    for k, det, p, m in zip(owners, wbcs, probs, masks):
         label, top = _label(p, stages.review_threshold)
-        cells.append(CellPrediction(det, label, top, dict(p), _mask_stats(m) if m is not None else None))
-    return tuple(cells)
+        cells[k].append(CellPrediction(det, label, top, dict(p), _mask_stats(m) if m is not None else None))
+    return [tuple(c) for c in cells]
 
 
 def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | SmearError]]:
@@ -101,8 +105,9 @@ def iter_field_results(
                     done[path] = SkippedField(slide.name, path.name, str(img))
                 else:
                     good.append((path, img))
-            for (path, img), dets in zip(good, stages.detector.detect([img for _, img in good]) if good else []):
-                cells = classify_field_cells(img, dets, stages)
+            all_dets = stages.detector.detect([img for _, img in good]) if good else []
+            all_cells = classify_cells([img for _, img in good], all_dets, stages)
+            for (path, img), dets, cells in zip(good, all_dets, all_cells):
                 done[path] = FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets),
                                          cells, str(path))
                 if cache is not None:
