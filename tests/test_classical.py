@@ -122,4 +122,4 @@ def test_bccd_test_wbc_precision_recall():
     truths = [[Detection(b, k) for k, b in s.boxes] for s in samples]
     precision, recall = _pr(preds, truths, CellKind.WBC)
     assert len(samples) == 60
-    assert precision >= 0.9 and recall >= 0.9  # measured 0.937 / 0.967 (benchmarks/classical_bccd.py)
+    assert precision >= 0.9 and recall >= 0.9  # measured 0.937 / 0.967 (smear eval detect --detector classical)
