@@ -85,6 +85,8 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
     cells: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per detected cell.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    segment: Annotated[Optional[str], typer.Option(help="off | unet | kmeans | grabcut: mask each WBC crop "
+                                                         "(adds areas and N:C ratio to --cells).")] = None,
     recursive: Annotated[bool, typer.Option(help="Each subfolder holding images is a slide.")] = False,
     resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
                       ] = False,
@@ -99,7 +101,7 @@ def run(
     from smear.pipeline.run import run_slide
     from smear.pipeline.render import progress, render_summary
 
-    overrides = list(set_ or []) + ([f"device={device}"] if device else [])
+    overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
     cfg = load_config("pipeline", config, overrides)
     for target in (out, cells):
         if target is not None and any(target.resolve() == p.resolve() for p in paths):
@@ -309,6 +311,54 @@ def eval_classify(
     if json_:
         keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n")
         sys.stdout.write(json.dumps({k: m.get(k) for k in keys}, indent=2, default=float) + "\n")
+
+
+@train_app.command("segment")
+@handle_errors
+def train_segment(
+    out: Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")] = Path("runs/segment"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test."""
+    from smear.config import load_config
+    from smear.segment.train import train
+
+    cfg = load_config("segment", config, set_ or [])
+    model_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
+    out_console.print(f"model folder: {model_dir}")
+
+
+@eval_app.command("segment")
+@handle_errors
+def eval_segment(
+    data: Annotated[Path, typer.Option(help="A folder with images/ and masks/, or a folder of such folders.")],
+    model: Annotated[str, typer.Option(help="U-Net model folder, or 'shipped'.")] = "shipped",
+    method: Annotated[str, typer.Option(help="unet | kmeans | grabcut")] = "unet",
+    part: Annotated[str, typer.Option(help="all, or train | val | test of the split in the segment config.")
+                    ] = "all",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Dice and IoU of the whole cell and of the nucleus, per source; time per crop."""
+    import json
+
+    from smear.config import load_config
+    from smear.pipeline.build import build_segmenter
+    from smear.segment.evaluate import evaluate_path
+
+    cfg = load_config("segment", config, set_ or [])
+    seg = build_segmenter({"segment": method, "segmenter_model": model, "device": device})
+    if seg is None:
+        raise SmearError("--method off: nothing to evaluate", hint="unet | kmeans | grabcut")
+    margin = float(getattr(seg, "crop_margin", cfg["model"]["crop_margin"]))
+    m = evaluate_path(seg, data, cfg["data"], part, margin,
+                      log=None if json_ else (lambda t: out_console.print(t, markup=False)))
+    if json_:
+        sys.stdout.write(json.dumps({"method": method, **m}, indent=2) + "\n")
 
 
 def main() -> None:

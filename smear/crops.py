@@ -25,20 +25,21 @@ def pad_value(image_rgb: np.ndarray) -> tuple[int, int, int]:
 
 
 def cut_crop(image_rgb: np.ndarray, box_xyxy: tuple[float, float, float, float], margin: float,
-             size: int | None, fill: tuple[int, int, int] | None = None) -> np.ndarray:
+             size: int | None, fill: tuple[int, int, int] | int | None = None, nearest: bool = False) -> np.ndarray:
     """The classifier's input for a detection: square crop around the box, padded (not shifted)
     where it leaves the field with ``fill`` (default: the field's median colour), resized to
-    ``size`` x ``size`` (``None`` keeps the native size)."""
+    ``size`` x ``size`` (``None`` keeps the native size). A 2-D label mask is cut the same way
+    with ``nearest=True`` and a scalar ``fill``."""
     h, w = image_rgb.shape[:2]
     x0, y0, x1, y1 = crop_square(box_xyxy, margin)
     side = x1 - x0
     fill = pad_value(image_rgb) if fill is None else fill
-    out = np.empty((side, side, 3), dtype=np.uint8)
-    out[:] = np.asarray(fill, dtype=np.uint8)
+    out = np.empty((side, side) + image_rgb.shape[2:], dtype=image_rgb.dtype)
+    out[:] = np.asarray(fill, dtype=image_rgb.dtype)
     sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
     if sx1 > sx0 and sy1 > sy0:
         out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image_rgb[sy0:sy1, sx0:sx1]
     if size is not None and side != size:
-        interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
         out = cv2.resize(out, (size, size), interpolation=interp)
     return out

@@ -38,12 +38,14 @@ WBC_RADIUS = {"SNE": (68, 86), "BNE": (66, 84), "EO": (70, 88), "BA": (62, 78), 
 class SynthField:
     """A synthetic field: RGB uint8 image, ground-truth detections, fine class of each WBC.
 
-    ``wbc_labels[i]`` is the class of the i-th WBC in ``detections`` (WBCs come first).
+    ``wbc_labels[i]`` is the class of the i-th WBC in ``detections`` (WBCs come first);
+    ``wbc_mask`` marks white-cell pixels: 0 other, 1 cytoplasm, 2 nucleus (before defocus).
     """
 
     image_rgb: np.ndarray
     detections: tuple[Detection, ...]
     wbc_labels: tuple[str, ...]
+    wbc_mask: np.ndarray | None = None
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell_px: float) -> np.ndarray:
@@ -81,6 +83,7 @@ class _Canvas:
     def __init__(self, h: int, w: int):
         self.h, self.w = h, w
         self.od = np.zeros((h, w, 3), np.float32)
+        self.labels = np.zeros((h, w), np.uint8)  # white cells: 1 cytoplasm, 2 nucleus
 
     def window(self, cx: float, cy: float, half: float):
         x0, y0 = max(0, int(cx - half)), max(0, int(cy - half))
@@ -164,6 +167,9 @@ def _draw_wbc(cv: _Canvas, rng, cx, cy, kind, r, stain):
     cv.add(win, (cyto * stain)[sl], OD_CYTO[kind])
     chrom = np.clip(1.0 + 0.2 * _smooth_noise(rng, size, size, 9.0), 0.55, 1.6) * rng.uniform(0.95, 1.2)
     cv.add(win, (nuc * chrom * stain * (0.55 if kind == "BA" else 1.0))[sl], OD_NUCLEUS)
+    lab = cv.labels[win[1]:win[3], win[0]:win[2]]
+    lab[(alpha[sl] >= 0.5) & (lab == 0)] = 1
+    lab[(nuc[sl] >= 0.5) & (alpha[sl] >= 0.5)] = 2
     if kind in OD_GRANULE:
         n_gran = int(alpha.sum() / (4.0 if kind == "EO" else 12.0))
         gran = np.zeros((size, size), np.float32)
@@ -246,7 +252,7 @@ def make_field(seed: int, width: int = 640, height: int = 480, n_wbc: int | None
     boxes += [(CellKind.PLATELET, _draw_platelet(cv, rng, cx, cy, stain)) for cx, cy in plts]
     image = _render(cv.od, rng)
     dets = tuple(Detection(b, k, 1.0) for k, b in boxes if b is not None)
-    return SynthField(image, dets, tuple(kind for kind, b in wbc_boxes if b is not None))
+    return SynthField(image, dets, tuple(kind for kind, b in wbc_boxes if b is not None), cv.labels)
 
 
 def _render(od: np.ndarray, rng) -> np.ndarray:

@@ -35,6 +35,10 @@ class ModelError(SmearError):
     """A model folder is missing or incomplete."""
 
 
+class DataError(SmearError):
+    """A dataset folder is missing, empty or malformed."""
+
+
 # ---------------------------------------------------------------- taxonomy
 
 
@@ -169,7 +173,7 @@ class Detection:
 
 @dataclass(frozen=True)
 class MaskStats:
-    """Measurements of a cell mask in crop pixels."""
+    """Measurements of a cell's mask, in field pixels."""
 
     cell_area_px: int
     nucleus_area_px: int

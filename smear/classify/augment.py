@@ -57,12 +57,11 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def affine_warp(x: torch.Tensor, size: int, scale: float = 0.0, shift: float = 0.0,
-                rotate_deg: float = 0.0, dihedral: bool = True,
-                gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random rotation (k x 90 deg + small angle), flip, scale and shift of each image, sampling
-    the central ``size`` square (scale 1 = the same pixels as ``center_crop``)."""
-    b, _, h, w = x.shape
+def affine_theta(b: int, h: int, w: int, size: int, scale: float = 0.0, shift: float = 0.0,
+                 rotate_deg: float = 0.0, dihedral: bool = True,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random B x 2 x 3 sampling maps (``F.affine_grid``) from a ``size`` output square to an H x W
+    input: rotation (k x 90 deg + small angle), flip, scale and shift of each image about its centre."""
     angle = _uniform(b, -rotate_deg, rotate_deg, gen) * (math.pi / 180.0)
     if dihedral:
         angle = angle + torch.randint(0, 4, (b,), generator=gen).float() * (math.pi / 2)
@@ -77,8 +76,22 @@ def affine_warp(x: torch.Tensor, size: int, scale: float = 0.0, shift: float = 0
     theta[:, 1, 1] = cos * s * (size / h)
     if shift > 0:
         theta[:, :, 2] = _uniform(2 * b, -shift, shift, gen).view(b, 2)
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return theta
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Sample the ``size`` square of each image of B x C x H x W through ``theta`` (edges reflected)."""
+    grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
+
+def affine_warp(x: torch.Tensor, size: int, scale: float = 0.0, shift: float = 0.0,
+                rotate_deg: float = 0.0, dihedral: bool = True,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random rotation (k x 90 deg + small angle), flip, scale and shift of each image, sampling
+    the central ``size`` square (scale 1 = the same pixels as ``center_crop``)."""
+    b, _, h, w = x.shape
+    return warp(x, affine_theta(b, h, w, size, scale, shift, rotate_deg, dihedral, gen), size)
 
 
 def hed_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -170,6 +183,20 @@ class BatchAugment:
         s, g = self.s, self.gen
         x = affine_warp(to_float(batch_u8), self.size, s["scale"], s["shift"], s["rotate_deg"],
                         bool(s["dihedral"]), g)
+        return self._photometric(x)
+
+    def pairs(self, batch_u8: torch.Tensor, masks_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and their label masks (B x H x W uint8) through the same geometric warp (masks
+        sampled nearest), then photometric jitter of the images only."""
+        s, g = self.s, self.gen
+        b, h, w = masks_u8.shape
+        theta = affine_theta(b, h, w, self.size, s["scale"], s["shift"], s["rotate_deg"], bool(s["dihedral"]), g)
+        x = warp(to_float(batch_u8), theta, self.size)
+        m = warp(masks_u8[:, None].float(), theta, self.size, mode="nearest")[:, 0].round().to(torch.uint8)
+        return self._photometric(x), m
+
+    def _photometric(self, x: torch.Tensor) -> torch.Tensor:
+        s, g = self.s, self.gen
         x = hed_jitter(x.clamp(0.0, 1.0), s["hed"], g)
         x = colour_jitter(x, s["hue"], s["saturation"], s["brightness"], s["contrast"], g)
         x = gaussian_blur(x, s["blur_p"], s["blur_sigma"], g)

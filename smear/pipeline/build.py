@@ -9,11 +9,11 @@ from typing import Any
 
 from smear.artifacts import model_version, resolve_model_dir
 from smear.pipeline.run import Stages
-from smear.types import ConfigError, Detector
+from smear.types import ConfigError, Detector, Segmenter
 
 DETECTORS = ("yolo", "classical")
 CLASSIFIERS = ("off", "cnn")
-SEGMENTERS = ("off",)
+SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
 
 
 def build_detector(cfg: dict[str, Any]) -> Detector:
@@ -33,16 +33,32 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
 
+def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
+    """The segmenter named by ``cfg['segment']`` (None for off)."""
+    kind = str(cfg["segment"])
+    if kind == "off":
+        return None
+    if kind == "unet":
+        from smear.segment.model import UnetSegmenter
+
+        return UnetSegmenter.from_dir(resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"])
+    if kind in ("kmeans", "grabcut"):
+        from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
+
+        return KMeansSegmenter() if kind == "kmeans" else GrabCutSegmenter()
+    raise ConfigError(f"unknown segmenter {kind!r}", hint=f"one of {', '.join(SEGMENTERS)}")
+
+
 def stages_version(cfg: dict[str, Any]) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, model weights."""
     from smear import __version__
 
     parts: dict[str, Any] = {k: cfg[k] for k in ("detector", "classical", "segment", "classifier",
-                                                 "review_threshold")}
+                                                 "review_threshold", "mask_background")}
     parts["smear"] = __version__
     for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
                           ("classifier_model", "classifier", cfg["classifier"] != "off"),
-                          ("segmenter_model", "segmenter", cfg["segment"] not in ("off", "kmeans"))):
+                          ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
         if on:
             parts[key] = model_version(resolve_model_dir(cfg[key], name))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -60,7 +76,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 
         classifier = CnnClassifier.from_dir(resolve_model_dir(cfg["classifier_model"], "classifier"),
                                             device=cfg["device"], batch=int(cfg["classify_batch"]))
-    return Stages(detector=build_detector(cfg), classifier=classifier, review_threshold=float(cfg["review_threshold"]),
+    return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
+                  review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
 
 

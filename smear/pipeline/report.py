@@ -13,6 +13,8 @@ from smear.pipeline.summary import summarize
 from smear.types import CellKind, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob")
+#: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
+MASK_COLUMNS = ("cell_area_px", "nucleus_area_px", "nc_ratio")
 
 
 def _r(x: float, nd: int = 3) -> float:
@@ -48,8 +50,13 @@ def cell_rows(reports: Sequence[SlideReport]) -> list[dict[str, Any]]:
                     "slide": rep.slide, "field": fr.field,
                     "x0": _r(x0, 1), "y0": _r(y0, 1), "x1": _r(x1, 1), "y1": _r(y1, 1),
                     "kind": det.kind.value, "det_score": _r(det.score),
-                    "label": cell.label if cell else "", "prob": _r(cell.prob) if cell else None,
+                    "label": cell.label if cell else "",
+                    "prob": _r(cell.prob) if cell and cell.probs else None,
                 })
+                if cell is not None and cell.mask is not None:
+                    m = cell.mask
+                    rows[-1].update({"cell_area_px": m.cell_area_px, "nucleus_area_px": m.nucleus_area_px,
+                                     "nc_ratio": _r(m.nucleus_to_cell) if m.cell_area_px else None})
     return rows
 
 
@@ -62,7 +69,9 @@ def to_csv(df: pd.DataFrame) -> str:
 
 def cells_csv(reports: Sequence[SlideReport]) -> str:
     """The per-cell table as CSV text."""
-    return to_csv(pd.DataFrame(cell_rows(reports), columns=list(CELL_COLUMNS)))
+    rows = cell_rows(reports)
+    masked = any("cell_area_px" in r for r in rows)
+    return to_csv(pd.DataFrame(rows, columns=list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masked else [])))
 
 
 def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> str:

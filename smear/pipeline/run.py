@@ -11,7 +11,7 @@ import numpy as np
 
 from smear.io import Slide, read_image
 from smear.pipeline.cache import FieldCache
-from smear.crops import cut_crop, pad_value
+from smear.crops import crop_square, cut_crop, pad_value
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
     MaskStats, Segmenter, SkippedField, SlideReport, SmearError,
@@ -26,6 +26,7 @@ class Stages:
     classifier: Classifier | None = None
     segmenter: Segmenter | None = None
     review_threshold: float = 0.5
+    mask_background: bool = False  # classify crops with the segmenter's background painted out
     field_batch: int = 8
     classify_batch: int = 64
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
@@ -37,35 +38,56 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
-def _mask_stats(mask: np.ndarray) -> MaskStats:
-    return MaskStats(cell_area_px=int((mask > 0).sum()), nucleus_area_px=int((mask == 2).sum()))
+def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
+    """Areas of a crop mask in field pixels (the crop covers ``field_side`` x ``field_side`` of the field)."""
+    scale = (field_side / mask.shape[0]) ** 2
+    return MaskStats(cell_area_px=int(round((mask > 0).sum() * scale)),
+                     nucleus_area_px=int(round((mask == 2).sum() * scale)))
+
+
+def _masked(crop: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    out = crop.copy()
+    out[mask == 0] = fill
+    return out
 
 
 def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]],
                    stages: Stages) -> list[tuple[CellPrediction, ...]]:
-    """Crop every WBC detection of several fields with the classifier's geometry and classify the
-    crops of all of them together, in batches of ``classify_batch``; cells per field, in order."""
-    clf = stages.classifier
-    if clf is None:
+    """Crop every WBC detection of several fields with the classifier's geometry (the segmenter's
+    when there is no classifier), mask them when a segmenter is set, and classify the crops of all
+    fields together in batches of ``classify_batch``; cells per field, in order."""
+    clf, seg = stages.classifier, stages.segmenter
+    if clf is None and seg is None:
         return [() for _ in images]
-    owners, wbcs, crops = [], [], []
+    geometry = clf if clf is not None else seg
+    margin, size = float(geometry.crop_margin), int(geometry.input_size)
+    owners, wbcs, crops, fills, sides = [], [], [], [], []
     for k, (image, dets) in enumerate(zip(images, detections)):
         fill = pad_value(image) if any(d.kind == CellKind.WBC for d in dets) else None
         for d in dets:
             if d.kind == CellKind.WBC:
                 owners.append(k)
                 wbcs.append(d)
-                crops.append(cut_crop(image, d.box_xyxy, clf.crop_margin, clf.input_size, fill))
+                fills.append(fill)
+                x0, _, x1, _ = crop_square(d.box_xyxy, margin)
+                sides.append(x1 - x0)
+                crops.append(cut_crop(image, d.box_xyxy, margin, size, fill))
     masks: list[np.ndarray | None] = [None] * len(crops)
-    if stages.segmenter is not None and crops:
-        masks = list(stages.segmenter.segment(crops))
-    probs: list[dict[str, float]] = []
-    for i in range(0, len(crops), stages.classify_batch):
-        probs += clf.classify(crops[i:i + stages.classify_batch])
+    if seg is not None and crops:
+        masks = list(seg.segment(crops))
+    probs: list[dict[str, float] | None] = [None] * len(crops)
+    if clf is not None:
+        inputs = crops
+        if stages.mask_background and seg is not None:
+            inputs = [_masked(c, m, f) for c, m, f in zip(crops, masks, fills)]
+        probs = []
+        for i in range(0, len(inputs), stages.classify_batch):
+            probs += clf.classify(inputs[i:i + stages.classify_batch])
     cells: list[list[CellPrediction]] = [[] for _ in images]
-    for k, det, p, m in zip(owners, wbcs, probs, masks):
-        label, top = _label(p, stages.review_threshold)
-        cells[k].append(CellPrediction(det, label, top, dict(p), _mask_stats(m) if m is not None else None))
+    for k, det, p, m, side in zip(owners, wbcs, probs, masks, sides):
+        label, top = _label(p, stages.review_threshold) if p is not None else ("", 0.0)
+        stats = _mask_stats(m, side) if m is not None else None
+        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats))
     return [tuple(c) for c in cells]
 
 
