@@ -313,6 +313,49 @@ def eval_classify(
         sys.stdout.write(json.dumps({k: m.get(k) for k in keys}, indent=2, default=float) + "\n")
 
 
+@app.command()
+@handle_errors
+def explain(
+    paths: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
+    out: Annotated[Path, typer.Option(help="Folder for the <name>_gradcam.png overlays.")] = Path("gradcam"),
+    model: Annotated[str, typer.Option(help="Classifier model folder, or 'shipped'.")] = "shipped",
+    target: Annotated[Optional[str], typer.Option(help="Class to explain (default: the predicted one).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Grad-CAM overlays: which pixels of each cell crop drove the classifier's call."""
+    import json
+
+    from smear.artifacts import resolve_model_dir
+    from smear.classify.explain import explain_files
+    from smear.classify.model import CnnClassifier
+    from smear.io import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    if not files:
+        raise SmearError(f"{paths[0]}: no images to explain")
+    clf = CnnClassifier.from_dir(resolve_model_dir(model, "classifier"), device=device)
+    if target is not None and target not in clf.classes:
+        raise SmearError(f"--target {target}: not a class of this model", hint=f"one of {', '.join(clf.classes)}")
+    rows = explain_files(clf, files, out, target, warn=warn if len(files) > 1 else None)
+    shares = [r["cam_in_box"] for r in rows if r["cam_in_box"] == r["cam_in_box"]]
+    summary = {"n": len(rows), "mean_cam_in_box": round(sum(shares) / len(shares), 4) if shares else None,
+               "uniform_cam_in_box": round(1 / clf.crop_margin ** 2, 4), "out": str(out), "images": rows}
+    if json_:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    for r in rows:
+        out_console.print(f"{Path(r['image']).name}: {r['predicted']} ({r['prob']:.2f}), map of {r['target']}, "
+                          f"{100 * r['cam_in_box']:.0f}% inside the cell box -> {r['overlay']}")
+    out_console.print(f"{summary['n']} overlays in {out}; mean share inside the cell box "
+                      f"{summary['mean_cam_in_box']} (an even map: {summary['uniform_cam_in_box']})")
+
+
 @train_app.command("segment")
 @handle_errors
 def train_segment(
