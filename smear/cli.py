@@ -298,6 +298,10 @@ def eval_classify(
     layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON and confusion-matrix PNGs here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    segment: Annotated[str, typer.Option(help="off | unet | kmeans | grabcut: paint each crop's background "
+                                              "out before classifying it.")] = "off",
+    segmenter_model: Annotated[str, typer.Option(help="U-Net model folder for --segment unet, or 'shipped'.")
+                               ] = "shipped",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Accuracy, macro-F1, kappa, AUC, ECE, per-class figures; also at the 8-group and 5-type levels."""
@@ -305,9 +309,11 @@ def eval_classify(
 
     from smear.artifacts import resolve_model_dir
     from smear.classify.evaluate import evaluate
+    from smear.pipeline.build import build_segmenter
 
+    seg = build_segmenter({"segment": segment, "segmenter_model": segmenter_model, "device": device})
     m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
-                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)))
+                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)), segmenter=seg)
     if json_:
         keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n")
         sys.stdout.write(json.dumps({k: m.get(k) for k in keys}, indent=2, default=float) + "\n")

@@ -43,3 +43,16 @@ def cut_crop(image_rgb: np.ndarray, box_xyxy: tuple[float, float, float, float],
         interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
         out = cv2.resize(out, (size, size), interpolation=interp)
     return out
+
+
+def paint_background(crop: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A copy of ``crop`` with the pixels its mask calls background (0) set to ``fill`` (default:
+    the median colour of those pixels, i.e. the plasma around the cell)."""
+    out = crop.copy()
+    bg = mask == 0
+    if not bg.any():
+        return out
+    if fill is None:
+        fill = tuple(int(v) for v in np.median(crop[bg].reshape(-1, 3), axis=0))
+    out[bg] = np.asarray(fill, dtype=crop.dtype)
+    return out

@@ -231,9 +231,11 @@ def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: boo
 
 def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
              part: str = "test", out: str | Path | None = None, device: str = "auto",
-             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+             segmenter: Any = None) -> dict[str, Any]:
     """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
-    cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given."""
+    cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.
+    With a ``segmenter`` each crop's background is painted out before classification."""
     from smear.classify.cache import cached_crops
     from smear.classify.data import load_items, load_split
     from smear.classify.model import CnnClassifier
@@ -244,8 +246,13 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
         items = parts[part]
     else:
         items = load_items(data, layout)
-    crops = cached_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log)
-    probs = clf.predict_proba(list(crops))
+    crops = list(cached_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log))
+    if segmenter is not None:
+        from smear.crops import paint_background
+
+        masks = [m for i in range(0, len(crops), 256) for m in segmenter.segment(crops[i:i + 256])]
+        crops = [paint_background(c, m) for c, m in zip(crops, masks)]
+    probs = clf.predict_proba(crops)
     m = classification_metrics(probs, [it.fine or it.group for it in items], clf.classes)
     m["data"] = str(data) if split is None else f"{data} ({part} of {split})"
     if log is not None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from smear.io import Slide, read_image
 from smear.pipeline.cache import FieldCache
-from smear.crops import crop_square, cut_crop, pad_value
+from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
     MaskStats, Segmenter, SkippedField, SlideReport, SmearError,
@@ -45,12 +45,6 @@ def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
                      nucleus_area_px=int(round((mask == 2).sum() * scale)))
 
 
-def _masked(crop: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
-    out = crop.copy()
-    out[mask == 0] = fill
-    return out
-
-
 def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]],
                    stages: Stages) -> list[tuple[CellPrediction, ...]]:
     """Crop every WBC detection of several fields with the classifier's geometry (the segmenter's
@@ -79,7 +73,7 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     if clf is not None:
         inputs = crops
         if stages.mask_background and seg is not None:
-            inputs = [_masked(c, m, f) for c, m, f in zip(crops, masks, fills)]
+            inputs = [paint_background(c, m, f) for c, m, f in zip(crops, masks, fills)]
         probs = []
         for i in range(0, len(inputs), stages.classify_batch):
             probs += clf.classify(inputs[i:i + stages.classify_batch])
