@@ -362,6 +362,42 @@ def explain(
                       f"{summary['mean_cam_in_box']} (an even map: {summary['uniform_cam_in_box']})")
 
 
+@app.command("export")
+@handle_errors
+def export(
+    out: Annotated[Path, typer.Option(help="Folder for the exported model folders (one per stage).")],
+    stage: Annotated[Optional[list[str]], typer.Option(help="detector | classifier | segmenter (repeatable); "
+                                                            "default: each stage with a model.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write ONNX models (copies of the model folders with model.onnx) for `runtime: onnx`."""
+    from smear.artifacts import load_meta, resolve_model_dir
+    from smear.config import load_config
+    from smear.runtime import export_model_dir
+
+    cfg = load_config("pipeline", config, set_ or [])
+    keys = {"detector": "detector_model", "classifier": "classifier_model", "segmenter": "segmenter_model"}
+    unknown = [s for s in stage or [] if s not in keys]
+    if unknown:
+        raise SmearError(f"--stage {unknown[0]}: not a stage with a network", hint="detector, classifier, segmenter")
+    todo = []
+    for name in stage or list(keys):
+        try:
+            model_dir = resolve_model_dir(cfg[keys[name]], name)
+            load_meta(model_dir)
+            todo.append((name, model_dir))
+        except SmearError:
+            if stage:  # asked for by name: its model must exist
+                raise
+            warn(f"no {name} model to export ({cfg[keys[name]]}), skipped")
+    for name, model_dir in todo:
+        path = export_model_dir(name, model_dir, out / name)
+        out_console.print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if todo:
+        out_console.print(f"use them with: --set runtime=onnx --set detector_model={out / 'detector'} ...")
+
+
 @train_app.command("segment")
 @handle_errors
 def train_segment(

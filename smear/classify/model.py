@@ -86,17 +86,26 @@ class CnnClassifier:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64) -> CnnClassifier:
-        """Load a classifier model folder (meta.json + safetensors weights)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
+                 runtime: str = "torch") -> CnnClassifier:
+        """Load a classifier model folder (meta.json + safetensors weights); ``runtime='onnx'`` runs
+        the network with onnxruntime (see smear.runtime)."""
         meta = load_meta(model_dir)
         if meta.get("stage") != "classify":
             raise ModelError(f"{model_dir}: not a classifier model folder (stage {meta.get('stage')!r})")
         missing = [k for k in ("arch", "input_size", "crop_margin") if k not in meta]
         if missing:
             raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
-        model = build_model(meta["arch"], num_classes=len(meta["classes"]))
-        load_weights(model, Path(model_dir) / meta["weights"])
-        return cls(model, meta, device=device, batch=batch)
+
+        def torch_model() -> torch.nn.Module:
+            model = build_model(meta["arch"], num_classes=len(meta["classes"]))
+            return load_weights(model, Path(model_dir) / meta["weights"])
+
+        if runtime == "onnx":
+            from smear.runtime import OnnxNet, onnx_for
+
+            return cls(OnnxNet(onnx_for(model_dir, "classify", torch_model)), meta, device="cpu", batch=batch)
+        return cls(torch_model(), meta, device=device, batch=batch)
 
     @torch.no_grad()
     def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

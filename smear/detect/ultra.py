@@ -52,3 +52,21 @@ def yolo(model: str | Path, task: str = "detect"):
     m = ul.YOLO(str(model), task=task)
     set_threads()
     return m
+
+
+def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 8) -> Path:
+    """ONNX of a YOLO .pt (dynamic batch and shape, simplified), written to ``dest``; the export runs
+    in a scratch folder beside ``dest`` so the model folder itself is never written to."""
+    import tempfile
+
+    from smear.devices import set_threads
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        pt = Path(tmp) / "model.pt"
+        shutil.copyfile(weights, pt)
+        out = yolo(pt).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, batch=batch, verbose=False)
+        set_threads()
+        os.replace(out, dest)
+    return dest

@@ -11,6 +11,21 @@ from smear.artifacts import load_meta
 from smear.types import CellKind, Detection, ModelError
 
 
+def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
+    """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
+    from smear.artifacts import model_version
+    from smear.detect.ultra import export_onnx
+    from smear.runtime import ONNX_NAME, onnx_cache_dir
+
+    own = Path(model_dir) / ONNX_NAME
+    if own.is_file():
+        return own
+    cached = onnx_cache_dir() / f"detect-{model_version(model_dir)}.onnx"
+    if not cached.is_file():
+        export_onnx(Path(model_dir) / load_meta(model_dir)["weights"], cached, imgsz, batch)
+    return cached
+
+
 class YoloDetector:
     """An ultralytics detector; ``names[i]`` is the CellKind value of class id i."""
 
@@ -29,8 +44,10 @@ class YoloDetector:
         self.field_scale, self.tile_above, self.tile_overlap = 640, 1.6, 0.2
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", **overrides: Any) -> "YoloDetector":
-        """Load a detector model folder (weights + meta.json with classes and thresholds)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
+                 **overrides: Any) -> "YoloDetector":
+        """Load a detector model folder (weights + meta.json with classes and thresholds);
+        ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
         meta = load_meta(model_dir)
         if meta["stage"] != "detect":
             raise ModelError(f"{model_dir}: is a {meta['stage']} model, not a detector")
@@ -39,7 +56,11 @@ class YoloDetector:
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
-        det = cls(Path(model_dir) / meta["weights"], names=meta["classes"], device=device,
+        weights = Path(model_dir) / meta["weights"]
+        if runtime == "onnx":
+            weights = onnx_weights(model_dir, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
+            device = "cpu" if device == "auto" else device
+        det = cls(weights, names=meta["classes"], device=device,
                   **{k: infer[k] for k in keys if k in infer})
         det.field_scale = int(infer.get("field_scale", 640))
         det.tile_above = float(infer.get("tile_above", 1.6))

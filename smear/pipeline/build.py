@@ -16,6 +16,12 @@ CLASSIFIERS = ("off", "cnn")
 SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
 
 
+def _runtime(cfg: dict[str, Any]) -> str:
+    from smear.runtime import check_runtime
+
+    return check_runtime(str(cfg.get("runtime", "torch")))
+
+
 def build_detector(cfg: dict[str, Any]) -> Detector:
     """The detector named by ``cfg['detector']``."""
     kind = str(cfg["detector"])
@@ -27,7 +33,8 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
         from smear.detect.tiling import TiledDetector
         from smear.detect.yolo import YoloDetector
 
-        det = YoloDetector.from_dir(resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"])
+        det = YoloDetector.from_dir(resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"],
+                                    runtime=_runtime(cfg))
         return TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
                              tile_above=int(det.field_scale * det.tile_above))
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
@@ -41,7 +48,8 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
     if kind == "unet":
         from smear.segment.model import UnetSegmenter
 
-        return UnetSegmenter.from_dir(resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"])
+        return UnetSegmenter.from_dir(resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"],
+                                      runtime=_runtime(cfg))
     if kind in ("kmeans", "grabcut"):
         from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
@@ -54,7 +62,7 @@ def stages_version(cfg: dict[str, Any]) -> str:
     from smear import __version__
 
     parts: dict[str, Any] = {k: cfg[k] for k in ("detector", "classical", "segment", "classifier",
-                                                 "review_threshold", "mask_background")}
+                                                 "review_threshold", "mask_background", "runtime")}
     parts["smear"] = __version__
     for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
                           ("classifier_model", "classifier", cfg["classifier"] != "off"),
@@ -66,6 +74,7 @@ def stages_version(cfg: dict[str, Any]) -> str:
 
 def build_stages(cfg: dict[str, Any]) -> Stages:
     """Stages for a resolved pipeline config."""
+    _runtime(cfg)
     for key, allowed in (("classifier", CLASSIFIERS), ("segment", SEGMENTERS)):
         if str(cfg[key]) not in allowed:
             raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
@@ -75,7 +84,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
         from smear.classify.model import CnnClassifier
 
         classifier = CnnClassifier.from_dir(resolve_model_dir(cfg["classifier_model"], "classifier"),
-                                            device=cfg["device"], batch=int(cfg["classify_batch"]))
+                                            device=cfg["device"], batch=int(cfg["classify_batch"]),
+                                            runtime=_runtime(cfg))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))

@@ -50,17 +50,26 @@ class UnetSegmenter:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 32) -> UnetSegmenter:
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 32,
+                 runtime: str = "torch") -> UnetSegmenter:
+        """Load a segmenter model folder; ``runtime='onnx'`` runs it with onnxruntime."""
         meta = load_meta(model_dir)
         if meta.get("stage") != "segment":
             raise ModelError(f"{model_dir}: not a segmenter model folder (stage {meta.get('stage')!r})")
         missing = [k for k in ("encoder", "input_size", "crop_margin") if k not in meta]
         if missing:
             raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
-        model = build_unet(meta["encoder"], meta.get("decoder_channels", (128, 64, 32, 16, 16)),
-                           meta.get("arch", "Unet"))
-        load_weights(model, Path(model_dir) / meta["weights"])
-        return cls(model, meta, device=device, batch=batch)
+
+        def torch_model() -> torch.nn.Module:
+            model = build_unet(meta["encoder"], meta.get("decoder_channels", (128, 64, 32, 16, 16)),
+                               meta.get("arch", "Unet"))
+            return load_weights(model, Path(model_dir) / meta["weights"])
+
+        if runtime == "onnx":
+            from smear.runtime import OnnxNet, onnx_for
+
+            return cls(OnnxNet(onnx_for(model_dir, "segment", torch_model)), meta, device="cpu", batch=batch)
+        return cls(torch_model(), meta, device=device, batch=batch)
 
     @torch.no_grad()
     def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""ONNX: exporting our torch networks and running them with onnxruntime (``runtime: onnx``).
+
+A model folder may hold ``model.onnx`` beside its torch weights (``smear export`` writes one). When
+it does not, the ONNX file is made on first use from the torch weights into the cache
+(``~/.cache/smear/onnx/<stage>-<weights hash>.onnx``) and reused from there: nothing is
+downloaded, and the shipped package stays within its size budget.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smear.artifacts import load_meta, model_version
+from smear.types import ModelError
+
+ONNX_NAME = "model.onnx"
+RUNTIMES = ("torch", "onnx")
+
+
+def onnx_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "smear" / "onnx"
+
+
+def export_module(module: torch.nn.Module, path: str | Path, input_size: int, opset: int = 17) -> Path:
+    """A network taking N x 3 x S x S to ONNX with a dynamic batch axis (written atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    module = module.cpu().eval()
+    x = torch.zeros(2, 3, input_size, input_size)
+    torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+                      dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
+class OnnxNet:
+    """An onnxruntime session behind the call signature of a torch module (tensor in, tensor out),
+    so the stages' pre- and post-processing is the same code for both runtimes."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))
+        opts.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{path}: cannot load the ONNX model ({exc})") from exc
+        self.input = self.session.get_inputs()[0].name
+        self.path = Path(path)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().float().cpu().numpy()
+        return torch.from_numpy(np.asarray(self.session.run(None, {self.input: arr})[0]))
+
+    def to(self, *_args: Any, **_kw: Any) -> OnnxNet:
+        return self
+
+    def eval(self) -> OnnxNet:
+        return self
+
+
+def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
+    """The ONNX file of a model folder: its own ``model.onnx``, or one exported into the cache from
+    ``build_torch()`` (a loaded torch network) on first use."""
+    model_dir = Path(model_dir)
+    own = model_dir / ONNX_NAME
+    if own.is_file():
+        return own
+    cached = onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx"
+    if not cached.is_file():
+        meta = load_meta(model_dir)
+        export_module(build_torch(), cached, int(meta["input_size"]))
+    return cached
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        from smear.types import ConfigError
+
+        raise ConfigError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def export_model_dir(stage: str, model_dir: str | Path, out: str | Path) -> Path:
+    """Copy a model folder to ``out`` and write its ONNX there as ``model.onnx`` (``runtime: onnx``
+    then uses it directly). ``stage``: detector | classifier | segmenter."""
+    import shutil
+
+    model_dir, out = Path(model_dir), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise ModelError(f"{out}: export into a new folder, not over the model itself")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns(ONNX_NAME, "*.tmp"))
+    meta = load_meta(out)
+    if stage == "detector":
+        from smear.detect.ultra import export_onnx
+
+        infer = meta.get("infer", {})
+        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
+    elif stage == "classifier":
+        from smear.classify.model import CnnClassifier
+
+        export_module(CnnClassifier.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
+    elif stage == "segmenter":
+        from smear.segment.model import UnetSegmenter
+
+        export_module(UnetSegmenter.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
+    else:
+        raise ModelError(f"unknown stage {stage!r}: detector, classifier or segmenter")
+    return out / ONNX_NAME

@@ -1,0 +1,104 @@
+"""ONNX export and the onnxruntime path agree with torch within stated tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from smear.cli import app
+
+runner = CliRunner()
+PROB_TOL = 1e-4  # max abs difference of calibrated class probabilities, ONNX vs torch (float32)
+
+
+@pytest.fixture()
+def tiny_classifier(tmp_path):
+    from test_classify_cli import _train_tiny
+
+    _train_tiny(tmp_path)
+    return tmp_path / "run" / "model"
+
+
+@pytest.mark.slow
+def test_classifier_onnx_matches_torch(tiny_classifier, tmp_path, monkeypatch):
+    from smear.classify.model import CnnClassifier
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    crops = list(np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8))
+    t = CnnClassifier.from_dir(tiny_classifier, device="cpu").predict_proba(crops)
+    o_clf = CnnClassifier.from_dir(tiny_classifier, runtime="onnx")
+    o = o_clf.predict_proba(crops)
+    assert o.shape == t.shape == (5, 11)
+    assert np.abs(o - t).max() < PROB_TOL
+    # made once from the weights into the cache, reused after
+    cached = list((tmp_path / "xdg" / "smear" / "onnx").glob("classify-*.onnx"))
+    assert len(cached) == 1 and o_clf.model.path == cached[0]
+    assert not (tiny_classifier / "model.onnx").exists()  # the model folder is not written to
+
+
+@pytest.mark.slow
+def test_export_command_and_onnx_pipeline_run(tiny_classifier, tmp_path):
+    import pandas as pd
+
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+
+    out = tmp_path / "exported"
+    res = runner.invoke(app, ["export", "--out", str(out), "--stage", "classifier",
+                              "--set", f"classifier_model={tiny_classifier}"])
+    assert res.exit_code == 0, res.output
+    assert (out / "classifier" / "model.onnx").is_file() and (out / "classifier" / "meta.json").is_file()
+    slide = tmp_path / "slide"
+    slide.mkdir()
+    write_image_atomic(slide / "f.png", make_field(3, n_wbc=2).image_rgb)
+    runs = {}
+    for runtime, model in (("torch", tiny_classifier), ("onnx", out / "classifier")):
+        cells = tmp_path / f"cells_{runtime}.csv"
+        res = runner.invoke(app, ["run", str(slide), "--report", "csv", "--cells", str(cells),
+                                  "--set", "detector=classical", "--set", "classifier=cnn",
+                                  "--set", f"classifier_model={model}", "--set", f"runtime={runtime}"])
+        assert res.exit_code == 0, res.output
+        runs[runtime] = pd.read_csv(cells)
+    a, b = runs["torch"], runs["onnx"]
+    assert (a.label.fillna("") == b.label.fillna("")).all() and (a.kind == "wbc").sum() >= 1
+    assert np.abs(a.prob.fillna(0) - b.prob.fillna(0)).max() < 1e-3  # printed to 3 decimals
+
+
+def test_export_unknown_stage_and_missing_model(tmp_path):
+    res = runner.invoke(app, ["export", "--out", str(tmp_path / "o"), "--stage", "nope"])
+    assert res.exit_code != 0 and "nope" in res.output
+    res = runner.invoke(app, ["export", "--out", str(tmp_path / "o"), "--stage", "classifier",
+                              "--set", f"classifier_model={tmp_path / 'missing'}"])
+    assert res.exit_code != 0 and "missing" in res.output
+
+
+def test_unknown_runtime_is_a_config_error(tmp_path):
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+
+    write_image_atomic(tmp_path / "f.png", make_field(1).image_rgb)
+    res = runner.invoke(app, ["run", str(tmp_path), "--set", "detector=classical", "--set", "runtime=tensorrt"])
+    assert res.exit_code != 0 and "tensorrt" in res.output
+
+
+def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
+    import torch
+
+    from smear.segment.model import UnetSegmenter, build_unet
+    from smear.classify.model import save_weights
+    from smear.artifacts import save_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    torch.manual_seed(0)
+    model_dir = tmp_path / "unet"
+    model_dir.mkdir()
+    net = build_unet("tu-mobilenetv3_small_100", (32, 16, 16, 8, 8))
+    save_weights(net, model_dir / "model.safetensors")
+    save_model_dir(model_dir, {"stage": "segment", "weights": "model.safetensors",
+                               "classes": ["background", "cytoplasm", "nucleus"], "encoder": "tu-mobilenetv3_small_100",
+                               "decoder_channels": [32, 16, 16, 8, 8], "input_size": 64, "crop_margin": 1.3}, {})
+    crops = list(np.random.default_rng(1).integers(0, 255, (3, 50, 50, 3), dtype=np.uint8))
+    t = UnetSegmenter.from_dir(model_dir, device="cpu").probabilities(crops)
+    o = UnetSegmenter.from_dir(model_dir, runtime="onnx").probabilities(crops)
+    assert torch.abs(t - o).max().item() < PROB_TOL
