@@ -111,14 +111,28 @@ def run(
     cache = build_cache(cfg, stages.version)
     reports = []
     n_fields = sum(len(s.fields) for s in slides)
-    with progress(err_console, total=n_fields) as advance:
-        for slide in slides:
-            def on_field(item, _slide=slide):
-                if hasattr(item, "reason") and n_fields > 1:
-                    warn(f"skipped {item.reason}")
-                advance()
-            reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume))
-    if not any(r.fields for r in reports):
+    # table and csv reports need only counts: fields stream through (memory flat in their number)
+    keep = report in (ReportFormat.json, ReportFormat.html)
+    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None) if cells is not None else None
+    try:
+        with progress(err_console, total=n_fields) as advance:
+            for slide in slides:
+                def on_field(item, _slide=slide):
+                    if hasattr(item, "reason"):
+                        if n_fields > 1:
+                            warn(f"skipped {item.reason}")
+                    elif writer is not None:
+                        writer.write(_slide.name, item)
+                    advance()
+                reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume,
+                                         keep_fields=keep))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if not any(r.n_fields for r in reports):
+        if writer is not None:
+            writer.abort()
         skipped = [s for r in reports for s in r.skipped]
         if len(skipped) == 1:
             raise SmearError(skipped[0].reason)
@@ -127,8 +141,8 @@ def run(
     for row in rows:
         for message in row["warnings"]:
             warn(message)
-    if cells is not None:
-        write_text_atomic(cells, rep.cells_csv(reports))
+    if writer is not None:
+        writer.close()
     if report == ReportFormat.csv:
         text = rep.to_csv(rep.summary_frame(rows))
     elif report == ReportFormat.json:

@@ -219,20 +219,42 @@ class SkippedField:
     reason: str
 
 
+@dataclass
+class Tally:
+    """Running counts of a slide's fields, so a long slide need not keep every field in memory."""
+
+    n_fields: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)   # CellKind value -> detections
+    labels: dict[str, int] = field(default_factory=dict)  # fine class / UNIDENTIFIED -> cells
+
+    def add(self, fr: FieldResult) -> None:
+        self.n_fields += 1
+        for d in fr.detections:
+            self.kinds[d.kind.value] = self.kinds.get(d.kind.value, 0) + 1
+        for c in fr.cells:
+            self.labels[c.label] = self.labels.get(c.label, 0) + 1
+
+
 @dataclass(frozen=True)
 class SlideReport:
-    """A slide's aggregated counts; built from its field results by the pipeline."""
+    """A slide's aggregated counts; built from its field results by the pipeline.
+
+    ``fields`` holds every FieldResult, unless the run streamed: then ``fields`` is empty and
+    ``tally`` carries the counts (the per-field detail went to the callback as it was made)."""
 
     slide: str
     fields: tuple[FieldResult, ...]
     skipped: tuple[SkippedField, ...] = ()
     classified: bool = False
+    tally: Tally | None = None
 
     @property
     def n_fields(self) -> int:
-        return len(self.fields)
+        return self.tally.n_fields if self.tally is not None else len(self.fields)
 
     def count(self, kind: CellKind) -> int:
+        if self.tally is not None:
+            return self.tally.kinds.get(kind.value, 0)
         return sum(f.count(kind) for f in self.fields)
 
     def cells(self) -> list[CellPrediction]:
@@ -241,6 +263,10 @@ class SlideReport:
     def label_counts(self) -> dict[str, int]:
         """Counts of each fine class and UNIDENTIFIED over the classified cells."""
         counts = {c: 0 for c in (*FINE_CLASSES, UNIDENTIFIED)}
+        if self.tally is not None:
+            for label, n in self.tally.labels.items():
+                counts[label] = counts.get(label, 0) + n
+            return counts
         for cell in self.cells():
             counts[cell.label] = counts.get(cell.label, 0) + 1
         return counts

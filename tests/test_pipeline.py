@@ -71,3 +71,33 @@ def test_cells_csv_and_json(tmp_path):
     assert cells.loc[cells.kind == "rbc", "label"].isna().all()
     js = to_json([rep], summary_rows([rep]))
     assert '"reason"' in js and "c.png" in js and "NaN" not in js
+
+
+def test_streamed_slide_keeps_counts_not_fields(tmp_path):
+    """keep_fields=False: no FieldResult kept, the same summary (golden) as a slide that kept them."""
+    [slide] = find_slides([_slide(tmp_path)])
+    seen = []
+    stages, _, _ = _stages(classified=True)
+    rep = run_slide(slide, stages, on_field=seen.append, keep_fields=False)
+    assert rep.fields == () and rep.n_fields == 2 and len(seen) == 3
+    assert rep.label_counts()["SNE"] == 2 and rep.label_counts()[UNIDENTIFIED] == 1
+    assert to_csv(summary_frame(summary_rows([rep]))) == (GOLDEN / "classified.csv").read_text()
+
+
+def test_cells_writer_matches_cells_csv_and_is_atomic(tmp_path):
+    from smear.pipeline.report import CellsWriter
+
+    [slide] = find_slides([_slide(tmp_path)])
+    stages, _, _ = _stages(classified=True)
+    rep = run_slide(slide, stages)
+    out = tmp_path / "cells.csv"
+    w = CellsWriter(out)
+    for fr in rep.fields:
+        w.write(rep.slide, fr)
+    assert not out.exists()  # nothing at the destination until close()
+    w.close()
+    assert out.read_text() == cells_csv([rep])
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    w2 = CellsWriter(tmp_path / "other.csv")
+    w2.abort()
+    assert not (tmp_path / "other.csv").exists() and not list(tmp_path.glob(".other*"))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
 from smear.pipeline.summary import summarize
-from smear.types import CellKind, SlideReport
+from smear.types import CellKind, FieldResult, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
@@ -37,27 +40,59 @@ def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def cell_rows(reports: Sequence[SlideReport]) -> list[dict[str, Any]]:
-    """One row per detected cell; label and prob filled for classified WBCs."""
+def field_cell_rows(slide: str, fr: FieldResult) -> list[dict[str, Any]]:
+    """One row per detected cell of a field; label and prob filled for classified WBCs, areas
+    for masked ones."""
     rows = []
-    for rep in reports:
-        for fr in rep.fields:
-            by_det = {id(c.detection): c for c in fr.cells}
-            for det in fr.detections:
-                cell = by_det.get(id(det))
-                x0, y0, x1, y1 = det.box_xyxy
-                rows.append({
-                    "slide": rep.slide, "field": fr.field,
-                    "x0": _r(x0, 1), "y0": _r(y0, 1), "x1": _r(x1, 1), "y1": _r(y1, 1),
-                    "kind": det.kind.value, "det_score": _r(det.score),
-                    "label": cell.label if cell else "",
-                    "prob": _r(cell.prob) if cell and cell.probs else None,
-                })
-                if cell is not None and cell.mask is not None:
-                    m = cell.mask
-                    rows[-1].update({"cell_area_px": m.cell_area_px, "nucleus_area_px": m.nucleus_area_px,
-                                     "nc_ratio": _r(m.nucleus_to_cell) if m.cell_area_px else None})
+    by_det = {id(c.detection): c for c in fr.cells}
+    for det in fr.detections:
+        cell = by_det.get(id(det))
+        x0, y0, x1, y1 = det.box_xyxy
+        rows.append({
+            "slide": slide, "field": fr.field,
+            "x0": _r(x0, 1), "y0": _r(y0, 1), "x1": _r(x1, 1), "y1": _r(y1, 1),
+            "kind": det.kind.value, "det_score": _r(det.score),
+            "label": cell.label if cell else "",
+            "prob": _r(cell.prob) if cell and cell.probs else None,
+        })
+        if cell is not None and cell.mask is not None:
+            m = cell.mask
+            rows[-1].update({"cell_area_px": m.cell_area_px, "nucleus_area_px": m.nucleus_area_px,
+                             "nc_ratio": _r(m.nucleus_to_cell) if m.cell_area_px else None})
     return rows
+
+
+def cell_rows(reports: Sequence[SlideReport]) -> list[dict[str, Any]]:
+    """The per-cell rows of every kept field of the reports."""
+    return [row for rep in reports for fr in rep.fields for row in field_cell_rows(rep.slide, fr)]
+
+
+def _csv_line(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    return ["" if row.get(c) is None else str(row[c]) for c in columns]
+
+
+class CellsWriter:
+    """The per-cell CSV written field by field (memory flat in the number of fields) into a temporary
+    file beside ``path``, renamed over ``path`` by ``close()``; ``masks`` adds the mask columns."""
+
+    def __init__(self, path: str | Path, masks: bool = False):
+        self.path = Path(path)
+        self.columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masks else [])
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        self.writer.writerow(self.columns)
+
+    def write(self, slide: str, fr: FieldResult) -> None:
+        self.writer.writerows(_csv_line(r, self.columns) for r in field_cell_rows(slide, fr))
+
+    def close(self) -> None:
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def to_csv(df: pd.DataFrame) -> str:
@@ -70,8 +105,12 @@ def to_csv(df: pd.DataFrame) -> str:
 def cells_csv(reports: Sequence[SlideReport]) -> str:
     """The per-cell table as CSV text."""
     rows = cell_rows(reports)
-    masked = any("cell_area_px" in r for r in rows)
-    return to_csv(pd.DataFrame(rows, columns=list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masked else [])))
+    columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if any("cell_area_px" in r for r in rows) else [])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows(_csv_line(r, columns) for r in rows)
+    return buf.getvalue()
 
 
 def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> str:

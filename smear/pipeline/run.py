@@ -14,7 +14,7 @@ from smear.pipeline.cache import FieldCache
 from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
-    MaskStats, Segmenter, SkippedField, SlideReport, SmearError,
+    MaskStats, Segmenter, SkippedField, SlideReport, SmearError, Tally,
 )
 
 
@@ -138,11 +138,19 @@ def iter_field_results(
 
 def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
               on_field: Callable[[FieldResult | SkippedField], None] | None = None,
-              cache: FieldCache | None = None, resume: bool = False) -> SlideReport:
-    """All fields of one slide through the stages, aggregated into a SlideReport."""
-    fields, skipped = [], []
+              cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True) -> SlideReport:
+    """All fields of one slide through the stages, aggregated into a SlideReport. With
+    ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
+    ``on_field`` still sees every result as it is made."""
+    fields, skipped, tally = [], [], Tally()
     for item in iter_field_results(slide, stages, max_pixels, cache, resume):
-        (skipped if isinstance(item, SkippedField) else fields).append(item)
+        if isinstance(item, SkippedField):
+            skipped.append(item)
+        else:
+            tally.add(item)
+            if keep_fields:
+                fields.append(item)
         if on_field:
             on_field(item)
-    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=stages.classifier is not None)
+    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=stages.classifier is not None,
+                       tally=None if keep_fields else tally)
