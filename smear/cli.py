@@ -179,7 +179,8 @@ def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out_console.print(f"smear {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     out_console.print(f"device: {dev} (cores: {available_cores()}, torch threads: {torch.get_num_threads()},"
                       f" cuda available: {torch.cuda.is_available()})")
-    out_console.print(f"detector: {cfg['detector']}")
+    out_console.print(f"detector: {cfg['detector']}, segment: {cfg['segment']}, classifier: {cfg['classifier']}, "
+                      f"runtime: {cfg['runtime']}")
     for key, name in (("detector_model", "detector"), ("classifier_model", "classifier"),
                       ("segmenter_model", "segmenter")):
         path = resolve_model_dir(cfg[key], name)
