@@ -118,3 +118,24 @@ def test_train_end_to_end_then_resume(tmp_path):
     b = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_tta_over_all_eight_views_is_rotation_invariant():
+    import numpy as np
+    import torch
+
+    from smear.classify.model import CnnClassifier, dihedral
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(11))
+    meta = {"classes": ["SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET"],
+            "crop_margin": 1.3, "input_size": 16, "tta": 8}
+    clf = CnnClassifier(net, meta, device="cpu")
+    crop = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.rot90(crop))
+    a, b = clf.logits([crop]), clf.logits([turned])
+    assert torch.allclose(a, b, atol=1e-5)
+    clf.tta = 1
+    assert not torch.allclose(clf.logits([crop]), clf.logits([turned]), atol=1e-5)  # one view is not
+    x = torch.arange(4.0).view(1, 1, 2, 2)
+    assert len({tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}) == 8

@@ -70,6 +70,12 @@ def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 rotations/flips of a B x C x H x W batch (k = 0: unchanged)."""
+    y = torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.flip(y, dims=(3,)) if k >= 4 else y
+
+
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
@@ -79,6 +85,9 @@ class CnnClassifier:
         self.crop_margin = float(meta["crop_margin"])
         self.input_size = int(meta["input_size"])
         self.temperature = float(meta.get("temperature", 1.0))
+        self.tta = int(meta.get("tta", 1))  # views averaged per crop (1-8); the temperature was fitted with it
+        if not 1 <= self.tta <= 8:
+            raise ModelError(f"meta tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
         self.device = resolve_device(device)
         norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
@@ -109,12 +118,15 @@ class CnnClassifier:
 
     @torch.no_grad()
     def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """Raw logits (before temperature), N x classes, on the CPU."""
+        """Raw logits (before temperature), N x classes, on the CPU; with ``tta`` > 1 the mean over
+        that many of the crop's 8 rotations and flips (test-time augmentation)."""
         outs = [torch.zeros(0, len(self.classes))]
         for i in range(0, len(crops), self.batch):
-            x = crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device)
+            x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
+            views = [dihedral(x, k) for k in range(self.tta)]
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                outs.append(self.model(self.normalize(x)).float().cpu())  # half precision on CUDA
+                y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
+            outs.append(y.view(len(views), len(x), -1).mean(0))
         return torch.cat(outs)
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
