@@ -38,7 +38,7 @@ from smear.classify.augment import BatchAugment, eval_batch
 from smear.classify.cache import cached_crops, channel_stats
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, Normalize, build_model, load_weights, save_weights
+from smear.classify.model import WEIGHTS, Normalize, build_model, dihedral, load_weights, save_weights
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
@@ -166,13 +166,14 @@ def _prefetch(batches: list[np.ndarray], make: Callable[[np.ndarray], torch.Tens
 
 
 @torch.no_grad()
-def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device) -> torch.Tensor:
-    """Logits (CPU, float) of evaluation crops, no augmentation."""
+def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device, tta: int = 1) -> torch.Tensor:
+    """Logits (CPU, float) of evaluation crops, no augmentation; ``tta`` > 1 averages the logits
+    of that many rotations/flips, as ``CnnClassifier`` does with the same meta."""
     model.eval()
     outs = [torch.zeros(0, len(FINE_CLASSES))]
     for i in range(0, len(crops), batch):
-        x = eval_batch(torch.from_numpy(np.ascontiguousarray(crops[i:i + batch])), size).to(device)
-        outs.append(model(norm(x)).float().cpu())
+        x = norm(eval_batch(torch.from_numpy(np.ascontiguousarray(crops[i:i + batch])), size).to(device))
+        outs.append(torch.stack([model(dihedral(x, k)).float().cpu() for k in range(tta)]).mean(0))
     return torch.cat(outs)
 
 
@@ -296,10 +297,10 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
             mean, std, best_epoch: int, wall: float, log) -> Path:
     """Load the best weights, fit the temperature on val, score test, write the model folder."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    size, batch = int(m["input_size"]), int(t["batch"])
+    size, batch, tta = int(m["input_size"]), int(t["batch"]), int(m.get("tta", 1))
     load_weights(model, out / "best.safetensors")
     model.to(device)
-    val_logits = evaluate(model, norm, val_crops, size, batch, device)
+    val_logits = evaluate(model, norm, val_crops, size, batch, device, tta)
     fine_rows = [i for i, it in enumerate(val_items) if it.fine is not None]
     y_val = torch.tensor([FINE_CLASSES.index(val_items[i].fine) for i in fine_rows], dtype=torch.long)
     temperature = fit_temperature(val_logits[fine_rows], y_val)
@@ -308,7 +309,7 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
     val_m = classification_metrics(torch.softmax(val_logits / temperature, 1).numpy(),
                                    [it.fine or it.group for it in val_items])
     test_crops = cached_crops(test_items, float(m["crop_margin"]), size, d["cache_dir"], d["workers"], log)
-    test_logits = evaluate(model, norm, test_crops, size, batch, device)
+    test_logits = evaluate(model, norm, test_crops, size, batch, device, tta)
     test_m = classification_metrics(torch.softmax(test_logits / temperature, 1).numpy(),
                                     [it.fine or it.group for it in test_items])
     log(f"test: {summary_line(test_m)}")
@@ -327,7 +328,7 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
                 "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "temperature": round(float(temperature), 6),
+        "temperature": round(float(temperature), 6), "tta": tta,
         "metrics": {"split": "test", "split_file": "split.json (run folder)",
                     "test": {k: test_m[k] for k in head} | {"per_class": test_m["per_class"]},
                     "val": {k: val_m[k] for k in head}, "calibration": {"split": "val", **calib}},
@@ -353,7 +354,8 @@ def _card(meta: dict[str, Any]) -> str:
 11 fine classes ({', '.join(meta['classes'])}) from single-cell crops: a square of side = the
 WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. Trained from
 scratch on PBC (Acevedo et al. 2020, CellaVision DM96, May-Grunwald-Giemsa), one lab and one
-scanner; temperature-scaled on the validation split (T = {meta['temperature']:.3f}).
+scanner; temperature-scaled on the validation split (T = {meta['temperature']:.3f}); predictions average
+{meta['tta']} rotation/flip view(s) of each crop.
 
 ## Test split of PBC (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})
 accuracy {f(tm['accuracy'])}, macro-F1 {f(tm['macro_f1'])}, Cohen's kappa {f(tm['kappa'])};
