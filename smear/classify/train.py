@@ -19,6 +19,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 from __future__ import annotations
 
 import csv
+from datetime import date
 import math
 import os
 import queue
@@ -323,7 +324,8 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
     head = ("n", "accuracy", "macro_f1", "kappa", "ece", "nll", "auc_macro", "group8_accuracy",
             "group8_macro_f1", "type5_accuracy", "type5_macro_f1")
     meta = {
-        "stage": "classify", "weights": WEIGHTS, "classes": list(FINE_CLASSES), "arch": m["arch"],
+        "stage": "classify", "weights": WEIGHTS, "trained": date.today().isoformat(),
+        "classes": list(FINE_CLASSES), "arch": m["arch"],
         "input_size": size, "crop_margin": float(m["crop_margin"]),
         "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
                 "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",

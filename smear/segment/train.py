@@ -15,6 +15,7 @@ metrics.json (test per source) and ``model/``.
 from __future__ import annotations
 
 import csv
+from datetime import date
 import json
 import math
 import os
@@ -185,7 +186,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, model_dir / WEIGHTS)
     meta = {
-        "stage": "segment", "weights": WEIGHTS, "classes": list(LABELS), "arch": m["arch"], "encoder": m["encoder"],
+        "stage": "segment", "weights": WEIGHTS, "trained": date.today().isoformat(), "classes": list(LABELS),
+        "arch": m["arch"], "encoder": m["encoder"],
         "decoder_channels": list(m["decoder_channels"]), "input_size": size, "crop_margin": margin,
         "crop": "square of side = long side of the WBC box x crop_margin (smear.crops.cut_crop), resized to "
                 "input_size; the mask comes back at the crop's size",
