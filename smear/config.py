@@ -33,6 +33,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: config key '{path}' must be a mapping")
             out[key] = _merge(base[key], value, path, source)
+        elif isinstance(base[key], str) and isinstance(value, bool):
+            out[key] = "on" if value else "off"  # YAML reads a bare off/no/false as a boolean
         else:
             out[key] = value
     return out

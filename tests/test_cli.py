@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from smear.cli import app
 
 runner = CliRunner()
-CLASSICAL = ["--set", "detector=classical"]
+CLASSICAL = ["--set", "detector=classical", "--set", "classifier=off"]
 
 
 def _synth_slide(folder, seeds=(1, 2, 3)):
@@ -117,3 +117,19 @@ def test_info_lists_device_and_models():
     assert res.exit_code == 0, res.output
     assert "device: cpu" in res.stdout or "device: cuda" in res.stdout
     assert "detector model" in res.stdout
+
+
+def test_default_run_classifies_with_the_shipped_models(tmp_path):
+    """No --set: the shipped detector and classifier; every detected WBC is labelled or unidentified."""
+    _synth_slide(tmp_path / "s", seeds=(4, 5))
+    cells = tmp_path / "cells.csv"
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", "--cells", str(cells)])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(io.StringIO(res.stdout)).iloc[0]
+    assert row["n_wbc_detected"] > 0
+    assert row["n_wbc"] + row["n_unidentified"] + row["ERB_n"] + row["PLATELET_n"] == row["n_wbc_detected"]
+    pct = [row[f"{c}_pct"] for c in ("SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO")]
+    if row["n_wbc"]:
+        assert abs(np.nansum(pct) - 100.0) < 0.05
+    wbc = pd.read_csv(cells).query("kind == 'wbc'")
+    assert wbc["label"].notna().all() and wbc["prob"].between(0, 1).all()

@@ -50,3 +50,12 @@ def test_bad_files_and_overrides(tmp_path):
         load_config("detect", overrides=["train=3"])
     with pytest.raises(ConfigError, match="unknown config stage"):
         load_config("nope")
+
+
+def test_bare_off_stays_the_word_off():
+    """`--set classifier=off` must not turn into False (YAML 1.1 reads off as a boolean)."""
+    from smear.config import load_config
+
+    cfg = load_config("pipeline", None, ["classifier=off", "segment=off"])
+    assert cfg["classifier"] == "off" and cfg["segment"] == "off"
+    assert load_config("pipeline", None, ["mask_background=true"])["mask_background"] is True
