@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -38,7 +40,10 @@ def ultralytics():
     from smear.devices import set_threads
 
     setup_offline()
-    import ultralytics as ul  # noqa: PLC0415
+    # ultralytics binds its log handler to sys.stdout when imported (and announces a new settings
+    # file on first use): import it with stdout pointed at stderr, so reports on stdout stay clean
+    with contextlib.redirect_stdout(sys.stderr):
+        import ultralytics as ul  # noqa: PLC0415
 
     set_threads()
     return ul
