@@ -73,7 +73,6 @@ def test_run_with_trained_classifier_reports_classes(tmp_path):
 @pytest.mark.slow
 def test_explain_writes_gradcam_overlays(tmp_path):
     """`smear explain` on single-cell images: one overlay PNG per image, a map in [0, 1], a share per image."""
-    import numpy as np
     from PIL import Image
 
     root = _train_tiny(tmp_path)
