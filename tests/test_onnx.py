@@ -102,3 +102,36 @@ def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
     t = UnetSegmenter.from_dir(model_dir, device="cpu").probabilities(crops)
     o = UnetSegmenter.from_dir(model_dir, runtime="onnx").probabilities(crops)
     assert torch.abs(t - o).max().item() < PROB_TOL
+
+
+def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
+    from smear.pipeline.build import _with_fallback
+
+    calls = []
+
+    def load(rt):
+        calls.append(rt)
+        if rt == "onnx":
+            raise RuntimeError("exporter broke")
+        return "torch model"
+
+    with pytest.warns(UserWarning, match="exporter broke"):
+        assert _with_fallback({"runtime": "onnx"}, load) == "torch model"
+    assert calls == ["onnx", "torch"]
+    from smear.types import ModelError
+
+    def missing(rt):
+        raise ModelError("model folder not found")
+
+    with pytest.raises(ModelError):  # a missing model is not hidden by the fallback
+        _with_fallback({"runtime": "onnx"}, missing)
+
+
+def test_classify_tta_override(tmp_path):
+    from smear.config import load_config
+    from smear.pipeline.build import build_stages
+
+    cfg = load_config("pipeline", None, ["detector=classical", "classify_tta=2", "runtime=torch"])
+    stages = build_stages(cfg)
+    assert stages.classifier.tta == 2
+    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch"])).classifier.tta == 8

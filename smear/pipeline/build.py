@@ -9,7 +9,7 @@ from typing import Any
 
 from smear.artifacts import model_version, resolve_model_dir
 from smear.pipeline.run import Stages
-from smear.types import ConfigError, Detector, Segmenter
+from smear.types import ConfigError, Detector, ModelError, Segmenter
 
 DETECTORS = ("yolo", "classical")
 CLASSIFIERS = ("off", "cnn")
@@ -20,6 +20,23 @@ def _runtime(cfg: dict[str, Any]) -> str:
     from smear.runtime import check_runtime
 
     return check_runtime(str(cfg.get("runtime", "torch")))
+
+
+def _with_fallback(cfg: dict[str, Any], load):
+    """``load(runtime)`` with the configured runtime; if ONNX cannot be made or loaded, a warning and
+    the torch runtime (a missing or broken model folder is still an error)."""
+    runtime = _runtime(cfg)
+    if runtime == "torch":
+        return load("torch")
+    try:
+        return load(runtime)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - export/onnxruntime failures of any kind
+        import warnings
+
+        warnings.warn(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch", stacklevel=2)
+        return load("torch")
 
 
 def build_detector(cfg: dict[str, Any]) -> Detector:
@@ -33,8 +50,8 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
         from smear.detect.tiling import TiledDetector
         from smear.detect.yolo import YoloDetector
 
-        det = YoloDetector.from_dir(resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"],
-                                    runtime=_runtime(cfg))
+        det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
+            resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
         return TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
                              tile_above=int(det.field_scale * det.tile_above))
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
@@ -48,8 +65,8 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
     if kind == "unet":
         from smear.segment.model import UnetSegmenter
 
-        return UnetSegmenter.from_dir(resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"],
-                                      runtime=_runtime(cfg))
+        return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
+            resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"], runtime=rt))
     if kind in ("kmeans", "grabcut"):
         from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
@@ -62,7 +79,8 @@ def stages_version(cfg: dict[str, Any]) -> str:
     from smear import __version__
 
     parts: dict[str, Any] = {k: cfg[k] for k in ("detector", "classical", "segment", "classifier",
-                                                 "review_threshold", "mask_background", "runtime")}
+                                                 "review_threshold", "mask_background", "runtime",
+                                                 "classify_tta")}
     parts["smear"] = __version__
     for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
                           ("classifier_model", "classifier", cfg["classifier"] != "off"),
@@ -83,9 +101,11 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
     if cfg["classifier"] == "cnn":
         from smear.classify.model import CnnClassifier
 
-        classifier = CnnClassifier.from_dir(resolve_model_dir(cfg["classifier_model"], "classifier"),
-                                            device=cfg["device"], batch=int(cfg["classify_batch"]),
-                                            runtime=_runtime(cfg))
+        classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
+            resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
+            batch=int(cfg["classify_batch"]), runtime=rt))
+        if cfg.get("classify_tta") is not None:
+            classifier.tta = int(cfg["classify_tta"])
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
