@@ -84,6 +84,14 @@ def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
     return cached
 
 
+def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = "torch"):
+    """The stage's network: ``build_torch()`` (torch weights loaded), or with ``runtime='onnx'`` an
+    ``OnnxNet`` on the folder's ONNX file (exported from ``build_torch()`` on first use)."""
+    if check_runtime(runtime) == "onnx":
+        return OnnxNet(onnx_for(model_dir, stage, build_torch))
+    return build_torch()
+
+
 def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         from smear.types import ConfigError

@@ -110,11 +110,10 @@ class CnnClassifier:
             model = build_model(meta["arch"], num_classes=len(meta["classes"]))
             return load_weights(model, Path(model_dir) / meta["weights"])
 
-        if runtime == "onnx":
-            from smear.runtime import OnnxNet, onnx_for
+        from smear.runtime import load_network
 
-            return cls(OnnxNet(onnx_for(model_dir, "classify", torch_model)), meta, device="cpu", batch=batch)
-        return cls(torch_model(), meta, device=device, batch=batch)
+        net = load_network(model_dir, "classify", torch_model, runtime)
+        return cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
 
     @torch.no_grad()
     def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

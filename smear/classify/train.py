@@ -206,6 +206,27 @@ def _append_log(path: Path, row: dict[str, Any]) -> None:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def save_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugment, **state: Any) -> None:
+    """Model, optimizer, scheduler, augmentation and torch RNG states plus ``state`` (epoch, best, ...),
+    written atomically; ``load_checkpoint`` restores them (shared by the classifier and U-Net runs)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "augment": augment.state(),
+                "torch_rng": torch.get_rng_state(), **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugment) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the checkpoint (epoch, best, ...)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    augment.set_state(ck["augment"])
+    torch.set_rng_state(ck["torch_rng"])
+    return ck
+
+
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
           log: Callable[[str], None] = print) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it."""
@@ -244,12 +265,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
     augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
     start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        augment.set_state(ck["augment"])
-        torch.set_rng_state(ck["torch_rng"])
+        ck = load_checkpoint(ckpt_path, model, optimizer, scheduler, augment)
         start, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
         wall0 = ck.get("wall_seconds", 0.0)
         log(f"resume: from epoch {ck['epoch']} (best val macro-F1 {best:.4f} at epoch {best_epoch})")
@@ -278,12 +294,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         _append_log(out / "log.csv", {"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"],
                                       "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
                                       "val_ece": vm["ece"], "wall_seconds": wall, "best_macro_f1": best})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "augment": augment.state(),
-                    "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "best": best, "best_epoch": best_epoch, "bad_epochs": bad, "wall_seconds": wall},
-                   out / "checkpoint.tmp")
-        os.replace(out / "checkpoint.tmp", ckpt_path)
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,
+                        best_epoch=best_epoch, bad_epochs=bad, wall_seconds=wall)
         log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
             f"val acc {vm['accuracy'] or 0:.4f} macro-F1 {score:.4f} (best {best:.4f} @ {best_epoch}) "
             f"{wall / 60:.1f} min")

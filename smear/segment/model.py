@@ -65,11 +65,10 @@ class UnetSegmenter:
                                meta.get("arch", "Unet"))
             return load_weights(model, Path(model_dir) / meta["weights"])
 
-        if runtime == "onnx":
-            from smear.runtime import OnnxNet, onnx_for
+        from smear.runtime import load_network
 
-            return cls(OnnxNet(onnx_for(model_dir, "segment", torch_model)), meta, device="cpu", batch=batch)
-        return cls(torch_model(), meta, device=device, batch=batch)
+        net = load_network(model_dir, "segment", torch_model, runtime)
+        return cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
 
     @torch.no_grad()
     def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

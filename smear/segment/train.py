@@ -32,7 +32,7 @@ from smear.artifacts import save_model_dir
 from smear.classify.augment import BatchAugment, eval_batch
 from smear.classify.cache import channel_stats
 from smear.classify.model import Normalize, load_weights, save_weights
-from smear.classify.train import warmup_cosine
+from smear.classify.train import load_checkpoint, save_checkpoint, warmup_cosine
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
@@ -129,12 +129,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
     start, best, best_epoch, wall0 = 1, -1.0, 0, 0.0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        augment.set_state(ck["augment"])
-        torch.set_rng_state(ck["torch_rng"])
+        ck = load_checkpoint(ckpt_path, model, optimizer, scheduler, augment)
         start, best, best_epoch, wall0 = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["wall_seconds"]
         log(f"resume: from epoch {ck['epoch']} (best val score {best:.4f} at epoch {best_epoch})")
     t0 = time.perf_counter() - wall0
@@ -172,11 +167,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
                                       "train_loss": total / max(1, seen), "train_seconds": time.perf_counter() - te,
                                       "val_cell_dice": cell, "val_nucleus_dice": nuc, "val_score": score,
                                       "wall_seconds": wall, "best_score": best})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "augment": augment.state(),
-                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                    "best_epoch": best_epoch, "wall_seconds": wall}, out / "checkpoint.tmp")
-        os.replace(out / "checkpoint.tmp", ckpt_path)
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,
+                        best_epoch=best_epoch, wall_seconds=wall)
         log(f"epoch {epoch}: loss {total / max(1, seen):.4f} ({seen / (time.perf_counter() - te):.0f} img/s) "
             f"val cell Dice {cell:.4f} nucleus Dice {nuc:.4f} (best {best:.4f} @ {best_epoch}) {wall / 60:.1f} min")
     if not (out / "best.safetensors").is_file():
