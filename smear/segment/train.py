@@ -18,7 +18,6 @@ import csv
 from datetime import date
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
