@@ -56,6 +56,13 @@ class Normalize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
+def place(model, meta: dict[str, Any], device: str = "auto"):
+    """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
+    dev = resolve_device(device)
+    norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
+    return dev, Normalize(norm["mean"], norm["std"]).to(dev), model.to(dev).eval()
+
+
 def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """RGB uint8 HxWx3 crops -> float B x 3 x size x size in [0, 1], resized where needed."""
     out = np.empty((len(crops), size, size, 3), np.uint8)
@@ -89,10 +96,7 @@ class CnnClassifier:
         if not 1 <= self.tta <= 8:
             raise ModelError(f"meta tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
-        self.device = resolve_device(device)
-        norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-        self.normalize = Normalize(norm["mean"], norm["std"]).to(self.device)
-        self.model = model.to(self.device).eval()
+        self.device, self.normalize, self.model = place(model, meta, device)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,

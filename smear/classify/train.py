@@ -98,6 +98,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimize_step(loss: torch.Tensor, optimizer, scheduler, epoch: int) -> None:
+    """One optimizer and scheduler step on ``loss``; a non-finite loss stops the run with a hint."""
+    if not torch.isfinite(loss):
+        raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: torch.Tensor,
                     group: torch.Tensor, augment: BatchAugment, batch: int, weights: torch.Tensor,
                     smoothing: float, group_weight: float, epoch: int, seed: int, device,
@@ -117,12 +127,7 @@ def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: 
         x = x.to(device, non_blocking=True)
         fi, gi = fine[idx].to(device), group[idx].to(device)
         loss = mixed_loss(model(norm(x)), fi, gi, weights, smoothing, group_weight)
-        if not torch.isfinite(loss):
-            raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimize_step(loss, optimizer, scheduler, epoch)
         total += loss.item() * len(idx)
         seen += len(idx)
         if log is not None and (b + 1) % 50 == 0:

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from smear.artifacts import load_meta
-from smear.classify.model import Normalize, crops_to_tensor, load_weights
-from smear.devices import resolve_device
+from smear.classify.model import crops_to_tensor, load_weights, place
 from smear.types import ModelError
 
 WEIGHTS = "model.safetensors"
@@ -44,10 +43,7 @@ class UnetSegmenter:
         self.crop_margin = float(meta["crop_margin"])
         self.input_size = int(meta["input_size"])
         self.batch = int(batch)
-        self.device = resolve_device(device)
-        norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-        self.normalize = Normalize(norm["mean"], norm["std"]).to(self.device)
-        self.model = model.to(self.device).eval()
+        self.device, self.normalize, self.model = place(model, meta, device)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 32,

@@ -31,7 +31,7 @@ from smear.artifacts import save_model_dir
 from smear.classify.augment import BatchAugment, eval_batch
 from smear.classify.cache import channel_stats
 from smear.classify.model import Normalize, load_weights, save_weights
-from smear.classify.train import load_checkpoint, save_checkpoint, warmup_cosine
+from smear.classify.train import load_checkpoint, optimize_step, save_checkpoint, warmup_cosine
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
@@ -145,12 +145,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
             idx = np.sort(order[b * batch:(b + 1) * batch])
             x, y = augment.pairs(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
             loss = seg_loss(model(norm(x.to(device))), y.to(device), float(t["dice_weight"]))
-            if not torch.isfinite(loss):
-                raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimize_step(loss, optimizer, scheduler, epoch)
             total += loss.item() * len(idx)
             seen += len(idx)
         pred = _predict(model, norm, x_val, size, batch, device)
