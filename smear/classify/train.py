@@ -202,10 +202,11 @@ def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list
     return root, train, val, test
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
+def append_log(path: Path, row: dict[str, Any], fields: tuple[str, ...] = LOG_FIELDS) -> None:
+    """Append one epoch's row to a run's log.csv (header on the first row; floats to 6 digits)."""
     new = not path.is_file()
     with open(path, "a", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -296,7 +297,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         else:
             bad += 1
         wall = time.perf_counter() - t0
-        _append_log(out / "log.csv", {"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"],
+        append_log(out / "log.csv", {"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"],
                                       "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
                                       "val_ece": vm["ece"], "wall_seconds": wall, "best_macro_f1": best})
         save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,

@@ -14,7 +14,6 @@ metrics.json (test per source) and ``model/``.
 
 from __future__ import annotations
 
-import csv
 from datetime import date
 import json
 import math
@@ -31,7 +30,7 @@ from smear.artifacts import save_model_dir
 from smear.classify.augment import BatchAugment, eval_batch
 from smear.classify.cache import channel_stats
 from smear.classify.model import Normalize, load_weights, save_weights
-from smear.classify.train import load_checkpoint, optimize_step, save_checkpoint, warmup_cosine
+from smear.classify.train import append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
@@ -67,15 +66,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.
         pn, yn = p[:, 2][known], (target[known] == sdata.NUCLEUS).float()
         dice.append(2 * (pn * yn).sum() / (pn.sum() + yn.sum()).clamp(min=1e-6))
     return ce + dice_weight * (1 - torch.stack(dice).mean()) if dice else ce
-
-
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 @torch.no_grad()
@@ -157,10 +147,10 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
             best, best_epoch = score, epoch
             save_weights(model, out / "best.safetensors")
         wall = time.perf_counter() - t0
-        _append_log(out / "log.csv", {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+        append_log(out / "log.csv", {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                                       "train_loss": total / max(1, seen), "train_seconds": time.perf_counter() - te,
                                       "val_cell_dice": cell, "val_nucleus_dice": nuc, "val_score": score,
-                                      "wall_seconds": wall, "best_score": best})
+                                      "wall_seconds": wall, "best_score": best}, LOG_FIELDS)
         save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,
                         best_epoch=best_epoch, wall_seconds=wall)
         log(f"epoch {epoch}: loss {total / max(1, seen):.4f} ({seen / (time.perf_counter() - te):.0f} img/s) "
