@@ -63,6 +63,7 @@ def test_yolo_and_coco_to_one_dataset(tmp_path):
     csamples, _ = load_dataset(croot / "ann.json")
     assert [k for k, _ in csamples[0].boxes] == [CellKind.RBC, CellKind.PLATELET]
 
+    ysamples[0].source, csamples[0].source = "lab-a", "lab-b"
     out = tmp_path / "merged"
     data_yaml = write_yolo_dataset({"train": ysamples, "val": csamples}, out)
     spec = yaml.safe_load(data_yaml.read_text())
@@ -77,4 +78,6 @@ def test_yolo_and_coco_to_one_dataset(tmp_path):
     # the merged dataset reads back with the same boxes
     back, _ = load_dataset(data_yaml, split="train")
     assert back[0].boxes[0][0] == CellKind.WBC
+    assert back[0].source == "lab-a"  # source tags survive the merge (per-source validation figures)
+    assert [s.source for s in load_dataset(data_yaml, split="val")[0]] == ["lab-b"]
     np.testing.assert_allclose(back[0].boxes[0][1], (80.0, 30.0, 120.0, 70.0), atol=1e-3)

@@ -60,3 +60,38 @@ def test_missing_weights_and_wrong_stage(tiny_model_dir, tmp_path):
     (broken / "meta.json").write_text(json.dumps({**meta, "stage": "classify"}))
     with pytest.raises(ModelError, match="not a detector"):
         YoloDetector.from_dir(broken)
+
+
+def test_border_is_put_round_the_field_and_taken_off_the_boxes(tiny_model_dir):
+    """A gray border of ``border`` network px goes round each field; boxes come back in field px."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from smear.detect.yolo import YoloDetector
+    from smear.types import CellKind
+
+    det = YoloDetector.from_dir(tiny_model_dir, device="cpu", border=16)  # imgsz 64
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    px = 32  # 16 px at 64 px scale for a 128 px long side
+    seen = []
+
+    def predict(images, **kwargs):
+        seen.extend(images)
+        boxes = torch.tensor([[px + 10.0, px + 20.0, px + 30.0, px + 40.0],  # inside the field
+                              [0.0, 0.0, px - 2.0, px - 2.0],                # in the border only
+                              [px + 100.0, px + 80.0, px + 140.0, px + 110.0]])  # over the field's edge
+        return [SimpleNamespace(boxes=SimpleNamespace(xyxy=boxes, cls=torch.tensor([0.0, 1.0, 2.0]),
+                                                      conf=torch.tensor([0.9, 0.9, 0.9])))]
+
+    det.model = SimpleNamespace(predict=predict)
+    dets = det.detect([field])[0]
+    shown = seen[0]
+    assert shown.shape == (96 + 2 * px, 128 + 2 * px, 3)
+    assert (shown[:px] == 114).all() and (shown[:, -px:] == 114).all()
+    assert np.array_equal(shown[px:-px, px:-px], field[..., ::-1])  # the field itself, as BGR
+    assert [(d.kind, d.box_xyxy) for d in dets] == [
+        (CellKind.WBC, (10.0, 20.0, 30.0, 40.0)),
+        (CellKind.PLATELET, (100.0, 80.0, 128.0, 96.0)),
+    ]

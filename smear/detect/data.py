@@ -90,12 +90,14 @@ def _read_yolo_names(data_yaml: Path) -> dict[int, str]:
 
 
 def _source_map(root: Path) -> dict[str, str]:
-    meta = root / "metadata.csv"
-    if not meta.exists():
-        return {}
-    with meta.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    return {r[0]: r[1] for r in rows[1:] if len(r) >= 2}
+    """Image file name -> source tag: TXL-PBC's metadata.csv, or the sources.csv of a converted folder."""
+    mapping: dict[str, str] = {}
+    for name, key, value in (("metadata.csv", 0, 1), ("sources.csv", 1, 2)):
+        if (root / name).exists():
+            with (root / name).open(newline="") as fh:
+                rows = list(csv.reader(fh))
+            mapping.update({r[key]: r[value] for r in rows[1:] if len(r) > value})
+    return mapping
 
 
 def read_yolo_images(images: Path, names: dict[int, str], source: str = "",

@@ -68,7 +68,8 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
     model.train(
         data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
         device="cpu" if device.type == "cpu" else device.index or 0,
-        pretrained=False, amp=device.type == "cuda", plots=False, verbose=False, **t,
+        pretrained=str(cfg["model"]).endswith(".pt"),  # a .pt of ours is fine-tuned; a YAML starts from scratch
+        amp=device.type == "cuda", plots=False, verbose=False, **t,
     )
     set_threads()
     return out
@@ -95,7 +96,7 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     data_yaml = Path(cfg["data"]["workdir"]) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
     det = YoloDetector(model_dir / "detector.pt", imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
-                       max_det=infer["max_det"], device=device)
+                       max_det=infer["max_det"], device=device, border=infer.get("border", 0.0))
     preds = predict_samples(det, val)
     conf = tune_conf(val, preds)
     metrics = evaluate_predictions(val, preds, conf)

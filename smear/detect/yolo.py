@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 
 from smear.artifacts import load_meta
@@ -31,7 +32,8 @@ class YoloDetector:
 
     def __init__(self, weights: str | Path, names: Sequence[str] = ("wbc", "rbc", "platelet"),
                  imgsz: int = 416, conf: float = 0.25, iou: float = 0.5, max_det: int = 400,
-                 batch: int = 8, device: str = "auto", per_class_conf: dict[str, float] | None = None):
+                 batch: int = 8, device: str = "auto", per_class_conf: dict[str, float] | None = None,
+                 border: float = 0.0):
         from smear.detect.ultra import yolo
         from smear.devices import resolve_device
 
@@ -40,6 +42,10 @@ class YoloDetector:
         self.kinds = [CellKind(n) for n in names]
         self.imgsz, self.conf, self.iou, self.max_det, self.batch = imgsz, conf, iou, max_det, batch
         self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
+        # Gray border (px at the network's input scale) put round each field before it is resized:
+        # ultralytics' own validation letterbox adds half a stride (16 px), and the trained model
+        # draws its boxes to fit cells only when that border is there (see the model card).
+        self.border = float(border)
         # Tiling of large fields: fields over tile_above x field_scale are cut into field_scale tiles.
         self.field_scale, self.tile_above, self.tile_overlap = 640, 1.6, 0.2
 
@@ -53,7 +59,7 @@ class YoloDetector:
             raise ModelError(f"{model_dir}: is a {meta['stage']} model, not a detector")
         infer = dict(meta.get("infer", {}))
         infer.update(overrides)
-        keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf")
+        keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
         weights = Path(model_dir) / meta["weights"]
@@ -67,6 +73,14 @@ class YoloDetector:
         det.tile_overlap = float(infer.get("tile_overlap", 0.2))
         return det
 
+    def _bordered(self, image: np.ndarray) -> tuple[np.ndarray, int]:
+        """The BGR image with ``border`` network pixels of gray (114) round it, and that border in image px."""
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        px = int(round(self.border * max(image.shape[:2]) / self.imgsz))
+        if px <= 0:
+            return bgr, 0
+        return cv2.copyMakeBorder(bgr, px, px, px, px, cv2.BORDER_CONSTANT, value=(114, 114, 114)), px
+
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per RGB image, boxes in that image's pixels."""
         from smear.devices import set_threads
@@ -74,21 +88,28 @@ class YoloDetector:
         out: list[list[Detection]] = []
         extra = {"half": True} if self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
-            chunk = [np.ascontiguousarray(im[..., ::-1]) for im in images[i:i + self.batch]]  # to BGR
-            results = self.model.predict(chunk, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+            shown = images[i:i + self.batch]
+            chunk, borders = zip(*(self._bordered(im) for im in shown))
+            results = self.model.predict(list(chunk), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
                                          max_det=self.max_det, device=str(self.device), verbose=False,
                                          **extra)
             set_threads()
-            for res in results:
-                boxes = res.boxes
-                xyxy = boxes.xyxy.cpu().numpy().astype(float)
-                cls = boxes.cls.cpu().numpy().astype(int)
-                scores = boxes.conf.cpu().numpy().astype(float)
-                dets = []
-                for b, c, s in zip(xyxy, cls, scores):
-                    kind = self.kinds[c]
-                    if s < self.per_class_conf.get(kind, self.conf):
-                        continue
-                    dets.append(Detection((float(b[0]), float(b[1]), float(b[2]), float(b[3])), kind, float(s)))
-                out.append(dets)
+            for im, px, res in zip(shown, borders, results):
+                out.append(self._detections(res, px, im.shape[1], im.shape[0]))
         return out
+
+    def _detections(self, res: Any, px: int, width: int, height: int) -> list[Detection]:
+        """One ultralytics result as Detections in the unbordered image, per-class thresholds applied."""
+        boxes = res.boxes
+        xyxy = boxes.xyxy.cpu().numpy().astype(float) - px
+        xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
+        xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
+        cls = boxes.cls.cpu().numpy().astype(int)
+        scores = boxes.conf.cpu().numpy().astype(float)
+        dets = []
+        for b, c, s in zip(xyxy, cls, scores):
+            kind = self.kinds[c]
+            if s < self.per_class_conf.get(kind, self.conf) or b[2] - b[0] < 1 or b[3] - b[1] < 1:
+                continue  # under its class threshold, or lying in the border only
+            dets.append(Detection((float(b[0]), float(b[1]), float(b[2]), float(b[3])), kind, float(s)))
+        return dets
