@@ -105,12 +105,14 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     infer["conf"] = min(conf.values())
     meta = {
         "stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
-        "architecture": cfg["model"], "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
+        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg["model"])).name, "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
         "infer": infer, "trained": date.today().isoformat(),
         "metrics": {"val": {"split": "bccd/train holdout "
                             f"{cfg['data']['bccd_val_fraction']:.0%} seed {cfg['data']['seed']} + txl-pbc/val",
                             **metrics}},
         "data_fingerprint": data_fingerprint(s.image for s in val),
     }
+    if str(cfg["model"]).endswith(".pt"):
+        meta["fine_tuned_from"] = str(cfg["model"])
     save_model_dir(model_dir, meta, cfg)
     return model_dir

@@ -76,7 +76,7 @@ class YoloDetector:
     def _bordered(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         """The BGR image with ``border`` network pixels of gray (114) round it, and that border in image px."""
         bgr = np.ascontiguousarray(image[..., ::-1])
-        px = int(round(self.border * max(image.shape[:2]) / self.imgsz))
+        px = round(self.border * max(image.shape[:2]) / self.imgsz)
         if px <= 0:
             return bgr, 0
         return cv2.copyMakeBorder(bgr, px, px, px, px, cv2.BORDER_CONSTANT, value=(114, 114, 114)), px
