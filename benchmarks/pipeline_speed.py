@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smear.artifacts import resolve_model_dir
+from smear.artifacts import load_meta, resolve_model_dir
 from smear.classify.model import CnnClassifier
 from smear.config import load_config
 from smear.detect.yolo import YoloDetector
@@ -56,14 +56,15 @@ def naive(paths: list[Path]) -> float:
 
     det_dir = resolve_model_dir("shipped", "detector")
     model = yolo(det_dir / "detector.pt")
+    imgsz = int(load_meta(det_dir)["infer"]["imgsz"])
     clf = CnnClassifier.from_dir(resolve_model_dir("shipped", "classifier"), device="cpu")
     mean = torch.tensor(clf.meta["normalize"]["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(clf.meta["normalize"]["std"]).view(1, 3, 1, 1)
-    model.predict(str(paths[0]), imgsz=416, verbose=False)  # warm-up
+    model.predict(str(paths[0]), imgsz=imgsz, verbose=False)  # warm-up
     set_threads()
     start = time.perf_counter()
     for p in paths:
-        res = model.predict(str(p), imgsz=416, verbose=False)[0]
+        res = model.predict(str(p), imgsz=imgsz, verbose=False)[0]
         set_threads()
         img = Image.open(p).convert("RGB")
         for (x0, y0, x1, y1), c in zip(res.boxes.xyxy.tolist(), res.boxes.cls.tolist()):
