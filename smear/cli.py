@@ -267,7 +267,9 @@ def eval_detect(
     from smear.pipeline.build import build_detector
     from smear.pipeline.render import render_detect_metrics
 
-    samples, _ = load_dataset(data, split=split)
+    samples, problems = load_dataset(data, split=split)
+    for p in problems:
+        warn(str(p))  # on stderr: the truth boxes scored against are the cleaned ones
     if not samples:
         raise SmearError(f"{data}: no labelled images found")
     if detector == "yolo":

@@ -133,3 +133,28 @@ def test_default_run_classifies_with_the_shipped_models(tmp_path):
         assert abs(np.nansum(pct) - 100.0) < 0.05
     wbc = pd.read_csv(cells).query("kind == 'wbc'")
     assert wbc["label"].notna().all() and wbc["prob"].between(0, 1).all()
+
+
+def test_eval_detect_scores_cleaned_truth_and_warns_of_repeated_boxes(tmp_path):
+    """A cell labelled twice is dropped with a warning naming the file, not scored as a miss."""
+    from smear.detect.data import DET_CLASSES, write_yolo_dataset, Sample
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+    from smear.types import CellKind
+
+    f = make_field(seed=3)
+    image = tmp_path / "src" / "field.png"
+    image.parent.mkdir()
+    write_image_atomic(image, f.image_rgb)
+    h, w = f.image_rgb.shape[:2]
+    boxes = [(d.kind, d.box_xyxy) for d in f.detections]
+    wbc = next(b for b in boxes if b[0] == CellKind.WBC)
+    data_yaml = write_yolo_dataset({"test": [Sample(image, w, h, boxes + [wbc], source="synth")]}, tmp_path / "ds")
+    res = runner.invoke(app, ["eval", "detect", "--detector", "classical", "--data", str(data_yaml),
+                              "--split", "test", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "repeats an earlier box" in res.stderr and "field.png" in res.stderr
+    out = json.loads(res.stdout)
+    n_wbc = sum(k == CellKind.WBC for k, _ in boxes)
+    assert out["per_class"]["wbc"]["n_truth"] == n_wbc  # the repeat is not counted
+    assert set(out["per_class"]) == set(DET_CLASSES) and "synth" in out["per_source"]

@@ -25,6 +25,7 @@ def test_voc_cleaning_reports_each_problem(tmp_path):
     (root / "annotations").mkdir()
     objs = "".join([
         VOC_OBJ.format("WBC", 10, 10, 40, 40),        # fine
+        VOC_OBJ.format("WBC", 10, 10, 40, 40),        # the same cell labelled again: dropped
         VOC_OBJ.format("RBC", 90, 70, 120, 95),       # crosses the border: clamped
         VOC_OBJ.format("Platelets", 5, 5, 6, 6),      # tiny: dropped
         VOC_OBJ.format("Ghost", 1, 1, 30, 30),        # unknown class: dropped
@@ -39,7 +40,8 @@ def test_voc_cleaning_reports_each_problem(tmp_path):
     assert s.boxes[1][1] == (90.0, 70.0, 100.0, 80.0)
     reasons = " | ".join(str(p) for p in problems)
     assert "broken.xml" in reasons and "Ghost" in reasons and "clamped" in reasons
-    assert sum(p.action == "dropped" for p in problems) == 4
+    assert "repeats an earlier box" in reasons
+    assert sum(p.action == "dropped" for p in problems) == 5
 
 
 def test_yolo_and_coco_to_one_dataset(tmp_path):

@@ -95,3 +95,16 @@ def test_border_is_put_round_the_field_and_taken_off_the_boxes(tiny_model_dir):
         (CellKind.WBC, (10.0, 20.0, 30.0, 40.0)),
         (CellKind.PLATELET, (100.0, 80.0, 128.0, 96.0)),
     ]
+
+
+def test_onnx_cache_is_keyed_by_input_shape(tiny_model_dir, tmp_path, monkeypatch):
+    """The ONNX export has a fixed input: another imgsz (meta or --set) gets its own file, not a stale one."""
+    from smear.detect.yolo import YoloDetector, onnx_weights
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    a = onnx_weights(tiny_model_dir, 64, 1)
+    b = onnx_weights(tiny_model_dir, 96, 1)
+    assert a != b and a.is_file() and b.is_file()
+    assert onnx_weights(tiny_model_dir, 64, 1) == a  # reused
+    det = YoloDetector.from_dir(tiny_model_dir, runtime="onnx", imgsz=96, batch=1)
+    assert len(det.detect([np.full((80, 120, 3), 180, np.uint8)])) == 1

@@ -190,7 +190,7 @@ def load_dataset(path: str | Path, split: str = "test") -> tuple[list[Sample], l
 
 
 def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list[Sample], list[Problem]]:
-    """Clamp boxes to the image and drop tiny or empty ones, reporting each fix."""
+    """Clamp boxes to the image; drop tiny, empty and repeated ones; report each fix."""
     problems = []
     for s in samples:
         kept = []
@@ -207,7 +207,12 @@ def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list
             if overshoot >= 1.0:  # sub-pixel overshoots are rounding in normalised labels
                 problems.append(Problem(str(s.image), f"{kind.value} box {x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}"
                                         f" crosses the image border", "clamped"))
-            kept.append((kind, (cx0, cy0, cx1, cy1)))
+            box = (cx0, cy0, cx1, cy1)
+            if any(k == kind and max(abs(a - b) for a, b in zip(box, other)) < 1.0 for k, other in kept):
+                problems.append(Problem(str(s.image), f"{kind.value} box {x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}"
+                                        f" repeats an earlier box of the same cell", "dropped"))
+                continue  # a cell labelled twice would count as a miss for any detector
+            kept.append((kind, box))
         s.boxes = kept
     return samples, problems
 

@@ -21,7 +21,8 @@ def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     own = Path(model_dir) / ONNX_NAME
     if own.is_file():
         return own
-    cached = onnx_cache_dir() / f"detect-{model_version(model_dir)}.onnx"
+    # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
+    cached = onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx"
     if not cached.is_file():
         export_onnx(Path(model_dir) / load_meta(model_dir)["weights"], cached, imgsz, batch)
     return cached
