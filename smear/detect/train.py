@@ -35,6 +35,11 @@ def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = print)
     return write_yolo_dataset({"train": train, "val": val}, Path(dcfg["workdir"]))
 
 
+def fine_tunes(cfg: dict[str, Any]) -> bool:
+    """Whether the run starts from weights of ours (a .pt) rather than a model YAML."""
+    return str(cfg["model"]).endswith(".pt")
+
+
 def _keep_threads(model) -> None:
     """ultralytics drops torch to cores-1 threads for CPU training; restore all cores once it starts."""
     from smear.devices import set_threads
@@ -68,7 +73,7 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
     model.train(
         data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
         device="cpu" if device.type == "cpu" else device.index or 0,
-        pretrained=str(cfg["model"]).endswith(".pt"),  # a .pt of ours is fine-tuned; a YAML starts from scratch
+        pretrained=fine_tunes(cfg),  # ultralytics drops a loaded .pt's weights when this is False
         amp=device.type == "cuda", plots=False, verbose=False, **t,
     )
     set_threads()
@@ -105,14 +110,15 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     infer["conf"] = min(conf.values())
     meta = {
         "stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
-        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg["model"])).name, "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
+        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg["model"])).name,
+        "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
         "infer": infer, "trained": date.today().isoformat(),
         "metrics": {"val": {"split": "bccd/train holdout "
                             f"{cfg['data']['bccd_val_fraction']:.0%} seed {cfg['data']['seed']} + txl-pbc/val",
                             **metrics}},
         "data_fingerprint": data_fingerprint(s.image for s in val),
     }
-    if str(cfg["model"]).endswith(".pt"):
+    if fine_tunes(cfg):
         meta["fine_tuned_from"] = str(cfg["model"])
     save_model_dir(model_dir, meta, cfg)
     return model_dir
