@@ -55,3 +55,11 @@ def test_train_package_and_reload(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["train", "detect", "--out", str(tmp_path / "nothing"), "--resume"])
     assert res.exit_code != 0 and "nothing to resume" in res.stderr
+
+
+def test_missing_fine_tune_weights_is_a_clear_error_before_any_work(tmp_path):
+    res = CliRunner().invoke(app, ["train", "detect", "--out", str(tmp_path / "run"),
+                                   "--set", f"model={tmp_path / 'gone.pt'}",
+                                   "--set", f"data.workdir={tmp_path / 'data'}"])
+    assert res.exit_code != 0 and "gone.pt: weights to fine-tune from not found" in res.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

@@ -63,6 +63,9 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
         model.train(resume=True)
         set_threads()
         return out
+    if fine_tunes(cfg) and not Path(cfg["model"]).is_file():
+        raise SmearError(f"{cfg['model']}: weights to fine-tune from not found",
+                         hint="set model to a run's weights/best.pt or to a model YAML")
     data_yaml = build_training_data(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "smear_config.yaml", dump_config(cfg))
