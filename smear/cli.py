@@ -229,6 +229,22 @@ def data_convert(
     out_console.print(f"{len(train)} train, {len(val)} val fields, {len(problems)} box problems -> {data_yaml}")
 
 
+@data_app.command("stage-raabin")
+@handle_errors
+def data_stage_raabin(
+    clone: Annotated[Path, typer.Argument(help="Local clone of uqasha524/WBC-Classification-Using-CNN-vs-MobileNetV2.")],
+    out: Annotated[Path, typer.Option(help="New folder: train/<Class>/ and test/<Class>/ (test = Raabin Test-A).")],
+    commit: Annotated[str, typer.Option(help="Commit that holds Dataset/Train and Dataset/Test.")] = "2fc4a60",
+) -> None:
+    """Stage Raabin-WBC's single-cell crops from a local git clone into class folders."""
+    from smear.classify.stage import stage_from_git
+
+    counts = stage_from_git(clone, out, commit)
+    for part, per_class in counts.items():
+        out_console.print(f"{part}: {sum(per_class.values())} images "
+                          + ", ".join(f"{c} {n}" for c, n in per_class.items()))
+
+
 @train_app.command("detect")
 @handle_errors
 def train_detect(

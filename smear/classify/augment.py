@@ -10,7 +10,9 @@ B x 3 x size x size in [0, 1], not yet normalised.
 - stain: perturbation in HED colour-deconvolution space (Ruifrok & Johnston 2001; Tellez et al.
   2018) - each stain's optical density scaled and shifted - as between labs' staining;
 - colour: hue, saturation, brightness, contrast, as between cameras and white balances;
-- optics: Gaussian blur (focus) and Gaussian noise (sensor).
+- optics: Gaussian blur (focus) and Gaussian noise (sensor);
+- scale and camera: random down-resolution (the cell drawn with fewer pixels, as by a lower
+  magnification or a phone camera, then resized back), JPEG artefacts and random grayscale.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "hed": 0.05, "hue": 0.03, "saturation": 0.25, "brightness": 0.15, "contrast": 0.2,
     "blur_p": 0.3, "blur_sigma": 1.2, "noise": 0.03, "scale": 0.15, "shift": 0.05,
     "rotate_deg": 15.0, "dihedral": True,
+    "downres_p": 0.0, "downres_min": 0.4, "jpeg_p": 0.0, "jpeg_quality": 40, "gray_p": 0.0,
 }
 
 
@@ -168,6 +171,52 @@ def gaussian_noise(x: torch.Tensor, max_std: float, gen: torch.Generator | None 
     return noise.add_(x).clamp_(0.0, 1.0)
 
 
+def down_resolution(x: torch.Tensor, p: float, min_factor: float, gen: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """Resample a random fraction ``p`` of the images down by a log-uniform factor in
+    ``[min_factor, 1]`` (area filter) and back up (bilinear): the same cell with fewer pixels."""
+    if p <= 0 or min_factor >= 1:
+        return x
+    b, _, h, w = x.shape
+    on = torch.rand(b, generator=gen) < p
+    factors = torch.exp(_uniform(b, math.log(max(min_factor, 1e-3)), 0.0, gen))
+    out = x.clone() if bool(on.any()) else x
+    for i in torch.nonzero(on).flatten().tolist():
+        side = max(8, int(round(h * float(factors[i]))))
+        small = F.interpolate(x[i:i + 1], size=(side, side), mode="area")
+        out[i:i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
+
+
+def jpeg_artefacts(x: torch.Tensor, p: float, min_quality: int, gen: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """JPEG-compress a random fraction ``p`` of the images at a quality U(min_quality, 95)."""
+    if p <= 0:
+        return x
+    import cv2
+
+    b = x.shape[0]
+    on = torch.rand(b, generator=gen) < p
+    quality = torch.randint(int(min_quality), 96, (b,), generator=gen)
+    out = x.clone() if bool(on.any()) else x
+    for i in torch.nonzero(on).flatten().tolist():
+        img = (x[i].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality[i])])
+        if ok:
+            dec = cv2.imdecode(enc, cv2.IMREAD_UNCHANGED)
+            out[i] = torch.from_numpy(dec).permute(2, 0, 1).float().div_(255.0)
+    return out
+
+
+def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Replace a random fraction ``p`` of the images by their luma in all three channels."""
+    if p <= 0:
+        return x
+    on = (torch.rand(x.shape[0], generator=gen) < p).view(-1, 1, 1, 1)
+    luma = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return torch.where(on, luma.expand_as(x), x)
+
+
 class BatchAugment:
     """Training augmentation: uint8 B x S x S x 3 crops -> float B x 3 x size x size in [0, 1]."""
 
@@ -199,8 +248,11 @@ class BatchAugment:
         s, g = self.s, self.gen
         x = hed_jitter(x.clamp(0.0, 1.0), s["hed"], g)
         x = colour_jitter(x, s["hue"], s["saturation"], s["brightness"], s["contrast"], g)
+        x = random_grayscale(x, s["gray_p"], g)
+        x = down_resolution(x, s["downres_p"], s["downres_min"], g)
         x = gaussian_blur(x, s["blur_p"], s["blur_sigma"], g)
-        return gaussian_noise(x, s["noise"], g)
+        x = gaussian_noise(x, s["noise"], g)
+        return jpeg_artefacts(x, s["jpeg_p"], s["jpeg_quality"], g)
 
     def state(self) -> torch.Tensor:
         """The random generator's state (saved in checkpoints so a resumed run draws the same)."""

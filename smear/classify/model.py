@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,40 @@ from smear.types import FINE_CLASSES, ModelError
 WEIGHTS = "model.safetensors"
 
 
-def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0) -> torch.nn.Module:
-    """A timm model by name with random weights (nothing is ever downloaded)."""
+NORMS = ("batch", "group")
+GROUPS = 8  # GroupNorm groups (gcd with the channel count, so every layer divides)
+
+
+def to_group_norm(module: torch.nn.Module, groups: int = GROUPS) -> torch.nn.Module:
+    """Replace every BatchNorm (timm's BatchNormAct2d keeps its activation) by GroupNorm, in place.
+
+    BatchNorm's running statistics are the training lab's colour and contrast, frozen into the
+    network; GroupNorm normalises each image by its own statistics, which is what carried a
+    Raabin-trained ResNet to other labs in Tsutsui et al. (ICASSP 2023)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            c = child.num_features
+            gn = torch.nn.GroupNorm(math.gcd(c, groups), c)
+            act = getattr(child, "act", None)
+            setattr(module, name, torch.nn.Sequential(gn, child.drop, act) if act is not None else gn)
+        else:
+            to_group_norm(child, groups)
+    return module
+
+
+def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0,
+                norm: str = "batch") -> torch.nn.Module:
+    """A timm model by name with random weights (nothing is ever downloaded); ``norm='group'``
+    swaps its BatchNorm layers for GroupNorm."""
     import timm
 
+    if norm not in NORMS:
+        raise ModelError(f"unknown normalisation layer {norm!r}", hint=f"one of {', '.join(NORMS)}")
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ModelError(f"unknown timm architecture {arch!r}", hint="see timm.list_models()") from exc
+    return to_group_norm(model) if norm == "group" else model
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
@@ -45,22 +72,28 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 
 
 class Normalize(torch.nn.Module):
-    """(x - mean) / std per channel, for x in [0, 1]."""
+    """(x - mean) / std per channel, for x in [0, 1]; with ``colour`` (``{"method": "reinhard",
+    "mean": [...], "std": [...]}``) each image is first colour-normalised to that reference."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], colour: dict | None = None):
         super().__init__()
+        from smear.classify.colour import ColourNorm
+
+        if colour and colour.get("method", "reinhard") != "reinhard":
+            raise ModelError(f"unknown colour normalisation {colour.get('method')!r}", hint="use reinhard")
+        self.colour = ColourNorm(colour or None)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (self.colour(x) - self.mean) / self.std
 
 
 def place(model, meta: dict[str, Any], device: str = "auto"):
     """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
     dev = resolve_device(device)
     norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-    return dev, Normalize(norm["mean"], norm["std"]).to(dev), model.to(dev).eval()
+    return dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval()
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -111,7 +144,7 @@ class CnnClassifier:
             raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
 
         def torch_model() -> torch.nn.Module:
-            model = build_model(meta["arch"], num_classes=len(meta["classes"]))
+            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
             return load_weights(model, Path(model_dir) / meta["weights"])
 
         from smear.runtime import load_network

@@ -43,7 +43,7 @@ from smear.classify.model import WEIGHTS, Normalize, build_model, dihedral, load
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
-from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, SmearError
+from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, ConfigError, SmearError
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_images", "train_seconds", "train_images_per_s",
               "val_nll", "val_accuracy", "val_macro_f1", "val_ece", "wall_seconds", "best_macro_f1")
@@ -111,10 +111,12 @@ def optimize_step(loss: torch.Tensor, optimizer, scheduler, epoch: int) -> None:
 def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: torch.Tensor,
                     group: torch.Tensor, augment: BatchAugment, batch: int, weights: torch.Tensor,
                     smoothing: float, group_weight: float, epoch: int, seed: int, device,
-                    log: Callable[[str], None] | None = None, prefetch: bool = True) -> dict[str, float]:
-    """One pass over the training crops in a seeded order (whole batches only)."""
+                    log: Callable[[str], None] | None = None, prefetch: bool = True,
+                    order: np.ndarray | None = None) -> dict[str, float]:
+    """One pass over ``order`` (default: every training crop, seeded order; whole batches only)."""
     model.train()
-    order = np.random.default_rng([seed, epoch]).permutation(len(crops))
+    if order is None:
+        order = np.random.default_rng([seed, epoch]).permutation(len(crops))
     n_batches = max(1, len(order) // batch) if len(order) >= batch else 1
     batches = [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
     total, seen, t0 = 0.0, 0, time.perf_counter()
@@ -183,23 +185,103 @@ def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device, tta:
     return torch.cat(outs)
 
 
-def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list]:
+SOURCE_KEYS = ("name", "root", "layout", "weight", "split", "split_fractions", "exclude")
+
+
+def source_specs(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training sources: ``data.sources`` entries with their defaults filled in, or
+    ``data.root`` alone when ``sources`` is null. Unknown keys are an error naming them."""
+    if not d.get("sources"):
+        return [{"name": "data", "root": d["root"], "layout": d["layout"], "weight": 1.0,
+                 "split": d["split"], "split_fractions": d["split_fractions"], "exclude": []}]
+    specs, names = [], set()
+    for i, src in enumerate(d["sources"]):
+        if not isinstance(src, dict) or "root" not in src:
+            raise ConfigError(f"data.sources[{i}]: must be a mapping with a 'root'",
+                              hint="e.g. {name: pbc, root: ../shared/data/pbc, weight: 1.0}")
+        unknown = sorted(set(src) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"data.sources[{i}]: unknown key(s) {', '.join(unknown)}",
+                              hint=f"known keys: {', '.join(SOURCE_KEYS)}")
+        spec = {"name": str(src.get("name") or Path(str(src["root"])).name), "root": src["root"],
+                "layout": src.get("layout", "auto"), "weight": float(src.get("weight", 1.0)),
+                "split": src.get("split"), "split_fractions": src.get("split_fractions", d["split_fractions"]),
+                "exclude": [str(c) for c in src.get("exclude") or []]}
+        if spec["name"] in names:
+            raise ConfigError(f"data.sources[{i}]: name {spec['name']!r} given twice")
+        if spec["weight"] < 0:
+            raise ConfigError(f"data.sources[{i}]: weight {spec['weight']} must be >= 0")
+        names.add(spec["name"])
+        specs.append(spec)
+    return specs
+
+
+def split_file_name(index: int, name: str) -> str:
+    """The first source's split is ``split.json`` (what ``smear eval classify --split`` takes);
+    the others are ``split_<name>.json``."""
+    return "split.json" if index == 0 else f"split_{name}.json"
+
+
+def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list, np.ndarray, list]:
+    """Train/val/test items over all sources, the source index of each training item, and the specs."""
     d = cfg["data"]
-    root = Path(os.path.expanduser(str(d["root"])))
-    saved = out / "split.json"
-    if d["split"]:
-        parts = cdata.load_split(d["split"], root)
-    elif saved.is_file():
-        parts = cdata.load_split(saved, root)
-        log(f"split: reusing {saved}")
-    else:
-        items = cdata.load_items(root, d["layout"])
-        parts = cdata.stratified_split(items, d["split_fractions"], d["split_seed"])
-    cdata.save_split(saved, parts, root, seed=d["split_seed"], fractions=list(d["split_fractions"]))
-    train = cdata.subsample(parts[0], d["max_train_items"], d["split_seed"])
-    val = cdata.subsample(parts[1], d["max_eval_items"], d["split_seed"])
-    test = cdata.subsample(parts[2], d["max_eval_items"], d["split_seed"])
-    return root, train, val, test
+    specs = source_specs(d)
+    parts_all: list[list] = [[], [], []]
+    src_of_train: list[int] = []
+    for k, spec in enumerate(specs):
+        root = Path(os.path.expanduser(str(spec["root"])))
+        saved = out / split_file_name(k, spec["name"])
+        if spec["split"]:
+            parts = cdata.load_split(spec["split"], root)
+        elif saved.is_file():
+            parts = cdata.load_split(saved, root)
+            log(f"split: reusing {saved}")
+        else:
+            items = cdata.load_items(root, spec["layout"])
+            parts = cdata.stratified_split(items, spec["split_fractions"], d["split_seed"])
+        cdata.save_split(saved, parts, root, seed=d["split_seed"], fractions=list(spec["split_fractions"]))
+        # classes left out (e.g. a leave-one-class-out run) leave train and val only: the test
+        # part keeps them, so the novelty score can be measured on a class the model never saw
+        drop = set(spec["exclude"])
+        keep = [[it for it in part if it.fine not in drop and it.group not in drop] for part in parts[:2]]
+        train = cdata.subsample(keep[0], d["max_train_items"], d["split_seed"])
+        val = cdata.subsample(keep[1], d["max_eval_items"], d["split_seed"])
+        test = cdata.subsample(parts[2], d["max_eval_items"], d["split_seed"])
+        if len(specs) > 1:
+            log(f"source {spec['name']}: {len(train)} train, {len(val)} val, {len(test)} test "
+                f"(weight {spec['weight']:g}) from {root}")
+        for whole, part in zip(parts_all, (train, val, test)):
+            whole.extend(part)
+        src_of_train += [k] * len(train)
+    root0 = Path(os.path.expanduser(str(specs[0]["root"])))
+    return root0, parts_all[0], parts_all[1], parts_all[2], np.array(src_of_train, dtype=np.int64), specs
+
+
+def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, seed: int, epoch: int
+                ) -> np.ndarray:
+    """Indices of the training items one epoch shows, in a seeded order.
+
+    With one source (or ``n_items`` null and equal weights) every item once. Otherwise ``n_items``
+    (default: all items) are drawn, a share ``weight / sum(weights)`` from each source: without
+    replacement while a source has enough items, then cycling through it again in a new order."""
+    rng = np.random.default_rng([seed, epoch])
+    n_src = len(weights)
+    if n_src <= 1 and n_items is None:
+        return rng.permutation(len(src_of))
+    total = int(n_items) if n_items else len(src_of)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        raise SmearError("data.sources: all sampling weights are 0")
+    counts = np.floor(total * w / w.sum()).astype(int)
+    counts[np.argmax(w)] += total - counts.sum()
+    picks = []
+    for k in range(n_src):
+        pool = np.flatnonzero(src_of == k)
+        if counts[k] <= 0 or len(pool) == 0:
+            continue
+        reps = -(-counts[k] // len(pool))
+        picks.append(np.concatenate([rng.permutation(pool) for _ in range(reps)])[:counts[k]])
+    return rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
 
 def append_log(path: Path, row: dict[str, Any], fields: tuple[str, ...] = LOG_FIELDS) -> None:
@@ -248,7 +330,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
     torch.manual_seed(t["seed"])
     log(f"classify: {m['arch']} at {m['input_size']} px on {device} ({threads} threads)")
 
-    root, train_items, val_items, test_items = _splits(cfg, out, log)
+    root, train_items, val_items, test_items, src_of, specs = _splits(cfg, out, log)
     if not train_items or not val_items:
         raise SmearError(f"{root}: the split leaves {len(train_items)} training and {len(val_items)} "
                          "validation images", hint="more images per class, or other data.split_fractions")
@@ -257,16 +339,25 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
     wide = int(round(size * pad))
     train_crops = cached_crops(train_items, margin * wide / size, wide, d["cache_dir"], d["workers"], log)
     val_crops = cached_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
-    mean, std = channel_stats(train_crops)
+    colour = _colour_reference(m, train_crops, size)
     fine, group = labels_of(train_items)
     val_labels = [it.fine or it.group for it in val_items]
     weights = class_weights(train_items, float(t["class_weight_power"]))
+    src_weights = [s_["weight"] for s_ in specs]
+    epoch_items = int(t["epoch_items"]) if t.get("epoch_items") else None
 
-    model = build_model(m["arch"], drop_rate=float(m["drop_rate"])).to(device)
-    norm = Normalize(mean, std).to(device)
+    model = build_model(m["arch"], drop_rate=float(m["drop_rate"]), norm=str(m["norm"]))
+    if m.get("init"):
+        mean, std = _init_from(model, m)
+        log(f"init: weights and input normalisation of {m['init']}")
+    else:
+        mean, std = channel_stats(_colour_normalised(train_crops, colour, size))
+    model = model.to(device)
+    norm = Normalize(mean, std, colour).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
     batch = int(t["batch"])
-    steps = max(1, len(train_items) // batch) if len(train_items) >= batch else 1
+    n_epoch = epoch_items or len(train_items)
+    steps = max(1, n_epoch // batch) if n_epoch >= batch else 1
     scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
     augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
     start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
@@ -286,7 +377,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
             break
         stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, fine, group, augment,
                                 batch, weights, float(t["label_smoothing"]), float(t["group_loss_weight"]),
-                                epoch, int(t["seed"]), device, log, bool(t["prefetch"]))
+                                epoch, int(t["seed"]), device, log, bool(t["prefetch"]),
+                                order=epoch_order(src_of, src_weights, epoch_items, int(t["seed"]), epoch))
         lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
         vm = classification_metrics(probs, val_labels)
@@ -309,11 +401,55 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         raise SmearError(f"{out}: no epoch finished, nothing to save")
     wall = time.perf_counter() - t0
     return _finish(cfg, out, model, norm, device, root, train_items, val_items, test_items, val_crops,
-                   mean, std, best_epoch, wall, log)
+                   mean, std, best_epoch, wall, log, extra={"colour_norm": colour, "sources": specs})
+
+
+def _colour_reference(m: dict[str, Any], train_crops: np.ndarray, size: int) -> dict[str, Any] | None:
+    """``model.colour_norm``: off, or reinhard with the reference taken from the training crops."""
+    method = str(m.get("colour_norm") or "off")
+    if method == "off":
+        return None
+    if method != "reinhard":
+        raise ConfigError(f"model.colour_norm {method!r}: unknown", hint="use off or reinhard")
+    from smear.classify.colour import reference_stats
+
+    idx = np.sort(np.random.default_rng(0).choice(len(train_crops), size=min(len(train_crops), 2000),
+                                                  replace=False))
+    centre = eval_batch(torch.from_numpy(train_crops[idx]), size)
+    mean, std = reference_stats((centre.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+    return {"method": "reinhard", "mean": mean, "std": std}
+
+
+def _colour_normalised(crops: np.ndarray, colour: dict[str, Any] | None, size: int,
+                       max_images: int = 2000) -> np.ndarray:
+    """A sample of the crops as the network sees them after colour normalisation (for channel stats)."""
+    if not colour:
+        return crops
+    from smear.classify.colour import reinhard
+
+    idx = np.sort(np.random.default_rng(0).choice(len(crops), size=min(len(crops), max_images), replace=False))
+    x = reinhard(eval_batch(torch.from_numpy(crops[idx]), size), colour["mean"], colour["std"])
+    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _init_from(model: torch.nn.Module, m: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Load ``model.init`` (a classifier model folder) into ``model``; returns its input normalisation."""
+    from smear.artifacts import load_meta
+
+    meta = load_meta(m["init"])
+    if meta.get("stage") != "classify":
+        raise ConfigError(f"model.init {m['init']}: not a classifier model folder")
+    for key, want in (("arch", m["arch"]), ("input_size", int(m["input_size"])),
+                      ("norm", str(m.get("norm", "batch")))):
+        if meta.get(key, "batch" if key == "norm" else None) != want:
+            raise ConfigError(f"model.init {m['init']}: its {key} is {meta.get(key)!r}, the config's {want!r}",
+                              hint=f"set model.{key} to match, or train from scratch")
+    load_weights(model, Path(m["init"]) / meta["weights"])
+    return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 
 def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_items, test_items, val_crops,
-            mean, std, best_epoch: int, wall: float, log) -> Path:
+            mean, std, best_epoch: int, wall: float, log, extra: dict[str, Any] | None = None) -> Path:
     """Load the best weights, fit the temperature on val, score test, write the model folder."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     size, batch, tta = int(m["input_size"]), int(t["batch"]), int(m.get("tta", 1))
@@ -348,12 +484,16 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
                 "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "temperature": round(float(temperature), 6), "tta": tta,
+        "temperature": round(float(temperature), 6), "tta": tta, "norm": str(m.get("norm", "batch")),
+        **({"colour_norm": extra["colour_norm"]} if extra and extra.get("colour_norm") else {}),
         "metrics": {"split": "test", "split_file": "split.json (run folder)",
                     "test": {k: test_m[k] for k in head} | {"per_class": test_m["per_class"]},
                     "val": {k: val_m[k] for k in head}, "calibration": {"split": "val", **calib}},
         "data": {"root": str(d["root"]), "fingerprint": fingerprint, "n_train": len(train_items),
-                 "n_val": len(val_items), "n_test": len(test_items), "split_seed": d["split_seed"]},
+                 "n_val": len(val_items), "n_test": len(test_items), "split_seed": d["split_seed"],
+                 **({"sources": [{k: v for k, v in s_.items() if k != "split"} for s_ in extra["sources"]]}
+                    if extra and len(extra.get("sources") or []) > 1 else {})},
+        **({"fine_tuned_from": str(m["init"])} if m.get("init") else {}),
         "data_fingerprint": fingerprint,
         "training": {"best_epoch": best_epoch, "wall_minutes": round(wall / 60, 1)},
     }
