@@ -139,8 +139,8 @@ def run(
         raise SmearError(f"none of the {len(skipped)} fields could be read", hint="see the warnings above")
     rows = rep.summary_rows(reports, cfg)
     for row in rows:
-        for message in row["warnings"]:
-            warn(message)
+        for message in row["domain_warnings"] + row["warnings"]:
+            warn(f"{row['slide']}: {message}" if message in row["domain_warnings"] else message)
     if writer is not None:
         writer.close()
     if report == ReportFormat.csv:
@@ -319,6 +319,20 @@ def train_classify(
     cfg = load_config("classify", config, set_ or [])
     model_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
     out_console.print(f"model folder: {model_dir}")
+
+
+@train_app.command("novelty")
+@handle_errors
+def train_novelty(
+    run: Annotated[Path, typer.Argument(help="A finished classifier run folder (config.yaml, split files).")],
+    model: Annotated[Optional[Path], typer.Option(help="Model folder to fit (default RUN/model).")] = None,
+    quantile: Annotated[float, typer.Option(help="Validation quantile that sets the threshold.")] = 0.97,
+) -> None:
+    """Fit the per-cell novelty score of a trained classifier on its own training crops."""
+    from smear.classify.train import fit_novelty_for_run
+
+    got = fit_novelty_for_run(run, model, quantile, log=lambda m: err_console.print(m, markup=False))
+    out_console.print(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")
 
 
 @eval_app.command("classify")

@@ -192,6 +192,7 @@ class CellPrediction:
     prob: float
     probs: dict[str, float] = field(default_factory=dict)
     mask: MaskStats | None = None
+    novelty: float | None = None  # distance to the nearest training class / its threshold; > 1: novel
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,8 @@ class Tally:
     n_fields: int = 0
     kinds: dict[str, int] = field(default_factory=dict)   # CellKind value -> detections
     labels: dict[str, int] = field(default_factory=dict)  # fine class / UNIDENTIFIED -> cells
+    n_scored: int = 0   # cells with a novelty score
+    n_novel: int = 0    # ... of them over its threshold
 
     def add(self, fr: FieldResult) -> None:
         self.n_fields += 1
@@ -233,6 +236,13 @@ class Tally:
             self.kinds[d.kind.value] = self.kinds.get(d.kind.value, 0) + 1
         for c in fr.cells:
             self.labels[c.label] = self.labels.get(c.label, 0) + 1
+        self.n_scored, self.n_novel = (a + b for a, b in zip((self.n_scored, self.n_novel), novelty_counts(fr.cells)))
+
+
+def novelty_counts(cells: Sequence[CellPrediction]) -> tuple[int, int]:
+    """(cells with a novelty score, cells whose score is over its threshold)."""
+    scored = [c.novelty for c in cells if c.novelty is not None]
+    return len(scored), sum(1 for v in scored if v > 1.0)
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,12 @@ class SlideReport:
         for cell in self.cells():
             counts[cell.label] = counts.get(cell.label, 0) + 1
         return counts
+
+    def novelty_counts(self) -> tuple[int, int]:
+        """(WBCs with a novelty score, WBCs unlike every training class) over the slide."""
+        if self.tally is not None:
+            return self.tally.n_scored, self.tally.n_novel
+        return novelty_counts(self.cells())
 
 
 # ---------------------------------------------------------------- stage protocols

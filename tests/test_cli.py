@@ -55,7 +55,7 @@ def test_run_outputs_cells_json_and_table(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["slides"][0]["summary"]["n_fields"] == 1
     table = pd.read_csv(cells)
-    assert list(table.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob"]
+    assert list(table.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty"]
     assert set(table["kind"]) <= {"wbc", "rbc", "platelet"} and (table["x1"] > table["x0"]).all()
     res = runner.invoke(app, ["run", str(tmp_path / "s"), *CLASSICAL])
     assert res.exit_code == 0 and f"s: 1 fields, {n_wbc} WBC" in res.stdout and "RBC" in res.stdout

@@ -64,7 +64,7 @@ def test_cells_csv_and_json(tmp_path):
     stages, _, _ = _stages(classified=True)
     rep = run_slide(slide, stages)
     cells = pd.read_csv(__import__("io").StringIO(cells_csv([rep])))
-    assert list(cells.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob"]
+    assert list(cells.columns) == ["slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty"]
     assert len(cells) == 15
     assert cells["kind"].value_counts().to_dict() == {"rbc": 9, "wbc": 5, "platelet": 1}
     assert cells.loc[cells.kind == "wbc", "label"].tolist() == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]

@@ -260,3 +260,27 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
     if out is not None:
         write_report(m, out, Path(str(data)).name if split is None else part)
     return m
+
+
+# ---------------------------------------------------------------- other labs
+
+
+def lab_row(probs: np.ndarray, labels: Sequence[str | None], review_threshold: float = 0.5,
+            held: np.ndarray | None = None, classes: Sequence[str] = FINE_CLASSES) -> dict[str, Any]:
+    """One row of the other-lab table at the 5-type level: n, accuracy, balanced accuracy (mean
+    recall over the types present), macro-F1, the majority-type baseline, the share of cells the
+    pipeline would leave UNIDENTIFIED (top fine probability under ``review_threshold``, or ``held``
+    by the novelty score) and ECE. PBC-style rows also carry the 11-class accuracy."""
+    probs = np.asarray(probs, float)
+    m = classification_metrics(probs, labels, classes)
+    recalls = [p["recall"] for p in m["type5_per_class"].values() if p["support"] > 0]
+    supports = [p["support"] for p in m["type5_per_class"].values()]
+    unident = probs.max(1) < review_threshold
+    if held is not None:
+        unident = unident | np.asarray(held, bool)
+    return {"n": m["n_type5"], "type5_accuracy": m["type5_accuracy"],
+            "type5_balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+            "type5_macro_f1": m["type5_macro_f1"],
+            "majority_baseline": (max(supports) / sum(supports)) if sum(supports) else None,
+            "unidentified": float(unident.mean()) if len(unident) else None,
+            "type5_ece": m["type5_ece"], "n_fine": m["n_fine"], "accuracy": m["accuracy"], "ece": m["ece"]}

@@ -130,6 +130,8 @@ class CnnClassifier:
             raise ModelError(f"meta tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
+        self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
+        self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
@@ -143,34 +145,96 @@ class CnnClassifier:
         if missing:
             raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
 
+        novelty = meta.get("novelty")
+
         def torch_model() -> torch.nn.Module:
             model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
-            return load_weights(model, Path(model_dir) / meta["weights"])
+            model = load_weights(model, Path(model_dir) / meta["weights"])
+            if novelty:
+                from smear.classify.novelty import WithFeatures
+
+                return WithFeatures(model)  # logits and features in one pass
+            return model
 
         from smear.runtime import load_network
 
-        net = load_network(model_dir, "classify", torch_model, runtime)
-        return cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
+        net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime)
+        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
+        if novelty:
+            from smear.classify import novelty as nov
+
+            clf.novelty_stats = nov.load(model_dir)
+        return clf
+
+    @property
+    def has_novelty(self) -> bool:
+        return self.novelty_stats is not None and self.novelty_threshold > 0
 
     @torch.no_grad()
-    def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """Raw logits (before temperature), N x classes, on the CPU; with ``tta`` > 1 the mean over
-        that many of the crop's 8 rotations and flips (test-time augmentation)."""
-        outs = [torch.zeros(0, len(self.classes))]
+    def outputs(self, crops: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits (before temperature), N x classes, on the CPU, and the pre-logit features when
+        the network gives them (None otherwise); with ``tta`` > 1 both are the mean over that many
+        of the crop's 8 rotations and flips (test-time augmentation)."""
+        k = len(self.classes)
+        outs: list[torch.Tensor] = []
         for i in range(0, len(crops), self.batch):
             x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
-            views = [dihedral(x, k) for k in range(self.tta)]
+            views = [dihedral(x, v) for v in range(self.tta)]
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
                 y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
             outs.append(y.view(len(views), len(x), -1).mean(0))
-        return torch.cat(outs)
+        out = torch.cat(outs) if outs else torch.zeros(0, k)
+        return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+
+    def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """Raw logits (before temperature), N x classes (see ``outputs``)."""
+        return self.outputs(crops)[0]
+
+    def predict(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities (N x classes) and, with a novelty score in the model, each
+        crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
+        logits, feats = self.outputs(crops)
+        probs = torch.softmax(logits / self.temperature, dim=1).double().numpy()
+        if not self.has_novelty or feats is None:
+            return probs, None
+        from smear.classify.novelty import distances
+
+        return probs, distances(feats.numpy(), self.novelty_stats) / self.novelty_threshold
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""
-        logits = self.logits(crops)
-        return torch.softmax(logits / self.temperature, dim=1).double().numpy()
+        return self.predict(crops)[0]
+
+    def novel(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """True for each crop the novelty score holds back (all False without a novelty score)."""
+        ratio = self.predict(crops)[1]
+        return np.zeros(len(crops), bool) if ratio is None else ratio > 1.0
 
     def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
         """Calibrated probability of each fine class for each crop."""
         probs = self.predict_proba(crops)
         return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+
+
+@torch.no_grad()
+def adapt_batchnorm(clf: CnnClassifier, crops: Sequence[np.ndarray], batch: int = 128) -> int:
+    """AdaBN (Li et al. 2016): replace the BatchNorm running statistics of a torch classifier by
+    those of ``crops`` (one slide or one lab's cells), all views the classifier averages included.
+    Returns the number of BatchNorm layers adapted (0 for a GroupNorm network)."""
+    bns = [m for m in clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not bns or not len(crops):
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        for i in range(0, len(crops), batch):
+            x = clf.normalize(crops_to_tensor(crops[i:i + batch], clf.input_size).to(clf.device))
+            clf.model(torch.cat([dihedral(x, k) for k in range(clf.tta)]))
+    finally:
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+    return len(bns)

@@ -194,3 +194,32 @@ def match_boxes(pred: Sequence[Detection], truth: Sequence[Detection], iou: floa
         if len(pb) and len(tb):
             tp += int(_greedy(iou_matrix(pb, tb), np.argsort(-ps, kind="stable"), iou).sum())
     return tp, len(pred) - tp, len(truth) - tp
+
+
+def wbc_rows(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]], conf: float,
+             iou: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Per source (and ``all``): WBC precision and recall at IoU ``iou`` for the WBC boxes scoring
+    at least ``conf``, and how many of the false WBC boxes sit on a true red cell (IoU >= ``iou``
+    with an RBC box): the red cells taken for white cells, counted on their own."""
+    by_src: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_src[s.source or "unknown"].append(i)
+        by_src["all"].append(i)
+    out: dict[str, dict[str, Any]] = {}
+    for src, idx in sorted(by_src.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        tp = fp = fn = rbc_fp = 0
+        for i in idx:
+            pb, ps = _arrays([d for d in preds[i] if d.score >= conf], CellKind.WBC)
+            tb, _ = _arrays(truth_detections(samples[i]), CellKind.WBC)
+            rb, _ = _arrays(truth_detections(samples[i]), CellKind.RBC)
+            hit = (_greedy(iou_matrix(pb, tb), np.argsort(-ps, kind="stable"), iou)
+                   if len(pb) and len(tb) else np.zeros(len(pb), bool))
+            tp += int(hit.sum())
+            fp += int((~hit).sum())
+            fn += len(tb) - int(hit.sum())
+            if len(rb) and (~hit).any():
+                rbc_fp += int((iou_matrix(pb[~hit], rb).max(1) >= iou).sum())
+        out[src] = {"n_images": len(idx), "n_wbc": tp + fn, "n_pred": tp + fp,
+                    "precision": _f(tp / (tp + fp)) if tp + fp else None,
+                    "recall": _f(tp / (tp + fn)) if tp + fn else None, "false_wbc": fp, "rbc_as_wbc": rbc_fp}
+    return out

@@ -24,7 +24,8 @@ def field_to_dict(fr: FieldResult) -> dict[str, Any]:
         "width": fr.width, "height": fr.height,
         "detections": [[list(d.box_xyxy), d.kind.value, d.score] for d in fr.detections],
         "cells": [{"det": index[id(c.detection)], "label": c.label, "prob": c.prob, "probs": c.probs,
-                   "mask": [c.mask.cell_area_px, c.mask.nucleus_area_px] if c.mask else None}
+                   "mask": [c.mask.cell_area_px, c.mask.nucleus_area_px] if c.mask else None,
+                   "novelty": c.novelty}
                   for c in fr.cells],
     }
 
@@ -33,7 +34,8 @@ def field_from_dict(data: dict[str, Any], slide: str, field: str, path: str) -> 
     """Inverse of field_to_dict, for the given slide, field name and path."""
     dets = tuple(Detection(tuple(box), CellKind(kind), score) for box, kind, score in data["detections"])
     cells = tuple(CellPrediction(dets[c["det"]], c["label"], c["prob"], c["probs"],
-                                 MaskStats(*c["mask"]) if c["mask"] else None) for c in data["cells"])
+                                 MaskStats(*c["mask"]) if c["mask"] else None, c.get("novelty"))
+                  for c in data["cells"])
     return FieldResult(slide, field, data["width"], data["height"], dets, cells, path)
 
 

@@ -21,6 +21,7 @@ table.summary{border-collapse:collapse;margin:.5em 0}
 table.summary td,table.summary th{border:1px solid #ddd;padding:.2em .6em;text-align:right}
 table.summary td:first-child,table.summary th:first-child{text-align:left}
 .flags li{color:#8a4b00} .warn{color:#a00}
+.guard{background:#fde8e8;border:2px solid #a00;padding:.5em;color:#600}
 .fields img{max-width:420px;margin:.3em;border:1px solid #ccc}
 .gallery{display:flex;flex-wrap:wrap;gap:.4em}
 .cell{font-size:.75em;text-align:center;width:100px}
@@ -69,6 +70,8 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
              "<p>Pre-classification for review by a qualified person; flags are prompts, not diagnoses.</p>"]
     for rep, row in zip(reports, rows):
         parts.append(f"<section class='slide'><h2>Slide {e(rep.slide)}</h2>")
+        for w in row.get("domain_warnings", []):
+            parts.append(f"<p class='guard'><b>Warning:</b> {e(w)}</p>")
         parts.append(f"<p id='counts'>{row['n_fields']} fields, {row['n_wbc']} WBC identified"
                      + (f", <b>{row['n_unidentified']} unidentified (review queue)</b>" if rep.classified else "")
                      + f", {row['n_rbc']} RBC ({row['rbc_per_field']} per field), {row['n_platelet']} platelets"

@@ -20,6 +20,8 @@ def render_summary(rows: list[dict], console: Console) -> None:
                 + f", {row['n_rbc']} RBC ({row['rbc_per_field']}/field), {row['n_platelet']} platelets"
                 + f" ({row['platelets_per_field']}/field)"
                 + (f", {row['n_skipped']} fields skipped" if row["n_skipped"] else ""))
+        for w in row.get("domain_warnings", []):
+            console.print(f"[bold red]WARNING:[/] {w}", markup=True)
         console.print(head)
         if row["classified"]:
             table = Table(show_edge=False, pad_edge=False)

@@ -15,7 +15,7 @@ import pandas as pd
 from smear.pipeline.summary import summarize
 from smear.types import CellKind, FieldResult, SlideReport
 
-CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob")
+CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
 MASK_COLUMNS = ("cell_area_px", "nucleus_area_px", "nc_ratio")
 
@@ -27,14 +27,14 @@ def _r(x: float, nd: int = 3) -> float:
 def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The summary of each slide (see summary.summarize); ``cfg`` is the pipeline config."""
     cfg = cfg or {}
-    return [summarize(r, cfg.get("report"), cfg.get("flags")) for r in reports]
+    return [summarize(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
 
 
 def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
     table = []
     for row in rows:
-        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags")}
+        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings")}
         out["flags"] = "; ".join(row["flags"])
         table.append(out)
     return pd.DataFrame(table)
@@ -54,6 +54,7 @@ def field_cell_rows(slide: str, fr: FieldResult) -> list[dict[str, Any]]:
             "kind": det.kind.value, "det_score": _r(det.score),
             "label": cell.label if cell else "",
             "prob": _r(cell.prob) if cell and cell.probs else None,
+            "novelty": _r(cell.novelty) if cell and cell.novelty is not None else None,
         })
         if cell is not None and cell.mask is not None:
             m = cell.mask
@@ -125,7 +126,8 @@ def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> s
                 "detections": [{"box_xyxy": [_r(v, 1) for v in d.box_xyxy], "kind": d.kind.value,
                                 "score": _r(d.score)} for d in fr.detections],
                 "cells": [{"box_xyxy": [_r(v, 1) for v in c.detection.box_xyxy], "label": c.label,
-                           "prob": _r(c.prob), "mask": asdict(c.mask) if c.mask else None}
+                           "prob": _r(c.prob), "novelty": _r(c.novelty) if c.novelty is not None else None,
+                           "mask": asdict(c.mask) if c.mask else None}
                           for c in fr.cells],
             })
         out.append({"summary": row, "fields": fields,

@@ -38,6 +38,15 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
+def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None]]:
+    """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio."""
+    if hasattr(clf, "predict") and getattr(clf, "has_novelty", False):
+        probs, ratio = clf.predict(crops)
+        return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
+                [float(r) for r in ratio] if ratio is not None else [None] * len(crops))
+    return clf.classify(crops), [None] * len(crops)
+
+
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
     """Areas of a crop mask in field pixels (the crop covers ``field_side`` x ``field_side`` of the field)."""
     scale = (field_side / mask.shape[0]) ** 2
@@ -74,14 +83,20 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
         inputs = crops
         if stages.mask_background and seg is not None:
             inputs = [paint_background(c, m, f) for c, m, f in zip(crops, masks, fills)]
-        probs = []
+        probs, novelty = [], []
         for i in range(0, len(inputs), stages.classify_batch):
-            probs += clf.classify(inputs[i:i + stages.classify_batch])
+            got, nov = _classify(clf, inputs[i:i + stages.classify_batch])
+            probs += got
+            novelty += nov
+    else:
+        novelty = [None] * len(crops)
     cells: list[list[CellPrediction]] = [[] for _ in images]
-    for k, det, p, m, side in zip(owners, wbcs, probs, masks, sides):
+    for k, det, p, m, side, nv in zip(owners, wbcs, probs, masks, sides, novelty):
         label, top = _label(p, stages.review_threshold) if p is not None else ("", 0.0)
+        if nv is not None and nv > 1.0:
+            label = UNIDENTIFIED  # unlike every class the model was trained on: a person looks
         stats = _mask_stats(m, side) if m is not None else None
-        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats))
+        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv))
     return [tuple(c) for c in cells]
 
 

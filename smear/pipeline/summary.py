@@ -74,9 +74,34 @@ def evaluate_flags(row: dict[str, Any], fcfg: dict[str, float], min_wbc: int) ->
     return flags + [text + ": review" for hit, text in checks if hit]
 
 
+DEFAULT_GUARD = {"max_novel_share": 0.25, "min_scored": 10, "max_nrbc_per_100_wbc": 200.0,
+                 "max_wbc_per_rbc": 0.5, "min_rbc": 50}
+ADVICE = ("results are unreliable for this stain or scanner: review every cell, and adapt the "
+          "classifier on this lab's own labelled cells (smear train classify --set model.init=<model folder>)")
+
+
+def domain_warnings(row: dict[str, Any], n_scored: int, n_novel: int, gcfg: dict[str, Any]) -> list[str]:
+    """The domain guard: warnings that the slide is unlike the training data, or that its counts
+    are ones a smear cannot have (red cells taken for white cells, most often)."""
+    out = []
+    if n_scored >= gcfg["min_scored"] and n_novel / n_scored > gcfg["max_novel_share"]:
+        out.append(f"unlike the training data: {n_novel} of {n_scored} WBCs ({100.0 * n_novel / n_scored:.0f}%) are "
+                   f"unlike every class the classifier was trained on; {ADVICE}")
+    nrbc = row.get("nrbc_per_100_wbc")
+    if nrbc is not None and nrbc > gcfg["max_nrbc_per_100_wbc"]:
+        out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg['max_nrbc_per_100_wbc']:g}); red cells "
+                   f"are likely being counted as nucleated cells; {ADVICE}")
+    n_rbc, n_wbc = row.get("n_rbc") or 0, row.get("n_wbc_detected") or 0
+    if n_rbc >= gcfg["min_rbc"] and n_wbc / n_rbc > gcfg["max_wbc_per_rbc"]:
+        out.append(f"implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
+                   f"the detector is likely taking red cells for white cells on this stain; {ADVICE}")
+    return out
+
+
 def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
-              fcfg: dict[str, float] | None = None) -> dict[str, Any]:
-    """The slide's summary row: the CSV columns, in order, plus 'classified', 'flags', 'warnings'."""
+              fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The slide's summary row: the CSV columns, in order, plus 'classified', 'flags', 'warnings'
+    and 'domain_warnings' (the guard's, shown first by every report)."""
     rcfg = {**DEFAULT_REPORT, **(rcfg or {})}
     n_rbc, n_plt = report.count(CellKind.RBC), report.count(CellKind.PLATELET)
     n_fields = report.n_fields
@@ -102,7 +127,12 @@ def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
     pcts = [row[f"{c}_pct"] for c in WBC_CLASSES if row.get(f"{c}_pct") is not None]
     needed = cells_needed(pcts, rcfg["target_halfwidth_pct"], rcfg["confidence"])
     row["wbc_needed"] = needed if report.classified else None
+    n_scored, n_novel = report.novelty_counts()
+    row["novel_share"] = round(n_novel / n_scored, 4) if n_scored else None
+    guard = domain_warnings(row, n_scored, n_novel, {**DEFAULT_GUARD, **(gcfg or {})})
+    row["domain_warning"] = " | ".join(guard)
     row["classified"] = report.classified
+    row["domain_warnings"] = guard
     warnings = []
     if report.classified and n_wbc < rcfg["min_wbc"]:
         warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg['min_wbc']}); "

@@ -1,0 +1,84 @@
+"""Per-cell novelty: how far a crop's features lie from every class the classifier was trained on.
+
+A calibrated top probability says how sure the model is *between its classes*; it says nothing
+about a cell of no class it knows (a blast, a smudge cell, an artefact, a red cell the detector
+let through), which other labs' slides showed being called PMY or ERB at 0.9+. The score here is
+the Mahalanobis distance of the network's pre-logit features to the nearest training class mean,
+under one covariance shared by the classes (Lee et al., NeurIPS 2018), fitted on training crops
+only. Its threshold is a quantile of the in-distribution validation scores, so about
+``1 - quantile`` of familiar cells are held back; a cell above it goes to UNIDENTIFIED.
+
+Stored in the model folder as ``novelty.safetensors``: ``whiten`` (D x D, the Cholesky factor of
+the shared precision) and ``means`` (classes x D, already whitened), plus ``meta["novelty"]``
+with the threshold, the quantile and what it was fitted on. Scores are reported as a ratio to the
+threshold: over 1 is novel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+NOVELTY_FILE = "novelty.safetensors"
+
+
+class WithFeatures(torch.nn.Module):
+    """A timm classifier that returns ``[logits | pre-logit features]`` in one tensor (one pass,
+    so the ONNX runtime gets both too)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return torch.cat([self.net.get_classifier()(feats), feats], dim=1)
+
+
+def fit(features: np.ndarray, labels: np.ndarray, shrinkage: float = 0.05) -> dict[str, np.ndarray]:
+    """Class means and the whitening of the shared (within-class) covariance, shrunk towards its
+    mean variance by ``shrinkage`` so that it stays invertible with few cells per dimension."""
+    f = np.asarray(features, np.float64)
+    y = np.asarray(labels, int)
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(0) for c in classes])
+    centred = f - means[np.searchsorted(classes, y)]
+    cov = centred.T @ centred / max(1, len(f) - len(classes))
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
+    whiten = np.linalg.cholesky(np.linalg.inv(cov))  # P = L L^T, so |x L|^2 = x P x^T
+    return {"whiten": whiten.astype(np.float32), "means": (means @ whiten).astype(np.float32),
+            "classes": classes.astype(np.int64)}
+
+
+def distances(features: np.ndarray | torch.Tensor, stats: dict[str, Any]) -> np.ndarray:
+    """Mahalanobis distance of each feature row to its nearest class mean."""
+    f = torch.as_tensor(np.asarray(features, np.float32))
+    z = f @ torch.as_tensor(stats["whiten"])
+    d2 = torch.cdist(z, torch.as_tensor(stats["means"])) ** 2
+    return d2.min(1).values.sqrt().numpy().astype(np.float64)
+
+
+def save(model_dir: str | Path, stats: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    path = Path(model_dir) / NOVELTY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in stats.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load(model_dir: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    from smear.types import ModelError
+
+    path = Path(model_dir) / NOVELTY_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (meta.json names a novelty score)",
+                         hint="refit it with smear train novelty, or drop 'novelty' from meta.json")
+    return load_file(str(path))
