@@ -76,13 +76,13 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
     return rows
 
 
-def detector_table(model: str) -> dict[str, dict]:
+def detector_table(model: str, overrides: list[str]) -> dict[str, dict]:
     from smear.config import load_config
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import predict_samples, wbc_rows
     from smear.pipeline.build import build_detector
 
-    cfg = load_config("pipeline", None, [f"detector_model={model}", "runtime=torch"])
+    cfg = load_config("pipeline", None, [f"detector_model={model}", "runtime=torch", *overrides])
     det = build_detector(cfg)
     rows = {}
     for name, path, split in (("bccd-test", SHARED / "bccd" / "test", "test"),
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--tta", type=int, default=0, help="override the model's test-time views")
     ap.add_argument("--adabn", action="store_true", help="re-estimate BatchNorm statistics per set")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--set", action="append", default=[], help="pipeline config override for the detector, "
+                    "e.g. wbc_check.enabled=false")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     models = [] if args.no_classifier else (args.model or ["shipped"])
@@ -143,9 +145,9 @@ def main() -> None:
         out["classifier"][m + (" +AdaBN" if args.adabn else "")] = rows
         print_classifier(m + (" +AdaBN" if args.adabn else ""), rows)
     for d in args.detector:
-        rows = detector_table(d)
+        rows = detector_table(d, args.set)
         out["detector"][d] = rows
-        print_detector(d, rows)
+        print_detector(d + "".join(f" {o}" for o in args.set), rows)
     if args.json:
         from smear.io import write_text_atomic
 

@@ -52,7 +52,11 @@ def stage_from_git(clone: str | Path, out: str | Path, commit: str = RAABIN_COMM
                         hint="git clone https://github.com/uqasha524/WBC-Classification-Using-CNN-vs-MobileNetV2")
     if out.exists():
         raise DataError(f"{out}: already exists", hint="remove it or pass another --out")
-    _git(clone, "cat-file", "-e", f"{commit}^{{commit}}")
+    try:
+        _git(clone, "cat-file", "-e", f"{commit}^{{commit}}")
+    except DataError as exc:
+        raise DataError(f"{clone}: commit {commit} not found", hint="pass the folder of a full clone "
+                        "(git clone, not a shallow one) of the repository that holds it") from exc
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     counts: dict[str, Counter] = {name: Counter() for name in parts.values()}
     try:

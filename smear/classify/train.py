@@ -498,6 +498,14 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         "training": {"best_epoch": best_epoch, "wall_minutes": round(wall / 60, 1)},
     }
     save_model_dir(model_dir, meta, cfg, card=_card(meta))
+    if m.get("novelty_quantile"):
+        wide = cached_crops(train_items, float(m["crop_margin"]) * float(d["cache_pad"]),
+                            int(round(size * float(d["cache_pad"]))), d["cache_dir"], d["workers"], log)
+        centre = np.concatenate([
+            (eval_batch(torch.from_numpy(wide[i:i + 1024]), size).permute(0, 2, 3, 1) * 255).round()
+            .to(torch.uint8).numpy() for i in range(0, len(wide), 1024)])
+        fit_novelty(model_dir, centre, train_items, val_crops, float(m["novelty_quantile"]), log,
+                    fitted_on="the training part of the run's sources; threshold on the validation part")
     log(f"model folder: {model_dir}")
     return model_dir
 

@@ -52,9 +52,24 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
 
         det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
             resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
-        return TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
-                             tile_above=int(det.field_scale * det.tile_above))
+        tiled = TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
+                              tile_above=int(det.field_scale * det.tile_above))
+        return _checked(tiled, cfg)
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
+
+
+def _checked(det: Detector, cfg: dict[str, Any]) -> Detector:
+    """The detector behind the WBC plausibility check (``wbc_check`` in the pipeline config)."""
+    check = dict(cfg.get("wbc_check") or {})
+    if not check.pop("enabled", False):
+        return det
+    from smear.detect.plausible import CheckedDetector, WbcCheck
+
+    try:
+        return CheckedDetector(det, WbcCheck(**check))
+    except TypeError as exc:
+        raise ConfigError(f"wbc_check: {exc}", hint="keys: enabled, max_rbc_area_ratio, min_nucleus_fraction, "
+                          "nucleus_level, min_stain, min_rbcs") from exc
 
 
 def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
@@ -78,7 +93,7 @@ def stages_version(cfg: dict[str, Any]) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, model weights."""
     from smear import __version__
 
-    parts: dict[str, Any] = {k: cfg[k] for k in ("detector", "classical", "segment", "classifier",
+    parts: dict[str, Any] = {k: cfg.get(k) for k in ("detector", "classical", "wbc_check", "segment", "classifier",
                                                  "review_threshold", "mask_background", "runtime",
                                                  "classify_tta")}
     parts["smear"] = __version__

@@ -1,0 +1,332 @@
+"""Other labs: several training sources, GroupNorm, colour normalisation, down-resolution, AdaBN,
+the novelty score, the domain guard and the WBC plausibility check, on synthetic data."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from test_classify_data import make_folders, make_pbc
+from typer.testing import CliRunner
+
+from smear.classify import augment as A
+from smear.classify import novelty as nov
+from smear.classify.colour import lab_stats, reinhard
+from smear.classify.evaluate import lab_row
+from smear.classify.model import adapt_batchnorm, build_model
+from smear.classify.train import epoch_order, source_specs
+from smear.cli import app
+from smear.config import default_config
+from smear.pipeline.summary import summarize
+from smear.types import (FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, ConfigError, Detection, FieldResult,
+                         SlideReport)
+
+CFG = default_config("pipeline")
+
+
+# ---------------------------------------------------------------- staging from a git clone
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                   check=True, capture_output=True)
+
+
+def test_stage_raabin_reads_files_from_the_commit_not_the_tree(tmp_path):
+    from test_classify_data import write_png
+
+    repo = tmp_path / "clone"
+    for part, cls, n in (("Train", "Basophil", 2), ("Train", "Neutrophil", 3), ("Test", "Lymphocyte", 1)):
+        for i in range(n):
+            write_png(repo / "Dataset" / part / cls / f"{i}.jpg", np.full((8, 8, 3), 200, np.uint8))
+    (repo / "Dataset" / "Train" / "notes.txt").write_text("not an image")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "data")
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    _git(repo, "rm", "-rq", "Dataset")
+    _git(repo, "commit", "-qm", "data removed at HEAD")
+    out = tmp_path / "raabin"
+    res = CliRunner().invoke(app, ["data", "stage-raabin", str(repo), "--out", str(out), "--commit", sha])
+    assert res.exit_code == 0, res.output
+    assert "train: 5 images Basophil 2, Neutrophil 3" in res.stdout and "test: 1 images Lymphocyte 1" in res.stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == [
+        "test/Lymphocyte/0.jpg", "train/Basophil/0.jpg", "train/Basophil/1.jpg",
+        "train/Neutrophil/0.jpg", "train/Neutrophil/1.jpg", "train/Neutrophil/2.jpg"]
+    again = CliRunner().invoke(app, ["data", "stage-raabin", str(repo), "--out", str(out), "--commit", sha])
+    assert again.exit_code != 0 and "already exists" in again.stderr
+    bad = CliRunner().invoke(app, ["data", "stage-raabin", str(repo), "--out", str(tmp_path / "x"),
+                                   "--commit", "0" * 40])
+    assert bad.exit_code != 0 and f"commit {'0' * 40} not found" in bad.stderr and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- sources and sampling
+
+
+def test_source_specs_fill_defaults_and_reject_unknown_keys():
+    d = default_config("classify")["data"]
+    assert source_specs(d)[0]["root"] == d["root"]
+    specs = source_specs({**d, "sources": [{"root": "/a/pbc"}, {"name": "lab", "root": "/b", "weight": 3}]})
+    assert [(s["name"], s["weight"], s["layout"]) for s in specs] == [("pbc", 1.0, "auto"), ("lab", 3.0, "auto")]
+    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) wieght"):
+        source_specs({**d, "sources": [{"root": "/a", "wieght": 2}]})
+    with pytest.raises(ConfigError, match="given twice"):
+        source_specs({**d, "sources": [{"root": "/a/x"}, {"root": "/b/x"}]})
+
+
+def test_epoch_order_draws_each_source_by_its_weight():
+    src = np.array([0] * 100 + [1] * 10)
+    order = epoch_order(src, [1.0, 1.0], 200, seed=0, epoch=1)
+    assert len(order) == 200
+    assert (src[order] == 0).sum() == 100 and (src[order] == 1).sum() == 100
+    assert len(set(order[src[order] == 0])) == 100  # the big source: each item once
+    assert set(order[src[order] == 1]) == set(range(100, 110))  # the small one cycled through
+    assert list(epoch_order(src, [1.0, 1.0], 200, 0, 1)) == list(order)  # seeded
+    one = epoch_order(np.zeros(7, int), [1.0], None, 0, 3)
+    assert sorted(one) == list(range(7)) and list(one) == list(np.random.default_rng([0, 3]).permutation(7))
+
+
+@pytest.mark.slow
+def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_path):
+    """PBC plus a class-per-folder lab (Neutrophil = group only), one class left out of training:
+    the run trains, the model folder carries GroupNorm, the colour reference and a novelty score."""
+    import json
+
+    pbc = make_pbc(tmp_path / "pbc", {p: 4 for p in ("SNE", "BNE", "LY", "MO", "EO", "BA")}, size=40)
+    lab = make_folders(tmp_path / "lab", {"Neutrophil": 6, "Lymphocyte": 6}, size=40)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""data:
+  sources:
+    - {{name: pbc, root: {pbc}, weight: 1.0, exclude: [BA]}}
+    - {{name: lab, root: {lab}, layout: folders, weight: 2.0, split_fractions: [0.6, 0.4, 0.0]}}
+  cache_dir: {tmp_path / 'cache'}
+""")
+    sets = ["model.arch=test_efficientnet", "model.input_size=32", "model.norm=group", "model.colour_norm=reinhard",
+            "train.epochs=1", "train.batch=8", "train.epoch_items=24", "train.device=cpu", "train.patience=0",
+            "train.augment.downres_p=0.5", "train.augment.jpeg_p=0.5", "train.augment.gray_p=0.2"]
+    args = ["train", "classify", "--out", str(tmp_path / "run"), "--config", str(cfg)]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    assert (run / "split.json").is_file() and (run / "split_lab.json").is_file()
+    train = json.loads((run / "split.json").read_text())["train"]
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert meta["norm"] == "group" and meta["colour_norm"]["method"] == "reinhard"
+    assert [s["name"] for s in meta["data"]["sources"]] == ["pbc", "lab"]
+    assert meta["novelty"]["threshold"] > 0 and (run / "model" / nov.NOVELTY_FILE).is_file()
+    lab_train = json.loads((run / "split_lab.json").read_text())["train"]
+    n_ba = sum(1 for row in train if row[1] == "BA")
+    assert n_ba > 0 and meta["data"]["n_train"] == len(train) - n_ba + len(lab_train)  # BA left out
+    from smear.classify.model import CnnClassifier
+
+    clf = CnnClassifier.from_dir(run / "model", device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())
+    probs, ratio = clf.predict([np.full((40, 40, 3), 180, np.uint8)] * 2)
+    assert probs.shape == (2, len(FINE_CLASSES)) and ratio is not None and ratio.shape == (2,)
+
+
+# ---------------------------------------------------------------- augmentation and colour
+
+
+def test_down_resolution_removes_fine_detail_and_p0_is_identity():
+    x = torch.rand(4, 3, 64, 64)
+    assert torch.equal(A.down_resolution(x, 0.0, 0.4), x)
+    y = A.down_resolution(x, 1.0, 0.2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    high = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert high(y) < 0.8 * high(x)  # noise detail is lost when the cell is drawn with fewer pixels
+    assert torch.allclose(y.mean(), x.mean(), atol=0.02)
+
+
+def test_jpeg_and_grayscale():
+    x = torch.rand(3, 3, 32, 32)
+    j = A.jpeg_artefacts(x, 1.0, 20, torch.Generator().manual_seed(0))
+    assert j.shape == x.shape and not torch.equal(j, x) and (j - x).abs().mean() < 0.3
+    g = A.random_grayscale(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+
+
+def test_reinhard_moves_each_image_to_the_reference():
+    x = torch.rand(2, 3, 24, 24) * 0.5 + 0.3
+    shifted = (x * torch.tensor([1.0, 0.8, 1.2]).view(1, 3, 1, 1)).clamp(0, 1)
+    ref_m, ref_s = lab_stats(x[:1])
+    out = reinhard(shifted, ref_m[0].tolist(), ref_s[0].tolist())
+    m, s = lab_stats(out)
+    assert torch.allclose(m[1], ref_m[0], atol=0.02)  # the other image's colour, now the reference's
+    assert torch.allclose(s[1], ref_s[0], rtol=0.15, atol=0.005)
+
+
+def test_group_norm_model_has_no_batchnorm_and_adabn_adapts_only_batchnorm():
+    gn = build_model("test_efficientnet", norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
+    assert gn.eval()(torch.rand(2, 3, 32, 32)).shape == (2, len(FINE_CLASSES))
+    from smear.classify.model import CnnClassifier
+
+    meta = {"classes": list(FINE_CLASSES), "crop_margin": 1.3, "input_size": 32}
+    bn_clf = CnnClassifier(build_model("test_efficientnet"), meta, device="cpu")
+    bn = [m for m in bn_clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    dark = [np.full((32, 32, 3), 30, np.uint8)] * 8
+    assert adapt_batchnorm(bn_clf, dark) > 0
+    assert not torch.allclose(bn.running_mean, before) and not bn.training
+    assert adapt_batchnorm(CnnClassifier(gn, meta, device="cpu"), dark) == 0
+
+
+# ---------------------------------------------------------------- novelty
+
+
+def test_mahalanobis_novelty_separates_a_class_it_never_saw():
+    rng = np.random.default_rng(0)
+    known = np.concatenate([rng.normal(0, 1, (200, 8)), rng.normal(6, 1, (200, 8))])
+    labels = np.array([0] * 200 + [1] * 200)
+    stats = nov.fit(known, labels)
+    threshold = np.quantile(nov.distances(rng.normal(0, 1, (200, 8)), stats), 0.97)
+    unseen = rng.normal(-6, 1, (100, 8))
+    assert (nov.distances(unseen, stats) > threshold).mean() > 0.95
+    fresh = np.concatenate([rng.normal(0, 1, (100, 8)), rng.normal(6, 1, (100, 8))])
+    assert (nov.distances(fresh, stats) > threshold).mean() < 0.1
+
+
+def test_lab_row_counts_majority_balanced_accuracy_and_holds():
+    probs = np.full((4, len(FINE_CLASSES)), 0.01)
+    for i, c in enumerate(("SNE", "SNE", "LY", "SNE")):
+        probs[i, FINE_CLASSES.index(c)] = 0.9
+    row = lab_row(probs, ["neutrophil", "neutrophil", "lymphocyte", "lymphocyte"], 0.5,
+                  held=np.array([False, False, False, True]))
+    assert row["n"] == 4 and row["type5_accuracy"] == pytest.approx(0.75)
+    assert row["type5_balanced_accuracy"] == pytest.approx(0.75)  # neutrophil 2/2, lymphocyte 1/2
+    assert row["majority_baseline"] == pytest.approx(0.5) and row["unidentified"] == pytest.approx(0.25)
+
+
+def test_novel_cells_go_to_unidentified_in_the_pipeline(tmp_path):
+    from fakes import FakeDetector, dets
+
+    from smear.io import Slide, write_image_atomic
+    from smear.pipeline.run import Stages, run_slide
+
+    class NoveltyClassifier:
+        crop_margin, input_size, has_novelty = 1.2, 16, True
+        classes = FINE_CLASSES
+
+        def predict(self, crops):
+            probs = np.full((len(crops), len(FINE_CLASSES)), 0.001)
+            probs[:, FINE_CLASSES.index("PMY")] = 0.99
+            return probs, np.array([0.5, 3.0][: len(crops)])
+
+    path = tmp_path / "f.png"
+    write_image_atomic(path, np.full((40, 80, 3), 220, np.uint8))
+    stages = Stages(detector=FakeDetector({80: dets(2, 0, 0)}), classifier=NoveltyClassifier())
+    rep = run_slide(Slide("s", (path,)), stages)
+    cells = rep.fields[0].cells
+    assert [c.label for c in cells] == ["PMY", UNIDENTIFIED] and [c.novelty for c in cells] == [0.5, 3.0]
+
+
+# ---------------------------------------------------------------- the domain guard
+
+
+def _report(n_wbc: int, novel: int, n_rbc: int = 100, erb: int = 0) -> SlideReport:
+    dets, cells = [], []
+    for i in range(n_wbc):
+        d = Detection((0.0, 0.0, 10.0, 10.0), CellKind.WBC, 0.9)
+        dets.append(d)
+        label = "ERB" if i < erb else "SNE"
+        cells.append(CellPrediction(d, label, 0.9, {label: 0.9}, novelty=2.0 if i < novel else 0.5))
+    dets += [Detection((0.0, 0.0, 5.0, 5.0), CellKind.RBC, 0.9)] * n_rbc
+    return SlideReport("s", (FieldResult("s", "f.png", 640, 480, tuple(dets), tuple(cells)),), classified=True)
+
+
+def test_guard_fires_on_novel_slides_and_implausible_counts():
+    g = CFG["guard"]
+    quiet = summarize(_report(40, 2), CFG["report"], CFG["flags"], g)
+    assert quiet["domain_warnings"] == [] and quiet["novel_share"] == pytest.approx(0.05)
+    novel = summarize(_report(40, 30), CFG["report"], CFG["flags"], g)
+    assert novel["novel_share"] == pytest.approx(0.75)
+    assert "unlike the training data: 30 of 40 WBCs (75%)" in novel["domain_warning"]
+    assert "adapt the classifier" in novel["domain_warning"]
+    nrbc = summarize(_report(20, 0, erb=15), CFG["report"], CFG["flags"], g)
+    assert any("NRBC per 100 WBC" in w for w in nrbc["domain_warnings"])  # 15 ERB to 5 WBC: 300 per 100
+    crowded = summarize(_report(80, 0, n_rbc=60), CFG["report"], CFG["flags"], g)
+    assert any("80 WBC boxes to 60 RBCs" in w for w in crowded["domain_warnings"])
+
+
+@pytest.mark.slow
+def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
+    """A tiny classifier trained on drawn cells, its novelty fitted on them: a slide of the same
+    fields passes, the same fields with their colour shifted get the warning in CSV and table."""
+    import io
+
+    import pandas as pd
+
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+    from smear.classify.train import fit_novelty
+    from smear.classify.cache import cut_cell_crop
+    from smear.classify.data import Item
+
+    pbc = make_pbc(tmp_path / "pbc", {p: 6 for p in ("SNE", "LY", "MO")}, size=40)
+    args = ["train", "classify", "--out", str(tmp_path / "run")]
+    for s in ("model.arch=test_efficientnet", "model.input_size=32", f"data.root={pbc}",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "train.batch=8", "train.device=cpu",
+              "train.patience=0", "model.novelty_quantile=null"):
+        args += ["--set", s]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    model = tmp_path / "run" / "model"
+    fields = [make_field(s) for s in range(1, 9)]
+    # the novelty score fitted on the WBC crops of the plain fields, cut as the pipeline cuts them
+    from smear.crops import cut_crop
+    from smear.detect.classical import ClassicalDetector
+
+    crops, items = [], []
+    for k, (f, found) in enumerate(zip(fields, ClassicalDetector().detect([f.image_rgb for f in fields]))):
+        for det in (d for d in found if d.kind == CellKind.WBC):
+            crops.append(cut_crop(f.image_rgb, det.box_xyxy, 1.3, 32))
+            items.append(Item(tmp_path / f"{k}.png", "SNE", "neutrophil"))
+    crops = np.stack(crops)
+    fit_novelty(model, crops, items, crops, 0.9, log=lambda m: None)
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    for k, f in enumerate(fields):
+        write_image_atomic(plain / f"{k}.png", f.image_rgb)
+        hsv_swap = f.image_rgb[..., [1, 2, 0]]  # a stain and scanner nothing like the training data
+        write_image_atomic(shifted / f"{k}.png", np.ascontiguousarray(hsv_swap))
+    out = {}
+    for slide in (plain, shifted):
+        res = CliRunner().invoke(app, ["run", str(slide), "--report", "csv", "--set", f"classifier_model={model}",
+                                       "--set", "detector=classical", "--set", "runtime=torch",
+                                       "--set", "guard.min_scored=2", "--set", "cache_dir=off"])
+        assert res.exit_code == 0, res.output
+        out[slide.name] = pd.read_csv(io.StringIO(res.stdout)).iloc[0]
+    assert out["shifted"]["novel_share"] > out["plain"]["novel_share"]
+    assert "unlike the training data" in str(out["shifted"]["domain_warning"])
+    assert str(out["plain"]["domain_warning"]) in ("nan", "")
+
+
+# ---------------------------------------------------------------- the WBC plausibility check
+
+
+def test_wbc_check_drops_a_red_cell_sized_box_without_nucleus():
+    from smear.detect.plausible import CheckedDetector, WbcCheck
+
+    img = np.full((200, 300, 3), (230, 210, 200), np.uint8)
+    rbcs = [(10 + 30 * i, 150, 34 + 30 * i, 174) for i in range(5)]
+    for x0, y0, x1, y1 in rbcs:
+        img[y0:y1, x0:x1] = (215, 150, 150)  # pink red cells
+    img[40:80, 40:80] = (120, 60, 170)       # a purple nucleus inside the real WBC box
+    real = Detection((30.0, 30.0, 90.0, 90.0), CellKind.WBC, 0.9)
+    fake = Detection((200.0, 40.0, 224.0, 64.0), CellKind.WBC, 0.2)  # a red cell called WBC
+    img[40:64, 200:224] = (215, 150, 150)
+    boxes = [real, fake] + [Detection(tuple(map(float, b)), CellKind.RBC, 0.9) for b in rbcs]
+    check = WbcCheck()
+    assert check.implausible(img, boxes)[:2] == [False, True]
+
+    class Fixed:
+        def detect(self, images):
+            return [list(boxes) for _ in images]
+
+    kept = CheckedDetector(Fixed(), check).detect([img])[0]
+    assert real in kept and fake not in kept and len(kept) == len(boxes) - 1
+    # too few red cells on the field to know their size: nothing is dropped
+    assert check.implausible(img, [real, fake]) == [False, False]
