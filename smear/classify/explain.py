@@ -69,7 +69,7 @@ def box_share(cam: np.ndarray, margin: float) -> float:
 def grad_cam(clf: CnnClassifier, crops: Sequence[np.ndarray], targets: Sequence[str | None] | None = None,
              layer: str | None = None) -> list[Explanation]:
     """Grad-CAM of each crop for its target class (None: the predicted class)."""
-    model = clf.model
+    model = getattr(clf.model, "net", clf.model)  # the bare network, without the novelty features
     layer = layer or pick_layer(model, clf.input_size)
     module = dict(model.named_modules())[layer]
     store: dict[str, torch.Tensor] = {}

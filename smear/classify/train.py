@@ -504,8 +504,9 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         centre = np.concatenate([
             (eval_batch(torch.from_numpy(wide[i:i + 1024]), size).permute(0, 2, 3, 1) * 255).round()
             .to(torch.uint8).numpy() for i in range(0, len(wide), 1024)])
-        fit_novelty(model_dir, centre, train_items, val_crops, float(m["novelty_quantile"]), log,
-                    fitted_on="the training part of the run's sources; threshold on the validation part")
+        meta["novelty"] = fit_novelty(model_dir, centre, train_items, val_crops, float(m["novelty_quantile"]), log,
+                                      fitted_on="the training part of the run's sources; threshold on the validation part")
+        write_text_atomic(model_dir / "MODEL_CARD.md", _card(meta))
     log(f"model folder: {model_dir}")
     return model_dir
 
@@ -517,15 +518,23 @@ def _card(meta: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.3f}"
     rows = "\n".join(f"| {c} | {f(p['precision'])} | {f(p['recall'])} | {f(p['f1'])} | {p['support']} |"
                      for c, p in tm["per_class"].items())
+    sources = meta["data"].get("sources") or [{"name": "data", "root": meta["data"]["root"], "weight": 1.0}]
+    trained = ("Fine-tuned from " + meta["fine_tuned_from"] if meta.get("fine_tuned_from") else "Trained from scratch")
+    trained += " on " + ", ".join(f"{s_['name']} ({s_['root']}, sampling weight {s_['weight']:g})" for s_ in sources)
+    colour = ", Reinhard colour normalisation to the training reference" if meta.get("colour_norm") else ""
+    novelty = ""
+    if meta.get("novelty"):
+        nv = meta["novelty"]
+        novelty = (f"\nA per-cell novelty score ({nv['method']}) sends cells unlike every training class to "
+                   f"UNIDENTIFIED: threshold {nv['threshold']} (validation quantile {nv['quantile']}).")
     return f"""# Leukocyte classifier ({meta['arch']}, {meta['input_size']} px)
 
 11 fine classes ({', '.join(meta['classes'])}) from single-cell crops: a square of side = the
-WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. Trained from
-scratch on PBC (Acevedo et al. 2020, CellaVision DM96, May-Grunwald-Giemsa), one lab and one
-scanner; temperature-scaled on the validation split (T = {meta['temperature']:.3f}); predictions average
-{meta['tta']} rotation/flip view(s) of each crop.
+WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. {trained};
+{meta.get('norm', 'batch')} normalisation layers{colour}; temperature-scaled on the validation split
+(T = {meta['temperature']:.3f}); predictions average {meta['tta']} rotation/flip view(s) of each crop.{novelty}
 
-## Test split of PBC (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})
+## Test split of the first source (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})
 accuracy {f(tm['accuracy'])}, macro-F1 {f(tm['macro_f1'])}, Cohen's kappa {f(tm['kappa'])};
 8-group accuracy {f(tm['group8_accuracy'])}, 5-type accuracy {f(tm['type5_accuracy'])};
 ECE {f(tm['ece'])} (val ECE {cal['ece_before']:.3f} before, {cal['ece_after']:.3f} after scaling).
