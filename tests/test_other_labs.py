@@ -330,3 +330,19 @@ def test_wbc_check_drops_a_red_cell_sized_box_without_nucleus():
     assert real in kept and fake not in kept and len(kept) == len(boxes) - 1
     # too few red cells on the field to know their size: nothing is dropped
     assert check.implausible(img, [real, fake]) == [False, False]
+
+
+def test_wbc_rows_count_red_cells_taken_for_white_cells_per_source(tmp_path):
+    from smear.detect.data import Sample
+    from smear.detect.evaluate import wbc_rows
+
+    wbc, rbc = (10.0, 10.0, 50.0, 50.0), (100.0, 100.0, 120.0, 120.0)
+    a = Sample(tmp_path / "a.png", 200, 200, [(CellKind.WBC, wbc), (CellKind.RBC, rbc)], "labA")
+    b = Sample(tmp_path / "b.png", 200, 200, [(CellKind.WBC, wbc)], "labB")
+    preds = [[Detection(wbc, CellKind.WBC, 0.9), Detection(rbc, CellKind.WBC, 0.3)],  # one RBC called WBC
+             [Detection((150.0, 150.0, 190.0, 190.0), CellKind.WBC, 0.05)]]           # a miss + a low false box
+    rows = wbc_rows([a, b], preds, conf=0.1)
+    assert rows["labA"] == {"n_images": 1, "n_wbc": 1, "n_pred": 2, "precision": 0.5, "recall": 1.0,
+                            "false_wbc": 1, "rbc_as_wbc": 1}
+    assert rows["labB"]["recall"] == 0.0 and rows["labB"]["n_pred"] == 0  # the 0.05 box is under the floor
+    assert rows["all"]["n_wbc"] == 2 and rows["all"]["recall"] == 0.5 and list(rows)[-1] == "all"
