@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -111,8 +112,31 @@ def list_fields(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 
-def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]:
-    """Each path as a slide: an image is a one-field slide, a folder of images is one slide."""
+def _walk_folders(root: Path) -> list[Path]:
+    """Every visible subfolder under ``root``, sorted; hidden folders and folder symlinks are not
+    entered, and each real folder is visited once."""
+    seen = {root.resolve()}
+    found: list[Path] = []
+    for top, dirs, _files in os.walk(root, followlinks=False):
+        keep = []
+        for d in sorted(dirs):
+            sub = Path(top) / d
+            if d.startswith(".") or sub.is_symlink() or sub.resolve() in seen:
+                continue
+            seen.add(sub.resolve())
+            keep.append(d)
+            found.append(sub)
+        dirs[:] = keep
+    return sorted(found)
+
+
+def find_slides(paths: list[str | Path], recursive: bool = False,
+                warn: Callable[[str], None] | None = None) -> list[Slide]:
+    """Each path as a slide: an image is a one-field slide, a folder of images is one slide.
+
+    A folder without images is an error; with several paths and ``warn`` given, it is a warning
+    and an empty slide (reported with 0 fields) so the other slides still run.
+    """
     slides: list[Slide] = []
     for raw in paths:
         path = Path(raw)
@@ -126,9 +150,7 @@ def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]
                 )
             slides.append(Slide(path.stem, (path,)))
             continue
-        folders = [path]
-        if recursive:
-            folders += sorted(p for p in path.rglob("*") if p.is_dir() and not p.name.startswith("."))
+        folders = [path] + (_walk_folders(path) if recursive else [])
         found = False
         for folder in folders:
             fields = list_fields(folder)
@@ -137,9 +159,85 @@ def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]
                 slides.append(Slide(name or str(folder), tuple(fields)))
                 found = True
         if not found:
+            if warn is not None and len(paths) > 1:
+                warn(f"{path}: folder holds no image files, reported as an empty slide")
+                slides.append(Slide(path.name or str(path), ()))
+                continue
             raise SmearError(f"{path}: folder holds no image files",
                              hint=f"accepted suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}")
     return slides
+
+
+def check_outputs(outputs: dict[str, Path | None], slides: list[Slide]) -> None:
+    """Refuse outputs that would replace an input field (symlinks resolved), image-named outputs
+    inside a slide folder, two outputs on one file, outputs that are symlinks or folders; create
+    the output folders and check that they are writable. Called before any model loads."""
+    inputs = {f.resolve() for s in slides for f in s.fields}
+    slide_dirs = {f.resolve().parent for s in slides for f in s.fields}
+    taken: dict[Path, str] = {}
+    for option, target in outputs.items():
+        if target is None:
+            continue
+        target = Path(target)
+        real = target.resolve()
+        if real in inputs:
+            raise SmearError(f"{target}: {option} names an input field; refusing to overwrite an input")
+        if real.parent in slide_dirs and real.suffix.lower() in IMAGE_SUFFIXES:
+            raise SmearError(f"{target}: {option} is an image file name inside a slide folder; refusing it",
+                             hint="write outputs outside the slide folders, or with a .csv/.json/.html name")
+        if real in taken:
+            raise SmearError(f"{target}: {taken[real]} and {option} name the same file", hint="give each its own file")
+        if target.is_symlink():
+            raise SmearError(f"{target}: {option} is a symbolic link; refusing to replace it with a file",
+                             hint="name the file the link points at, or another path")
+        if target.is_dir():
+            raise SmearError(f"{target}: {option} is a folder, not a file")
+        taken[real] = option
+        check_writable_folder(target.parent, option)
+        sweep_stale_temps(target)
+
+
+def check_writable_folder(folder: Path, what: str = "output") -> None:
+    """Create ``folder`` if needed and check that files can be made in it, or raise SmearError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmearError(f"{folder}: cannot create the {what} folder ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SmearError(f"{folder}: the {what} folder is not writable")
+
+
+def temp_name(target: Path) -> str:
+    """The prefix of smear's temporary files beside ``target``: hidden, with this process's id."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(target: Path) -> list[Path]:
+    """Delete temporary files that a killed smear process left beside ``target`` (``.<name>.<pid>.*tmp``
+    of a pid that no longer runs); returns what was deleted."""
+    removed = []
+    prefix = f".{target.name}."
+    try:
+        candidates = list(target.parent.glob(f"{glob.escape(prefix)}*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager
@@ -147,7 +245,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -100,17 +100,35 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def export_model_dir(stage: str, model_dir: str | Path, out: str | Path) -> Path:
-    """Copy a model folder to ``out`` and write its ONNX there as ``model.onnx`` (``runtime: onnx``
-    then uses it directly). ``stage``: detector | classifier | segmenter."""
-    import shutil
-
+def check_export_target(model_dir: str | Path, out: str | Path, force: bool = False) -> None:
+    """Refuse an export over the model itself, onto a file or symlink, or into a folder that holds
+    files, unless ``force`` (which replaces only the files the export writes)."""
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise ModelError(f"{out}: export into a new folder, not over the model itself")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns(ONNX_NAME, "*.tmp"))
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ModelError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ModelError(f"{out}: folder is not empty; refusing to write into it",
+                         hint="choose a new --out, or --force to replace the files an export writes "
+                              "(nothing else in it is touched)")
+
+
+def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Copy a model folder's files to ``out`` and write its ONNX there as ``model.onnx``
+    (``runtime: onnx`` then uses it directly). ``stage``: detector | classifier | segmenter.
+    Nothing is ever deleted: ``force`` lets it write into a non-empty folder, over the same names."""
+    import shutil
+
+    model_dir, out = Path(model_dir), Path(out)
+    check_export_target(model_dir, out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sorted(model_dir.iterdir()):
+        if src.is_file() and src.name != ONNX_NAME and not src.name.endswith(".tmp"):
+            dest = out / src.name
+            if dest.is_symlink() or dest.is_dir():
+                raise ModelError(f"{dest}: is a link or a folder; refusing to replace it")
+            shutil.copyfile(src, dest)
     meta = load_meta(out)
     if stage == "detector":
         from smear.detect.ultra import export_onnx

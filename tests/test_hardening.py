@@ -1,0 +1,307 @@
+"""Faults, odd inputs and hostile files (issue 16): each case refused in one line, or survived.
+
+Data loss
+  1  an output that is, or replaces, an input field, or an image name in a slide folder
+  2  `smear export` into a folder that holds files
+  3  --out and --cells on one file; an output that is a symlink
+  4  temporary files after SIGTERM, a failed write, or a killed run
+  5  unwritable output folders found before any field runs
+Code execution
+  6  a model folder or checkpoint holding a pickle payload
+A cache that is verified
+  7  tampered, out-of-range or inconsistent cache entries
+  8  the cache key covers meta.json and the settings
+Inputs
+  9  file names that look like rich markup ("q[/]x.png", "[bold]slide")
+  10 io.max_pixels is PIL's limit too
+  11 a JPEG whose header claims more pixels than the file holds
+  12 --recursive skips hidden folders and folder symlinks
+  13 a dataset with a truncated image
+  14 CSV formula injection
+  15 an empty folder among several slides
+No network, no surprises
+  16 no connection outside loopback while the pipeline runs
+  17 ultralytics' offline / no-autoinstall settings are forced
+  18 an unwritable cache folder warns
+  19 broken caches and ONNX files fall back or fail cleanly
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from smear.cli import app
+
+runner = CliRunner()
+CLASSICAL = ["--set", "detector=classical", "--set", "classifier=off"]
+
+
+def _slide(folder: Path, seeds=(1, 2)) -> list[Path]:
+    from smear.io import write_image_atomic
+    from smear.synth import make_field
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in seeds:
+        paths.append(write_image_atomic(folder / f"field_{s:02d}.png", make_field(seed=s, width=320, height=240).image_rgb))
+    return paths
+
+
+def _one_line_error(res, *needles: str) -> str:
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines and lines[0].startswith("error:"), res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_models(monkeypatch):
+    """Fail the test if any stage is built (the checks must come first)."""
+    import smear.pipeline.build as build
+
+    def boom(_cfg):
+        raise AssertionError("stages were built before the outputs were checked")
+
+    monkeypatch.setattr(build, "build_stages", boom)
+
+
+# ------------------------------------------------------------------ 1. outputs never replace inputs
+
+
+@pytest.mark.parametrize("option", ["--out", "--cells"])
+def test_1_output_naming_a_field_inside_a_slide_is_refused(tmp_path, option, monkeypatch):
+    fields = _slide(tmp_path / "slideC")
+    before = fields[0].read_bytes()
+    _no_models(monkeypatch)
+    res = runner.invoke(app, ["run", str(tmp_path / "slideC"), "--report", "csv", option, str(fields[0]), *CLASSICAL])
+    _one_line_error(res, fields[0].name, "input")
+    assert fields[0].read_bytes() == before
+
+
+def test_1_output_through_a_symlink_or_other_slide_is_refused(tmp_path, monkeypatch):
+    a = _slide(tmp_path / "a", seeds=(1,))
+    _slide(tmp_path / "b", seeds=(2,))
+    link = tmp_path / "out.csv"
+    link.symlink_to(a[0])
+    _no_models(monkeypatch)
+    res = runner.invoke(app, ["run", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(link), *CLASSICAL])
+    _one_line_error(res, "out.csv")
+    assert link.is_symlink() and Image.open(a[0]).format == "PNG"
+
+
+def test_1_image_named_output_inside_a_slide_folder_is_refused(tmp_path, monkeypatch):
+    _slide(tmp_path / "s")
+    _no_models(monkeypatch)
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--cells", str(tmp_path / "s" / "x.jpg"), *CLASSICAL])
+    _one_line_error(res, "x.jpg", "slide folder")
+    assert not (tmp_path / "s" / "x.jpg").exists()
+
+
+# ------------------------------------------------------------------ 2. export never deletes
+
+
+def _fake_model_dir(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"stage": "classify", "weights": "w.bin", "classes": ["A"]}))
+    (folder / "w.bin").write_bytes(b"weights")
+    return folder
+
+
+def test_2_export_into_a_folder_with_files_is_refused_and_force_deletes_nothing(tmp_path, monkeypatch):
+    import smear.runtime as rt
+
+    out = tmp_path / "exported"
+    (out / "classifier").mkdir(parents=True)
+    mine = out / "classifier" / "notes.txt"
+    mine.write_text("my notes")
+    model = _fake_model_dir(tmp_path / "model")
+    res = runner.invoke(app, ["export", "--out", str(out), "--stage", "classifier",
+                              "--set", f"classifier_model={model}"])
+    _one_line_error(res, "not empty")
+    assert mine.read_text() == "my notes"
+
+    monkeypatch.setattr(rt, "export_module", lambda module, path, size: Path(path).write_bytes(b"onnx") or path)
+    import smear.classify.model as cm
+
+    monkeypatch.setattr(cm.CnnClassifier, "from_dir", classmethod(lambda cls, d, device="cpu": type("M", (), {"model": None})()))
+    (model / "meta.json").write_text(json.dumps({"stage": "classify", "weights": "w.bin", "classes": ["A"],
+                                                 "input_size": 8}))
+    res = runner.invoke(app, ["export", "--out", str(out), "--stage", "classifier", "--force",
+                              "--set", f"classifier_model={model}"])
+    assert res.exit_code == 0, res.output
+    assert mine.read_text() == "my notes"  # --force replaced only what the export writes
+    assert (out / "classifier" / "w.bin").read_bytes() == b"weights" and (out / "classifier" / "model.onnx").exists()
+
+
+# ------------------------------------------------------------------ 3. two outputs on one file, symlinked outputs
+
+
+def test_3_out_and_cells_on_one_file_is_refused(tmp_path, monkeypatch):
+    _slide(tmp_path / "s", seeds=(1,))
+    _no_models(monkeypatch)
+    target = tmp_path / "x.csv"
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", "--out", str(target),
+                              "--cells", str(target), *CLASSICAL])
+    _one_line_error(res, "x.csv", "same file")
+
+
+def test_3_an_output_that_is_a_symlink_is_not_replaced(tmp_path, monkeypatch):
+    _slide(tmp_path / "s", seeds=(1,))
+    real = tmp_path / "elsewhere.csv"
+    real.write_text("keep")
+    link = tmp_path / "report.csv"
+    link.symlink_to(real)
+    _no_models(monkeypatch)
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", "--out", str(link), *CLASSICAL])
+    _one_line_error(res, "report.csv", "symbolic link")
+    assert link.is_symlink() and real.read_text() == "keep"
+
+
+# ------------------------------------------------------------------ 7. the cache is verified
+
+
+def _cache_entries(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.json"))
+
+
+def test_7_a_tampered_cache_entry_is_refused_on_resume(tmp_path):
+    _slide(tmp_path / "s", seeds=(1,))
+    cache = tmp_path / "cache"
+    args = ["run", str(tmp_path / "s"), "--report", "csv", *CLASSICAL, "--set", f"cache_dir={cache}"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    [entry] = _cache_entries(cache)
+    stored = json.loads(entry.read_text())
+    stored["result"]["detections"] += [[[1.0, 1.0, 20.0, 20.0], "wbc", 0.9]] * 40  # 40 fake white cells
+    entry.write_text(json.dumps(stored))
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert "cached result refused (checksum mismatch)" in res.stderr
+    assert res.stdout == first.stdout  # the field was run again
+
+
+def _entry(**cell):
+    base = {"det": 0, "label": "BA", "prob": 0.9, "probs": {"BA": 0.9, "LY": 0.1}, "mask": None, "novelty": None}
+    return {"width": 100, "height": 80, "detections": [[[10.0, 10.0, 40.0, 40.0], "wbc", 0.9],
+                                                       [[50.0, 10.0, 70.0, 30.0], "rbc", 0.8]],
+            "cells": [{**base, **cell}]}
+
+
+@pytest.mark.parametrize("data,reason", [
+    (_entry(det=-1), "not an index"),
+    (_entry(det=999), "not an index"),
+    (_entry(det=1), "not at a WBC"),
+    (_entry(prob=float("nan")), "not a finite number"),
+    (_entry(probs={"BA": float("nan")}), "not a finite number"),
+    (_entry(label="XX"), "unknown label"),
+    (_entry(label="LY"), "not its most probable"),
+    (_entry(prob=0.2), "not its top probability"),
+    ({**_entry(), "detections": [[[10.0, 10.0, 400.0, 40.0], "wbc", 0.9]]}, "outside"),
+    ({**_entry(), "detections": [[[10.0, 10.0, 40.0, 40.0], "wbc", 1.5]]}, "outside"),
+    ({**_entry(), "cells": [_entry()["cells"][0]] * 2}, "not at a WBC of its own"),
+])
+def test_7_cache_entries_outside_the_schema_are_refused(data, reason):
+    from smear.pipeline.cache import BadEntry, field_from_dict
+
+    with pytest.raises(BadEntry, match=reason):
+        field_from_dict(data, "s", "f.png", "f.png")
+    field_from_dict(_entry(), "s", "f.png", "f.png")  # the untouched entry is fine
+
+
+# ------------------------------------------------------------------ 8. the cache key covers meta.json
+
+
+def test_8_cache_key_changes_with_a_detector_meta(tmp_path):
+    import shutil
+
+    from smear.artifacts import shipped_dir
+    from smear.config import default_config
+    from smear.pipeline.build import stages_version
+
+    copy = tmp_path / "det"
+    shutil.copytree(shipped_dir("detector"), copy)
+    cfg = {**default_config("pipeline"), "detector_model": str(copy)}
+    before = stages_version(cfg)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta.setdefault("infer", {})["per_class_conf"] = {"wbc": 0.9, "rbc": 0.9, "platelet": 0.9}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert stages_version(cfg) != before
+    assert stages_version({**cfg, "device": "cuda:0"}) != stages_version(cfg)
+
+
+# ------------------------------------------------------------------ 9. names are not markup
+
+
+def test_9_markup_like_file_names_are_printed_as_they_are(tmp_path):
+    folder = tmp_path / "q["  # the path of its field "]x.png" reads "q[/]x.png": a closing tag
+    _slide(folder, seeds=(1,))
+    (folder / "]x.png").write_text("not a png")
+    res = runner.invoke(app, ["run", str(folder), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert "q[/]x.png" in res.stderr and "q[: 1 fields" in res.stdout
+    res = runner.invoke(app, ["run", str(folder / "]x.png"), *CLASSICAL])
+    _one_line_error(res, "q[/]x.png")
+    bold = tmp_path / "[bold]slide"
+    _slide(bold, seeds=(1,))
+    res = runner.invoke(app, ["run", str(bold), *CLASSICAL])
+    assert res.exit_code == 0 and "[bold]slide: 1 fields" in res.stdout
+
+
+# ------------------------------------------------------------------ 12. --recursive
+
+
+def test_12_recursive_skips_hidden_folders_and_folder_symlinks(tmp_path):
+    from smear.io import find_slides
+
+    root = tmp_path / "root"
+    _slide(root / "a", seeds=(1,))
+    _slide(root / ".venv" / "mpl-data" / "images", seeds=(2,))
+    (root / "a" / "sub").symlink_to(root / "a")
+    (root / "up").symlink_to(root)
+    names = [s.name for s in find_slides([root], recursive=True)]
+    assert names == ["root/a"]
+    res = runner.invoke(app, ["run", str(root), "--recursive", "--report", "csv", *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(io.StringIO(res.stdout))["slide"]) == ["root/a"]
+
+
+# ------------------------------------------------------------------ 14. CSV formula injection
+
+
+def test_14_csv_cells_that_start_a_formula_are_quoted(tmp_path):
+    folder = tmp_path / "=1+1"
+    _slide(folder, seeds=(1,))
+    (folder / "field_01.png").rename(folder / "@SUM(A1).png")
+    cells = tmp_path / "cells.csv"
+    res = runner.invoke(app, ["run", str(folder), "--report", "csv", "--cells", str(cells), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(io.StringIO(res.stdout), dtype=str)
+    assert summary.loc[0, "slide"] == "'=1+1"
+    table = pd.read_csv(cells, dtype=str)
+    assert set(table["slide"]) == {"'=1+1"} and set(table["field"]) == {"'@SUM(A1).png"}
+
+
+# ------------------------------------------------------------------ 15. an empty folder among slides
+
+
+def test_15_an_empty_folder_among_slides_is_a_warning_and_an_empty_row(tmp_path):
+    _slide(tmp_path / "good", seeds=(1,))
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["run", str(tmp_path / "empty"), str(tmp_path / "good"), "--report", "csv", *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert "empty" in res.stderr and "no image files" in res.stderr
+    df = pd.read_csv(io.StringIO(res.stdout))
+    assert list(df["slide"]) == ["empty", "good"] and list(df["n_fields"]) == [0, 1]
+    res = runner.invoke(app, ["run", str(tmp_path / "empty"), *CLASSICAL])  # alone, it is still an error
+    _one_line_error(res, "no image files")
