@@ -59,11 +59,11 @@ def _slide(folder: Path, seeds=(1, 2)) -> list[Path]:
 def _one_line_error(res, *needles: str) -> str:
     assert res.exit_code != 0, res.output
     assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert lines and lines[0].startswith("error:"), res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr
     for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+        assert needle in errors[0], errors[0]
+    return errors[0]
 
 
 def _no_models(monkeypatch):
@@ -305,3 +305,85 @@ def test_15_an_empty_folder_among_slides_is_a_warning_and_an_empty_row(tmp_path)
     assert list(df["slide"]) == ["empty", "good"] and list(df["n_fields"]) == [0, 1]
     res = runner.invoke(app, ["run", str(tmp_path / "empty"), *CLASSICAL])  # alone, it is still an error
     _one_line_error(res, "no image files")
+
+
+# ------------------------------------------------------------------ 6. a model folder never runs code
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_detector(tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    import torch
+
+    from smear.artifacts import shipped_dir
+
+    folder, marker = tmp_path / "evil_detector", tmp_path / "PWNED"
+    folder.mkdir()
+    shutil.copyfile(shipped_dir("detector") / "meta.json", folder / "meta.json")
+    torch.save({"model": _Payload(marker), "train_args": {}}, folder / "detector.pt")
+    return folder, marker
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "{slide}", "--set", "detector_model={model}", "--set", "runtime=torch", "--set", "classifier=off"],
+    ["run", "{slide}", "--set", "detector_model={model}", "--set", "runtime=onnx", "--set", "classifier=off"],
+    ["eval", "detect", "--model", "{model}", "--data", "{slide}"],
+])
+def test_6_a_detector_pt_with_a_pickle_payload_is_refused_unrun(tmp_path, command):
+    _slide(tmp_path / "s", seeds=(1,))
+    (tmp_path / "s" / "field_01.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    model, marker = _evil_detector(tmp_path)
+    args = [a.format(slide=tmp_path / "s", model=model) for a in command]
+    res = runner.invoke(app, args)
+    _one_line_error(res, "detector.pt", "refusing")
+    assert not marker.exists()
+
+
+def test_6_the_shipped_detector_passes_the_pickle_check():
+    from smear.artifacts import check_torch_file, shipped_dir
+    from smear.detect.ultra import allowed_global, ultralytics
+
+    ultralytics()
+    check_torch_file(shipped_dir("detector") / "detector.pt", allowed_global)
+    assert not allowed_global("ultralytics.nn.tasks", "torch_safe_load")  # a function, not a layer
+    assert not allowed_global("torch", "load") and not allowed_global("builtins", "eval")
+
+
+def test_6_a_detector_in_a_format_that_runs_code_is_refused(tmp_path):
+    import shutil
+
+    from smear.artifacts import shipped_dir
+
+    folder = tmp_path / "ts_detector"
+    folder.mkdir()
+    meta = json.loads((shipped_dir("detector") / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "weights": "detector.torchscript"}))
+    shutil.copyfile(shipped_dir("detector") / "detector.pt", folder / "detector.torchscript")
+    res = runner.invoke(app, ["eval", "detect", "--model", str(folder), "--data", str(folder)])
+    assert res.exit_code != 0
+    res = runner.invoke(app, ["run", str(folder), "--set", f"detector_model={folder}", "--set", "runtime=torch"])
+    _one_line_error(res)
+
+
+def test_6_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path):
+    import torch
+
+    from smear.classify.train import load_checkpoint
+    from smear.types import ModelError
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "epoch": _Payload(marker)}, ckpt)
+    with pytest.raises(ModelError, match="checkpoint.pt: refusing to load"):
+        load_checkpoint(ckpt, None, None, None, None)
+    assert not marker.exists()

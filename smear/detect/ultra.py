@@ -49,11 +49,58 @@ def ultralytics():
     return ul
 
 
-def yolo(model: str | Path, task: str = "detect"):
-    """An ultralytics YOLO model from a model YAML (no download) or a .pt file of ours."""
-    from smear.devices import set_threads
+#: what a detector .pt may import when unpickled: tensors and containers, by exact name ...
+_SAFE_GLOBALS = frozenset({
+    ("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"), ("builtins", "frozenset"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "slice"),
+    ("torch", "Size"), ("torch", "device"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch.storage", "UntypedStorage"), ("_codecs", "encode"),
+})
+#: ... and network layers: classes of these modules that are torch.nn.Module subclasses
+_LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.modules.", "ultralytics.nn.tasks")
+WEIGHT_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml")
 
+
+def allowed_global(module: str, name: str) -> bool:
+    """Whether a detector .pt may import ``module.name``: exact tensor/container names, torch
+    dtypes and storages, and torch/ultralytics layer classes (checked on the imported class)."""
+    import importlib
+
+    import torch
+
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if not name.isidentifier():  # dotted names reach attributes of attributes
+        return False
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        return isinstance(obj, torch.dtype) or (isinstance(obj, type) and name.endswith("Storage"))
+    if not (module.startswith(_LAYER_MODULES[:2]) or module == _LAYER_MODULES[2]):
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return False
+    return isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module
+
+
+def yolo(model: str | Path, task: str = "detect"):
+    """An ultralytics YOLO model from a model YAML (no download), a .pt file of ours (checked
+    before it is unpickled: only tensors and layer classes) or an ONNX file."""
+    from smear.artifacts import check_torch_file
+    from smear.devices import set_threads
+    from smear.types import ModelError
+
+    path = Path(model)
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: detector weights must be a .pt, .onnx or model .yaml file",
+                         hint="other formats ultralytics reads (TorchScript, ...) can run code")
+    if path.suffix.lower() in (".pt", ".onnx") and not path.is_file():
+        raise ModelError(f"{path}: detector weights not found")  # ultralytics would try to download it
     ul = ultralytics()
+    if path.suffix.lower() == ".pt":
+        check_torch_file(path, allowed_global)
     m = ul.YOLO(str(model), task=task)
     set_threads()
     return m
@@ -66,7 +113,11 @@ def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 
 
     from smear.devices import set_threads
 
+    from smear.artifacts import check_torch_file
+
     dest = Path(dest)
+    ultralytics()
+    check_torch_file(weights, allowed_global)  # named as the model folder's file, not the scratch copy
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         pt = Path(tmp) / "model.pt"
