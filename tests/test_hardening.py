@@ -387,3 +387,115 @@ def test_6_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path
     with pytest.raises(ModelError, match="checkpoint.pt: refusing to load"):
         load_checkpoint(ckpt, None, None, None, None)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ 4. no temporary file stays behind
+
+_SIGTERM_MID_RUN = """
+import os, signal, sys
+import smear.pipeline.run as run
+calls = []
+real = run.classify_cells
+def classify_then_term(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the first field's cells rows are in the temporary file by now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+run.classify_cells = classify_then_term
+from smear.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_4_sigterm_mid_run_leaves_no_temporary_file(tmp_path):
+    import subprocess
+    import sys
+
+    _slide(tmp_path / "s", seeds=(1, 2, 3))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MID_RUN, "run", str(tmp_path / "s"), "--report", "csv",
+                           "--out", str(out / "r.csv"), "--cells", str(out / "c.csv"), *CLASSICAL,
+                           "--set", "field_batch=1", "--set", "cache_dir=off"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [], proc.stderr  # no .c.csv.<pid>.tmp, no half report
+
+
+def test_4_a_failed_write_leaves_no_temporary_file_and_resume_gets_the_results(tmp_path, monkeypatch):
+    import errno
+
+    import smear.pipeline.report as rep
+
+    _slide(tmp_path / "s", seeds=(1, 2))
+    cells = tmp_path / "out" / "c.csv"
+    args = ["run", str(tmp_path / "s"), "--report", "csv", "--cells", str(cells), *CLASSICAL,
+            "--set", f"cache_dir={tmp_path / 'cache'}"]
+    real_write = rep.CellsWriter.write
+
+    def full_disk(self, slide, fr):
+        real_write(self, slide, fr)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rep.CellsWriter, "write", full_disk)
+    res = runner.invoke(app, args)
+    _one_line_error(res, "c.csv", "No space left")
+    assert "--resume" in res.stderr and list(cells.parent.iterdir()) == []
+    monkeypatch.setattr(rep.CellsWriter, "write", real_write)
+    import smear.pipeline.run as run
+
+    monkeypatch.setattr(run, "classify_cells", lambda *a, **k: pytest.fail("a cached field ran again"))
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(cells)) > 0
+
+
+def test_4_stale_temporary_files_of_dead_processes_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    _slide(tmp_path / "s", seeds=(1,))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".c.csv.{dead}.tmp"
+    stale.write_text("x" * 1000)
+    alive = out / f".c.csv.{os.getppid()}.tmp"  # another run still writing: left alone
+    alive.write_text("x")
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--cells", str(out / "c.csv"), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and alive.exists() and (out / "c.csv").exists()
+
+
+# ------------------------------------------------------------------ 5. output folders checked up front
+
+
+def test_5_an_output_folder_that_cannot_be_made_fails_before_any_model_loads(tmp_path, monkeypatch):
+    _slide(tmp_path / "s", seeds=(1,))
+    (tmp_path / "afile").write_text("x")
+    _no_models(monkeypatch)
+    for option in ("--out", "--cells"):
+        res = runner.invoke(app, ["run", str(tmp_path / "s"), option, str(tmp_path / "afile" / "r.csv"), *CLASSICAL])
+        _one_line_error(res, "afile", "cannot create")
+
+
+def test_5_a_missing_cells_folder_is_created(tmp_path):
+    _slide(tmp_path / "s", seeds=(1,))
+    cells = tmp_path / "new" / "deeper" / "c.csv"
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--cells", str(cells), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert cells.is_file()
+
+
+# ------------------------------------------------------------------ 18. an unwritable cache warns once
+
+
+def test_18_an_unwritable_cache_folder_warns_once(tmp_path):
+    _slide(tmp_path / "s", seeds=(1, 2, 3))
+    blocked = tmp_path / "cache_is_a_file"
+    blocked.write_text("x")
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", *CLASSICAL,
+                              "--set", f"cache_dir={blocked}"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("cannot write the result cache") == 1 and "--resume" in res.stderr
