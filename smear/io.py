@@ -46,9 +46,10 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageReadError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's bomb limit is io.max_pixels (its own default is 89.5 MP)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
             with Image.open(path) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageReadError(
@@ -59,17 +60,41 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                     warnings.warn(f"{path}: multi-page image, using the first page only", stacklevel=2)
                     im.seek(0)
                 im.load()
+                fmt = im.format
                 im = ImageOps.exif_transpose(im) or im
-                return _pil_to_rgb(im, path)
+                arr = _pil_to_rgb(im, path)
+                if fmt == "JPEG":
+                    _check_not_decoder_filled(arr, path)
+                return arr
     except ImageReadError:
         raise
     except (UnidentifiedImageError, ImportError) as exc:
         # ImportError: ultralytics patches Image.open to try an optional HEIF plugin on unknown files
         raise ImageReadError(f"{path}: not a readable image file") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image is over the limit of {max_pixels} pixels ({exc})",
+                             hint="raise io.max_pixels in the pipeline config") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"{path}: unreadable or truncated image ({reason})") from exc
+
+
+def _check_not_decoder_filled(arr: np.ndarray, path: Path, max_flat: float = 0.5) -> None:
+    """Refuse a decoded JPEG whose lower part is one exact colour over more than ``max_flat`` of its
+    height below real content: libjpeg fills what a file does not hold (a header that claims more
+    pixels than the data, a cut file) with flat blocks, without an error."""
+    last = arr[-1:, -1:]
+    if not (arr[-1] == last[0]).all():
+        return  # the usual case: the bottom row has texture
+    flat_rows = (arr == last).all(axis=(1, 2))
+    content = np.flatnonzero(~flat_rows)
+    if content.size == 0:
+        return  # a blank image, not a fill
+    filled = arr.shape[0] - 1 - content[-1]
+    if filled > max_flat * arr.shape[0]:
+        raise ImageReadError(f"{path}: {100 * filled / arr.shape[0]:.0f}% of the image is one flat colour below "
+                             f"row {content[-1] + 1}: the file holds fewer pixels than its header says "
+                             f"({arr.shape[1]}x{arr.shape[0]})", hint="the file is damaged or truncated")
 
 
 def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:

@@ -499,3 +499,190 @@ def test_18_an_unwritable_cache_folder_warns_once(tmp_path):
                               "--set", f"cache_dir={blocked}"])
     assert res.exit_code == 0, res.output
     assert res.stderr.count("cannot write the result cache") == 1 and "--resume" in res.stderr
+
+
+# ------------------------------------------------------------------ 10. io.max_pixels is the limit
+
+
+def test_10_io_max_pixels_replaces_pils_own_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from smear.io import read_image
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 50_000)  # PIL's 89.5 MP default, scaled down
+    for side in (250, 400):  # over PIL's limit (a warning), and over twice it (an error in PIL)
+        PILImage.new("RGB", (side, side), (200, 180, 190)).save(tmp_path / f"m{side}.png")
+        assert read_image(tmp_path / f"m{side}.png", max_pixels=1_000_000).shape == (side, side, 3)
+    res = runner.invoke(app, ["run", str(tmp_path / "m400.png"), *CLASSICAL, "--set", "io.max_pixels=100000"])
+    _one_line_error(res, "m400.png", "over the limit of 100000 pixels")
+
+
+# ------------------------------------------------------------------ 11. a JPEG whose header lies
+
+
+def _lying_jpeg(path: Path, claim: int = 3000) -> Path:
+    from smear.synth import make_field
+
+    buf = io.BytesIO()
+    Image.fromarray(make_field(seed=3, width=320, height=240).image_rgb).save(buf, format="JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = claim.to_bytes(2, "big") + claim.to_bytes(2, "big")  # height, width
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_11_a_jpeg_whose_header_claims_more_pixels_is_skipped_with_a_warning(tmp_path):
+    _slide(tmp_path / "s", seeds=(1,))
+    _lying_jpeg(tmp_path / "s" / "liar.jpg")
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert "liar.jpg" in res.stderr and "flat colour" in res.stderr
+    df = pd.read_csv(io.StringIO(res.stdout))
+    assert df.loc[0, "n_fields"] == 1 and df.loc[0, "n_skipped"] == 1
+    res = runner.invoke(app, ["run", str(tmp_path / "s" / "liar.jpg"), *CLASSICAL])
+    _one_line_error(res, "liar.jpg", "fewer pixels than its header says")
+
+
+def test_11_blank_and_ordinary_jpegs_still_read(tmp_path):
+    from smear.io import read_image
+
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(tmp_path / "blank.jpg")
+    assert read_image(tmp_path / "blank.jpg").shape == (48, 64, 3)
+    img = np.full((48, 64, 3), 200, np.uint8)
+    img[:6] = (90, 40, 140)  # a cell at the top, background below: most rows flat, not a fill
+    Image.fromarray(img).save(tmp_path / "top.png")
+    assert read_image(tmp_path / "top.png").shape == (48, 64, 3)
+
+
+# ------------------------------------------------------------------ 16. no network
+
+
+_AUDITED_RUN = """
+import socket, sys
+def no_network(event, args):
+    if event == "socket.connect":
+        address = args[1]
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+            raise RuntimeError(f"network connection to {address}")
+    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
+        raise RuntimeError(f"DNS lookup of {args[0]}")
+sys.addaudithook(no_network)
+from smear.cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_16_the_pipeline_with_onnx_export_opens_no_connection(tmp_path):
+    import subprocess
+    import sys
+
+    _slide(tmp_path / "s", seeds=(1,))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "YOLO_OFFLINE": "0"}  # a user's environment that allows it
+    env.pop("YOLO_CONFIG_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", _AUDITED_RUN, "run", str(tmp_path / "s"), "--report", "csv",
+                           "--set", "runtime=onnx"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "network connection" not in proc.stderr and "DNS lookup" not in proc.stderr
+    assert list((tmp_path / "xdg" / "smear" / "onnx").glob("*.onnx"))  # the first-use export did run
+
+
+# ------------------------------------------------------------------ 17. ultralytics' offline settings are forced
+
+
+_ULTRALYTICS_SETTINGS = """
+import os
+from smear.detect.ultra import ultralytics
+ultralytics()
+import ultralytics.utils as u
+import ultralytics.utils.checks as checks
+from PIL import Image
+def no_install(*args, **kwargs):
+    raise SystemExit("ultralytics was asked to install " + repr(args))
+checks.check_requirements = no_install
+from smear.io import read_image
+open("notimage.jpg", "w").write("this is not an image")
+try:
+    read_image("notimage.jpg")
+except Exception as exc:
+    print("refused:", exc)
+print(os.environ["YOLO_OFFLINE"], os.environ["YOLO_AUTOINSTALL"], u.ONLINE, u.AUTOINSTALL)
+"""
+
+
+def test_17_ultralytics_is_offline_and_never_installs_whatever_the_environment(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "YOLO_OFFLINE": "0",
+           "YOLO_AUTOINSTALL": "true", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.run([sys.executable, "-c", _ULTRALYTICS_SETTINGS], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: " in proc.stdout and "not a readable image" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "1 false False False"
+
+
+# ------------------------------------------------------------------ 19. broken caches fall back or fail cleanly
+
+
+def test_19_an_unwritable_cache_home_does_not_stop_ultralytics(tmp_path, monkeypatch):
+    from smear.detect.ultra import setup_offline
+
+    blocked = tmp_path / "xdg_is_a_file"
+    blocked.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.delenv("YOLO_CONFIG_DIR", raising=False)
+    setup_offline()
+    assert (Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics").is_dir()
+
+
+def _truncate(path: Path, source: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(source.read_bytes()[:4096] if source.is_file() else b"\x08\x07onnx-cut")
+
+
+@pytest.mark.slow
+def test_19_truncated_cached_onnx_files_are_made_again(tmp_path, monkeypatch):
+    from smear.artifacts import load_meta, model_version, shipped_dir
+    from smear.runtime import check_onnx, onnx_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _slide(tmp_path / "s", seeds=(1,))
+    det, clf = shipped_dir("detector"), shipped_dir("classifier")
+    infer = load_meta(det)["infer"]
+    cut = [onnx_cache_dir() / f"detect-{model_version(det)}-{infer['imgsz']}px-b{infer['batch']}.onnx"]
+    cut += [onnx_cache_dir() / f"{stage}-{model_version(clf)}.onnx" for stage in ("classify", "classify-feat")]
+    for path in cut:
+        _truncate(path, clf / "model.safetensors")
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", "--set", "runtime=onnx",
+                              "--set", "cache_dir=off"])
+    assert res.exit_code == 0, res.output
+    check_onnx(cut[0])  # the detector's was made again
+
+    def loads(path):
+        try:
+            return bool(check_onnx(path))
+        except Exception:  # noqa: BLE001
+            return False
+
+    assert sum(loads(p) for p in cut[1:]) == 1  # and the classifier's one in use
+
+
+def test_19_a_truncated_onnx_in_a_model_folder_falls_back_to_torch(tmp_path):
+    import shutil
+
+    from smear.artifacts import shipped_dir
+    from smear.pipeline.build import build_stages
+    from smear.config import default_config
+
+    folder = tmp_path / "clf"
+    shutil.copytree(shipped_dir("classifier"), folder)
+    _truncate(folder / "model.onnx", folder / "model.safetensors")
+    cfg = {**default_config("pipeline"), "detector": "classical", "classifier_model": str(folder), "runtime": "onnx"}
+    with pytest.warns(UserWarning, match="cannot load the ONNX model"):
+        stages = build_stages(cfg)
+    assert stages.classifier is not None

@@ -20,19 +20,52 @@ def _font_source() -> Path | None:
 
 
 def setup_offline() -> None:
-    """Keep ultralytics from reaching the network: offline flag and a config dir holding its font."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if "YOLO_CONFIG_DIR" not in os.environ:
+    """Keep ultralytics from reaching the network or installing packages, whatever the user's
+    environment says, and give it a config dir holding its font (a temporary one when the cache
+    folder cannot be written)."""
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "false"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ours = "YOLO_CONFIG_DIR" not in os.environ
+    if ours:
         cfg_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smear" / "ultralytics"
         os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
-    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    try:
+        _copy_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+    except OSError:
+        if not ours:
+            return  # the user's own folder: ultralytics falls back by itself
+        import tempfile
+
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="smear-ultralytics-")
+        _copy_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+
+
+def _copy_font(font_dir: Path) -> None:
     src = _font_source()
     if src is not None:
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
             if not (font_dir / name).exists():
                 font_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, font_dir / name)
+
+
+def _no_surprises(ul) -> None:
+    """After the import: no online checks, no auto-install, and PIL's Image.open as it was (ultralytics
+    patches it to pip-install a HEIF plugin when a file is not an image; smear decodes images itself)."""
+    import importlib
+
+    for name in ("ultralytics.utils", "ultralytics.utils.checks"):
+        mod = importlib.import_module(name)
+        for flag in ("ONLINE", "AUTOINSTALL"):
+            if hasattr(mod, flag):
+                setattr(mod, flag, False)
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None:
+        from PIL import Image
+
+        Image.open = original
 
 
 def ultralytics():
@@ -45,6 +78,7 @@ def ultralytics():
     with contextlib.redirect_stdout(sys.stderr):
         import ultralytics as ul  # noqa: PLC0415
 
+    _no_surprises(ul)
     set_threads()
     return ul
 
