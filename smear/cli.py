@@ -341,6 +341,8 @@ def eval_detect(
         det = build_detector({"detector": detector, "classical": {}, "device": device})
         conf = {k: 0.0 for k in DET_CLASSES}
     metrics = evaluate_detector(det, samples, conf)
+    for reason in metrics["skipped"]:
+        warn(f"skipped {reason}")
     if json_:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:

@@ -54,7 +54,8 @@ def progress(console: Console, total: int) -> Iterator[Callable[[], None]]:
 
 def render_detect_metrics(metrics: dict, console: Console) -> None:
     """Detector figures: one row per source (and all), AP50 per class, P/R per class."""
-    table = Table(title=f"detector evaluation ({metrics['n_images']} fields)")
+    skipped = f", {metrics['n_skipped']} unreadable skipped" if metrics.get("n_skipped") else ""
+    table = Table(title=f"detector evaluation ({metrics['n_images']} fields{skipped})")
     for col in ("source", "fields", "mAP50", "mAP50-95", "AP50 wbc", "AP50 rbc", "AP50 platelet",
                 "P/R wbc", "P/R rbc", "P/R platelet"):
         table.add_column(col, justify="right" if col != "source" else "left")
