@@ -437,6 +437,9 @@ def explain(
             files.append(p)
     if not files:
         raise SmearError(f"{paths[0]}: no images to explain")
+    if any(f.resolve().parent == out.resolve() for f in files):
+        raise SmearError(f"{out}: --out is a folder of input images; refusing to write overlays among them",
+                         hint="give --out a folder of its own")
     clf = CnnClassifier.from_dir(resolve_model_dir(model, "classifier"), device=device)
     if target is not None and target not in clf.classes:
         raise SmearError(f"--target {target}: not a class of this model", hint=f"one of {', '.join(clf.classes)}")

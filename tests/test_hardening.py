@@ -108,6 +108,13 @@ def test_1_image_named_output_inside_a_slide_folder_is_refused(tmp_path, monkeyp
     assert not (tmp_path / "s" / "x.jpg").exists()
 
 
+def test_1_explain_refuses_to_write_overlays_among_its_input_images(tmp_path):
+    fields = _slide(tmp_path / "cells", seeds=(1,))
+    res = runner.invoke(app, ["explain", str(fields[0]), "--out", str(tmp_path / "cells")])
+    _one_line_error(res, "folder of input images")
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["field_01.png"]
+
+
 # ------------------------------------------------------------------ 2. export never deletes
 
 

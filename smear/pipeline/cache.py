@@ -144,9 +144,9 @@ class FieldCache:
             stored = json.loads(entry.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        if not isinstance(stored, dict) or stored.get("format") != ENTRY_FORMAT:
+            return None  # written by an earlier version of smear: a plain miss
         try:
-            if not isinstance(stored, dict) or stored.get("format") != ENTRY_FORMAT:
-                raise BadEntry("written by another version")
             if stored.get("sha256") != _checksum(stored.get("result")):
                 raise BadEntry("checksum mismatch")
             return field_from_dict(stored["result"], slide, Path(path).name, str(path))
