@@ -524,6 +524,47 @@ def test_10_io_max_pixels_replaces_pils_own_bomb_limit(tmp_path, monkeypatch):
     _one_line_error(res, "m400.png", "over the limit of 100000 pixels")
 
 
+def mosaic(path: Path, width: int = 12000, height: int = 9000) -> Path:
+    """A synthetic mosaic of 640x480 fields (a whole-slide export), saved as JPEG."""
+    from smear.synth import make_field
+
+    fields = [make_field(seed=s).image_rgb for s in range(4)]
+    rows, cols = -(-height // 480), -(-width // 640)
+    big = np.empty((rows * 480, cols * 640, 3), np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            big[r * 480:(r + 1) * 480, c * 640:(c + 1) * 640] = fields[(r * cols + c + r) % len(fields)]
+    Image.fromarray(big[:height, :width]).save(path, quality=90)
+    return path
+
+
+class _TileRecorder:
+    """An inner detector that finds one WBC in the middle of each tile and records its batches."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def detect(self, images):
+        from smear.types import CellKind, Detection
+
+        self.batches.append(len(images))
+        return [[Detection((im.shape[1] / 2 - 40, im.shape[0] / 2 - 40, im.shape[1] / 2 + 40, im.shape[0] / 2 + 40),
+                           CellKind.WBC, 0.9)] for im in images]
+
+
+@pytest.mark.slow
+def test_10_a_108_megapixel_mosaic_is_read_and_tiled(tmp_path):
+    from smear.detect.tiling import TiledDetector, tile_grid
+    from smear.io import read_image
+
+    image = read_image(mosaic(tmp_path / "mosaic.jpg"), max_pixels=500_000_000)  # over PIL's 89.5 MP
+    assert image.shape == (9000, 12000, 3)
+    inner = _TileRecorder()
+    [dets] = TiledDetector(inner, tile=640, overlap=0.2, tile_above=1024).detect([image])
+    assert sum(inner.batches) == len(tile_grid(12000, 9000, 640, 0.2)) and max(inner.batches) <= 16
+    assert len(dets) == sum(inner.batches)  # tile centres never overlap: each is one cell
+
+
 # ------------------------------------------------------------------ 11. a JPEG whose header lies
 
 
