@@ -6,7 +6,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -96,3 +96,73 @@ def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str
     if card is not None:
         write_text_atomic(model_dir / CARD, card)
     return model_dir
+
+
+# ---------------------------------------------------------------- pickle without unpickling
+
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+_PUT_OPS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
+
+
+def pickle_globals(data: bytes, where: str) -> list[tuple[str, str]]:
+    """Every (module, name) a pickle would import, read with ``pickletools`` (nothing is run);
+    raises ModelError for a pickle whose imports cannot be read that way."""
+    import pickletools
+
+    found: list[tuple[str, str]] = []
+    memo: dict[int, str | None] = {}
+    recent: list[str | None] = []  # the values the last ops pushed, when they are strings
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in _STRING_OPS:
+                recent.append(arg if isinstance(arg, str) else None)
+            elif name in _PUT_OPS:
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = recent[-1] if recent else None
+            elif name in _GET_OPS:
+                recent.append(memo.get(int(arg)))
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                found.append((module, attr))
+                recent.append(None)
+            elif name == "STACK_GLOBAL":
+                if len(recent) < 2 or recent[-1] is None or recent[-2] is None:
+                    raise ModelError(f"{where}: pickle imports a name it builds at load time; refusing it")
+                found.append((recent[-2], recent[-1]))
+                recent.append(None)
+            elif name in ("FRAME", "PROTO"):
+                continue
+            elif name in _EXT_OPS:
+                raise ModelError(f"{where}: pickle uses the copyreg extension registry; refusing it")
+            else:
+                recent.append(None)
+            del recent[:-2]
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and others on junk
+        raise ModelError(f"{where}: not a readable pickle ({exc})") from exc
+    return found
+
+
+def check_torch_file(path: str | Path, allowed: Callable[[str, str], bool]) -> None:
+    """Refuse a torch ``.pt`` (a zip of pickles) that would import anything ``allowed`` rejects,
+    before it is loaded: a model folder never runs code. Raises ModelError naming the file."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [n for n in zf.namelist() if n.endswith(".pkl")]
+            if not pickles:
+                raise ModelError(f"{path}: holds no pickle; not a torch file")
+            for member in pickles:
+                for module, name in pickle_globals(zf.read(member), f"{path} ({member})"):
+                    if not allowed(module, name):
+                        raise ModelError(f"{path}: refusing to load it: its pickle imports {module}.{name}, "
+                                         "which is not a model class or tensor type",
+                                         hint="model folders are loaded without running code they hold")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelError(f"{path}: not a torch zip file ({exc}); refusing to unpickle it") from exc

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from smear import __version__
 from smear.types import SmearError
@@ -26,10 +29,12 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
 
-out_console = Console(highlight=False, soft_wrap=True)
+# markup off: file and slide names are printed as they are ("q[/]x.jpg" is a name, not a tag);
+# the few styled lines pass markup=True with the user strings escaped
+out_console = Console(highlight=False, soft_wrap=True, markup=False)
 if not out_console.is_terminal:  # pipes and files get whole tables, not 80-column ellipses
-    out_console = Console(highlight=False, soft_wrap=True, width=160)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    out_console = Console(highlight=False, soft_wrap=True, width=160, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 _state = {"verbose": False}
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file overriding defaults.")]
@@ -44,10 +49,10 @@ class ReportFormat(str, Enum):
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> None:
-    """Print one red error line (and a dim hint) and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    """Print one red error line (and a dim hint) and exit non-zero; the text is never read as markup."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     if hint:
-        err_console.print(f"[dim]hint: {hint}[/]")
+        err_console.print(Text(f"hint: {hint}", style="dim"))
     raise typer.Exit(code)
 
 
@@ -67,7 +72,25 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    """One yellow warning line on stderr; file names in it are printed as they are, not as markup."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed by the code that made them."""
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. inside a test runner's thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.callback()
@@ -95,54 +118,24 @@ def run(
 ) -> None:
     """Count and classify the cells of each slide and print the differential."""
     from smear.config import load_config
-    from smear.io import find_slides, write_text_atomic
+    from smear.io import check_outputs, find_slides, write_text_atomic
     from smear.pipeline import report as rep
     from smear.pipeline.build import build_cache, build_stages
-    from smear.pipeline.run import run_slide
-    from smear.pipeline.render import progress, render_summary
+    from smear.pipeline.render import render_summary
 
     overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
     cfg = load_config("pipeline", config, overrides)
-    for target in (out, cells):
-        if target is not None and any(target.resolve() == p.resolve() for p in paths):
-            raise SmearError(f"{target}: refusing to overwrite an input")
-    slides = find_slides(paths, recursive=recursive)
+    slides = find_slides(paths, recursive=recursive, warn=warn)
+    check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
     stages = build_stages(cfg)
-    cache = build_cache(cfg, stages.version)
-    reports = []
-    n_fields = sum(len(s.fields) for s in slides)
-    # table and csv reports need only counts: fields stream through (memory flat in their number)
-    keep = report in (ReportFormat.json, ReportFormat.html)
-    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None) if cells is not None else None
-    try:
-        with progress(err_console, total=n_fields) as advance:
-            for slide in slides:
-                def on_field(item, _slide=slide):
-                    if hasattr(item, "reason"):
-                        if n_fields > 1:
-                            warn(f"skipped {item.reason}")
-                    elif writer is not None:
-                        writer.write(_slide.name, item)
-                    advance()
-                reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume,
-                                         keep_fields=keep))
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    if not any(r.n_fields for r in reports):
-        if writer is not None:
-            writer.abort()
-        skipped = [s for r in reports for s in r.skipped]
-        if len(skipped) == 1:
-            raise SmearError(skipped[0].reason)
-        raise SmearError(f"none of the {len(skipped)} fields could be read", hint="see the warnings above")
+    cache = build_cache(cfg, stages.version, warn=warn)
+    with _terminate_cleanly():
+        reports = _run_slides(slides, stages, cfg, cache, resume, cells,
+                              keep=report in (ReportFormat.json, ReportFormat.html))
     rows = rep.summary_rows(reports, cfg)
     for row in rows:
         for message in row["domain_warnings"] + row["warnings"]:
             warn(f"{row['slide']}: {message}" if message in row["domain_warnings"] else message)
-    if writer is not None:
-        writer.close()
     if report == ReportFormat.csv:
         text = rep.to_csv(rep.summary_frame(rows))
     elif report == ReportFormat.json:
@@ -157,9 +150,59 @@ def run(
         render_summary(rows, console)
         text = console.export_text() if out else None
     if out is not None:
-        write_text_atomic(out, text)
+        try:
+            write_text_atomic(out, text)
+        except OSError as exc:
+            raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})",
+                             hint=_KEPT_HINT if cache is not None else "") from exc
     elif text is not None:
         sys.stdout.write(text)
+
+
+_KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"
+
+
+def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool) -> list:
+    """Run every slide, writing --cells rows as fields finish; the reports, in order."""
+    from smear.pipeline import report as rep
+    from smear.pipeline.render import progress
+    from smear.pipeline.run import run_slide
+
+    n_fields = sum(len(s.fields) for s in slides)
+    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None) if cells is not None else None
+    reports = []
+    try:
+        with progress(err_console, total=n_fields) as advance:
+            for slide in slides:
+                def on_field(item, _slide=slide):
+                    if hasattr(item, "reason"):
+                        if n_fields > 1:
+                            warn(f"skipped {item.reason}")
+                    elif writer is not None:
+                        writer.write(_slide.name, item)
+                    advance()
+                reports.append(run_slide(slide, stages, cfg["io"]["max_pixels"], on_field, cache, resume,
+                                         keep_fields=keep))
+        if not any(r.n_fields for r in reports):
+            skipped = [s for r in reports for s in r.skipped]
+            if len(skipped) == 1:
+                raise SmearError(skipped[0].reason)
+            if not skipped:
+                raise SmearError(f"{slides[0].name}: no fields to run", hint="see the warnings above")
+            raise SmearError(f"none of the {len(skipped)} fields could be read", hint="see the warnings above")
+        if writer is not None:
+            writer.close()
+    except OSError as exc:
+        if writer is None:
+            raise
+        writer.abort()
+        raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
+                         hint=_KEPT_HINT if cache is not None else "") from exc
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return reports
 
 
 @app.command()
@@ -298,6 +341,8 @@ def eval_detect(
         det = build_detector({"detector": detector, "classical": {}, "device": device})
         conf = {k: 0.0 for k in DET_CLASSES}
     metrics = evaluate_detector(det, samples, conf)
+    for reason in metrics["skipped"]:
+        warn(f"skipped {reason}")
     if json_:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:
@@ -392,6 +437,9 @@ def explain(
             files.append(p)
     if not files:
         raise SmearError(f"{paths[0]}: no images to explain")
+    if any(f.resolve().parent == out.resolve() for f in files):
+        raise SmearError(f"{out}: --out is a folder of input images; refusing to write overlays among them",
+                         hint="give --out a folder of its own")
     clf = CnnClassifier.from_dir(resolve_model_dir(model, "classifier"), device=device)
     if target is not None and target not in clf.classes:
         raise SmearError(f"--target {target}: not a class of this model", hint=f"one of {', '.join(clf.classes)}")
@@ -415,13 +463,15 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder for the exported model folders (one per stage).")],
     stage: Annotated[Optional[list[str]], typer.Option(help="detector | classifier | segmenter (repeatable); "
                                                             "default: each stage with a model.")] = None,
+    force: Annotated[bool, typer.Option(help="Write into non-empty stage folders (only the files an export "
+                                               "writes are replaced; nothing is deleted).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Write ONNX models (copies of the model folders with model.onnx) for `runtime: onnx`."""
     from smear.artifacts import load_meta, resolve_model_dir
     from smear.config import load_config
-    from smear.runtime import export_model_dir
+    from smear.runtime import check_export_target, export_model_dir
 
     cfg = load_config("pipeline", config, set_ or [])
     keys = {"detector": "detector_model", "classifier": "classifier_model", "segmenter": "segmenter_model"}
@@ -438,8 +488,10 @@ def export(
             if stage:  # asked for by name: its model must exist
                 raise
             warn(f"no {name} model to export ({cfg[keys[name]]}), skipped")
+    for name, model_dir in todo:  # every target checked before anything is written
+        check_export_target(model_dir, out / name, force)
     for name, model_dir in todo:
-        path = export_model_dir(name, model_dir, out / name)
+        path = export_model_dir(name, model_dir, out / name, force)
         out_console.print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if todo:
         out_console.print(f"use them with: --set runtime=onnx --set detector_model={out / 'detector'} ...")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -45,9 +46,10 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageReadError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's bomb limit is io.max_pixels (its own default is 89.5 MP)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
             with Image.open(path) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageReadError(
@@ -58,17 +60,41 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                     warnings.warn(f"{path}: multi-page image, using the first page only", stacklevel=2)
                     im.seek(0)
                 im.load()
+                fmt = im.format
                 im = ImageOps.exif_transpose(im) or im
-                return _pil_to_rgb(im, path)
+                arr = _pil_to_rgb(im, path)
+                if fmt == "JPEG":
+                    _check_not_decoder_filled(arr, path)
+                return arr
     except ImageReadError:
         raise
     except (UnidentifiedImageError, ImportError) as exc:
         # ImportError: ultralytics patches Image.open to try an optional HEIF plugin on unknown files
         raise ImageReadError(f"{path}: not a readable image file") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image is over the limit of {max_pixels} pixels ({exc})",
+                             hint="raise io.max_pixels in the pipeline config") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"{path}: unreadable or truncated image ({reason})") from exc
+
+
+def _check_not_decoder_filled(arr: np.ndarray, path: Path, max_flat: float = 0.5) -> None:
+    """Refuse a decoded JPEG whose lower part is one exact colour over more than ``max_flat`` of its
+    height below real content: libjpeg fills what a file does not hold (a header that claims more
+    pixels than the data, a cut file) with flat blocks, without an error."""
+    last = arr[-1:, -1:]
+    if not (arr[-1] == last[0]).all():
+        return  # the usual case: the bottom row has texture
+    flat_rows = (arr == last).all(axis=(1, 2))
+    content = np.flatnonzero(~flat_rows)
+    if content.size == 0:
+        return  # a blank image, not a fill
+    filled = arr.shape[0] - 1 - content[-1]
+    if filled > max_flat * arr.shape[0]:
+        raise ImageReadError(f"{path}: {100 * filled / arr.shape[0]:.0f}% of the image is one flat colour below "
+                             f"row {content[-1] + 1}: the file holds fewer pixels than its header says "
+                             f"({arr.shape[1]}x{arr.shape[0]})", hint="the file is damaged or truncated")
 
 
 def _pil_to_rgb(im: Image.Image, path: Path) -> np.ndarray:
@@ -111,8 +137,31 @@ def list_fields(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 
-def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]:
-    """Each path as a slide: an image is a one-field slide, a folder of images is one slide."""
+def _walk_folders(root: Path) -> list[Path]:
+    """Every visible subfolder under ``root``, sorted; hidden folders and folder symlinks are not
+    entered, and each real folder is visited once."""
+    seen = {root.resolve()}
+    found: list[Path] = []
+    for top, dirs, _files in os.walk(root, followlinks=False):
+        keep = []
+        for d in sorted(dirs):
+            sub = Path(top) / d
+            if d.startswith(".") or sub.is_symlink() or sub.resolve() in seen:
+                continue
+            seen.add(sub.resolve())
+            keep.append(d)
+            found.append(sub)
+        dirs[:] = keep
+    return sorted(found)
+
+
+def find_slides(paths: list[str | Path], recursive: bool = False,
+                warn: Callable[[str], None] | None = None) -> list[Slide]:
+    """Each path as a slide: an image is a one-field slide, a folder of images is one slide.
+
+    A folder without images is an error; with several paths and ``warn`` given, it is a warning
+    and an empty slide (reported with 0 fields) so the other slides still run.
+    """
     slides: list[Slide] = []
     for raw in paths:
         path = Path(raw)
@@ -126,9 +175,7 @@ def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]
                 )
             slides.append(Slide(path.stem, (path,)))
             continue
-        folders = [path]
-        if recursive:
-            folders += sorted(p for p in path.rglob("*") if p.is_dir() and not p.name.startswith("."))
+        folders = [path] + (_walk_folders(path) if recursive else [])
         found = False
         for folder in folders:
             fields = list_fields(folder)
@@ -137,9 +184,85 @@ def find_slides(paths: list[str | Path], recursive: bool = False) -> list[Slide]
                 slides.append(Slide(name or str(folder), tuple(fields)))
                 found = True
         if not found:
+            if warn is not None and len(paths) > 1:
+                warn(f"{path}: folder holds no image files, reported as an empty slide")
+                slides.append(Slide(path.name or str(path), ()))
+                continue
             raise SmearError(f"{path}: folder holds no image files",
                              hint=f"accepted suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}")
     return slides
+
+
+def check_outputs(outputs: dict[str, Path | None], slides: list[Slide]) -> None:
+    """Refuse outputs that would replace an input field (symlinks resolved), image-named outputs
+    inside a slide folder, two outputs on one file, outputs that are symlinks or folders; create
+    the output folders and check that they are writable. Called before any model loads."""
+    inputs = {f.resolve() for s in slides for f in s.fields}
+    slide_dirs = {f.resolve().parent for s in slides for f in s.fields}
+    taken: dict[Path, str] = {}
+    for option, target in outputs.items():
+        if target is None:
+            continue
+        target = Path(target)
+        real = target.resolve()
+        if real in inputs:
+            raise SmearError(f"{target}: {option} names an input field; refusing to overwrite an input")
+        if real.parent in slide_dirs and real.suffix.lower() in IMAGE_SUFFIXES:
+            raise SmearError(f"{target}: {option} is an image file name inside a slide folder; refusing it",
+                             hint="write outputs outside the slide folders, or with a .csv/.json/.html name")
+        if real in taken:
+            raise SmearError(f"{target}: {taken[real]} and {option} name the same file", hint="give each its own file")
+        if target.is_symlink():
+            raise SmearError(f"{target}: {option} is a symbolic link; refusing to replace it with a file",
+                             hint="name the file the link points at, or another path")
+        if target.is_dir():
+            raise SmearError(f"{target}: {option} is a folder, not a file")
+        taken[real] = option
+        check_writable_folder(target.parent, option)
+        sweep_stale_temps(target)
+
+
+def check_writable_folder(folder: Path, what: str = "output") -> None:
+    """Create ``folder`` if needed and check that files can be made in it, or raise SmearError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SmearError(f"{folder}: cannot create the {what} folder ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SmearError(f"{folder}: the {what} folder is not writable")
+
+
+def temp_name(target: Path) -> str:
+    """The prefix of smear's temporary files beside ``target``: hidden, with this process's id."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(target: Path) -> list[Path]:
+    """Delete temporary files that a killed smear process left beside ``target`` (``.<name>.<pid>.*tmp``
+    of a pid that no longer runs); returns what was deleted."""
+    removed = []
+    prefix = f".{target.name}."
+    try:
+        candidates = list(target.parent.glob(f"{glob.escape(prefix)}*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager
@@ -147,7 +270,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -8,6 +8,7 @@ downloaded, and the shipped package stays within its size budget.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,52 @@ def export_module(module: torch.nn.Module, path: str | Path, input_size: int, op
     return path
 
 
+class OnnxLoadError(RuntimeError):
+    """An ONNX file onnxruntime cannot load (truncated, damaged): the stage falls back to torch."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def quiet_onnxruntime():
+    """onnxruntime, imported with its telemetry events off."""
+    import onnxruntime as ort
+
+    with contextlib.suppress(AttributeError):
+        ort.disable_telemetry_events()
+    return ort
+
+
+def check_onnx(path: str | Path) -> Path:
+    """``path`` if onnxruntime can load it, else OnnxLoadError."""
+    ort = quiet_onnxruntime()
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise OnnxLoadError(f"{path}: cannot load the ONNX model ({_first_line(exc)})") from exc
+    return Path(path)
+
+
+def cached_onnx(path: Path, make) -> Path:
+    """The cached ONNX file ``path``, made by ``make(path)`` when missing; a cached file that does not
+    load (a cut write, a full disk) is deleted and made again once."""
+    if path.is_file():
+        try:
+            return check_onnx(path)
+        except OnnxLoadError:
+            path.unlink(missing_ok=True)
+    make(path)
+    return check_onnx(path)
+
+
 class OnnxNet:
     """An onnxruntime session behind the call signature of a torch module (tensor in, tensor out),
     so the stages' pre- and post-processing is the same code for both runtimes."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        ort = quiet_onnxruntime()
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))
@@ -55,7 +96,7 @@ class OnnxNet:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"{path}: cannot load the ONNX model ({exc})") from exc
+            raise OnnxLoadError(f"{path}: cannot load the ONNX model ({_first_line(exc)})") from exc
         self.input = self.session.get_inputs()[0].name
         self.path = Path(path)
 
@@ -77,11 +118,9 @@ def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
     own = model_dir / ONNX_NAME
     if own.is_file():
         return own
-    cached = onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx"
-    if not cached.is_file():
-        meta = load_meta(model_dir)
-        export_module(build_torch(), cached, int(meta["input_size"]))
-    return cached
+    meta = load_meta(model_dir)
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx",
+                       lambda path: export_module(build_torch(), path, int(meta["input_size"])))
 
 
 def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = "torch"):
@@ -100,17 +139,35 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def export_model_dir(stage: str, model_dir: str | Path, out: str | Path) -> Path:
-    """Copy a model folder to ``out`` and write its ONNX there as ``model.onnx`` (``runtime: onnx``
-    then uses it directly). ``stage``: detector | classifier | segmenter."""
-    import shutil
-
+def check_export_target(model_dir: str | Path, out: str | Path, force: bool = False) -> None:
+    """Refuse an export over the model itself, onto a file or symlink, or into a folder that holds
+    files, unless ``force`` (which replaces only the files the export writes)."""
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise ModelError(f"{out}: export into a new folder, not over the model itself")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns(ONNX_NAME, "*.tmp"))
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ModelError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ModelError(f"{out}: folder is not empty; refusing to write into it",
+                         hint="choose a new --out, or --force to replace the files an export writes "
+                              "(nothing else in it is touched)")
+
+
+def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Copy a model folder's files to ``out`` and write its ONNX there as ``model.onnx``
+    (``runtime: onnx`` then uses it directly). ``stage``: detector | classifier | segmenter.
+    Nothing is ever deleted: ``force`` lets it write into a non-empty folder, over the same names."""
+    import shutil
+
+    model_dir, out = Path(model_dir), Path(out)
+    check_export_target(model_dir, out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sorted(model_dir.iterdir()):
+        if src.is_file() and src.name != ONNX_NAME and not src.name.endswith(".tmp"):
+            dest = out / src.name
+            if dest.is_symlink() or dest.is_dir():
+                raise ModelError(f"{dest}: is a link or a folder; refusing to replace it")
+            shutil.copyfile(src, dest)
     meta = load_meta(out)
     if stage == "detector":
         from smear.detect.ultra import export_onnx

@@ -305,8 +305,24 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugme
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugment) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the checkpoint (epoch, best, ...)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    """Restore what ``save_checkpoint`` wrote; returns the checkpoint (epoch, best, ...). Loaded with
+    ``weights_only=True``: a checkpoint that would import code is refused, never run."""
+    import pickle
+
+    import numpy as np
+
+    from smear.types import ModelError
+
+    # numpy scalars (metrics kept as best, ...) are plain values too
+    plain = [np._core.multiarray.scalar, np.dtype] + [getattr(np.dtypes, n) for n in (
+        "Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")]
+    try:
+        with torch.serialization.safe_globals(plain):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: refusing to load this checkpoint ({reason[:160]})",
+                         hint="only tensors and plain values are loaded; delete it to start the run afresh") from exc
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])

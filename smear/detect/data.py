@@ -44,9 +44,13 @@ class Problem:
         return f"{self.file}: {self.reason} ({self.action})"
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.size
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, or None when it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem]]:
@@ -67,7 +71,11 @@ def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem
                 problems.append(Problem(str(xml_path), "image file not found", "dropped"))
                 continue
             image = hits[0]
-        w, h = _image_size(image)
+        size = _image_size(image)
+        if size is None:
+            problems.append(Problem(str(image), "not a readable image", "dropped"))
+            continue
+        w, h = size
         sample = Sample(image, w, h, source=source or folder.parent.name)
         for obj in root.iter("object"):
             label = (obj.findtext("name") or "").strip()
@@ -109,7 +117,11 @@ def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
         labels = images
     samples, problems = [], []
     for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        w, h = _image_size(image)
+        size = _image_size(image)
+        if size is None:
+            problems.append(Problem(str(image), "not a readable image", "dropped"))
+            continue
+        w, h = size
         src = (sources or {}).get(image.name, source)
         sample = Sample(image, w, h, source=src)
         txt = labels / (image.stem + ".txt")

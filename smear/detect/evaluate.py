@@ -9,7 +9,7 @@ import numpy as np
 
 from smear.detect.data import DET_CLASSES, Sample
 from smear.io import read_image
-from smear.types import CellKind, Detection, Detector
+from smear.types import CellKind, DataError, Detection, Detector, ImageReadError
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -119,12 +119,25 @@ def _f(x: float) -> float | None:
 
 
 def predict_samples(detector: Detector, samples: Sequence[Sample], batch: int = 8,
-                    on_batch: Callable[[int], None] | None = None) -> list[list[Detection]]:
-    """Run a detector over samples' images in batches."""
-    preds: list[list[Detection]] = []
+                    on_batch: Callable[[int], None] | None = None,
+                    skipped: list[str] | None = None) -> list[list[Detection] | None]:
+    """Run a detector over samples' images in batches. With a ``skipped`` list, an image that cannot
+    be read gets None and its reason is added to the list (without one, the read error is raised)."""
+    preds: list[list[Detection] | None] = []
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
-        preds += detector.detect([read_image(s.image) for s in chunk])
+        images = []
+        for s in chunk:
+            try:
+                images.append(read_image(s.image))
+            except ImageReadError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
+                images.append(None)
+        got = iter(detector.detect([im for im in images if im is not None]) if any(im is not None for im in images)
+                   else [])
+        preds += [None if im is None else next(got) for im in images]
         if on_batch:
             on_batch(len(chunk))
     return preds
@@ -172,8 +185,15 @@ def tune_conf(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]]) -
 
 def evaluate_detector(detector: Detector, samples: Sequence[Sample], conf: dict[CellKind, float],
                       batch: int = 8, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Predict on samples and score: overall, per class and per source."""
-    return evaluate_predictions(samples, predict_samples(detector, samples, batch, on_batch), conf)
+    """Predict on samples and score: overall, per class and per source. Images that cannot be read
+    are left out, named in ``skipped`` and counted in ``n_skipped``."""
+    skipped: list[str] = []
+    preds = predict_samples(detector, samples, batch, on_batch, skipped)
+    kept = [(s, p) for s, p in zip(samples, preds) if p is not None]
+    if not kept:
+        raise DataError(f"none of the {len(samples)} images could be read", hint=skipped[0] if skipped else "")
+    out = evaluate_predictions([s for s, _ in kept], [p for _, p in kept], conf)
+    return {**out, "n_skipped": len(skipped), "skipped": skipped}
 
 
 def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:

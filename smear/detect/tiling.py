@@ -88,8 +88,10 @@ def merge_pieces(pieces: Sequence[_Piece], min_overlap: float = 0.5) -> list[Det
 class TiledDetector:
     """Wraps a Detector: fields whose long side exceeds ``tile_above`` are cut into tiles."""
 
-    def __init__(self, inner: Detector, tile: int = 640, overlap: float = 0.25, tile_above: int = 1024):
+    def __init__(self, inner: Detector, tile: int = 640, overlap: float = 0.25, tile_above: int = 1024,
+                 tile_batch: int = 16):
         self.inner, self.tile, self.overlap, self.tile_above = inner, tile, overlap, tile_above
+        self.tile_batch = tile_batch  # tiles cut and detected at a time: memory flat in the field's size
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per image; large images go through tiles and seam merging."""
@@ -103,9 +105,11 @@ class TiledDetector:
                 continue
             h, w = im.shape[:2]
             tiles = tile_grid(w, h, self.tile, self.overlap)
-            crops = [np.ascontiguousarray(im[y0:y1, x0:x1]) for x0, y0, x1, y1 in tiles]
             pieces: list[_Piece] = []
-            for t, dets in zip(tiles, self.inner.detect(crops)):
-                pieces += _pieces(dets, t, w, h)
+            for k in range(0, len(tiles), self.tile_batch):
+                chunk = tiles[k:k + self.tile_batch]
+                crops = [np.ascontiguousarray(im[y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk]
+                for t, dets in zip(chunk, self.inner.detect(crops)):
+                    pieces += _pieces(dets, t, w, h)
             out[i] = merge_pieces(pieces)
         return out

@@ -20,19 +20,52 @@ def _font_source() -> Path | None:
 
 
 def setup_offline() -> None:
-    """Keep ultralytics from reaching the network: offline flag and a config dir holding its font."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if "YOLO_CONFIG_DIR" not in os.environ:
+    """Keep ultralytics from reaching the network or installing packages, whatever the user's
+    environment says, and give it a config dir holding its font (a temporary one when the cache
+    folder cannot be written)."""
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "false"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ours = "YOLO_CONFIG_DIR" not in os.environ
+    if ours:
         cfg_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smear" / "ultralytics"
         os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
-    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    try:
+        _copy_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+    except OSError:
+        if not ours:
+            return  # the user's own folder: ultralytics falls back by itself
+        import tempfile
+
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="smear-ultralytics-")
+        _copy_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
+
+
+def _copy_font(font_dir: Path) -> None:
     src = _font_source()
     if src is not None:
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
             if not (font_dir / name).exists():
                 font_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, font_dir / name)
+
+
+def _no_surprises(ul) -> None:
+    """After the import: no online checks, no auto-install, and PIL's Image.open as it was (ultralytics
+    patches it to pip-install a HEIF plugin when a file is not an image; smear decodes images itself)."""
+    import importlib
+
+    for name in ("ultralytics.utils", "ultralytics.utils.checks"):
+        mod = importlib.import_module(name)
+        for flag in ("ONLINE", "AUTOINSTALL"):
+            if hasattr(mod, flag):
+                setattr(mod, flag, False)
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None:
+        from PIL import Image
+
+        Image.open = original
 
 
 def ultralytics():
@@ -45,15 +78,63 @@ def ultralytics():
     with contextlib.redirect_stdout(sys.stderr):
         import ultralytics as ul  # noqa: PLC0415
 
+    _no_surprises(ul)
     set_threads()
     return ul
 
 
-def yolo(model: str | Path, task: str = "detect"):
-    """An ultralytics YOLO model from a model YAML (no download) or a .pt file of ours."""
-    from smear.devices import set_threads
+#: what a detector .pt may import when unpickled: tensors and containers, by exact name ...
+_SAFE_GLOBALS = frozenset({
+    ("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"), ("builtins", "frozenset"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "slice"),
+    ("torch", "Size"), ("torch", "device"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch.storage", "UntypedStorage"), ("_codecs", "encode"),
+})
+#: ... and network layers: classes of these modules that are torch.nn.Module subclasses
+_LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.modules.", "ultralytics.nn.tasks")
+WEIGHT_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml")
 
+
+def allowed_global(module: str, name: str) -> bool:
+    """Whether a detector .pt may import ``module.name``: exact tensor/container names, torch
+    dtypes and storages, and torch/ultralytics layer classes (checked on the imported class)."""
+    import importlib
+
+    import torch
+
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if not name.isidentifier():  # dotted names reach attributes of attributes
+        return False
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        return isinstance(obj, torch.dtype) or (isinstance(obj, type) and name.endswith("Storage"))
+    if not (module.startswith(_LAYER_MODULES[:2]) or module == _LAYER_MODULES[2]):
+        return False
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return False
+    return isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module
+
+
+def yolo(model: str | Path, task: str = "detect"):
+    """An ultralytics YOLO model from a model YAML (no download), a .pt file of ours (checked
+    before it is unpickled: only tensors and layer classes) or an ONNX file."""
+    from smear.artifacts import check_torch_file
+    from smear.devices import set_threads
+    from smear.types import ModelError
+
+    path = Path(model)
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: detector weights must be a .pt, .onnx or model .yaml file",
+                         hint="other formats ultralytics reads (TorchScript, ...) can run code")
+    if path.suffix.lower() in (".pt", ".onnx") and not path.is_file():
+        raise ModelError(f"{path}: detector weights not found")  # ultralytics would try to download it
     ul = ultralytics()
+    if path.suffix.lower() == ".pt":
+        check_torch_file(path, allowed_global)
     m = ul.YOLO(str(model), task=task)
     set_threads()
     return m
@@ -66,7 +147,11 @@ def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 
 
     from smear.devices import set_threads
 
+    from smear.artifacts import check_torch_file
+
     dest = Path(dest)
+    ultralytics()
+    check_torch_file(weights, allowed_global)  # named as the model folder's file, not the scratch copy
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         pt = Path(tmp) / "model.pt"

@@ -16,16 +16,15 @@ def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
     from smear.artifacts import model_version
     from smear.detect.ultra import export_onnx
-    from smear.runtime import ONNX_NAME, onnx_cache_dir
+    from smear.runtime import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
     own = Path(model_dir) / ONNX_NAME
     if own.is_file():
-        return own
+        return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    cached = onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx"
-    if not cached.is_file():
-        export_onnx(Path(model_dir) / load_meta(model_dir)["weights"], cached, imgsz, batch)
-    return cached
+    weights = Path(model_dir) / load_meta(model_dir)["weights"]
+    return cached_onnx(onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(weights, path, imgsz, batch))
 
 
 class YoloDetector:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.artifacts import model_version, resolve_model_dir
+from smear.artifacts import META, file_sha256, model_version, resolve_model_dir
 from smear.pipeline.run import Stages
 from smear.types import ConfigError, Detector, ModelError, Segmenter
 
@@ -90,18 +90,20 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
 
 
 def stages_version(cfg: dict[str, Any]) -> str:
-    """A short id of everything that decides a field's result: stage choices, settings, model weights."""
+    """A short id of everything that decides a field's result: stage choices, settings, device, and
+    each model folder's weights and meta.json (its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
     parts: dict[str, Any] = {k: cfg.get(k) for k in ("detector", "classical", "wbc_check", "segment", "classifier",
                                                  "review_threshold", "mask_background", "runtime",
-                                                 "classify_tta")}
+                                                 "classify_tta", "device")}
     parts["smear"] = __version__
     for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
                           ("classifier_model", "classifier", cfg["classifier"] != "off"),
                           ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
         if on:
-            parts[key] = model_version(resolve_model_dir(cfg[key], name))
+            model_dir = resolve_model_dir(cfg[key], name)
+            parts[key] = [model_version(model_dir), file_sha256(Path(model_dir) / META)[:12]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -126,11 +128,12 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
 
 
-def build_cache(cfg: dict[str, Any], version: str):
-    """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder)."""
+def build_cache(cfg: dict[str, Any], version: str, warn=None):
+    """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
+    ``warn`` hears of refused entries and of a cache that cannot be written."""
     from smear.pipeline.cache import FieldCache, default_cache_dir
 
     where = str(cfg["cache_dir"])
     if where == "off":
         return None
-    return FieldCache(default_cache_dir() if where == "auto" else Path(where), version)
+    return FieldCache(default_cache_dir() if where == "auto" else Path(where), version, warn=warn)

@@ -1,15 +1,28 @@
-"""Per-field result cache keyed by file content and model versions, so a run can resume."""
+"""Per-field result cache keyed by file content and model versions, so a run can resume.
+
+An entry is believed only when its checksum matches and it passes the FieldResult schema (finite
+numbers in range, boxes inside the field, detection indices that exist, known labels); any other
+entry is a miss, with a warning, and the field is run again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from smear.io import write_text_atomic
-from smear.types import CellKind, CellPrediction, Detection, FieldResult, MaskStats
+from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, MaskStats
+
+ENTRY_FORMAT = 2
+LABELS = frozenset(FINE_CLASSES) | {UNIDENTIFIED, ""}  # "": a cell only masked, not classified
+
+
+class BadEntry(ValueError):
+    """A cache entry that fails its checksum or the schema."""
 
 
 def default_cache_dir() -> Path:
@@ -30,39 +43,126 @@ def field_to_dict(fr: FieldResult) -> dict[str, Any]:
     }
 
 
+def _number(value: Any, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadEntry(f"{what} is not a finite number")
+    if not low <= value <= high:
+        raise BadEntry(f"{what} {value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def _count(value: Any, what: str, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value >= high):
+        raise BadEntry(f"{what} {value!r} is not an index or count in range")
+    return value
+
+
+def _detection(item: Any, width: int, height: int, k: int) -> Detection:
+    if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], list) or len(item[0]) != 4:
+        raise BadEntry(f"detection {k} is malformed")
+    box, kind, score = item
+    x0, x1 = (_number(v, f"detection {k} x", 0, width) for v in (box[0], box[2]))
+    y0, y1 = (_number(v, f"detection {k} y", 0, height) for v in (box[1], box[3]))
+    if x1 <= x0 or y1 <= y0:
+        raise BadEntry(f"detection {k} has an empty box")
+    if kind not in {c.value for c in CellKind}:
+        raise BadEntry(f"detection {k} has an unknown kind {kind!r}")
+    return Detection((x0, y0, x1, y1), CellKind(kind), _number(score, f"detection {k} score", 0, 1))
+
+
+def _cell(c: Any, dets: tuple[Detection, ...], used: set[int], k: int) -> CellPrediction:
+    if not isinstance(c, dict):
+        raise BadEntry(f"cell {k} is malformed")
+    det = _count(c.get("det"), f"cell {k} det", len(dets))
+    if det in used or dets[det].kind != CellKind.WBC:
+        raise BadEntry(f"cell {k} points at detection {det}, not at a WBC of its own")
+    used.add(det)
+    if c.get("label") not in LABELS:
+        raise BadEntry(f"cell {k} has an unknown label {c.get('label')!r}")
+    probs = c.get("probs")
+    if not isinstance(probs, dict) or not all(isinstance(name, str) for name in probs):
+        raise BadEntry(f"cell {k} has malformed probabilities")
+    probs = {name: _number(v, f"cell {k} probability of {name}", 0, 1) for name, v in probs.items()}
+    prob = _number(c.get("prob"), f"cell {k} prob", 0, 1)
+    fine = {name: v for name, v in probs.items() if name in FINE_CLASSES}
+    if fine and abs(prob - max(fine.values())) > 1e-6:
+        raise BadEntry(f"cell {k}: prob {prob} is not its top probability")
+    if fine and c["label"] not in (UNIDENTIFIED, max(FINE_CLASSES, key=lambda n: fine.get(n, 0.0))):
+        raise BadEntry(f"cell {k}: label {c['label']} is not its most probable class")
+    mask = c.get("mask")
+    if mask is not None:
+        if not isinstance(mask, list) or len(mask) != 2:
+            raise BadEntry(f"cell {k} has a malformed mask")
+        mask = MaskStats(_count(mask[0], f"cell {k} cell area"), _count(mask[1], f"cell {k} nucleus area"))
+    novelty = c.get("novelty")
+    if novelty is not None:
+        novelty = _number(novelty, f"cell {k} novelty", 0)
+    return CellPrediction(dets[det], c["label"], prob, probs, mask, novelty)
+
+
 def field_from_dict(data: dict[str, Any], slide: str, field: str, path: str) -> FieldResult:
-    """Inverse of field_to_dict, for the given slide, field name and path."""
-    dets = tuple(Detection(tuple(box), CellKind(kind), score) for box, kind, score in data["detections"])
-    cells = tuple(CellPrediction(dets[c["det"]], c["label"], c["prob"], c["probs"],
-                                 MaskStats(*c["mask"]) if c["mask"] else None, c.get("novelty"))
-                  for c in data["cells"])
-    return FieldResult(slide, field, data["width"], data["height"], dets, cells, path)
+    """Inverse of field_to_dict, for the given slide, field name and path; raises BadEntry for data
+    that no run could have made."""
+    if not isinstance(data, dict):
+        raise BadEntry("not an object")
+    width = _count(data.get("width"), "width")
+    height = _count(data.get("height"), "height")
+    if not width or not height or not isinstance(data.get("detections"), list) or not isinstance(data.get("cells"), list):
+        raise BadEntry("size, detections or cells missing")
+    dets = tuple(_detection(d, width, height, k) for k, d in enumerate(data["detections"]))
+    used: set[int] = set()
+    cells = tuple(_cell(c, dets, used, k) for k, c in enumerate(data["cells"]))
+    return FieldResult(slide, field, width, height, dets, cells, path)
+
+
+def _checksum(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class FieldCache:
-    """Stores each field's result under sha256(file bytes) + the stages' version."""
+    """Stores each field's result under sha256(file bytes) + the stages' version.
 
-    def __init__(self, folder: str | Path, stages_version: str):
+    ``warn`` hears of entries that were refused and, once, of a cache that cannot be written.
+    """
+
+    def __init__(self, folder: str | Path, stages_version: str, warn: Callable[[str], None] | None = None):
         self.folder = Path(folder) / stages_version
         self.stages_version = stages_version
+        self.warn = warn
+        self._write_warned = False
 
     def _entry(self, path: Path) -> Path:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.json"
 
     def get(self, path: Path, slide: str) -> FieldResult | None:
-        """The cached result for this file's content, or None."""
+        """The cached result for this file's content, or None (also for an entry that fails its check)."""
         try:
             entry = self._entry(path)
             if not entry.is_file():
                 return None
-            return field_from_dict(json.loads(entry.read_text()), slide, Path(path).name, str(path))
-        except (OSError, ValueError, KeyError, TypeError):
+            stored = json.loads(entry.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("format") != ENTRY_FORMAT:
+            return None  # written by an earlier version of smear: a plain miss
+        try:
+            if stored.get("sha256") != _checksum(stored.get("result")):
+                raise BadEntry("checksum mismatch")
+            return field_from_dict(stored["result"], slide, Path(path).name, str(path))
+        except (BadEntry, LookupError, TypeError, AttributeError) as exc:
+            if self.warn is not None:
+                self.warn(f"{path}: cached result refused ({exc}); the field is run again")
             return None
 
     def put(self, path: Path, result: FieldResult) -> None:
-        """Store a field's result (atomic write)."""
+        """Store a field's result with its checksum (atomic write)."""
+        data = field_to_dict(result)
         try:
-            write_text_atomic(self._entry(path), json.dumps(field_to_dict(result)))
-        except OSError:
-            pass  # a cache that cannot be written only costs speed
+            write_text_atomic(self._entry(path), json.dumps({"format": ENTRY_FORMAT, "sha256": _checksum(data),
+                                                             "result": data}))
+        except OSError as exc:  # a cache that cannot be written only costs speed, but --resume is off
+            if self.warn is not None and not self._write_warned:
+                self._write_warned = True
+                self.warn(f"{self.folder}: cannot write the result cache ({exc.strerror or exc}); "
+                          "--resume will not find these fields (cache_dir sets another folder)")

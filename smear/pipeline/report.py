@@ -68,8 +68,19 @@ def cell_rows(reports: Sequence[SlideReport]) -> list[dict[str, Any]]:
     return [row for rep in reports for fr in rep.fields for row in field_cell_rows(rep.slide, fr)]
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (it starts with = + - @, tab or CR),
+    prefixed with ' (OWASP's advice for CSV injection); numbers and other text unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_line(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
-    return ["" if row.get(c) is None else str(row[c]) for c in columns]
+    return ["" if row.get(c) is None else str(csv_safe(row[c])) for c in columns]
 
 
 class CellsWriter:
@@ -99,6 +110,10 @@ class CellsWriter:
 def to_csv(df: pd.DataFrame) -> str:
     """CSV text with a header, no index."""
     buf = io.StringIO()
+    df = df.copy()
+    for col in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            df[col] = df[col].map(csv_safe)
     df.to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
 

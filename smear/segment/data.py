@@ -26,7 +26,7 @@ import numpy as np
 
 from smear.crops import cut_crop, pad_value
 from smear.io import read_image
-from smear.types import DataError
+from smear.types import DataError, ImageReadError
 
 BACKGROUND, CYTOPLASM, NUCLEUS, NOT_NUCLEUS, IGNORE = 0, 1, 2, 254, 255
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -124,16 +124,23 @@ def nucleus_groups(nucleus: np.ndarray, gap_frac: float = LOBE_GAP, min_px: int 
 
 
 def load_source(folder: str | Path, margin: float, size: int | None = None, boxes_root: str | Path | None = None,
-                source: str | None = None) -> list[SegItem]:
+                source: str | None = None, skipped: list[str] | None = None) -> list[SegItem]:
     """Crops and masks of one source folder, each cut ``margin`` x the cell's box (``size`` px
-    square, or native size when ``None``); the source name defaults to the folder name."""
+    square, or native size when ``None``); the source name defaults to the folder name. With a
+    ``skipped`` list, an image that cannot be read is left out and its reason added to the list."""
     folder = Path(folder)
     pairs = _pairs(folder)
     source = source or folder.name
     three = is_three_level([m for _, m in pairs])
     items = []
     for img_path, mask_path in pairs:
-        image = read_image(img_path)
+        try:
+            image = read_image(img_path)
+        except ImageReadError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+            continue
         grey = read_mask(mask_path)
         if grey.shape != image.shape[:2]:
             raise DataError(f"{mask_path}: mask is {grey.shape[1]}x{grey.shape[0]}, "
@@ -212,11 +219,13 @@ def names_in(folder: str | Path | None) -> set[str] | None:
     return {p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS}
 
 
-def load_parts(d: dict[str, Any], margin: float, size: int | None, log: Callable[[str], None] | None = None
-               ) -> dict[str, list[SegItem]]:
+def load_parts(d: dict[str, Any], margin: float, size: int | None, log: Callable[[str], None] | None = None,
+               skipped: list[str] | None = None) -> dict[str, list[SegItem]]:
     """train / val / test items of every source named by a ``data:`` config section (the holdout
-    source: all in test), cut ``margin`` x the cell box at ``size`` px (``None``: native)."""
+    source: all in test), cut ``margin`` x the cell box at ``size`` px (``None``: native). Images
+    that cannot be read are skipped, logged and added to ``skipped``."""
     log = log or (lambda _m: None)
+    skipped = [] if skipped is None else skipped
     root = Path(os.path.expanduser(str(d["root"])))
     sources = find_sources(root)
     if d["sources"]:
@@ -232,7 +241,10 @@ def load_parts(d: dict[str, Any], margin: float, size: int | None, log: Callable
     boxes = os.path.expanduser(str(d["boxes_root"])) if d["boxes_root"] else None
     parts: dict[str, list[SegItem]] = {"train": [], "val": [], "test": []}
     for src in sources:
-        items = load_source(src, margin, size, boxes)
+        before = len(skipped)
+        items = load_source(src, margin, size, boxes, skipped=skipped)
+        for reason in skipped[before:]:
+            log(f"warning: skipped {reason}")
         if src.name == d["holdout"]:
             parts["test"] += items
             log(f"data: {src.name}: {len(items)} crops, all held out for test")

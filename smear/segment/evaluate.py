@@ -94,8 +94,9 @@ def evaluate_path(segmenter: Segmenter, data: str | Path, data_cfg: dict[str, An
     d = {**data_cfg, "root": str(data), "sources": None, "holdout": None}
     if part == "all":
         d["test_fields"] = None
-    parts = load_parts(d, margin, None)
+    skipped: list[str] = []
+    parts = load_parts(d, margin, None, log, skipped)
     items = [*parts["train"], *parts["val"], *parts["test"]] if part == "all" else parts[part]
     if not items:
         raise DataError(f"{data}: no crops in part {part!r}")
-    return evaluate_segmenter(segmenter, items, log=log)
+    return {**evaluate_segmenter(segmenter, items, log=log), "n_skipped": len(skipped), "skipped": skipped}
