@@ -1,0 +1,36 @@
+"""One markdown table from several `benchmarks/other_labs.py --json` outputs (for model cards).
+
+    python benchmarks/ablation_table.py "shipped=out/shipped.json" "PBC+Raabin, GroupNorm=out/mixgn.json" ...
+
+Per recipe: 5-type accuracy / balanced accuracy on each other-lab set, and the PBC test split's
+5-type and 11-class accuracy; a JSON with several classifiers gives one row each.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SETS = ("jtsc", "cellavision", "raabin-test-A")
+
+
+def main() -> None:
+    head = ["recipe", *[f"{s} acc / bal." for s in SETS], "PBC test 5-type / 11-class", "unidentified (jtsc / cv / raabin)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for arg in sys.argv[1:]:
+        label, _, path = arg.partition("=")
+        doc = json.load(open(path))
+        for name, rows in doc["classifier"].items():
+            cells = [label if len(doc["classifier"]) == 1 else f"{label} ({name})"]
+            for s in SETS:
+                r = rows.get(s)
+                cells.append("-" if r is None else f"{r['type5_accuracy']:.3f} / {r['type5_balanced_accuracy']:.3f}")
+            p = rows.get("pbc-test")
+            cells.append("-" if p is None else f"{p['type5_accuracy']:.3f} / {p['accuracy']:.3f}")
+            cells.append(" / ".join("-" if rows.get(s) is None else f"{rows[s]['unidentified']:.2f}" for s in SETS))
+            print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
