@@ -405,9 +405,11 @@ def eval_classify(
 
     seg = build_segmenter({"segment": segment, "segmenter_model": segmenter_model, "device": device})
     m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
-                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)), segmenter=seg)
+                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)), segmenter=seg,
+                 warn=warn)
     if json_:
-        keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n")
+        keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n",
+                "n_skipped")
         sys.stdout.write(json.dumps({k: m.get(k) for k in keys}, indent=2, default=float) + "\n")
 
 

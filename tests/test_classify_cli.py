@@ -36,7 +36,7 @@ def test_train_then_eval_json(tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     assert set(m) == {"accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy",
-                      "type5_accuracy", "n"}
+                      "type5_accuracy", "n", "n_skipped"}
     assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] > 0
 
 

@@ -792,3 +792,26 @@ def test_13_eval_segment_skips_unreadable_images_and_counts_them(tmp_path):
     assert m["n_skipped"] == 1 and "003.png" in m["skipped"][0]
     res = runner.invoke(app, ["eval", "segment", "--method", "kmeans", "--data", str(src)])
     assert res.exit_code == 0 and "003.png" in res.output
+
+
+def test_13_train_and_eval_classify_skip_unreadable_images_and_count_them(tmp_path):
+    from test_classify_data import PBC_FOLDERS, make_pbc
+
+    root = make_pbc(tmp_path / "pbc", {p: 4 for p in PBC_FOLDERS}, size=40)
+    _truncated_png(root / "lymphocyte" / "LY_9001.jpg")
+    (root / "monocyte" / "MO_9002.jpg").write_text("not an image")
+    args = ["train", "classify", "--out", str(tmp_path / "run")]
+    for s in ("model.arch=test_efficientnet", "model.input_size=32", f"data.root={root}",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch=16", "train.device=cpu",
+              "train.patience=0", "model.novelty_quantile=null"):
+        args += ["--set", s]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = res.stderr + res.stdout
+    assert "LY_9001.jpg" in out and "MO_9002.jpg" in out and "(skipped)" in out
+    res = runner.invoke(app, ["eval", "classify", "--model", str(tmp_path / "run" / "model"), "--data", str(root),
+                              "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["n_skipped"] == 2 and "LY_9001.jpg" in res.stderr and "MO_9002.jpg" in res.stderr
+    assert m["n"] == sum(1 for p in root.rglob("*.jpg")) - 2

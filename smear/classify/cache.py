@@ -25,6 +25,7 @@ from smear.classify.cellbox import CELLBOX_VERSION, find_cell_box_info
 from smear.classify.data import Item
 from smear.devices import available_cores
 from smear.io import read_image, write_text_atomic
+from smear.types import DataError, SmearError
 from smear.crops import cut_crop
 
 DEFAULT_CACHE_DIR = "~/.cache/smear/classify"
@@ -51,10 +52,21 @@ def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
     return Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
 
 
-def _cut_one(item: Item, margin: float, size: int) -> tuple[np.ndarray, tuple[float, ...], bool]:
-    image = read_image(item.path)
+class UnreadableImages(DataError):
+    """Some images of a dataset could not be read; ``errors`` holds ``(path, message)`` pairs."""
+
+    def __init__(self, errors: list[tuple[Path, str]]):
+        super().__init__(f"{len(errors)} unreadable images, e.g. {errors[0][1]}")
+        self.errors = errors
+
+
+def _cut_one(item: Item, margin: float, size: int) -> tuple[np.ndarray | None, tuple[float, ...], bool, str]:
+    try:
+        image = read_image(item.path)
+    except SmearError as exc:
+        return None, (), True, str(exc)
     box, fell_back = find_cell_box_info(image)
-    return cut_crop(image, box, margin, size), box, fell_back
+    return cut_crop(image, box, margin, size), box, fell_back, ""
 
 
 def build_crops(items: Sequence[Item], margin: float, size: int, workers: int | None = None,
@@ -67,14 +79,20 @@ def build_crops(items: Sequence[Item], margin: float, size: int, workers: int | 
     fell: list[bool] = [False] * n
     workers = workers or available_cores()
     t0, chunk = time.perf_counter(), 512
+    errors: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:  # cv2 and PIL decoding release the GIL
         for start in range(0, n, chunk):
             idx = range(start, min(n, start + chunk))
-            for i, (crop, box, fb) in zip(idx, pool.map(lambda i: _cut_one(items[i], margin, size), idx)):
+            for i, (crop, box, fb, err) in zip(idx, pool.map(lambda i: _cut_one(items[i], margin, size), idx)):
+                if crop is None:
+                    errors.append((items[i].path, err))
+                    continue
                 crops[i], boxes[i], fell[i] = crop, tuple(round(v, 2) for v in box), fb
             if log is not None and (idx[-1] + 1) % 2048 < chunk:
                 rate = (idx[-1] + 1) / max(1e-9, time.perf_counter() - t0)
                 log(f"crops: {idx[-1] + 1}/{n} ({rate:.0f} images/s)")
+    if errors:
+        raise UnreadableImages(errors)
     return crops, boxes, fell
 
 
@@ -117,3 +135,21 @@ def channel_stats(crops: np.ndarray, max_images: int = 2000, seed: int = 0) -> t
     idx = np.sort(rng.choice(len(crops), size=min(len(crops), max_images), replace=False))
     x = crops[idx].reshape(-1, 3).astype(np.float64) / 255.0
     return [round(float(v), 4) for v in x.mean(0)], [round(float(v), 4) for v in np.maximum(x.std(0), 1e-3)]
+
+
+def readable_crops(items: Sequence[Item], margin: float, size: int, cache_dir: str | Path | None = None,
+                   workers: int | None = None, log: Callable[[str], None] | None = None,
+                   warn: Callable[[str], None] | None = None) -> tuple[list[Item], np.ndarray, list[str]]:
+    """``cached_crops`` that skips unreadable images (truncated, not an image, ...): each is
+    named in a warning and left out. Returns the items kept, their crops and the warnings."""
+    try:
+        return list(items), cached_crops(items, margin, size, cache_dir, workers, log), []
+    except UnreadableImages as exc:
+        bad = {str(p) for p, _ in exc.errors}
+        msgs = [f"{msg} (skipped)" if str(p) in msg else f"{p}: {msg} (skipped)" for p, msg in exc.errors]
+        for m in msgs:
+            (warn or log or print)(m)
+        kept = [it for it in items if str(it.path) not in bad]
+        if not kept:
+            raise DataError(f"none of the {len(items)} images could be read", hint=msgs[0]) from exc
+        return kept, cached_crops(kept, margin, size, cache_dir, workers, log), msgs

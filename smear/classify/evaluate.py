@@ -232,11 +232,11 @@ def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: boo
 def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
              part: str = "test", out: str | Path | None = None, device: str = "auto",
              cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
-             segmenter: Any = None) -> dict[str, Any]:
+             segmenter: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
     cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.
     With a ``segmenter`` each crop's background is painted out before classification."""
-    from smear.classify.cache import cached_crops
+    from smear.classify.cache import readable_crops
     from smear.classify.data import load_items, load_split
     from smear.classify.model import CnnClassifier
 
@@ -246,7 +246,9 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
         items = parts[part]
     else:
         items = load_items(data, layout)
-    crops = list(cached_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log))
+    items, crops_arr, skipped = readable_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log,
+                                               warn=warn)
+    crops = list(crops_arr)
     if segmenter is not None:
         from smear.crops import paint_background
 
@@ -255,6 +257,7 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
     probs = clf.predict_proba(crops)
     m = classification_metrics(probs, [it.fine or it.group for it in items], clf.classes)
     m["data"] = str(data) if split is None else f"{data} ({part} of {split})"
+    m["n_skipped"] = len(skipped)
     if log is not None:
         log(summary_line(m))
     if out is not None:

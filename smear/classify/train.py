@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from smear.artifacts import data_fingerprint, save_model_dir
 from smear.classify import data as cdata
 from smear.classify.augment import BatchAugment, eval_batch
-from smear.classify.cache import cached_crops, channel_stats
+from smear.classify.cache import cached_crops, channel_stats, readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
 from smear.classify.model import WEIGHTS, Normalize, build_model, dihedral, load_weights, save_weights
@@ -353,8 +353,12 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
     log(f"data: {len(train_items)} train, {len(val_items)} val, {len(test_items)} test from {root}")
     size, margin, pad = int(m["input_size"]), float(m["crop_margin"]), float(d["cache_pad"])
     wide = int(round(size * pad))
-    train_crops = cached_crops(train_items, margin * wide / size, wide, d["cache_dir"], d["workers"], log)
-    val_crops = cached_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
+    kept, train_crops, _ = readable_crops(train_items, margin * wide / size, wide, d["cache_dir"], d["workers"], log)
+    if len(kept) < len(train_items):  # unreadable images were skipped (each named in a warning)
+        ok = {str(it.path) for it in kept}
+        src_of = src_of[[str(it.path) in ok for it in train_items]]
+        train_items = kept
+    val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
     colour = _colour_reference(m, train_crops, size)
     fine, group = labels_of(train_items)
     val_labels = [it.fine or it.group for it in val_items]
@@ -479,7 +483,8 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
     log(f"calibration on val: T={temperature:.3f} ECE {calib['ece_before']:.4f} -> {calib['ece_after']:.4f}")
     val_m = classification_metrics(torch.softmax(val_logits / temperature, 1).numpy(),
                                    [it.fine or it.group for it in val_items])
-    test_crops = cached_crops(test_items, float(m["crop_margin"]), size, d["cache_dir"], d["workers"], log)
+    test_items, test_crops, _ = (readable_crops(test_items, float(m["crop_margin"]), size, d["cache_dir"],
+                                                d["workers"], log) if test_items else ([], np.zeros((0, size, size, 3), np.uint8), []))
     test_logits = evaluate(model, norm, test_crops, size, batch, device, tta)
     test_m = classification_metrics(torch.softmax(test_logits / temperature, 1).numpy(),
                                     [it.fine or it.group for it in test_items])
@@ -623,8 +628,8 @@ def fit_novelty_for_run(run: str | Path, model_dir: str | Path | None = None, qu
     _, train_items, val_items, _, _, specs = _splits(cfg, run, log)
     m, d = cfg["model"], cfg["data"]
     size, margin = int(m["input_size"]), float(m["crop_margin"])
-    train_crops = cached_crops(train_items, margin, size, d["cache_dir"], d["workers"], log)
-    val_crops = cached_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
+    train_items, train_crops, _ = readable_crops(train_items, margin, size, d["cache_dir"], d["workers"], log)
+    val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
     names = ", ".join(f"{s['name']} ({s['root']})" for s in specs)
     return fit_novelty(model_dir or run / "model", train_crops, train_items, val_crops, quantile, log,
                        fitted_on=f"training part of {names}; threshold on the validation part")
