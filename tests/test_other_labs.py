@@ -253,19 +253,25 @@ def test_guard_fires_on_novel_slides_and_implausible_counts():
     assert any("80 WBC boxes to 60 RBCs" in w for w in crowded["domain_warnings"])
 
 
+def _cyan_cast(image: np.ndarray) -> np.ndarray:
+    """A blue-cyan lab: red damped, the background tinted (as the other lab's fields in the issue)."""
+    out = image.astype(np.float32) * np.array([0.45, 0.85, 1.0]) + np.array([0.0, 25.0, 45.0])
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 @pytest.mark.slow
 def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
-    """A tiny classifier trained on drawn cells, its novelty fitted on them: a slide of the same
-    fields passes, the same fields with their colour shifted get the warning in CSV and table."""
-    import io
-
-    import pandas as pd
-
-    from smear.io import write_image_atomic
-    from smear.synth import make_field
-    from smear.classify.train import fit_novelty
-    from smear.classify.cache import cut_cell_crop
+    """A tiny classifier trained on drawn cells, its novelty fitted on the WBC crops of drawn fields:
+    a slide of such fields passes the guard, the same fields with their colour shifted (another
+    stain and scanner) get the warning, in the summary row and in the CSV column."""
     from smear.classify.data import Item
+    from smear.classify.model import CnnClassifier
+    from smear.classify.train import fit_novelty
+    from smear.crops import cut_crop
+    from smear.io import Slide, write_image_atomic
+    from smear.pipeline.report import summary_frame, to_csv
+    from smear.pipeline.run import Stages, run_slide
+    from smear.synth import make_field
 
     pbc = make_pbc(tmp_path / "pbc", {p: 6 for p in ("SNE", "LY", "MO")}, size=40)
     args = ["train", "classify", "--out", str(tmp_path / "run")]
@@ -275,33 +281,35 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
         args += ["--set", s]
     assert CliRunner().invoke(app, args).exit_code == 0
     model = tmp_path / "run" / "model"
-    fields = [make_field(s) for s in range(1, 9)]
-    # the novelty score fitted on the WBC crops of the plain fields, cut as the pipeline cuts them
-    from smear.crops import cut_crop
-    from smear.detect.classical import ClassicalDetector
+    fields = [make_field(s, 320, 240) for s in range(1, 25)]  # 8 to fit, 8 to set the threshold, 8 to run
+    truth = {f.image_rgb.tobytes()[:4096]: [d for d in f.detections] for f in fields}
 
-    crops, items = [], []
-    for k, (f, found) in enumerate(zip(fields, ClassicalDetector().detect([f.image_rgb for f in fields]))):
-        for det in (d for d in found if d.kind == CellKind.WBC):
-            crops.append(cut_crop(f.image_rgb, det.box_xyxy, 1.3, 32))
-            items.append(Item(tmp_path / f"{k}.png", "SNE", "neutrophil"))
-    crops = np.stack(crops)
-    fit_novelty(model, crops, items, crops, 0.9, log=lambda m: None)
-    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
-    for k, f in enumerate(fields):
-        write_image_atomic(plain / f"{k}.png", f.image_rgb)
-        hsv_swap = f.image_rgb[..., [1, 2, 0]]  # a stain and scanner nothing like the training data
-        write_image_atomic(shifted / f"{k}.png", np.ascontiguousarray(hsv_swap))
-    out = {}
-    for slide in (plain, shifted):
-        res = CliRunner().invoke(app, ["run", str(slide), "--report", "csv", "--set", f"classifier_model={model}",
-                                       "--set", "detector=classical", "--set", "runtime=torch",
-                                       "--set", "guard.min_scored=2", "--set", "cache_dir=off"])
-        assert res.exit_code == 0, res.output
-        out[slide.name] = pd.read_csv(io.StringIO(res.stdout)).iloc[0]
-    assert out["shifted"]["novel_share"] > out["plain"]["novel_share"]
-    assert "unlike the training data" in str(out["shifted"]["domain_warning"])
-    assert str(out["plain"]["domain_warning"]) in ("nan", "")
+    class TruthDetector:  # the drawn fields' own boxes, whatever their colour
+        def detect(self, images):
+            return [truth[k] for k in (im.tobytes()[:4096] for im in images)]
+
+    def wbc_crops(part):
+        return np.stack([cut_crop(f.image_rgb, d.box_xyxy, 1.3, 32) for f in part for d in f.detections
+                         if d.kind == CellKind.WBC])
+
+    crops = wbc_crops(fields[:8])
+    items = [Item(tmp_path / f"{i}.png", "SNE", "neutrophil") for i in range(len(crops))]
+    fit_novelty(model, crops, items, wbc_crops(fields[8:16]), 0.9, log=lambda m: None)
+    clf = CnnClassifier.from_dir(model, device="cpu")
+    rows = {}
+    for name, shift in (("plain", lambda im: im), ("shifted", _cyan_cast)):
+        paths = []
+        for k, f in enumerate(fields[16:]):
+            image = shift(f.image_rgb)
+            truth[image.tobytes()[:4096]] = list(f.detections)
+            paths.append(write_image_atomic(tmp_path / name / f"{k:02d}.png", image))
+        rep = run_slide(Slide(name, tuple(sorted(paths))), Stages(detector=TruthDetector(), classifier=clf))
+        rows[name] = summarize(rep, CFG["report"], CFG["flags"], {**CFG["guard"], "min_scored": 3})
+    assert rows["plain"]["novel_share"] < CFG["guard"]["max_novel_share"] < rows["shifted"]["novel_share"]
+    assert rows["plain"]["domain_warnings"] == []
+    assert "unlike the training data" in rows["shifted"]["domain_warnings"][0]
+    csv_text = to_csv(summary_frame([rows["plain"], rows["shifted"]]))
+    assert "domain_warning" in csv_text.splitlines()[0] and "unlike the training data" in csv_text.splitlines()[2]
 
 
 # ---------------------------------------------------------------- the WBC plausibility check
