@@ -281,7 +281,7 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
         args += ["--set", s]
     assert CliRunner().invoke(app, args).exit_code == 0
     model = tmp_path / "run" / "model"
-    fields = [make_field(s, 320, 240) for s in range(1, 25)]  # 8 to fit, 8 to set the threshold, 8 to run
+    fields = [make_field(s, 320, 240, n_wbc=3) for s in range(1, 25)]  # 8 to fit, 8 to set the threshold, 8 to run
     truth = {f.image_rgb.tobytes()[:4096]: [d for d in f.detections] for f in fields}
 
     class TruthDetector:  # the drawn fields' own boxes, whatever their colour
