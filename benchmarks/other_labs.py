@@ -69,8 +69,8 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
 
             clf.model.load_state_dict(state)
             adapt_batchnorm(clf, list(crops))
-        probs = clf.predict_proba(list(crops))
-        held = clf.novel(list(crops)) if hasattr(clf, "novel") and clf.has_novelty else None
+        probs, ratio = clf.predict(list(crops))
+        held = None if ratio is None else ratio > 1.0
         rows[name] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     clf.model.load_state_dict(state)
     return rows

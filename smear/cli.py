@@ -134,8 +134,10 @@ def run(
                               keep=report in (ReportFormat.json, ReportFormat.html))
     rows = rep.summary_rows(reports, cfg)
     for row in rows:
-        for message in row["domain_warnings"] + row["warnings"]:
-            warn(f"{row['slide']}: {message}" if message in row["domain_warnings"] else message)
+        for message in row["domain_warnings"]:
+            warn(f"{row['slide']}: {message}")
+        for message in row["warnings"]:
+            warn(message)
     if report == ReportFormat.csv:
         text = rep.to_csv(rep.summary_frame(rows))
     elif report == ReportFormat.json:

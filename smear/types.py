@@ -236,7 +236,9 @@ class Tally:
             self.kinds[d.kind.value] = self.kinds.get(d.kind.value, 0) + 1
         for c in fr.cells:
             self.labels[c.label] = self.labels.get(c.label, 0) + 1
-        self.n_scored, self.n_novel = (a + b for a, b in zip((self.n_scored, self.n_novel), novelty_counts(fr.cells)))
+        scored, novel = novelty_counts(fr.cells)
+        self.n_scored += scored
+        self.n_novel += novel
 
 
 def novelty_counts(cells: Sequence[CellPrediction]) -> tuple[int, int]:

@@ -51,6 +51,11 @@ def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
     return batch_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """B x 3 x H x W float in [0, 1] -> B x H x W x 3 uint8 (the inverse of ``to_float``)."""
+    return (x.clamp(0.0, 1.0).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """The central ``size`` square of B x C x H x W (resized when smaller than ``size``)."""
     h, w = x.shape[-2:]

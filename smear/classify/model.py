@@ -205,11 +205,6 @@ class CnnClassifier:
         """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""
         return self.predict(crops)[0]
 
-    def novel(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """True for each crop the novelty score holds back (all False without a novelty score)."""
-        ratio = self.predict(crops)[1]
-        return np.zeros(len(crops), bool) if ratio is None else ratio > 1.0
-
     def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
         """Calibrated probability of each fine class for each crop."""
         probs = self.predict_proba(crops)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from smear.artifacts import data_fingerprint, save_model_dir
 from smear.classify import data as cdata
-from smear.classify.augment import BatchAugment, eval_batch
-from smear.classify.cache import cached_crops, channel_stats, readable_crops
+from smear.classify.augment import BatchAugment, eval_batch, to_uint8
+from smear.classify.cache import channel_stats, readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
 from smear.classify.model import WEIGHTS, Normalize, build_model, dihedral, load_weights, save_weights
@@ -309,8 +309,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugme
     ``weights_only=True``: a checkpoint that would import code is refused, never run."""
     import pickle
 
-    import numpy as np
-
     from smear.types import ModelError
 
     # numpy scalars (metrics kept as best, ...) are plain values too
@@ -359,7 +357,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         src_of = src_of[[str(it.path) in ok for it in train_items]]
         train_items = kept
     val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
-    colour = _colour_reference(m, train_crops, size)
+    colour, stats = _colour_and_stats(m, train_crops, size)
     fine, group = labels_of(train_items)
     val_labels = [it.fine or it.group for it in val_items]
     weights = class_weights(train_items, float(t["class_weight_power"]))
@@ -371,7 +369,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         mean, std = _init_from(model, m)
         log(f"init: weights and input normalisation of {m['init']}")
     else:
-        mean, std = channel_stats(_colour_normalised(train_crops, colour, size))
+        mean, std = stats
     model = model.to(device)
     norm = Normalize(mean, std, colour).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
@@ -421,35 +419,27 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         raise SmearError(f"{out}: no epoch finished, nothing to save")
     wall = time.perf_counter() - t0
     return _finish(cfg, out, model, norm, device, root, train_items, val_items, test_items, val_crops,
-                   mean, std, best_epoch, wall, log, extra={"colour_norm": colour, "sources": specs})
+                   mean, std, best_epoch, wall, log,
+                   extra={"colour_norm": colour, "sources": specs, "train_crops": train_crops})
 
 
-def _colour_reference(m: dict[str, Any], train_crops: np.ndarray, size: int) -> dict[str, Any] | None:
-    """``model.colour_norm``: off, or reinhard with the reference taken from the training crops."""
+def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
+                      ) -> tuple[dict[str, Any] | None, tuple[list[float], list[float]]]:
+    """``model.colour_norm`` (off, or reinhard with the reference taken from the training crops) and
+    the channel statistics of the crops as the network sees them after it."""
     method = str(m.get("colour_norm") or "off")
     if method == "off":
-        return None
+        return None, channel_stats(train_crops)
     if method != "reinhard":
         raise ConfigError(f"model.colour_norm {method!r}: unknown", hint="use off or reinhard")
-    from smear.classify.colour import reference_stats
+    from smear.classify.colour import reference_stats, reinhard
 
     idx = np.sort(np.random.default_rng(0).choice(len(train_crops), size=min(len(train_crops), 2000),
                                                   replace=False))
     centre = eval_batch(torch.from_numpy(train_crops[idx]), size)
-    mean, std = reference_stats((centre.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
-    return {"method": "reinhard", "mean": mean, "std": std}
-
-
-def _colour_normalised(crops: np.ndarray, colour: dict[str, Any] | None, size: int,
-                       max_images: int = 2000) -> np.ndarray:
-    """A sample of the crops as the network sees them after colour normalisation (for channel stats)."""
-    if not colour:
-        return crops
-    from smear.classify.colour import reinhard
-
-    idx = np.sort(np.random.default_rng(0).choice(len(crops), size=min(len(crops), max_images), replace=False))
-    x = reinhard(eval_batch(torch.from_numpy(crops[idx]), size), colour["mean"], colour["std"])
-    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    mean, std = reference_stats(to_uint8(centre))
+    colour = {"method": "reinhard", "mean": mean, "std": std}
+    return colour, channel_stats(to_uint8(reinhard(centre, mean, std)))
 
 
 def _init_from(model: torch.nn.Module, m: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -519,12 +509,10 @@ def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_it
         "training": {"best_epoch": best_epoch, "wall_minutes": round(wall / 60, 1)},
     }
     save_model_dir(model_dir, meta, cfg, card=_card(meta))
-    if m.get("novelty_quantile"):
-        wide = cached_crops(train_items, float(m["crop_margin"]) * float(d["cache_pad"]),
-                            int(round(size * float(d["cache_pad"]))), d["cache_dir"], d["workers"], log)
-        centre = np.concatenate([
-            (eval_batch(torch.from_numpy(wide[i:i + 1024]), size).permute(0, 2, 3, 1) * 255).round()
-            .to(torch.uint8).numpy() for i in range(0, len(wide), 1024)])
+    if m.get("novelty_quantile") and extra and extra.get("train_crops") is not None:
+        wide = extra["train_crops"]  # cut wider for augmentation: their centre is the inference crop
+        centre = np.concatenate([to_uint8(eval_batch(torch.from_numpy(wide[i:i + 1024]), size))
+                                 for i in range(0, len(wide), 1024)])
         meta["novelty"] = fit_novelty(model_dir, centre, train_items, val_crops, float(m["novelty_quantile"]), log,
                                       fitted_on="the training part of the run's sources; threshold on the validation part")
         write_text_atomic(model_dir / "MODEL_CARD.md", _card(meta))
