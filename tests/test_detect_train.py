@@ -63,3 +63,45 @@ def test_missing_fine_tune_weights_is_a_clear_error_before_any_work(tmp_path):
                                    "--set", f"data.workdir={tmp_path / 'data'}"])
     assert res.exit_code != 0 and "gone.pt: weights to fine-tune from not found" in res.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_stain_jitter_reaches_every_training_epoch_and_survives_closing_the_mosaic(tmp_path, monkeypatch):
+    from smear.detect.stain import StainJitter
+
+    seen = []
+    original = StainJitter.__call__
+
+    def spy(self, labels):
+        seen.append(labels["img"].shape)
+        return original(self, labels)
+
+    monkeypatch.setattr(StainJitter, "__call__", spy)
+    _voc(tmp_path / "bccd" / "train")
+    args = ["train", "detect", "--out", str(tmp_path / "run"),
+            "--set", f"data.bccd={tmp_path / 'bccd'}", "--set", "data.txl=",
+            "--set", f"data.workdir={tmp_path / 'ds'}", "--set", "data.bccd_val_fraction=0.34",
+            "--set", "train.epochs=2", "--set", "train.close_mosaic=1", "--set", "train.workers=0",
+            "--set", "train.imgsz=64", "--set", "train.batch=4", "--set", "train.device=cpu",
+            "--set", "infer.imgsz=64", "--set", "stain.p=1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    n_train = len(list((tmp_path / "ds" / "images" / "train").iterdir()))
+    assert len(seen) == 2 * n_train  # every image of both epochs, the mosaic one and the closed one
+
+
+def test_stain_jitter_tints_the_background_and_keeps_the_image_shape():
+    from smear.detect.stain import SHIFTS, StainJitter, shift
+
+    img = np.full((20, 30, 3), 250, np.uint8)
+    img[5:10, 5:10] = (60, 30, 120)  # a nucleus
+    rng = np.random.default_rng(1)
+    outs = [StainJitter(tint=0.4).apply(img, rng) for _ in range(20)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    backgrounds = np.array([o[0, 0] for o in outs], float)
+    assert backgrounds.std(axis=0).min() > 5  # each channel of the background moves
+    assert all(o[7, 7].mean() < o[0, 0].mean() for o in outs)  # the nucleus stays darker than glass
+    assert StainJitter(p=0.0)({"img": img})["img"] is img
+    for name in SHIFTS:
+        assert shift(img, name).shape == img.shape
+    with pytest.raises(ValueError, match="unknown stain shift"):
+        shift(img, "teal")

@@ -47,6 +47,23 @@ def _keep_threads(model) -> None:
     model.add_callback("on_train_start", lambda trainer: set_threads())
 
 
+def _saved_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.exists() else cfg
+
+
+def _trainer(cfg: dict[str, Any]):
+    """The ultralytics trainer class for a config: with our stain jitter unless ``stain.p`` is 0."""
+    from smear.detect.stain import StainJitter
+    from smear.detect.ultra import stain_trainer
+
+    stain = dict(cfg.get("stain") or {})
+    if float(stain.get("p", 0.0)) <= 0:
+        return None
+    return stain_trainer(StainJitter(**{k: float(v) for k, v in stain.items()}))
+
+
 def train(cfg: dict[str, Any], out: Path, resume: bool = False,
           log: Callable[[str], None] = print) -> Path:
     """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt."""
@@ -60,7 +77,8 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
             raise SmearError(f"{last}: nothing to resume", hint="start without --resume")
         model = yolo(last)
         _keep_threads(model)
-        model.train(resume=True)
+        saved = out / "smear_config.yaml"  # the run's own config says whether it jitters stains
+        model.train(resume=True, trainer=_trainer(_saved_config(saved, cfg)))
         set_threads()
         return out
     if fine_tunes(cfg) and not Path(cfg["model"]).is_file():
@@ -77,7 +95,7 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
         data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
         device="cpu" if device.type == "cpu" else device.index or 0,
         pretrained=fine_tunes(cfg),  # ultralytics drops a loaded .pt's weights when this is False
-        amp=device.type == "cuda", plots=False, verbose=False, **t,
+        amp=device.type == "cuda", plots=False, verbose=False, trainer=_trainer(cfg), **t,
     )
     set_threads()
     return out

@@ -140,6 +140,33 @@ def yolo(model: str | Path, task: str = "detect"):
     return m
 
 
+def _with_jitter(build, jitter, hyp):
+    """A dataset's ``build_transforms`` with ``jitter`` put before the final formatting step, so it
+    survives ultralytics rebuilding the transforms when it closes the mosaic."""
+    transforms = build(hyp)
+    transforms.insert(len(transforms.transforms) - 1, jitter)
+    return transforms
+
+
+def stain_trainer(jitter):
+    """ultralytics' detection trainer whose training set also gets ``jitter`` (a callable on the
+    labels dict, e.g. ``smear.detect.stain.StainJitter``) after its own colour jitter."""
+    import functools
+
+    ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class StainTrainer(DetectionTrainer):
+        def build_dataset(self, img_path, mode="train", batch=None):
+            ds = super().build_dataset(img_path, mode, batch)
+            if mode == "train" and ds.augment:
+                ds.build_transforms = functools.partial(_with_jitter, ds.build_transforms, jitter)
+                ds.transforms.insert(len(ds.transforms.transforms) - 1, jitter)
+            return ds
+
+    return StainTrainer
+
+
 def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 8) -> Path:
     """ONNX of a YOLO .pt (dynamic batch and shape, simplified), written to ``dest``; the export runs
     in a scratch folder beside ``dest`` so the model folder itself is never written to."""
