@@ -11,11 +11,14 @@ its review threshold (plus the novelty score's holds, when the model has one) an
   classifier was trained around), with its 11-class accuracy too.
 
 Detector table (``--detector``): WBC precision and recall at the shipped thresholds per source
-(BCCD test; TXL-PBC test per source), with the red cells taken for WBCs counted on their own.
+(BCCD test; TXL-PBC test per source), with the red cells taken for WBCs counted on their own;
+``--stain NAME`` scores it again on the same fields through a fixed stain shift, as a stand-in for
+a lab whose stain none of the sources has.
 
     python benchmarks/other_labs.py --model smear/weights/classifier --raabin /data/raabin/test
     python benchmarks/other_labs.py --model RUN/model --adabn --json out.json
     python benchmarks/other_labs.py --detector shipped --no-classifier
+    python benchmarks/other_labs.py --detector shipped --no-classifier --stain cyan --stain pale
 
 ``--adabn`` re-estimates the BatchNorm statistics on each set's own crops before predicting it
 (AdaBN; a set stands in for a slide). Prints markdown tables; ``--json`` also writes the figures.
@@ -76,7 +79,19 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
     return rows
 
 
-def detector_table(model: str, overrides: list[str]) -> dict[str, dict]:
+class _Shifted:
+    """A detector that sees every field through a fixed stain shift (smear.detect.stain.SHIFTS)."""
+
+    def __init__(self, det, name: str):
+        self.det, self.name = det, name
+
+    def detect(self, images):
+        from smear.detect.stain import shift
+
+        return self.det.detect([shift(im, self.name) for im in images])
+
+
+def detector_table(model: str, overrides: list[str], stain: str | None = None) -> dict[str, dict]:
     from smear.config import load_config
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import predict_samples, wbc_rows
@@ -84,6 +99,8 @@ def detector_table(model: str, overrides: list[str]) -> dict[str, dict]:
 
     cfg = load_config("pipeline", None, [f"detector_model={model}", "runtime=torch", *overrides])
     det = build_detector(cfg)
+    if stain:
+        det = _Shifted(det, stain)
     rows = {}
     for name, path, split in (("bccd-test", SHARED / "bccd" / "test", "test"),
                               ("txl-pbc-test", SHARED / "txl-pbc" / "data.yaml", "test")):
@@ -136,6 +153,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--set", action="append", default=[], help="pipeline config override for the detector, "
                     "e.g. wbc_check.enabled=false")
+    ap.add_argument("--stain", action="append", default=[], help="also score the detector on fields "
+                    "through this fixed stain shift (smear.detect.stain.SHIFTS: cyan, violet, hue+30, ...)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     models = [] if args.no_classifier else (args.model or ["shipped"])
@@ -145,9 +164,11 @@ def main() -> None:
         out["classifier"][m + (" +AdaBN" if args.adabn else "")] = rows
         print_classifier(m + (" +AdaBN" if args.adabn else ""), rows)
     for d in args.detector:
-        rows = detector_table(d, args.set)
-        out["detector"][d] = rows
-        print_detector(d + "".join(f" {o}" for o in args.set), rows)
+        for stain in [None, *args.stain]:
+            name = d + "".join(f" {o}" for o in args.set) + (f" stain={stain}" if stain else "")
+            rows = detector_table(d, args.set, stain)
+            out["detector"][name] = rows
+            print_detector(name, rows)
     if args.json:
         from smear.io import write_text_atomic
 
