@@ -397,17 +397,23 @@
   const menu = document.getElementById("menu");
   const keyToLabel = Object.fromEntries(DATA.keys.map((k) => [k.key, k.code]));
 
-  function select(slide, id, openMenu) {
-    const node = cellNode(slide, id);
-    if (!node) return;
+  function mark(slide, id) {
     document.querySelectorAll(".cell.current").forEach((el) => el.classList.remove("current"));
     current = { slide, id };
-    node.classList.add("current");
+    const node = cellNode(slide, id);
+    if (node) node.classList.add("current");
+    return node;
+  }
+  function select(slide, id, openMenu) {
+    const node = mark(slide, id);
+    if (!node) return;
     node.focus({ preventScroll: false });
     if (openMenu) showMenu(node); else hideMenu();
   }
   function showMenu(node) {
     const r = node.getBoundingClientRect();
+    const label = labelOf(current.slide, current.id);
+    for (const b of menu.querySelectorAll("button")) b.classList.toggle("is-current", b.dataset.label === label);
     menu.hidden = false;
     menu.style.left = `${Math.min(window.scrollX + r.right + 4, window.scrollX + document.documentElement.clientWidth - menu.offsetWidth - 8)}px`;
     menu.style.top = `${window.scrollY + r.top}px`;
@@ -448,7 +454,7 @@
   });
   document.addEventListener("focusin", (ev) => {
     const cell = ev.target.closest && ev.target.closest(".cell");
-    if (cell) { const { slide, id } = fromNode(cell); current = { slide, id }; }
+    if (cell) { const { slide, id } = fromNode(cell); mark(slide, id); }
   });
   document.addEventListener("keydown", (ev) => {
     if (ev.target.closest && ev.target.closest("input, textarea, select")) return;
