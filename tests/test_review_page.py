@@ -64,7 +64,7 @@ def test_every_string_is_escaped(tmp_path):
 def test_script_and_styles_are_inlined_verbatim():
     """The template includes its JS and CSS as they are: no jinja syntax hides in them."""
     page = render_html([], [], cfg=CFG)
-    for name in ("review.js", "review.css"):
+    for name in ("recount.js", "review.js", "review.css"):
         assert (TEMPLATES / name).read_text(encoding="utf-8").strip() in page
 
 
@@ -93,7 +93,7 @@ def test_templates_ship_as_package_data():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     globs = meta["tool"]["setuptools"]["package-data"]["smear"]
     files = [p.relative_to(ROOT / "smear").as_posix() for p in TEMPLATES.iterdir() if p.is_file()]
-    assert {"report/templates/review.html.j2", "report/templates/review.js"} <= set(files)
+    assert {"report/templates/review.html.j2", "report/templates/recount.js"} <= set(files)
     assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files)
     assert "jinja2" in " ".join(meta["project"]["dependencies"])
 
