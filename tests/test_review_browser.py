@@ -28,8 +28,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="chromium or chromedriver not installed (apt-get install chromium chromium-driver; "
-                              ".ci/run does)"),
+                       reason="chromium or chromedriver not installed "
+                              "(apt-get install chromium chromium-driver; .ci/run does)"),
 ]
 CFG = default_config("pipeline")
 FIELD_NAMES = ["f0 <b>&amp;.png", "f1.png", "f2.png"]  # a field name that must stay text
@@ -73,7 +73,8 @@ def _report(tmp_path):
         Image.fromarray(img).save(folder / name)
         by_width[160 + i] = dets(3, 20, 1)
     [slide] = find_slides([folder])
-    return run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5))
+    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5)
+    return run_slide(slide, stages)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,8 @@ def test_exact_intervals_agree_with_python(browser, tmp_path):
     path = tmp_path / "exact.html"
     write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
     browser.get(path.as_uri())
-    for counts in ({"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14}, {"LY": 3}, {"SNE": 1, "LY": 1}):
+    for counts in ({"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14}, {"LY": 3},
+                   {"SNE": 1, "LY": 1}):
         rep = _counted(BASE, counts)
         assert browser.execute_script(JS_ROW, slide_base(rep))[0] == _python_csv(rep, cfg)[0], counts
 
@@ -178,7 +180,8 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     assert css(".n-left")[0].text == "9"
     queue = [c.get_attribute("data-id") for c in css(".cell")]
     first, second, third, fourth = queue[:4]
-    assert [c.get_attribute("data-label") for c in css(".cell")][:3] == ["UNIDENTIFIED", "UNIDENTIFIED", "SNE"]
+    labels = [c.get_attribute("data-label") for c in css(".cell")]
+    assert labels[:3] == ["UNIDENTIFIED", "UNIDENTIFIED", "SNE"]
 
     # 1: click the first unidentified cell, then LY in the menu
     browser.find_element("css selector", f'.cell[data-id="{first}"]').click()
@@ -194,19 +197,21 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     ActionChains(browser).send_keys("k").perform()  # previous
     assert browser.switch_to.active_element.get_attribute("data-id") == fourth
 
-    gallery_of = lambda cid: browser.find_element(  # noqa: E731
-        "css selector", f'.cell[data-id="{cid}"]').find_element("xpath", "ancestor::div[@data-label]").get_attribute(
-        "data-label")
+    def gallery_of(cid):
+        cell = browser.find_element("css selector", f'.cell[data-id="{cid}"]')
+        return cell.find_element("xpath", "ancestor::div[@data-label]").get_attribute("data-label")
+
     assert [gallery_of(c) for c in (first, second, third, fourth)] == ["LY", "BNE", "ARTEFACT", "SNE"]
     assert css(".n-left")[0].text == "5"
     counts = dict(base["counts"])
     for pred, new in (("UNIDENTIFIED", "LY"), ("UNIDENTIFIED", "BNE"), ("SNE", "ARTEFACT")):
         counts[pred] -= 1
         counts[new] = counts.get(new, 0) + 1
-    want_csv, row = _python_csv(_counted({**base, "n_platelet": base["n_platelet_detected"]}, counts, "slideA"))
+    fixed = {**base, "n_platelet": base["n_platelet_detected"]}
+    want_csv, row = _python_csv(_counted(fixed, counts, "slideA"))
     assert _table(browser) == _expected_table(row)
     assert _table(browser)["SNE"][:2] == ("2", "28.6") and _table(browser)["LY"][:2] == ("2", "28.6")
-    assert _table(browser)["BNE"][:2] == ("1", "14.3")  # 7 WBC now: the artefact left, two unidentified came in
+    assert _table(browser)["BNE"][:2] == ("1", "14.3")  # 7 WBC: the artefact left, two unidentified came in
     assert [li.text for li in css(".flags li")] == row["flags"]
     headings = {g.get_attribute("data-label"): g.find_element("css selector", "h4").text
                 for g in css(".group") if g.is_displayed()}
@@ -236,7 +241,8 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
 
     # work in progress survives a reload; reset clears it
     browser.refresh()
-    assert gallery_of(first) == "LY" and css(".n-left")[0].text == "5" and _table(browser) == _expected_table(row)
+    assert gallery_of(first) == "LY" and css(".n-left")[0].text == "5"
+    assert _table(browser) == _expected_table(row)
     assert css(".signed")[0].text.startswith("Signed off by Dr <Q>")
     browser.execute_script("window.confirm = () => true")
     browser.find_element("id", "reset").click()

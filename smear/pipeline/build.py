@@ -118,19 +118,15 @@ def stages_version(cfg: dict[str, Any]) -> str:
 
 
 def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """What a report must state to be traced: smear version, date, each model folder (stage, folder,
-    weights hash, meta.json hash), the settings that change results and the run id."""
-    import datetime
-
-    from smear import __version__
-
+    """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
+    hash), the settings that change results and the run id (the page adds smear's version and the date)."""
     models = [{"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
                "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12]}
               for _key, name, model_dir in models_in_use(cfg)]
     settings = {k: cfg.get(k) for k in RESULT_SETTINGS}
-    settings.update({f"report.{k}": v for k, v in (cfg.get("report") or {}).items() if k != "gallery_per_class"})
-    return {"smear": __version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "run_id": run_id, "models": models, "settings": settings}
+    report = cfg.get("report") or {}
+    settings.update({f"report.{k}": v for k, v in report.items() if k != "gallery_per_class"})
+    return {"run_id": run_id, "models": models, "settings": settings}
 
 
 def build_stages(cfg: dict[str, Any]) -> Stages:

@@ -4,6 +4,7 @@ data URIs) rendered from the jinja2 template in smear/report/templates, with aut
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 from typing import Any, Sequence
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from smear import __version__
 from smear.crops import cut_crop, pad_value
 from smear.io import read_image
 from smear.types import (
@@ -20,8 +22,9 @@ from smear.types import (
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)
-REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "PMY": "p", "EO": "e", "BA": "a",
-                               "LY": "l", "MO": "o", "ERB": "r", "PLATELET": "t", ARTEFACT: "x", SMUDGE: "u"}
+REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "PMY": "p", "EO": "e",
+                               "BA": "a", "LY": "l", "MO": "o", "ERB": "r", "PLATELET": "t", ARTEFACT: "x",
+                               SMUDGE: "u"}
 GALLERY_ORDER = (UNIDENTIFIED, *REVIEW_CLASSES)
 NAMES = {**FINE_NAMES, **REVIEW_NAMES, UNIDENTIFIED: "unidentified: review first"}
 
@@ -68,7 +71,8 @@ def summary_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     conf = float(rcfg["confidence"])
     columns = list(summary_frame([summarize(SlideReport("", (), classified=True))]).columns)
     return {
-        "report": rcfg, "flags": cfg.get("flags") or None, "guard": {**DEFAULT_GUARD, **(cfg.get("guard") or {})},
+        "report": rcfg, "flags": cfg.get("flags") or None,
+        "guard": {**DEFAULT_GUARD, **(cfg.get("guard") or {})},
         "z_ci": float(ndtri(0.5 + 0.5 * conf)), "z_needed": float(norm.ppf(0.5 + conf / 2.0)),
         "fine": list(FINE_CLASSES), "wbc": list(WBC_CLASSES), "apart": list(APART), "groups": list(GROUPS8),
         "groups_apart": list(GROUPS_APART), "types": list(TYPES5), "to_group": FINE_TO_GROUP8,
@@ -109,7 +113,8 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
                 continue
             nc = c.mask.nucleus_to_cell if c.mask is not None and c.mask.cell_area_px else None
             shown[c.label].append({
-                "id": f"s{index}f{k}c{j}", "field": fr.field, "label": c.label, "prob": round(float(c.prob), 3),
+                "id": f"s{index}f{k}c{j}", "field": fr.field, "label": c.label,
+                "prob": round(float(c.prob), 3),
                 "box": [round(float(v), 1) for v in c.detection.box_xyxy], "top3": _top3(c.probs),
                 "nc": None if nc is None else round(float(nc), 2),
                 "src": _b64_jpeg(cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill))})
@@ -119,8 +124,8 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
                   "total": counts.get(code, 0)} for code in GALLERY_ORDER]
     script_cells = [{k: c[k] for k in ("id", "field", "label", "prob", "box")} for c in cells]
     key = hashlib.sha256(json.dumps([rep.slide, script_cells, row.get("n_fields")]).encode()).hexdigest()[:16]
-    view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified, "galleries": galleries,
-            "fields": fields, "n_queue": len(cells),
+    view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified,
+            "galleries": galleries, "fields": fields, "n_queue": len(cells),
             "table": [{"code": c, "name": FINE_NAMES[c], "n": row.get(f"{c}_n"), "pct": row.get(f"{c}_pct"),
                        "low": row.get(f"{c}_ci_low"), "high": row.get(f"{c}_ci_high")} for c in FINE_CLASSES]}
     return view, {"base": slide_base(rep), "cells": script_cells, "storage_key": f"smear-review:{key}"}
@@ -136,13 +141,8 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
         from smear.config import default_config
 
         cfg = default_config("pipeline")
-    if audit is None:
-        import datetime
-
-        from smear import __version__
-
-        audit = {"smear": __version__, "models": [], "settings": {}, "run_id": "",
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []
     for i, (rep, row) in enumerate(zip(reports, rows)):
         view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin)
@@ -151,7 +151,8 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
     data = {"config": summary_config(cfg), "slides": script, "keys": keys, "names": NAMES,
             "gallery_order": list(GALLERY_ORDER)}
-    legend = [{"kind": k.value, "rgb": "#%02x%02x%02x" % tuple(reversed(bgr))} for k, bgr in KIND_BGR.items()]
+    legend = [{"kind": k.value, "rgb": "#{:02x}{:02x}{:02x}".format(*reversed(bgr))}
+              for k, bgr in KIND_BGR.items()]
     page = _environment().get_template("review.html.j2").render(
         slides=views, audit=audit, keys=keys, data=data, box_legend=legend)
     return page.rstrip("\n") + "\n"
