@@ -148,9 +148,11 @@ def run(
         from smear.pipeline.build import audit_info
         from smear.pipeline.html import render_html
 
-        margin = stages.classifier.crop_margin if stages.classifier is not None else 1.2
+        geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
+        margin = geometry.crop_margin if geometry is not None else 1.2
         text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin, cfg=cfg,
-                           audit=audit_info(cfg, stages.version))
+                           audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
+                           segment_size=int(geometry.input_size) if geometry is not None else 96)
     else:
         console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
         render_summary(rows, console)

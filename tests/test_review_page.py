@@ -84,9 +84,23 @@ def test_audit_header_names_models_settings_and_version(tmp_path):
     assert 'id="reviewer"' in page and 'class="signoff"' in page
 
 
-def test_segmented_cells_show_their_nc_ratio(tmp_path):
-    _, page = _page(tmp_path, segmenter=HalfNucleus())
+def _crops(page: str) -> list[np.ndarray]:
+    import base64
+
+    import cv2
+
+    srcs = re.findall(r'<figure class="cell".*?src="data:image/jpeg;base64,([^"]+)"', page, re.DOTALL)
+    return [cv2.imdecode(np.frombuffer(base64.b64decode(s), np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for s in srcs]
+
+
+def test_segmented_cells_show_their_outline_and_nc_ratio(tmp_path):
+    rep, page = _page(tmp_path, segmenter=HalfNucleus())
     assert page.count("N:C 0.50") == 2
+    plain = _crops(page)
+    drawn = _crops(render_html([rep], summary_rows([rep], CFG), cfg=CFG, segmenter=HalfNucleus(), segment_size=16))
+    assert len(plain) == len(drawn) == 2
+    cyan = lambda im: ((im[..., 0] < 120) & (im[..., 1] > 180) & (im[..., 2] > 180)).sum()  # noqa: E731
+    assert cyan(plain[0]) == 0 and cyan(drawn[0]) > 50  # the nucleus outline (the left half of the crop)
 
 
 def test_templates_ship_as_package_data():

@@ -17,7 +17,7 @@ from smear.crops import cut_crop, pad_value
 from smear.io import read_image
 from smear.types import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
-    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, SlideReport, SmearError,
+    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Segmenter, SlideReport, SmearError,
 )
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
@@ -96,11 +96,25 @@ def _top3(probs: dict[str, float]) -> list[tuple[str, float]]:
     return [(k, round(float(v), 3)) for k, v in sorted(probs.items(), key=lambda kv: -kv[1])[:3]]
 
 
+MASK_BGR = {1: (0, 215, 255), 2: (255, 255, 0)}  # outlines drawn on crops: cell yellow, nucleus cyan
+
+
+def outline(crop_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The crop with the outlines of a segmenter's mask (1 cytoplasm, 2 nucleus) drawn on it."""
+    out = np.ascontiguousarray(crop_rgb[..., ::-1])
+    mask = cv2.resize(mask, out.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    for level, bgr in MASK_BGR.items():
+        contours, _ = cv2.findContours((mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, bgr, 1, cv2.LINE_AA)
+    return out[..., ::-1]
+
+
 def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_class: int,
-                crop_margin: float) -> tuple[dict[str, Any], dict[str, Any]]:
+                crop_margin: float, segmenter: Segmenter | None,
+                segment_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what the template shows of a slide, what the script gets of it)."""
     shown: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
-    fields = []
+    fields, crops, to_mask = [], {}, {}
     for k, fr in enumerate(rep.fields):
         try:
             image = read_image(fr.path)
@@ -112,12 +126,20 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
             if c.label not in shown or len(shown[c.label]) >= gallery_per_class:
                 continue
             nc = c.mask.nucleus_to_cell if c.mask is not None and c.mask.cell_area_px else None
+            cell_id = f"s{index}f{k}c{j}"
             shown[c.label].append({
-                "id": f"s{index}f{k}c{j}", "field": fr.field, "label": c.label,
-                "prob": round(float(c.prob), 3),
+                "id": cell_id, "field": fr.field, "label": c.label, "prob": round(float(c.prob), 3),
                 "box": [round(float(v), 1) for v in c.detection.box_xyxy], "top3": _top3(c.probs),
-                "nc": None if nc is None else round(float(nc), 2),
-                "src": _b64_jpeg(cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill))})
+                "nc": None if nc is None else round(float(nc), 2)})
+            crops[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill)
+            if segmenter is not None and c.mask is not None:  # the crop the run segmented, masked again
+                to_mask[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, segment_size, fill)
+    if to_mask:
+        for cell_id, mask in zip(to_mask, segmenter.segment(list(to_mask.values()))):
+            crops[cell_id] = outline(crops[cell_id], mask)
+    for entries in shown.values():
+        for entry in entries:
+            entry["src"] = _b64_jpeg(crops[entry["id"]])
     cells = [c for label in GALLERY_ORDER for c in shown[label]]  # the review queue: unidentified first
     counts = rep.label_counts() if rep.classified else {}
     galleries = [{"code": code, "name": NAMES[code], "key": REVIEW_KEYS.get(code, ""), "cells": shown[code],
@@ -133,10 +155,12 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
 
 def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
                 crop_margin: float = 1.2, cfg: dict[str, Any] | None = None,
-                audit: dict[str, Any] | None = None) -> str:
+                audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
+                segment_size: int = 96) -> str:
     """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
     config the rows were made with (its thresholds drive the page's live recount), ``audit`` what
-    build.audit_info says of the run."""
+    build.audit_info says of the run; with the run's ``segmenter`` (and the ``segment_size`` of the
+    crops it was given) each masked crop shows its mask's outline."""
     if cfg is None:
         from smear.config import default_config
 
@@ -145,7 +169,7 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []
     for i, (rep, row) in enumerate(zip(reports, rows)):
-        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin)
+        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size)
         views.append(view)
         script.append(data)
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
