@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from fakes import FakeClassifier, FakeDetector, dets
+from fakes import FakeClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
 from smear.io import find_slides
 from smear.pipeline.html import render_html
@@ -24,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "smear" / "report" / "templates"
 CFG = default_config("pipeline")
 NASTY = "<script>alert(1)</script>"
-
-
-class HalfNucleus:
-    """A segmenter whose masks are cell everywhere, nucleus on the left half."""
-
-    def segment(self, crops):
-        out = []
-        for c in crops:
-            m = np.ones(c.shape[:2], np.uint8)
-            m[:, : c.shape[1] // 2] = 2
-            out.append(m)
-        return out
 
 
 def _page(tmp_path, slide_name="s1", field_name="f0.png", **kw):
@@ -94,10 +82,11 @@ def _crops(page: str) -> list[np.ndarray]:
 
 
 def test_segmented_cells_show_their_outline_and_nc_ratio(tmp_path):
-    rep, page = _page(tmp_path, segmenter=HalfNucleus())
+    rep, page = _page(tmp_path, segmenter=HalfMask(rest=1))
     assert page.count("N:C 0.50") == 2
     plain = _crops(page)
-    drawn = _crops(render_html([rep], summary_rows([rep], CFG), cfg=CFG, segmenter=HalfNucleus(), segment_size=16))
+    drawn = _crops(render_html([rep], summary_rows([rep], CFG), cfg=CFG, segmenter=HalfMask(rest=1),
+                               segment_size=16))
     assert len(plain) == len(drawn) == 2
     cyan = lambda im: ((im[..., 0] < 120) & (im[..., 1] > 180) & (im[..., 2] > 180)).sum()  # noqa: E731
     assert cyan(plain[0]) == 0 and cyan(drawn[0]) > 50  # the nucleus outline (the left half of the crop)
