@@ -221,6 +221,7 @@
     if (ev.target.closest && ev.target.closest("input, textarea, select")) return;
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const key = ev.key;
+    if ((key === "Enter" || key === " ") && ev.target.closest && ev.target.closest("button")) return;  // press it
     if (key === "Escape") { hideMenu(); return; }
     const nav = { j: 1, ArrowRight: 1, k: -1, ArrowLeft: -1 }[key];
     if (!current && (nav || key in keyToLabel)) { const f = firstCell(); if (f) select(f.slide, f.id, false); if (nav) { ev.preventDefault(); return; } }
