@@ -102,7 +102,7 @@
     list(sec.querySelector(".flags"), row.flags, li, () => li("none"));
     list(sec.querySelector(".warnings"), row.warnings, (w) => para("warn", "", w));
     list(sec.querySelector(".guards"), row.domain_warnings, (w) => para("guard", "Warning:", w));
-    const extra = [["ARTEFACT", "artefacts"], ["SMUDGE", "smudge cells"]].filter(([c]) => cnt[c])
+    const extra = [["ARTEFACT", "not WBC / artefact"], ["SMUDGE", "smudge"]].filter(([c]) => cnt[c])
       .map(([c, name]) => `, ${cnt[c]} ${name}`).join("");
     setText(sec.querySelector(".counts"), `${row.n_fields} fields, ${row.n_wbc} WBC identified, ` +
       `${row.n_unidentified} unidentified (review queue)${extra}, ${row.n_rbc} RBC (${orNone(row.rbc_per_field)} per field), ` +
