@@ -78,7 +78,8 @@ def _crops(page: str) -> list[np.ndarray]:
     import cv2
 
     srcs = re.findall(r'<figure class="cell".*?src="data:image/jpeg;base64,([^"]+)"', page, re.DOTALL)
-    return [cv2.imdecode(np.frombuffer(base64.b64decode(s), np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for s in srcs]
+    return [cv2.imdecode(np.frombuffer(base64.b64decode(s), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+            for s in srcs]
 
 
 def test_segmented_cells_show_their_outline_and_nc_ratio(tmp_path):

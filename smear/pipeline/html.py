@@ -104,7 +104,8 @@ def outline(crop_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(crop_rgb[..., ::-1])
     mask = cv2.resize(mask, out.shape[1::-1], interpolation=cv2.INTER_NEAREST)
     for level, bgr in MASK_BGR.items():
-        contours, _ = cv2.findContours((mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        inside = (mask >= level).astype(np.uint8)
+        contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, bgr, 1, cv2.LINE_AA)
     return out[..., ::-1]
 
@@ -173,7 +174,7 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
         views.append(view)
         script.append(data)
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
-    data = {"config": summary_config(cfg), "slides": script, "keys": keys, "names": NAMES,
+    data = {"config": summary_config(cfg), "slides": script, "keys": keys,
             "gallery_order": list(GALLERY_ORDER)}
     legend = [{"kind": k.value, "rgb": "#{:02x}{:02x}{:02x}".format(*reversed(bgr))}
               for k, bgr in KIND_BGR.items()]
