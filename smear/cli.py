@@ -125,6 +125,8 @@ def run(
 
     overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
     cfg = load_config("pipeline", config, overrides)
+    if report == ReportFormat.html and out is None and _stdout_is_terminal():
+        raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
     slides = find_slides(paths, recursive=recursive, warn=warn)
     check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
     stages = build_stages(cfg)
@@ -143,10 +145,14 @@ def run(
     elif report == ReportFormat.json:
         text = rep.to_json(reports, rows)
     elif report == ReportFormat.html:
+        from smear.pipeline.build import audit_info
         from smear.pipeline.html import render_html
 
-        margin = stages.classifier.crop_margin if stages.classifier is not None else 1.2
-        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin)
+        geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
+        margin = geometry.crop_margin if geometry is not None else 1.2
+        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin, cfg=cfg,
+                           audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
+                           segment_size=int(geometry.input_size) if geometry is not None else 96)
     else:
         console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
         render_summary(rows, console)
@@ -159,6 +165,10 @@ def run(
                              hint=_KEPT_HINT if cache is not None else "") from exc
     elif text is not None:
         sys.stdout.write(text)
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 _KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"

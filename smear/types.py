@@ -98,6 +98,13 @@ WBC_CLASSES: tuple[str, ...] = tuple(c for c in FINE_CLASSES if c not in ("ERB",
 #: Label used for cells whose calibrated top probability is under the review threshold.
 UNIDENTIFIED = "UNIDENTIFIED"
 
+#: Labels only a reviewer gives (the review page): not leukocytes, so outside every percentage.
+ARTEFACT = "ARTEFACT"
+SMUDGE = "SMUDGE"
+REVIEW_NAMES: dict[str, str] = {ARTEFACT: "not a WBC / artefact", SMUDGE: "smudge cell"}
+#: What a reviewer can move a cell to, in the order the review page lists them.
+REVIEW_CLASSES: tuple[str, ...] = (*FINE_CLASSES, ARTEFACT, SMUDGE)
+
 # Aliases seen in public datasets -> our names. Keys are lower-cased.
 _FINE_ALIASES: dict[str, str] = {
     "sne": "SNE", "segmented neutrophil": "SNE", "seg": "SNE",

@@ -72,3 +72,19 @@ class ContentClassifier:
             rest = (1.0 - p) / (len(FINE_CLASSES) - 1)
             out.append({c: (p if c == label else rest) for c in FINE_CLASSES})
         return out
+
+
+class HalfMask:
+    """A segmenter whose mask is nucleus (2) on the left half of each crop and ``rest`` on the right
+    (0: background, 1: cytoplasm)."""
+
+    def __init__(self, rest: int = 0):
+        self.rest = rest
+
+    def segment(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for c in crops:
+            m = np.full(c.shape[:2], self.rest, np.uint8)
+            m[:, : c.shape[1] // 2] = 2
+            out.append(m)
+        return out

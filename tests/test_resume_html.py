@@ -77,7 +77,9 @@ def test_html_report_is_self_contained(tmp_path):
     rows = summary_rows([rep], CFG)
     page = render_html([rep], rows, gallery_per_class=5)
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page  # no external script, font or CDN
+    assert "<script src" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    assert "default-src 'none'" in page  # the page's own CSP: nothing is fetched, even by mistake
     assert page.count("data:image/jpeg;base64,") >= 3 + len(rep.cells())
     assert "95% CI" in page and "too few cells counted" in page and "unidentified (review queue)" in page
-    assert page.index("<h4>UNIDENTIFIED") < page.index("<h4>SNE")  # unidentified cells first
+    assert page.index('class="group unidentified') < page.index('data-label="SNE"')  # unidentified cells first

@@ -277,7 +277,7 @@ def test_run_with_segment_adds_mask_columns(tmp_path):
 
 
 def test_mask_background_paints_out_background():
-    from fakes import FakeDetector
+    from fakes import FakeDetector, HalfMask
     from smear.pipeline.run import Stages, classify_cells
     from smear.types import Detection
 
@@ -290,15 +290,6 @@ def test_mask_background_paints_out_background():
         def classify(self, crops):
             self.crops += list(crops)
             return [{"LY": 1.0} for _ in crops]
-
-    class HalfMask:
-        def segment(self, crops):
-            out = []
-            for c in crops:
-                m = np.zeros(c.shape[:2], np.uint8)
-                m[:, : c.shape[1] // 2] = 2
-                out.append(m)
-            return out
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     det = Detection((16, 16, 48, 48), CellKind.WBC, 0.9)

@@ -89,22 +89,44 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
     raise ConfigError(f"unknown segmenter {kind!r}", hint=f"one of {', '.join(SEGMENTERS)}")
 
 
+#: pipeline settings that change a field's result (with the model folders in use)
+RESULT_SETTINGS = ("detector", "classical", "wbc_check", "segment", "classifier", "review_threshold",
+                   "mask_background", "runtime", "classify_tta", "device")
+
+
+def models_in_use(cfg: dict[str, Any]) -> list[tuple[str, str, Path]]:
+    """(config key, stage name, model folder) of each model folder the config runs."""
+    out = []
+    for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
+                          ("classifier_model", "classifier", cfg["classifier"] != "off"),
+                          ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
+        if on:
+            out.append((key, name, resolve_model_dir(cfg[key], name)))
+    return out
+
+
 def stages_version(cfg: dict[str, Any]) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
     each model folder's weights and meta.json (its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
-    parts: dict[str, Any] = {k: cfg.get(k) for k in ("detector", "classical", "wbc_check", "segment", "classifier",
-                                                 "review_threshold", "mask_background", "runtime",
-                                                 "classify_tta", "device")}
+    parts: dict[str, Any] = {k: cfg.get(k) for k in RESULT_SETTINGS}
     parts["smear"] = __version__
-    for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
-                          ("classifier_model", "classifier", cfg["classifier"] != "off"),
-                          ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
-        if on:
-            model_dir = resolve_model_dir(cfg[key], name)
-            parts[key] = [model_version(model_dir), file_sha256(Path(model_dir) / META)[:12]]
+    for key, _name, model_dir in models_in_use(cfg):
+        parts[key] = [model_version(model_dir), file_sha256(Path(model_dir) / META)[:12]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
+    hash), the settings that change results and the run id (the page adds smear's version and the date)."""
+    models = [{"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
+               "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12]}
+              for _key, name, model_dir in models_in_use(cfg)]
+    settings = {k: cfg.get(k) for k in RESULT_SETTINGS}
+    report = cfg.get("report") or {}
+    settings.update({f"report.{k}": v for k, v in report.items() if k != "gallery_per_class"})
+    return {"run_id": run_id, "models": models, "settings": settings}
 
 
 def build_stages(cfg: dict[str, Any]) -> Stages:

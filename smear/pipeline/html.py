@@ -1,33 +1,40 @@
-"""One self-contained HTML review file: summary with CIs and flags, fields with boxes, cell gallery."""
+"""The interactive review page: one self-contained HTML file (inline CSS and JS, crops and fields as
+data URIs) rendered from the jinja2 template in smear/report/templates, with autoescape on."""
 
 from __future__ import annotations
 
 import base64
-import html
+import datetime
+import hashlib
+import json
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-from smear.io import read_image
+from smear import __version__
 from smear.crops import cut_crop, pad_value
-from smear.types import FINE_CLASSES, FINE_NAMES, UNIDENTIFIED, CellKind, SlideReport, SmearError
+from smear.io import read_image
+from smear.types import (
+    ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
+    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Segmenter, SlideReport, SmearError,
+)
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
-CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em}
-table.summary{border-collapse:collapse;margin:.5em 0}
-table.summary td,table.summary th{border:1px solid #ddd;padding:.2em .6em;text-align:right}
-table.summary td:first-child,table.summary th:first-child{text-align:left}
-.flags li{color:#8a4b00} .warn{color:#a00}
-.guard{background:#fde8e8;border:2px solid #a00;padding:.5em;color:#600}
-.fields img{max-width:420px;margin:.3em;border:1px solid #ccc}
-.gallery{display:flex;flex-wrap:wrap;gap:.4em}
-.cell{font-size:.75em;text-align:center;width:100px}
-.cell img{width:96px;height:96px;border:1px solid #bbb}
-.unidentified .cell img{border:2px solid #c00}
-"""
+#: one key per class a reviewer can give (shown in the page's legend)
+REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "PMY": "p", "EO": "e",
+                               "BA": "a", "LY": "l", "MO": "o", "ERB": "r", "PLATELET": "t", ARTEFACT: "x",
+                               SMUDGE: "u"}
+GALLERY_ORDER = (UNIDENTIFIED, *REVIEW_CLASSES)
+NAMES = {**FINE_NAMES, **REVIEW_NAMES, UNIDENTIFIED: "unidentified: review first"}
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("smear.report", "templates"),
+                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True)
 
 
 def _b64_jpeg(image_rgb: np.ndarray, quality: int = 80) -> str:
@@ -50,67 +57,127 @@ def _field_figure(image_rgb: np.ndarray, fr, max_side: int = 640) -> str:
     return _b64_jpeg(bgr[..., ::-1])
 
 
-def _summary_table(row: dict[str, Any]) -> str:
-    out = ["<table class='summary'><tr><th>class</th><th>name</th><th>n</th><th>%</th><th>95% CI</th></tr>"]
-    for code in FINE_CLASSES:
-        pct = row[f"{code}_pct"]
-        ci = "" if pct is None else f"{row[f'{code}_ci_low']:.1f} – {row[f'{code}_ci_high']:.1f}"
-        out.append(f"<tr><td>{code}</td><td>{FINE_NAMES[code]}</td><td>{row[f'{code}_n']}</td>"
-                   f"<td>{'' if pct is None else f'{pct:.1f}'}</td><td>{ci}</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+def summary_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything the page's JavaScript needs to recompute a summary row exactly as summary.summarize
+    does: thresholds from the pipeline config, the taxonomy, the z values scipy uses, the CSV columns."""
+    from scipy.special import ndtri
+    from scipy.stats import norm
+
+    from smear.pipeline.report import FORMULA_START, summary_frame
+    from smear.pipeline.summary import ADVICE, APART, DEFAULT_GUARD, DEFAULT_REPORT, GROUPS_APART, summarize
+
+    cfg = cfg or {}
+    rcfg = {**DEFAULT_REPORT, **(cfg.get("report") or {})}
+    conf = float(rcfg["confidence"])
+    columns = list(summary_frame([summarize(SlideReport("", (), classified=True))]).columns)
+    return {
+        "report": rcfg, "flags": cfg.get("flags") or None,
+        "guard": {**DEFAULT_GUARD, **(cfg.get("guard") or {})},
+        "z_ci": float(ndtri(0.5 + 0.5 * conf)), "z_needed": float(norm.ppf(0.5 + conf / 2.0)),
+        "fine": list(FINE_CLASSES), "wbc": list(WBC_CLASSES), "apart": list(APART), "groups": list(GROUPS8),
+        "groups_apart": list(GROUPS_APART), "types": list(TYPES5), "to_group": FINE_TO_GROUP8,
+        "to_type": {k: v for k, v in FINE_TO_TYPE5.items() if v}, "unidentified": UNIDENTIFIED,
+        "advice": ADVICE, "columns": columns, "formula_start": list(FORMULA_START),
+        "int_columns": [c for c in columns if c.endswith("_n") or c.startswith("n_") or c == "wbc_needed"],
+    }
+
+
+def slide_base(rep: SlideReport) -> dict[str, Any]:
+    """The counts of a slide that a review does not change, and its label counts as predicted."""
+    n_scored, n_novel = rep.novelty_counts()
+    return {"slide": rep.slide, "classified": rep.classified, "n_fields": rep.n_fields,
+            "n_rbc": rep.count(CellKind.RBC), "n_platelet_detected": rep.count(CellKind.PLATELET),
+            "n_wbc_detected": rep.count(CellKind.WBC), "n_skipped": len(rep.skipped),
+            "n_scored": n_scored, "n_novel": n_novel,
+            "counts": rep.label_counts() if rep.classified else {}}
+
+
+def _top3(probs: dict[str, float]) -> list[tuple[str, float]]:
+    return [(k, round(float(v), 3)) for k, v in sorted(probs.items(), key=lambda kv: -kv[1])[:3]]
+
+
+MASK_BGR = {1: (0, 215, 255), 2: (255, 255, 0)}  # outlines drawn on crops: cell yellow, nucleus cyan
+
+
+def outline(crop_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The crop with the outlines of a segmenter's mask (1 cytoplasm, 2 nucleus) drawn on it."""
+    out = np.ascontiguousarray(crop_rgb[..., ::-1])
+    mask = cv2.resize(mask, out.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    for level, bgr in MASK_BGR.items():
+        inside = (mask >= level).astype(np.uint8)
+        contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, bgr, 1, cv2.LINE_AA)
+    return out[..., ::-1]
+
+
+def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_class: int,
+                crop_margin: float, segmenter: Segmenter | None,
+                segment_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the template shows of a slide, what the script gets of it)."""
+    shown: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
+    fields, crops, to_mask = [], {}, {}
+    for k, fr in enumerate(rep.fields):
+        try:
+            image = read_image(fr.path)
+        except SmearError:
+            continue
+        fields.append({"name": fr.field, "src": _field_figure(image, fr)})
+        fill = pad_value(image)
+        for j, c in enumerate(fr.cells):
+            if c.label not in shown or len(shown[c.label]) >= gallery_per_class:
+                continue
+            nc = c.mask.nucleus_to_cell if c.mask is not None and c.mask.cell_area_px else None
+            cell_id = f"s{index}f{k}c{j}"
+            shown[c.label].append({
+                "id": cell_id, "field": fr.field, "label": c.label, "prob": round(float(c.prob), 3),
+                "box": [round(float(v), 1) for v in c.detection.box_xyxy], "top3": _top3(c.probs),
+                "nc": None if nc is None else round(float(nc), 2)})
+            crops[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill)
+            if segmenter is not None and c.mask is not None:  # the crop the run segmented, masked again
+                to_mask[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, segment_size, fill)
+    if to_mask:
+        for cell_id, mask in zip(to_mask, segmenter.segment(list(to_mask.values()))):
+            crops[cell_id] = outline(crops[cell_id], mask)
+    for entries in shown.values():
+        for entry in entries:
+            entry["src"] = _b64_jpeg(crops[entry["id"]])
+    cells = [c for label in GALLERY_ORDER for c in shown[label]]  # the review queue: unidentified first
+    counts = rep.label_counts() if rep.classified else {}
+    galleries = [{"code": code, "name": NAMES[code], "key": REVIEW_KEYS.get(code, ""), "cells": shown[code],
+                  "total": counts.get(code, 0)} for code in GALLERY_ORDER]
+    script_cells = [{k: c[k] for k in ("id", "field", "label", "prob", "box")} for c in cells]
+    key = hashlib.sha256(json.dumps([rep.slide, script_cells, row.get("n_fields")]).encode()).hexdigest()[:16]
+    view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified,
+            "galleries": galleries, "fields": fields, "n_queue": len(cells),
+            "table": [{"code": c, "name": FINE_NAMES[c], "n": row.get(f"{c}_n"), "pct": row.get(f"{c}_pct"),
+                       "low": row.get(f"{c}_ci_low"), "high": row.get(f"{c}_ci_high")} for c in FINE_CLASSES]}
+    return view, {"base": slide_base(rep), "cells": script_cells, "storage_key": f"smear-review:{key}"}
 
 
 def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
-                crop_margin: float = 1.2) -> str:
-    """The whole review page as one HTML string (images embedded as data URIs)."""
-    e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>smear report</title>",
-             f"<style>{CSS}</style></head><body><h1>smear differential report</h1>",
-             "<p>Pre-classification for review by a qualified person; flags are prompts, not diagnoses.</p>"]
-    for rep, row in zip(reports, rows):
-        parts.append(f"<section class='slide'><h2>Slide {e(rep.slide)}</h2>")
-        for w in row.get("domain_warnings", []):
-            parts.append(f"<p class='guard'><b>Warning:</b> {e(w)}</p>")
-        parts.append(f"<p id='counts'>{row['n_fields']} fields, {row['n_wbc']} WBC identified"
-                     + (f", <b>{row['n_unidentified']} unidentified (review queue)</b>" if rep.classified else "")
-                     + f", {row['n_rbc']} RBC ({row['rbc_per_field']} per field), {row['n_platelet']} platelets"
-                     f" ({row['platelets_per_field']} per field, {row['platelets_per_100_rbc']} per 100 RBC)"
-                     + (f", NRBC {row['nrbc_per_100_wbc']} per 100 WBC" if rep.classified else "")
-                     + (f", {row['n_skipped']} fields skipped" if row["n_skipped"] else "") + "</p>")
-        for w in row["warnings"]:
-            parts.append(f"<p class='warn'>{e(w)}</p>")
-        if rep.classified:
-            parts.append(_summary_table(row))
-        parts.append("<h3>Flags</h3><ul class='flags'>" + "".join(f"<li>{e(f)}</li>" for f in row["flags"])
-                     + ("" if row["flags"] else "<li>none</li>") + "</ul>")
-        gallery: dict[str, list[str]] = {c: [] for c in (UNIDENTIFIED, *FINE_CLASSES)}
-        fields_html = []
-        for fr in rep.fields:
-            try:
-                image = read_image(fr.path)
-            except SmearError:
-                continue
-            fields_html.append(f"<figure><img alt='{e(fr.field)}' src='{_field_figure(image, fr)}'>"
-                               f"<figcaption>{e(fr.field)}</figcaption></figure>")
-            fill = pad_value(image)
-            for c in fr.cells:
-                if len(gallery[c.label]) >= gallery_per_class:
-                    continue
-                crop = cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill)
-                top3 = sorted(c.probs.items(), key=lambda kv: -kv[1])[:3]
-                tip = ", ".join(f"{k} {v:.2f}" for k, v in top3)
-                gallery[c.label].append(f"<div class='cell' title='{e(tip)}'><img src='{_b64_jpeg(crop)}'>"
-                                        f"<br>{e(fr.field)}<br>{c.prob:.2f}</div>")
-        if rep.classified:
-            parts.append("<h3>Cells by class (unidentified first)</h3><div id='gallery'>")
-            for label, cells in gallery.items():
-                if not cells:
-                    continue
-                cls = " unidentified" if label == UNIDENTIFIED else ""
-                parts.append(f"<h4>{e(label)} ({len(cells)} shown)</h4><div class='gallery{cls}'>"
-                             + "".join(cells) + "</div>")
-            parts.append("</div>")
-        parts.append("<h3>Fields</h3><div class='fields'>" + "".join(fields_html) + "</div></section>")
-    parts.append("</body></html>\n")
-    return "".join(parts)
+                crop_margin: float = 1.2, cfg: dict[str, Any] | None = None,
+                audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
+                segment_size: int = 96) -> str:
+    """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
+    config the rows were made with (its thresholds drive the page's live recount), ``audit`` what
+    build.audit_info says of the run; with the run's ``segmenter`` (and the ``segment_size`` of the
+    crops it was given) each masked crop shows its mask's outline."""
+    if cfg is None:
+        from smear.config import default_config
+
+        cfg = default_config("pipeline")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
+    views, script = [], []
+    for i, (rep, row) in enumerate(zip(reports, rows)):
+        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size)
+        views.append(view)
+        script.append(data)
+    keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
+    data = {"config": summary_config(cfg), "slides": script, "keys": keys,
+            "gallery_order": list(GALLERY_ORDER)}
+    legend = [{"kind": k.value, "rgb": "#{:02x}{:02x}{:02x}".format(*reversed(bgr))}
+              for k, bgr in KIND_BGR.items()]
+    page = _environment().get_template("review.html.j2").render(
+        slides=views, audit=audit, keys=keys, data=data, box_legend=legend)
+    return page.rstrip("\n") + "\n"

@@ -1,0 +1,252 @@
+"""The review page driven in headless chromium through selenium (Debian's chromium and chromium-driver;
+.ci/run installs them): the live recount agrees with the Python summary, and a review by click and by
+key ends in the two CSV downloads. One browser session for the module; no network."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakes import FakeClassifier, FakeDetector, dets
+from smear.config import default_config
+from smear.io import find_slides, write_text_atomic
+from smear.pipeline.html import render_html, slide_base
+from smear.pipeline.report import summary_frame, summary_rows, to_csv
+from smear.pipeline.run import Stages, run_slide
+from smear.types import FINE_CLASSES, SkippedField, SlideReport, Tally
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install '.[test]')")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="chromium or chromedriver not installed "
+                              "(apt-get install chromium chromium-driver; .ci/run does)"),
+]
+CFG = default_config("pipeline")
+FIELD_NAMES = ["f0 <b>&amp;.png", "f1.png", "f2.png"]  # a field name that must stay text
+# three fields of three WBCs each, labelled in call order; LY 0.3 and BNE 0.2 are under the review threshold
+LABELS = [("SNE", 0.9), ("SNE", 0.8), ("LY", 0.3), ("LY", 0.9), ("MO", 0.85), ("SNE", 0.95), ("EO", 0.7),
+          ("ERB", 0.8), ("BNE", 0.2)]
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads, tmp_path_factory):
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-quic", "--window-size=1280,1600",
+                 f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    # the driver's path given: selenium manager, which could look for drivers online, never runs
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    yield driver
+    driver.quit()
+
+
+def _report(tmp_path):
+    folder = tmp_path / "slideA"
+    folder.mkdir()
+    by_width = {}
+    for i, name in enumerate(FIELD_NAMES):
+        img = np.full((120, 160 + i, 3), 215, np.uint8)
+        img[20:60, 20:60] = (110, 50 + 30 * i, 150)
+        Image.fromarray(img).save(folder / name)
+        by_width[160 + i] = dets(3, 20, 1)
+    [slide] = find_slides([folder])
+    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5)
+    return run_slide(slide, stages)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("page")
+    rep = _report(tmp)
+    path = tmp / "report.html"
+    write_text_atomic(path, render_html([rep], summary_rows([rep], CFG), cfg=CFG))
+    return rep, path
+
+
+def _counted(base: dict, counts: dict[str, int], slide: str = "s1") -> SlideReport:
+    """A slide report with these label counts (and the base's fixed counts), as a streamed run makes it."""
+    tally = Tally(n_fields=base["n_fields"], labels=dict(counts), n_scored=base.get("n_scored", 0),
+                  n_novel=base.get("n_novel", 0),
+                  kinds={"wbc": base["n_wbc_detected"], "rbc": base["n_rbc"], "platelet": base["n_platelet"]})
+    skipped = tuple(SkippedField(slide, f"x{i}", "unreadable") for i in range(base.get("n_skipped", 0)))
+    return SlideReport(slide, (), skipped, classified=base.get("classified", True), tally=tally)
+
+
+def _python_csv(rep: SlideReport, cfg=CFG) -> tuple[str, dict]:
+    rows = summary_rows([rep], cfg)
+    return to_csv(summary_frame(rows)), rows[0]
+
+
+JS_ROW = ("const r = smearReview.summarize(arguments[0], arguments[0].counts);"
+          "return [smearReview.summaryCsv(r), r.flags, r.warnings, r.domain_warnings];")
+BASE = {"n_fields": 4, "n_wbc_detected": 12, "n_rbc": 300, "n_platelet": 9}
+VECTORS = [
+    ({}, BASE),  # classified, no cells at all
+    ({"UNIDENTIFIED": 5}, BASE),
+    ({"SNE": 3, "LY": 1, "ARTEFACT": 2, "SMUDGE": 1, "UNIDENTIFIED": 1}, BASE),
+    ({"SNE": 1, "LY": 7}, BASE),  # 12.5% and 87.5%: halves that Python rounds to even
+    ({"SNE": 1, "LY": 31}, BASE),  # 3.125%
+    ({"SNE": 40, "BNE": 9, "MMY": 2, "MY": 3, "PMY": 1, "EO": 8, "BA": 3, "LY": 15, "MO": 14, "ERB": 4,
+      "PLATELET": 6, "UNIDENTIFIED": 7, "ARTEFACT": 3}, BASE),  # every flag there is
+    ({"LY": 2, "ERB": 9}, {**BASE, "n_rbc": 60, "n_wbc_detected": 40, "n_scored": 20, "n_novel": 9,
+                           "n_skipped": 1}),  # every domain warning
+    ({"SNE": 250, "LY": 61, "MO": 19}, {**BASE, "n_fields": 0, "n_rbc": 0}),
+]
+
+
+def test_live_recount_agrees_with_python(browser, page):
+    browser.get(page[1].as_uri())
+    for counts, base in VECTORS:
+        rep = _counted(base, counts)
+        want_csv, row = _python_csv(rep)
+        got = browser.execute_script(JS_ROW, slide_base(rep))
+        assert got == [want_csv, row["flags"], row["warnings"], row["domain_warnings"]], counts
+    # a slide the classifier never saw (detector only)
+    rep = _counted({**BASE, "classified": False}, {})
+    want_csv, row = _python_csv(rep)
+    assert browser.execute_script(JS_ROW, slide_base(rep))[0] == want_csv
+
+
+def test_exact_intervals_agree_with_python(browser, tmp_path):
+    cfg = {**CFG, "report": {**CFG["report"], "ci_method": "exact", "confidence": 0.9}}
+    rep = _counted(BASE, {"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14, "UNIDENTIFIED": 2})
+    path = tmp_path / "exact.html"
+    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    browser.get(path.as_uri())
+    for counts in ({"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14}, {"LY": 3},
+                   {"SNE": 1, "LY": 1}):
+        rep = _counted(BASE, counts)
+        assert browser.execute_script(JS_ROW, slide_base(rep))[0] == _python_csv(rep, cfg)[0], counts
+
+
+def _wait_for(fn, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _table(browser) -> dict[str, tuple[str, str, str]]:
+    return {tr.get_attribute("data-code"): tuple(td.text for td in tr.find_elements("css selector", "td")[2:])
+            for tr in browser.find_elements("css selector", "table.summary tbody tr")}
+
+
+def _expected_table(row) -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for c in FINE_CLASSES:
+        pct = row[f"{c}_pct"]
+        out[c] = (str(row[f"{c}_n"]), "" if pct is None else f"{pct:.1f}",
+                  "" if pct is None else f"{row[f'{c}_ci_low']:.1f} – {row[f'{c}_ci_high']:.1f}")
+    return out
+
+
+def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloads):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    rep, path = page
+    base = slide_base(rep)
+    browser.get(path.as_uri())
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    css = lambda sel: browser.find_elements("css selector", sel)  # noqa: E731
+    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0])  # as Python printed it
+    assert css(".n-left")[0].text == "9"
+    queue = [c.get_attribute("data-id") for c in css(".cell")]
+    first, second, third, fourth = queue[:4]
+    labels = [c.get_attribute("data-label") for c in css(".cell")]
+    assert labels[:3] == ["UNIDENTIFIED", "UNIDENTIFIED", "SNE"]
+
+    # 1: click the first unidentified cell, then LY in the menu
+    browser.find_element("css selector", f'.cell[data-id="{first}"]').click()
+    assert browser.find_element("id", "menu").is_displayed()
+    browser.find_element("css selector", '#menu button[data-label="LY"]').click()
+    # 2: the next unreviewed cell has focus: the key for BNE; 3: then the key for "not a WBC"
+    assert browser.switch_to.active_element.get_attribute("data-id") == second
+    ActionChains(browser).send_keys("b").perform()
+    assert browser.switch_to.active_element.get_attribute("data-id") == third
+    ActionChains(browser).send_keys("x").perform()
+    ActionChains(browser).send_keys(Keys.ENTER).perform()  # the fourth cell confirmed as predicted (SNE)
+    assert browser.switch_to.active_element.get_attribute("data-id") == queue[4]
+    ActionChains(browser).send_keys("k").perform()  # previous
+    assert browser.switch_to.active_element.get_attribute("data-id") == fourth
+
+    def gallery_of(cid):
+        cell = browser.find_element("css selector", f'.cell[data-id="{cid}"]')
+        return cell.find_element("xpath", "ancestor::div[@data-label]").get_attribute("data-label")
+
+    assert [gallery_of(c) for c in (first, second, third, fourth)] == ["LY", "BNE", "ARTEFACT", "SNE"]
+    assert css(".n-left")[0].text == "5"
+    counts = dict(base["counts"])
+    for pred, new in (("UNIDENTIFIED", "LY"), ("UNIDENTIFIED", "BNE"), ("SNE", "ARTEFACT")):
+        counts[pred] -= 1
+        counts[new] = counts.get(new, 0) + 1
+    fixed = {**base, "n_platelet": base["n_platelet_detected"]}
+    want_csv, row = _python_csv(_counted(fixed, counts, "slideA"))
+    assert _table(browser) == _expected_table(row)
+    assert _table(browser)["SNE"][:2] == ("2", "28.6") and _table(browser)["LY"][:2] == ("2", "28.6")
+    assert _table(browser)["BNE"][:2] == ("1", "14.3")  # 7 WBC: the artefact left, two unidentified came in
+    assert [li.text for li in css(".flags li")] == row["flags"]
+    headings = {g.get_attribute("data-label"): g.find_element("css selector", "h4").text
+                for g in css(".group") if g.is_displayed()}
+    assert "UNIDENTIFIED" not in headings and headings["ARTEFACT"].endswith("1 of 1 shown")
+    assert headings["SNE"].startswith("SNE segmented neutrophil") and headings["SNE"].endswith("2 of 2 shown")
+
+    # sign off: refused without a name, stamped with one
+    css(".signoff")[0].click()
+    assert css(".signed")[0].text == ""
+    browser.find_element("id", "reviewer").send_keys("Dr <Q>")
+    css(".signoff")[0].send_keys(Keys.ENTER)  # Enter on a button presses it, it does not confirm a cell
+    assert css(".signed")[0].text.startswith("Signed off by Dr <Q> at 20")
+
+    css(".dl-reviewed")[0].click()
+    css(".dl-corrections")[0].click()
+    reviewed = _wait_for(lambda: [p for p in downloads.glob("slideA_reviewed.csv")])[0]
+    corrections = _wait_for(lambda: [p for p in downloads.glob("slideA_corrections.csv")])[0]
+    _wait_for(lambda: not list(downloads.glob("*.crdownload")))
+    assert reviewed.read_text(encoding="utf-8") == want_csv
+    rows = list(csv.DictReader(io.StringIO(corrections.read_text(encoding="utf-8"))))
+    assert [(r["predicted_label"], r["corrected_label"]) for r in rows] == [
+        ("UNIDENTIFIED", "LY"), ("UNIDENTIFIED", "BNE"), ("SNE", "ARTEFACT"), ("SNE", "SNE")]
+    assert {r["slide"] for r in rows} == {"slideA"} and {r["reviewer"] for r in rows} == {"Dr <Q>"}
+    assert rows[2]["field"] == FIELD_NAMES[0] and rows[2]["prob"] == "0.9"
+    assert (rows[2]["x0"], rows[2]["y0"], rows[2]["x1"], rows[2]["y1"]) == ("2.0", "2.0", "10.0", "10.0")
+    assert all(r["time"].startswith("20") and r["time"].endswith("Z") for r in rows)
+
+    # work in progress survives a reload; reset clears it
+    browser.refresh()
+    assert gallery_of(first) == "LY" and css(".n-left")[0].text == "5"
+    assert _table(browser) == _expected_table(row)
+    assert css(".signed")[0].text.startswith("Signed off by Dr <Q>")
+    browser.execute_script("window.confirm = () => true")
+    browser.find_element("id", "reset").click()
+    assert gallery_of(first) == "UNIDENTIFIED" and css(".n-left")[0].text == "9"
+    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0]) and css(".signed")[0].text == ""
+    captions = css(".cell figcaption .fname")
+    assert any(c.text == FIELD_NAMES[0] for c in captions)  # the field name stayed text
+    assert not browser.find_elements("css selector", "figcaption b")
