@@ -1,0 +1,539 @@
+"""Adapt a classifier model folder to one lab: fine-tune it on a few of that lab's labelled cells.
+
+A classifier from another lab loses most of its accuracy on a new stain and scanner, and gets it
+back from about a hundred of the new lab's own labelled cells (Chossegros et al., J Pathol
+Inform 2024). Those cells come either as any single-cell dataset ``smear eval classify --data``
+reads, or as the corrections CSVs the review page exports (``read_corrections``).
+
+The recipe is for few cells: a stratified held-out part (``Recipe.heldout``) is kept aside for
+the before/after figures and for refitting the temperature; only the last ``train_blocks`` blocks
+of the network and its head are trained, with the source model's BatchNorm statistics kept (a
+few dozen cells cannot estimate them), the training augmentation of the source model's config,
+loss weights that balance the classes, and a fixed number of passes. Cells labelled only by type
+(``neutrophil``) train through the group-level loss of ``smear.classify.train.mixed_loss``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smear.artifacts import CARD, CONFIG, META, data_fingerprint, load_meta, load_model_config, model_version
+from smear.classify.augment import BatchAugment
+from smear.classify.data import label_from_name, load_items
+from smear.classify.evaluate import classification_metrics, lab_row
+from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
+from smear.classify.train import evaluate, mixed_loss, train_one_epoch, warmup_cosine
+from smear.crops import cut_crop
+from smear.devices import resolve_device
+from smear.io import read_image, write_text_atomic
+from smear.types import FINE_CLASSES, GROUPS8, UNIDENTIFIED, DataError, SmearError
+
+#: Corrected labels that mean "no leukocyte to learn from": such rows are skipped and counted.
+NOT_A_CELL = frozenset({"artefact", "artifact", "not a wbc", "not a wbc / artefact", "not a wbc/artefact",
+                        "smudge", "smudge cell", "not_a_wbc"})
+
+#: Columns of a corrections CSV (as the review page writes them) and the spellings accepted.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "slide": ("slide",), "field": ("field", "field_path", "image"), "box": ("box", "box_xyxy"),
+    "predicted_label": ("predicted_label", "predicted", "label"), "probability": ("probability", "prob"),
+    "corrected_label": ("corrected_label", "corrected"), "reviewer": ("reviewer",), "time": ("time",),
+}
+REQUIRED = ("field", "box", "corrected_label")
+MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is adapted; the defaults were chosen on jtsc (benchmarks/adapt_curve.py)."""
+
+    epochs: int = 30             # passes over the training cells (each at least one batch)
+    batch: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    train_blocks: int = 2        # last blocks of the network trained with the head; 0: the classifier
+                                 # layer only (keeps the novelty score); -1: the whole network
+    heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
+    label_smoothing: float = 0.1
+    class_weight_power: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class Cells:
+    """Labelled cells ready to train on: crops cut wider than the model input (``wide_margin``,
+    ``wide_size``) so augmentation has real pixels; their centre is the inference crop."""
+
+    crops: np.ndarray                # N x S x S x 3 uint8
+    fine: list[str | None]           # fine class, or None when only the group/type is known
+    group: list[str]                 # 8-group
+    files: list[str]                 # the image each came from (for the data fingerprint)
+    skipped: dict[str, int] = field(default_factory=dict)
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.fine)
+
+    @property
+    def strata(self) -> list[str]:
+        return [f if f is not None else f"group:{g}" for f, g in zip(self.fine, self.group)]
+
+    def labels(self) -> list[str]:
+        return [f or g for f, g in zip(self.fine, self.group)]
+
+    def subset(self, idx: Sequence[int]) -> Cells:
+        idx = list(idx)
+        return Cells(self.crops[idx], [self.fine[i] for i in idx], [self.group[i] for i in idx],
+                     [self.files[i] for i in idx], dict(self.skipped), self.origin)
+
+
+def wide_geometry(meta: dict[str, Any], config: dict[str, Any]) -> tuple[float, int]:
+    """The margin and side of the training crops: the model's crop, ``data.cache_pad`` times wider."""
+    size, margin = int(meta["input_size"]), float(meta["crop_margin"])
+    wide = int(round(size * float((config.get("data") or {}).get("cache_pad", 1.25))))
+    return margin * wide / size, wide
+
+
+# ---------------------------------------------------------------- reading cells
+
+
+def _column_map(path: Path, header: Sequence[str]) -> dict[str, str]:
+    norm = {h.strip().lower().replace(" ", "_"): h for h in header}
+    got = {key: next((norm[a] for a in aliases if a in norm), None) for key, aliases in COLUMNS.items()}
+    missing = [k for k in REQUIRED if got[k] is None]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
+                        hint="a corrections CSV has slide,field,box,predicted_label,probability,"
+                             "corrected_label,reviewer,time")
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x1,y1,x2,y2"`` (commas, semicolons or spaces) -> a box in field pixels; ValueError if not."""
+    parts = [p for p in text.replace(";", " ").replace(",", " ").split() if p]
+    if len(parts) != 4:
+        raise ValueError(f"box {text!r}: expected x1,y1,x2,y2")
+    x0, y0, x1, y1 = (float(p) for p in parts)
+    if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0:
+        raise ValueError(f"box {text!r}: expected x1 < x2 and y1 < y2")
+    return x0, y0, x1, y1
+
+
+def _field_path(value: str, csv_path: Path) -> Path:
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    beside = csv_path.parent / p
+    return beside if beside.exists() or not p.exists() else p
+
+
+def read_corrections(paths: Sequence[str | Path], margin: float, size: int,
+                     log: Callable[[str], None] | None = None) -> Cells:
+    """The cells of corrections CSVs, each cut from its field at its box with the pipeline's crop
+    geometry (``cut_crop``). A relative field path is taken from the CSV's folder first. Rows
+    whose corrected label is an artefact, a smudge, UNIDENTIFIED or empty are skipped and counted."""
+    crops: list[np.ndarray] = []
+    fine: list[str | None] = []
+    group: list[str] = []
+    files: list[str] = []
+    skipped: Counter[str] = Counter()
+    fields: dict[Path, np.ndarray] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"{path}: corrections CSV not found")
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = _column_map(path, reader.fieldnames or [])
+            for line, row in enumerate(reader, start=2):
+                where = f"{path}:{line}"
+                label = (row.get(cols["corrected_label"]) or "").strip()
+                if label.lower() in NOT_A_CELL:
+                    skipped["artefact or smudge"] += 1
+                    continue
+                if not label or label.upper() == UNIDENTIFIED:
+                    skipped["no corrected label"] += 1
+                    continue
+                fine_c, group_c = label_from_name(label)
+                if group_c is None:
+                    raise DataError(f"{where}: corrected label {label!r} is not a class smear knows",
+                                    hint="a fine class (SNE, LY, ...), a type (neutrophil, ...), or artefact/smudge")
+                try:
+                    box = parse_box(row.get(cols["box"]) or "")
+                except ValueError as exc:
+                    raise DataError(f"{where}: {exc}") from exc
+                field_path = _field_path((row.get(cols["field"]) or "").strip(), path)
+                if field_path not in fields:
+                    try:
+                        fields[field_path] = read_image(field_path)
+                    except SmearError as exc:
+                        raise DataError(f"{where}: {exc.args[0]}") from exc
+                crops.append(cut_crop(fields[field_path], box, margin, size))
+                fine.append(fine_c)
+                group.append(group_c)
+                files.append(str(field_path))
+    if log is not None and skipped:
+        log("skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+    arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    return Cells(arr, fine, group, files, dict(skipped), ", ".join(str(p) for p in paths))
+
+
+def read_dataset(root: str | Path, margin: float, size: int, layout: str = "auto",
+                 cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Cells:
+    """The cells of a single-cell dataset (class folders, a labels.csv folder, PBC-style names),
+    cut as training crops are (``smear.classify.cache``); an unreadable image is an error naming it."""
+    from smear.classify.cache import UnreadableImages, cached_crops
+
+    items = load_items(root, layout)
+    try:
+        crops = cached_crops(items, margin, size, cache_dir, log=log)
+    except UnreadableImages as exc:
+        path, msg = exc.errors[0]
+        more = f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+        raise DataError(msg if str(path) in msg else f"{path}: {msg}" + more,
+                        hint="remove or replace the unreadable image(s)") from exc
+    return Cells(crops, [it.fine for it in items], [it.group for it in items], [str(it.path) for it in items],
+                 origin=str(root))
+
+
+def read_cells(data: Sequence[str | Path], margin: float, size: int, layout: str = "auto",
+               cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Cells:
+    """Cells from corrections CSVs (files ending in .csv) or from one single-cell dataset folder."""
+    data = [Path(d) for d in data]
+    if not data:
+        raise DataError("no data given", hint="--data a dataset folder or corrections CSV(s)")
+    csvs = [d for d in data if d.suffix.lower() == ".csv"]
+    if csvs and len(csvs) != len(data):
+        raise DataError("--data: give corrections CSVs or one dataset folder, not both")
+    if csvs:
+        cells = read_corrections(csvs, margin, size, log)
+    elif len(data) > 1:
+        raise DataError("--data: one dataset folder at a time (or several corrections CSVs)")
+    else:
+        cells = read_dataset(data[0], margin, size, layout, cache_dir, log)
+    if len(cells) < 2:
+        raise DataError(f"{cells.origin}: {len(cells)} usable cell(s); adapting needs at least 2")
+    return cells
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def heldout_split(strata: Sequence[str], share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out indices, ``share`` of each stratum held out (rounded; a stratum of
+    one cell trains), after a seeded shuffle."""
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(strata):
+        by[s].append(i)
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for s in sorted(by):
+        idx = rng.permutation(by[s])
+        n = min(len(idx) - 1, int(round(len(idx) * share)))
+        held += list(idx[:n])
+        train += list(idx[n:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def stratum_weights(cells: Cells, power: float) -> tuple[torch.Tensor, float]:
+    """Loss weights ``(mean count / count) ** power`` per stratum, mean 1 over the cells: per fine
+    class (for ``mixed_loss``) and one for the group-only cells (their count-weighted mean)."""
+    counts = Counter(cells.strata)
+    raw = {s: (len(cells) / len(counts) / n) ** power for s, n in counts.items()}
+    scale = len(cells) / sum(raw[s] * n for s, n in counts.items())
+    fine_w = torch.ones(len(FINE_CLASSES))
+    for s, w in raw.items():
+        if not s.startswith("group:"):
+            fine_w[FINE_CLASSES.index(s)] = w * scale
+    groups = [(raw[s] * scale, n) for s, n in counts.items() if s.startswith("group:")]
+    group_w = sum(w * n for w, n in groups) / sum(n for _, n in groups) if groups else 1.0
+    return fine_w, float(group_w)
+
+
+def label_tensors(cells: Cells) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine index (-1 for group-only) and 8-group index of each cell."""
+    fine = torch.tensor([FINE_CLASSES.index(f) if f else -1 for f in cells.fine], dtype=torch.long)
+    return fine, torch.tensor([GROUPS8.index(g) for g in cells.group], dtype=torch.long)
+
+
+def fit_temperature_mixed(logits: torch.Tensor, fine: torch.Tensor, group: torch.Tensor) -> float:
+    """The temperature minimising the NLL of held-out cells, fine-labelled and group-only alike
+    (``mixed_loss``), by a search over log T in [-3, 3]: robust on a handful of cells."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    ones = torch.ones(len(FINE_CLASSES))
+
+    def loss(log_t: float) -> float:
+        return float(mixed_loss(logits / np.exp(log_t), fine, group, ones))
+
+    grid = np.linspace(-3, 3, 121)
+    best = grid[int(np.argmin([loss(v) for v in grid]))]
+    fine_grid = np.linspace(best - 0.05, best + 0.05, 21)
+    return float(np.exp(fine_grid[int(np.argmin([loss(v) for v in fine_grid]))]))
+
+
+class Partial(torch.nn.Module):
+    """The network with only ``parts`` in training mode, and every BatchNorm layer in eval mode
+    (the source model's statistics), whatever ``train()`` is asked."""
+
+    def __init__(self, net: torch.nn.Module, parts: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.net = net
+        self.parts = list(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Partial:
+        self.training = mode
+        self.net.train(False)
+        for part in self.parts if mode else ():
+            part.train(True)
+            for m in part.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def trainable_parts(net: torch.nn.Module, train_blocks: int) -> list[torch.nn.Module]:
+    """The modules trained: the whole network (-1), the classifier layer (0), or the last
+    ``train_blocks`` of a timm model's ``blocks`` and everything after them (the head)."""
+    if train_blocks < 0:
+        return [net]
+    blocks = getattr(net, "blocks", None)
+    if train_blocks == 0 or blocks is None:
+        return [net.get_classifier()]
+    names = [n for n, _ in net.named_children()]
+    after = [m for n, m in list(net.named_children())[names.index("blocks") + 1:]]
+    return list(blocks[max(0, len(blocks) - train_blocks):]) + after
+
+
+@dataclass
+class Adapted:
+    """An adapted classifier in memory, with the meta and config its model folder gets."""
+
+    classifier: CnnClassifier
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    novelty_file: Path | None  # the source's novelty statistics, still valid (features untouched)
+
+
+def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    if not len(labels):
+        return {"n": 0}
+    row = lab_row(probs, labels)
+    m = classification_metrics(probs, labels)
+    out = {"n": len(labels), "type5_accuracy": row["type5_accuracy"],
+           "type5_balanced_accuracy": row["type5_balanced_accuracy"], "group8_accuracy": m["group8_accuracy"],
+           "accuracy": m["accuracy"] if m["n_fine"] else None}
+    return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
+              log: Callable[[str], None] = print) -> Adapted:
+    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
+    and refit its temperature on their held-out part; nothing is written."""
+    t0 = time.perf_counter()
+    source = Path(source)
+    meta, config = load_meta(source), load_model_config(source)
+    if meta.get("stage") != "classify":
+        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
+    if tuple(meta["classes"]) != FINE_CLASSES:
+        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
+    size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
+    torch.manual_seed(recipe.seed)
+    net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch")), source / meta["weights"]).to(dev)
+    norm = Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
+
+    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed)
+    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
+    before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+    t_source = float(meta.get("temperature", 1.0))
+
+    for p in net.parameters():
+        p.requires_grad_(False)
+    parts = trainable_parts(net, recipe.train_blocks)
+    params = [p for part in parts for p in part.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    model = Partial(net, parts)
+    fine, group = label_tensors(train)
+    weights, group_w = stratum_weights(train, recipe.class_weight_power)
+    per_epoch = -(-max(len(train), recipe.batch) // recipe.batch) * recipe.batch  # whole batches
+    steps = recipe.epochs * per_epoch // recipe.batch
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
+    augment = BatchAugment(size, (config.get("train") or {}).get("augment"), seed=recipe.seed)
+    log(f"adapt: {len(train)} training cells, {len(held)} held out; {recipe.epochs} passes, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+        f"parameters trained")
+    for epoch in range(1, recipe.epochs + 1):
+        rng = np.random.default_rng([recipe.seed, epoch])
+        order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-per_epoch // len(train)))])
+        stats = train_one_epoch(model, norm, optimizer, scheduler, train.crops, fine, group, augment,
+                                recipe.batch, weights, recipe.label_smoothing, group_w, epoch, recipe.seed,
+                                dev, None, prefetch=False, order=order[:per_epoch])
+        if epoch == 1 or epoch % 10 == 0 or epoch == recipe.epochs:
+            log(f"  pass {epoch}/{recipe.epochs}: loss {stats['train_loss']:.4f}")
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+
+    after = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+    h_fine, h_group = label_tensors(held)
+    if len(held) >= MIN_CALIBRATION:
+        temperature, calibrated = fit_temperature_mixed(after, h_fine, h_group), "held-out cells"
+    else:
+        temperature, calibrated = t_source, f"kept from the source model (under {MIN_CALIBRATION} held-out cells)"
+    labels = held.labels()
+    figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),
+               "after": _scores(torch.softmax(after / temperature, 1).numpy(), labels)}
+    keep_novelty = recipe.train_blocks == 0 and meta.get("novelty")
+    new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
+                                                            "smear_version")}
+    new_meta.update({
+        "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
+        "adapted_from": {"model": str(source), "weights_sha256": model_version(source),
+                         "trained": meta.get("trained"), "temperature": t_source},
+        "adaptation": {
+            "cells": len(cells), "n_train": len(train), "n_heldout": len(held),
+            "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
+            "data": cells.origin, "recipe": asdict(recipe), "temperature_from": calibrated,
+            "novelty": "kept: the features were not trained" if keep_novelty else
+                       "dropped: the trained layers change the features its statistics were fitted on",
+            "wall_seconds": round(time.perf_counter() - t0, 1)},
+        "metrics": {"split": "held-out part of the lab's cells (stratified, seed "
+                             f"{recipe.seed}, share {recipe.heldout})", "heldout": figures},
+        "data": {"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
+        "data_fingerprint": data_fingerprint(set(cells.files)),
+    })
+    if keep_novelty:
+        new_meta["novelty"] = meta["novelty"]
+    new_config = {**config, "adapt": {"source": str(source), **asdict(recipe)}}
+    clf = CnnClassifier(net, new_meta, device=device, batch=recipe.batch)
+    log(f"held out ({len(held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
+        f"{_f(figures['after'].get('type5_accuracy'))}; T {t_source:.3f} -> {temperature:.3f} ({calibrated})")
+    return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------- the model folder
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """MODEL_CARD.md of an adapted classifier: source model, cells used, before/after figures."""
+    a, src = meta["adaptation"], meta["adapted_from"]
+    fig = meta["metrics"]["heldout"]
+    per_class = ", ".join(f"{c} {n}" for c, n in a["per_class"].items())
+    skipped = ", ".join(f"{n} {why}" for why, n in a["skipped"].items()) or "none"
+    rows = "\n".join(
+        f"| {key.replace('_', ' ')} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
+        for key in ("type5_accuracy", "type5_balanced_accuracy", "group8_accuracy", "accuracy"))
+    r = a["recipe"]
+    return f"""# Leukocyte classifier adapted to a lab ({meta['arch']}, {meta['input_size']} px)
+
+Adapted by `smear adapt` on {meta['trained']} from the classifier model folder `{src['model']}`
+(weights sha256 {src['weights_sha256']}..., trained {src['trained']}). Same 11 classes, crop
+geometry and input normalisation as the source; temperature T = {meta['temperature']:.3f} (the
+source's {src['temperature']:.3f}), {a['temperature_from']}.
+
+## Cells used
+{a['cells']} labelled cells from `{a['data']}` (data fingerprint {meta['data_fingerprint']}):
+{per_class}. Skipped rows: {skipped}. {a['n_train']} trained on, {a['n_heldout']} held out
+(stratified by class, seed {r['seed']}) for the figures below and the temperature.
+
+## Before and after, on the {fig['after']['n']} held-out cells
+| figure | source model | adapted |
+|---|---|---|
+{rows}
+
+Few held-out cells give wide intervals: with 20 cells one cell is 5 points. The measured curve of
+accuracy against the number of cells is in the shipped classifier's card (`benchmarks/adapt_curve.py`).
+
+## Recipe
+{r['epochs']} passes (batch {r['batch']}), AdamW lr {r['lr']}, weight decay {r['weight_decay']},
+label smoothing {r['label_smoothing']}, class weights (mean/count)^{r['class_weight_power']};
+trained: {'the whole network' if r['train_blocks'] < 0 else 'the classifier layer only' if r['train_blocks'] == 0
+          else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics of the source kept;
+the source model's training augmentation. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
+
+## Limits
+Figures are for this lab's held-out cells only. Not a medical device: cells under the review
+threshold must be checked by a person.
+"""
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SmearError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        raise SmearError(f"{out}: folder is not empty; refusing to write into it", hint="choose a new --out")
+
+
+def write_model(adapted: Adapted, out: str | Path) -> Path:
+    """Write the adapted model folder atomically: built beside ``out``, renamed onto it at the end."""
+    out = Path(out)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        net = adapted.classifier.model
+        save_weights(net, tmp / WEIGHTS)
+        if adapted.novelty_file is not None:
+            shutil.copy2(adapted.novelty_file, tmp / adapted.novelty_file.name)
+        from smear import __version__
+
+        meta = {"smear_version": __version__, **adapted.meta}
+        write_text_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
+        import yaml
+
+        write_text_atomic(tmp / CONFIG, yaml.safe_dump(adapted.config, sort_keys=False))
+        write_text_atomic(tmp / CARD, model_card(meta))
+        _check_out(out)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run_line(model_dir: str | Path) -> str:
+    """The command that runs the pipeline with an adapted classifier."""
+    return f"smear run SLIDE_FOLDER --set classifier_model={model_dir}"
+
+
+def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
+          seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
+          recipe: Recipe | None = None, log: Callable[[str], None] = print) -> Path:
+    """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
+    write the adapted model folder ``out`` (refused if it holds files); returns ``out``."""
+    from dataclasses import replace
+
+    from smear.artifacts import resolve_model_dir
+
+    out = Path(out)
+    _check_out(out)
+    source = resolve_model_dir(source, "classifier")
+    meta, config = load_meta(source), load_model_config(source)
+    recipe = replace(recipe or Recipe(), seed=seed, **({"epochs": int(epochs)} if epochs else {}))
+    margin, wide = wide_geometry(meta, config)
+    cells = read_cells(data, margin, wide, layout, cache_dir, log)
+    log(f"cells: {len(cells)} ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
+    adapted = fine_tune(cells, source, recipe, device, log)
+    return write_model(adapted, out)
