@@ -29,11 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smear.artifacts import load_meta, load_model_config, resolve_model_dir  # noqa: E402
-from smear.classify.adapt import Cells, Recipe, fine_tune, read_dataset, wide_geometry  # noqa: E402
-from smear.classify.evaluate import lab_row  # noqa: E402
-from smear.classify.model import CnnClassifier  # noqa: E402
-from smear.types import type5_of  # noqa: E402
+from smear.artifacts import load_meta, load_model_config, resolve_model_dir
+from smear.classify.adapt import Recipe, fine_tune
+from smear.classify.evaluate import lab_row
+from smear.classify.lab_cells import Cells, read_dataset, wide_geometry
+from smear.classify.model import CnnClassifier
+from smear.types import type5_of
 
 SHARED = ROOT.parent / "shared" / "data"
 KS = (10, 25, 50, 100)
@@ -139,16 +140,20 @@ def summary(results: dict) -> dict[str, dict[int, dict[str, tuple[float, float]]
     return out
 
 
+def _ms(m: dict, key: str) -> str:
+    return f"{m[key][0]:.3f} ± {m[key][1]:.3f}"
+
+
 def markdown(results: dict, command: str) -> str:
     s = summary(results)
     r = results["recipe"]
-    lines = [f"# Adapting the classifier with k labelled cells per lab\n",
+    lines = ["# Adapting the classifier with k labelled cells per lab\n",
              f"`{command}`\n",
-             f"Model `{results['model']}`; recipe: {', '.join(f'{k} {v}' for k, v in r.items())}; seeds "
+             (f"Model `{results['model']}`; recipe: {', '.join(f'{k} {v}' for k, v in r.items())}; seeds "
              f"{', '.join(map(str, results['seeds']))} (mean ± sd over them). k cells drawn stratified by 5-type; a "
              "fifth of them held out for the temperature, the rest trained on; scored on the set's remaining "
              f"cells (Raabin Test-A: a fixed stratified sample of {RAABIN_SCORED} cells, never drawn for training). "
-             "'unadapted' is the source model on the same cells.\n",
+             "'unadapted' is the source model on the same cells.\n"),
              "| set | k | cells scored | 5-type acc | balanced acc | unadapted 5-type acc | unadapted balanced | s per adapt |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rows in s.items():
@@ -157,12 +162,9 @@ def markdown(results: dict, command: str) -> str:
                 lines.append(f"| {name} | 0 | {results['sets'][name]['n_scored_k0']} | {m['type5_accuracy'][0]:.3f} | "
                              f"{m['type5_balanced_accuracy'][0]:.3f} | | | |")
                 continue
-
-            def ms(key):
-                return f"{m[key][0]:.3f} ± {m[key][1]:.3f}"
-            lines.append(f"| {name} | {k} | {m['n_scored'][0]:.0f} | **{ms('after_type5_accuracy')}** | "
-                         f"{ms('after_type5_balanced_accuracy')} | {ms('before_type5_accuracy')} | "
-                         f"{ms('before_type5_balanced_accuracy')} | {m['seconds'][0]:.1f} |")
+            lines.append(f"| {name} | {k} | {m['n_scored'][0]:.0f} | **{_ms(m, 'after_type5_accuracy')}** | "
+                         f"{_ms(m, 'after_type5_balanced_accuracy')} | {_ms(m, 'before_type5_accuracy')} | "
+                         f"{_ms(m, 'before_type5_balanced_accuracy')} | {m['seconds'][0]:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -429,7 +429,8 @@ def adapt(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
 ) -> None:
     """Fine-tune a classifier on a lab's labelled cells; refit its temperature on a held-out part."""
-    from smear.classify.adapt import adapt as adapt_model, run_line
+    from smear.classify.adapt import adapt as adapt_model
+    from smear.classify.adapt import run_line
 
     model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
                             log=lambda m: err_console.print(m, markup=False))

@@ -13,16 +13,8 @@ from test_classify_data import draw_cell, make_folders, write_png
 from typer.testing import CliRunner
 
 from smear.artifacts import save_model_dir
-from smear.classify.adapt import (
-    Recipe,
-    adapt,
-    fine_tune,
-    heldout_split,
-    parse_box,
-    read_cells,
-    read_corrections,
-    write_model,
-)
+from smear.classify.adapt import Recipe, adapt, fine_tune, heldout_split, write_model
+from smear.classify.lab_cells import parse_box, read_cells, read_corrections
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model, save_weights
 from smear.cli import app
 from smear.crops import cut_crop
