@@ -62,6 +62,7 @@ class Recipe:
     train_blocks: int = 2        # last blocks of the network trained with the head; 0: the classifier
                                  # layer only (keeps the novelty score); -1: the whole network
     heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
+    adabn: bool = False          # first re-estimate the BatchNorm statistics on the training cells
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
     seed: int = 0
@@ -200,6 +201,12 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
     t_source = float(meta.get("temperature", 1.0))
 
+    if recipe.adabn:
+        from smear.classify.augment import eval_batch, to_uint8
+        from smear.classify.model import adapt_batchnorm
+
+        centre = to_uint8(eval_batch(torch.from_numpy(train.crops), size))
+        adapt_batchnorm(CnnClassifier(net, meta, device=device), list(centre))
     for p in net.parameters():
         p.requires_grad_(False)
     parts = trainable_parts(net, recipe.train_blocks)
@@ -289,6 +296,7 @@ def model_card(meta: dict[str, Any]) -> str:
         f"| {key.replace('_', ' ')} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
         for key in ("type5_accuracy", "type5_balanced_accuracy", "group8_accuracy", "accuracy"))
     r = a["recipe"]
+    bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
     return f"""# Leukocyte classifier adapted to a lab ({meta['arch']}, {meta['input_size']} px)
 
 Adapted by `smear adapt` on {meta['trained']} from the classifier model folder `{src['model']}`
@@ -313,7 +321,7 @@ accuracy against the number of cells is in the shipped classifier's card (`bench
 {r['epochs']} passes (batch {r['batch']}), AdamW lr {r['lr']}, weight decay {r['weight_decay']},
 label smoothing {r['label_smoothing']}, class weights (mean/count)^{r['class_weight_power']};
 trained: {'the whole network' if r['train_blocks'] < 0 else 'the classifier layer only' if r['train_blocks'] == 0
-          else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics of the source kept;
+          else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics {bn};
 the source model's training augmentation. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
 
 ## Limits
