@@ -113,7 +113,8 @@ def run(args) -> dict:
                 adapted = fine_tune(cells.subset(picked), source, replace(recipe, seed=seed), log=lambda m: None)
                 secs = time.perf_counter() - t0
                 lab = [labels[i] for i in scored]
-                after, before = score(adapted.classifier, eval_crops[scored], lab), score(src, eval_crops[scored], lab)
+                after = score(adapted.classifier, eval_crops[scored], lab)
+                before = k0 if scored_fixed is not None else score(src, eval_crops[scored], lab)
                 entry["runs"].append({"k": k, "seed": seed, "n_scored": len(scored), "seconds": round(secs, 1),
                                       "before": before, "after": after,
                                       "temperature": adapted.meta["temperature"]})

@@ -423,7 +423,7 @@ def adapt(
     out: Annotated[Path, typer.Option(help="New model folder (must not hold files).")],
     from_: Annotated[str, typer.Option("--from", help="Classifier model folder to start from, or 'shipped'.")
                      ] = "shipped",
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training cells (default 30).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training cells (default 60).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, augmentation and training.")] = 0,
     layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv (dataset folders).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",

@@ -55,7 +55,7 @@ MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: t
 class Recipe:
     """How a model is adapted; the defaults were chosen on jtsc (benchmarks/adapt_curve.py)."""
 
-    epochs: int = 30             # passes over the training cells (each at least one batch)
+    epochs: int = 60             # passes over the training cells (each at least one batch)
     batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
