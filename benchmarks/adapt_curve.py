@@ -81,12 +81,19 @@ def load_sets(args, margin: float, wide: int, meta: dict) -> dict[str, tuple[Cel
     return out
 
 
+def _value(default, text: str):
+    """A recipe override parsed as the type of its default (bools: 1/0, true/false)."""
+    if isinstance(default, bool):
+        return text.strip().lower() in ("1", "true", "yes")
+    return type(default)(text)
+
+
 def run(args) -> dict:
     source = resolve_model_dir(args.model, "classifier")
     meta = load_meta(source)
     margin, wide = wide_geometry(meta, load_model_config(source))
     base = Recipe()
-    recipe = replace(base, **{k: type(getattr(base, k))(v) for k, v in (s.split("=", 1) for s in args.set)})
+    recipe = replace(base, **{k: _value(getattr(base, k), v) for k, v in (s.split("=", 1) for s in args.set)})
     src = CnnClassifier.from_dir(source, device="cpu")
     results: dict = {"model": str(args.model), "recipe": {k: v for k, v in asdict(recipe).items() if k != "seed"},
                      "seeds": args.seeds, "sets": {}}
