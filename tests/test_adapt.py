@@ -169,3 +169,21 @@ def test_cli_prints_the_run_line_and_errors_in_one_line(tmp_path, source, monkey
     res = CliRunner().invoke(app, ["adapt", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2"),
                                    "--from", str(source)])
     assert res.exit_code == 1 and "nowhere" in res.stderr and "Traceback" not in res.output
+
+
+def test_training_the_classifier_layer_only_keeps_the_novelty_score(tmp_path, source):
+    from smear.classify import novelty as nov
+
+    dim = build_model(TINY).num_features
+    rng = np.random.default_rng(0)
+    nov.save(source, nov.fit(rng.normal(size=(40, dim)), rng.integers(0, 11, 40)))
+    meta = json.loads((source / "meta.json").read_text())
+    meta["novelty"] = {"threshold": 5.0, "quantile": 0.97, "file": nov.NOVELTY_FILE}
+    (source / "meta.json").write_text(json.dumps(meta))
+    cells = read_cells([make_folders(tmp_path / "lab", CLASSES, size=40)], 1.625, 40, cache_dir=tmp_path / "c")
+    out = write_model(fine_tune(cells, source, Recipe(epochs=1, batch=8, train_blocks=0), log=lambda m: None),
+                      tmp_path / "out")
+    before, after = _weights(source), _weights(out)
+    assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
+    assert CnnClassifier.from_dir(out, device="cpu").has_novelty
+    assert "kept" in json.loads((out / "meta.json").read_text())["adaptation"]["novelty"]
