@@ -63,6 +63,7 @@ class Recipe:
                                  # layer only (keeps the novelty score); -1: the whole network
     heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
     adabn: bool = False          # first re-estimate the BatchNorm statistics on the training cells
+    refit_all: bool = False      # after the held-out figures and temperature, train again on all cells
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
     seed: int = 0
@@ -180,33 +181,21 @@ def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
     return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
-              log: Callable[[str], None] = print) -> Adapted:
-    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
-    and refit its temperature on their held-out part; nothing is written."""
-    t0 = time.perf_counter()
-    source = Path(source)
-    meta, config = load_meta(source), load_model_config(source)
-    if meta.get("stage") != "classify":
-        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
-    if tuple(meta["classes"]) != FINE_CLASSES:
-        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
-    size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
-    torch.manual_seed(recipe.seed)
+def _load(source: Path, meta: dict[str, Any], dev) -> tuple[torch.nn.Module, Normalize]:
     net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch")), source / meta["weights"]).to(dev)
-    norm = Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
+    return net, Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
 
-    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed)
-    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
-    before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
-    t_source = float(meta.get("temperature", 1.0))
 
+def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, meta: dict[str, Any],
+           config: dict[str, Any], dev, log: Callable[[str], None], held: int = 0) -> None:
+    """Train ``trainable_parts`` of ``net`` on ``train`` in place, as the recipe says."""
+    size = int(meta["input_size"])
     if recipe.adabn:
         from smear.classify.augment import eval_batch, to_uint8
         from smear.classify.model import adapt_batchnorm
 
         centre = to_uint8(eval_batch(torch.from_numpy(train.crops), size))
-        adapt_batchnorm(CnnClassifier(net, meta, device=device), list(centre))
+        adapt_batchnorm(CnnClassifier(net, meta, device=str(dev)), list(centre))
     for p in net.parameters():
         p.requires_grad_(False)
     parts = trainable_parts(net, recipe.train_blocks)
@@ -221,7 +210,7 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
     augment = BatchAugment(size, (config.get("train") or {}).get("augment"), seed=recipe.seed)
-    log(f"adapt: {len(train)} training cells, {len(held)} held out; {recipe.epochs} passes, "
+    log(f"adapt: {len(train)} training cells, {held} held out; {recipe.epochs} passes, "
         f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
         f"parameters trained")
     for epoch in range(1, recipe.epochs + 1):
@@ -236,6 +225,29 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
         p.requires_grad_(True)
     net.eval()
 
+
+def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
+              log: Callable[[str], None] = print) -> Adapted:
+    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
+    and refit its temperature on their held-out part; nothing is written."""
+    t0 = time.perf_counter()
+    source = Path(source)
+    meta, config = load_meta(source), load_model_config(source)
+    if meta.get("stage") != "classify":
+        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
+    if tuple(meta["classes"]) != FINE_CLASSES:
+        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
+    size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
+    torch.manual_seed(recipe.seed)
+    net, norm = _load(source, meta, dev)
+
+    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed)
+    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
+    before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+    t_source = float(meta.get("temperature", 1.0))
+
+    _train(net, norm, train, recipe, meta, config, dev, log, held=len(held))
+
     after = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
     h_fine, h_group = label_tensors(held)
     if len(held) >= MIN_CALIBRATION:
@@ -245,6 +257,10 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     labels = held.labels()
     figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),
                "after": _scores(torch.softmax(after / temperature, 1).numpy(), labels)}
+    if recipe.refit_all and len(held):  # the figures stand; the folder's model learns from every cell
+        net, _ = _load(source, meta, dev)
+        torch.manual_seed(recipe.seed)
+        _train(net, norm, cells, recipe, meta, config, dev, log)
     keep_novelty = recipe.train_blocks == 0 and meta.get("novelty")
     new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
                                                             "smear_version")}
@@ -253,7 +269,8 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
         "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),
                          "trained": meta.get("trained"), "temperature": t_source},
         "adaptation": {
-            "cells": len(cells), "n_train": len(train), "n_heldout": len(held),
+            "cells": len(cells), "n_train": len(cells) if recipe.refit_all else len(train),
+            "n_heldout": len(held),
             "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
             "data": cells.origin, "recipe": asdict(recipe), "temperature_from": calibrated,
             "novelty": "kept: the features were not trained" if keep_novelty else
@@ -297,6 +314,8 @@ def model_card(meta: dict[str, Any]) -> str:
         for key in ("type5_accuracy", "type5_balanced_accuracy", "group8_accuracy", "accuracy"))
     r = a["recipe"]
     bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
+    refit = (f" The folder's model was then trained again, on all {a['cells']} cells, with the same recipe and "
+             "that temperature." if r.get("refit_all") and a["n_heldout"] else "")
     return f"""# Leukocyte classifier adapted to a lab ({meta['arch']}, {meta['input_size']} px)
 
 Adapted by `smear adapt` on {meta['trained']} from the classifier model folder `{src['model']}`
@@ -306,8 +325,8 @@ source's {src['temperature']:.3f}), {a['temperature_from']}.
 
 ## Cells used
 {a['cells']} labelled cells from `{a['data']}` (data fingerprint {meta['data_fingerprint']}):
-{per_class}. Skipped rows: {skipped}. {a['n_train']} trained on, {a['n_heldout']} held out
-(stratified by class, seed {r['seed']}) for the figures below and the temperature.
+{per_class}. Skipped rows: {skipped}. {a['cells'] - a['n_heldout']} trained on, {a['n_heldout']} held out
+(stratified by class, seed {r['seed']}) for the figures below and the temperature.{refit}
 
 ## Before and after, on the {fig['after']['n']} held-out cells
 | figure | source model | adapted |
