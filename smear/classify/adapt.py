@@ -309,9 +309,10 @@ def model_card(meta: dict[str, Any]) -> str:
     fig = meta["metrics"]["heldout"]
     per_class = ", ".join(f"{c} {n}" for c, n in a["per_class"].items())
     skipped = ", ".join(f"{n} {why}" for why, n in a["skipped"].items()) or "none"
-    rows = "\n".join(
-        f"| {key.replace('_', ' ')} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
-        for key in ("type5_accuracy", "type5_balanced_accuracy", "group8_accuracy", "accuracy"))
+    names = {"type5_accuracy": "5-type accuracy", "type5_balanced_accuracy": "5-type balanced accuracy",
+             "group8_accuracy": "8-group accuracy", "accuracy": "11-class accuracy (cells with a fine label)"}
+    rows = "\n".join(f"| {name} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
+                     for key, name in names.items())
     r = a["recipe"]
     bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
     refit = (f" The folder's model was then trained again, on all {a['cells']} cells, with the same recipe and "

@@ -170,7 +170,7 @@ def read_dataset(root: str | Path, margin: float, size: int, layout: str = "auto
 def read_cells(data: Sequence[str | Path], margin: float, size: int, layout: str = "auto",
                cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Cells:
     """Cells from corrections CSVs (files ending in .csv) or from one single-cell dataset folder."""
-    data = [Path(d) for d in data]
+    data = [Path(d).absolute() for d in data]
     if not data:
         raise DataError("no data given", hint="--data a dataset folder or corrections CSV(s)")
     csvs = [d for d in data if d.suffix.lower() == ".csv"]
