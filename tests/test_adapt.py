@@ -187,3 +187,15 @@ def test_training_the_classifier_layer_only_keeps_the_novelty_score(tmp_path, so
     assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
     assert CnnClassifier.from_dir(out, device="cpu").has_novelty
     assert "kept" in json.loads((out / "meta.json").read_text())["adaptation"]["novelty"]
+
+
+def test_refit_all_trains_the_folder_model_on_every_cell(tmp_path, source):
+    cells = read_cells([make_folders(tmp_path / "lab", CLASSES, size=40)], 1.625, 40, cache_dir=tmp_path / "c")
+    recipe = Recipe(epochs=1, batch=8, heldout=0.25, refit_all=True, augment="mild")
+    out = write_model(fine_tune(cells, source, recipe, log=lambda m: None), tmp_path / "out")
+    a = json.loads((out / "meta.json").read_text())["adaptation"]
+    assert a["n_train"] == a["cells"] == len(cells) and a["n_heldout"] > 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"trained again, on all {len(cells)} cells" in card and "mild augmentation" in card
+    with pytest.raises(SmearError, match="use source or mild"):
+        fine_tune(cells, source, Recipe(epochs=1, augment="none"), log=lambda m: None)

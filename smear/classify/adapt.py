@@ -64,6 +64,7 @@ class Recipe:
     heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
     adabn: bool = False          # first re-estimate the BatchNorm statistics on the training cells
     refit_all: bool = False      # after the held-out figures and temperature, train again on all cells
+    augment: str = "source"      # source: the source model's training augmentation; mild: augment.DEFAULTS
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
     seed: int = 0
@@ -209,7 +210,10 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     steps = recipe.epochs * per_epoch // recipe.batch
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
-    augment = BatchAugment(size, (config.get("train") or {}).get("augment"), seed=recipe.seed)
+    if recipe.augment not in ("source", "mild"):
+        raise SmearError(f"adapt augment {recipe.augment!r}: use source or mild")
+    strengths = (config.get("train") or {}).get("augment") if recipe.augment == "source" else None
+    augment = BatchAugment(size, strengths, seed=recipe.seed)
     log(f"adapt: {len(train)} training cells, {held} held out; {recipe.epochs} passes, "
         f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
         f"parameters trained")
@@ -342,7 +346,7 @@ accuracy against the number of cells is in the shipped classifier's card (`bench
 label smoothing {r['label_smoothing']}, class weights (mean/count)^{r['class_weight_power']};
 trained: {'the whole network' if r['train_blocks'] < 0 else 'the classifier layer only' if r['train_blocks'] == 0
           else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics {bn};
-the source model's training augmentation. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
+{"the source model's training augmentation" if r.get("augment", "source") == "source" else "mild augmentation"}. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
 
 ## Limits
 Figures are for this lab's held-out cells only. Not a medical device: cells under the review
