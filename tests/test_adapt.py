@@ -93,11 +93,12 @@ def _field_csv(tmp_path, rows, name="slide1_corrections.csv"):
 def test_corrections_csv_crops_fields_at_the_boxes(tmp_path):
     boxes = ["40,40,80,80", "0,0,30,30", "90.5,20,119,50", "10,60,50,100"]
     field, path = _field_csv(tmp_path, [(boxes[0], "LY"), (boxes[1], "neutrophil"), (boxes[2], "artefact"),
-                                        (boxes[3], "smudge"), ("5,5,25,25", "MO")])
+                                        (boxes[3], "Smudge"), ("5,5,25,25", "MO"),
+                                        (boxes[0], "NOT_A_WBC"), (boxes[0], "")])
     logs = []
     cells = read_corrections([path], 1.625, 40, log=logs.append)
     assert len(cells) == 3 and cells.fine == ["LY", None, "MO"] and cells.group[1] == "neutrophil"
-    assert cells.skipped == {"artefact or smudge": 2} and "2 artefact or smudge" in logs[0]
+    assert cells.skipped == {"artefact or smudge": 3, "no corrected label": 1} and "3 artefact or smudge" in logs[0]
     np.testing.assert_array_equal(cells.crops[0], cut_crop(field, parse_box(boxes[0]), 1.625, 40))
     np.testing.assert_array_equal(cells.crops[1], cut_crop(field, (0, 0, 30, 30), 1.625, 40))
     assert tuple(cells.crops[1][12, 12]) == (0, 255, 0)  # the corner mark, padded around

@@ -20,7 +20,7 @@ from smear.types import UNIDENTIFIED, DataError, SmearError
 
 #: Corrected labels that mean "no leukocyte to learn from": such rows are skipped and counted.
 NOT_A_CELL = frozenset({"artefact", "artifact", "not a wbc", "not a wbc / artefact", "not a wbc/artefact",
-                        "smudge", "smudge cell", "not_a_wbc"})
+                        "smudge", "smudge cell"})
 
 #: Columns of a corrections CSV (as the review page writes them) and the spellings accepted.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -33,8 +33,8 @@ REQUIRED = ("field", "box", "corrected_label")
 
 @dataclass
 class Cells:
-    """Labelled cells ready to train on: crops cut wider than the model input (``wide_margin``,
-    ``wide_size``) so augmentation has real pixels; their centre is the inference crop."""
+    """Labelled cells ready to train on: crops cut wider than the model input (``wide_geometry``)
+    so augmentation has real pixels; their centre is the inference crop."""
 
     crops: np.ndarray                # N x S x S x 3 uint8
     fine: list[str | None]           # fine class, or None when only the group/type is known
@@ -119,7 +119,7 @@ def read_corrections(paths: Sequence[str | Path], margin: float, size: int,
             for line, row in enumerate(reader, start=2):
                 where = f"{path}:{line}"
                 label = (row.get(cols["corrected_label"]) or "").strip()
-                if label.lower() in NOT_A_CELL:
+                if " ".join(label.lower().replace("_", " ").replace("-", " ").split()) in NOT_A_CELL:
                     skipped["artefact or smudge"] += 1
                     continue
                 if not label or label.upper() == UNIDENTIFIED:
