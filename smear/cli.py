@@ -427,6 +427,28 @@ def eval_classify(
 
 @app.command()
 @handle_errors
+def adapt(
+    data: Annotated[list[Path], typer.Option(help="A labelled single-cell dataset (as `smear eval classify "
+                                                  "--data` reads) or corrections CSV(s) from the review page.")],
+    out: Annotated[Path, typer.Option(help="New model folder (must not hold files).")],
+    from_: Annotated[str, typer.Option("--from", help="Classifier model folder to start from, or 'shipped'.")
+                     ] = "shipped",
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training cells (default 60).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split, augmentation and training.")] = 0,
+    layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv (dataset folders).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+) -> None:
+    """Fine-tune a classifier on a lab's labelled cells; refit its temperature on a held-out part."""
+    from smear.classify.adapt import adapt as adapt_model
+    from smear.classify.adapt import run_line
+
+    model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
+                            log=lambda m: err_console.print(m, markup=False))
+    out_console.print(f"model folder: {model_dir}\nuse it with:\n  {run_line(model_dir)}")
+
+
+@app.command()
+@handle_errors
 def explain(
     paths: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
     out: Annotated[Path, typer.Option(help="Folder for the <name>_gradcam.png overlays.")] = Path("gradcam"),

@@ -1,0 +1,417 @@
+"""Adapt a classifier model folder to one lab: fine-tune it on a few of that lab's labelled cells.
+
+A classifier from another lab loses most of its accuracy on a new stain and scanner, and gets it
+back from about a hundred of the new lab's own labelled cells (Chossegros et al., J Pathol
+Inform 2024). Those cells come either as any single-cell dataset ``smear eval classify --data``
+reads, or as the corrections CSVs the review page exports (``smear.classify.lab_cells``).
+
+The recipe is for few cells: a stratified held-out part (``Recipe.heldout``) is kept aside for
+the before/after figures and for refitting the temperature; only the last ``train_blocks`` blocks
+of the network and its head are trained, with the source model's BatchNorm statistics kept (a
+few dozen cells cannot estimate them), the training augmentation of the source model's config,
+loss weights that balance the classes, and a fixed number of passes. Cells labelled only by type
+(``neutrophil``) train through the group-level loss of ``smear.classify.train.mixed_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smear.artifacts import (
+    CARD,
+    CONFIG,
+    META,
+    data_fingerprint,
+    load_meta,
+    load_model_config,
+    model_version,
+    shipped_dir,
+)
+from smear.classify.augment import BatchAugment
+from smear.classify.evaluate import classification_metrics, lab_row
+from smear.classify.lab_cells import Cells, read_cells, wide_geometry
+from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
+from smear.classify.train import evaluate, mixed_loss, train_one_epoch, warmup_cosine
+from smear.devices import resolve_device
+from smear.io import write_text_atomic
+from smear.types import FINE_CLASSES, GROUPS8, SmearError
+
+MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is adapted; the defaults were chosen on jtsc (benchmarks/adapt_curve.py)."""
+
+    epochs: int = 60             # passes over the training cells (each at least one batch)
+    batch: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    train_blocks: int = 2        # last blocks of the network trained with the head; 0: the classifier
+                                 # layer only (keeps the novelty score); -1: the whole network
+    heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
+    adabn: bool = False          # first re-estimate the BatchNorm statistics on the training cells
+    refit_all: bool = False      # after the held-out figures and temperature, train again on all cells
+    augment: str = "source"      # source: the source model's training augmentation; mild: augment.DEFAULTS
+    label_smoothing: float = 0.1
+    class_weight_power: float = 0.5
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def heldout_split(strata: Sequence[str], share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out indices, ``share`` of each stratum held out (rounded; a stratum of
+    one cell trains), after a seeded shuffle."""
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(strata):
+        by[s].append(i)
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for s in sorted(by):
+        idx = rng.permutation(by[s])
+        n = min(len(idx) - 1, round(len(idx) * share))
+        held += list(idx[:n])
+        train += list(idx[n:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def stratum_weights(cells: Cells, power: float) -> tuple[torch.Tensor, float]:
+    """Loss weights ``(mean count / count) ** power`` per stratum, mean 1 over the cells: per fine
+    class (for ``mixed_loss``) and one for the group-only cells (their count-weighted mean)."""
+    counts = Counter(cells.strata)
+    raw = {s: (len(cells) / len(counts) / n) ** power for s, n in counts.items()}
+    scale = len(cells) / sum(raw[s] * n for s, n in counts.items())
+    fine_w = torch.ones(len(FINE_CLASSES))
+    for s, w in raw.items():
+        if not s.startswith("group:"):
+            fine_w[FINE_CLASSES.index(s)] = w * scale
+    groups = [(raw[s] * scale, n) for s, n in counts.items() if s.startswith("group:")]
+    group_w = sum(w * n for w, n in groups) / sum(n for _, n in groups) if groups else 1.0
+    return fine_w, float(group_w)
+
+
+def label_tensors(cells: Cells) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine index (-1 for group-only) and 8-group index of each cell."""
+    fine = torch.tensor([FINE_CLASSES.index(f) if f else -1 for f in cells.fine], dtype=torch.long)
+    return fine, torch.tensor([GROUPS8.index(g) for g in cells.group], dtype=torch.long)
+
+
+def fit_temperature_mixed(logits: torch.Tensor, fine: torch.Tensor, group: torch.Tensor) -> float:
+    """The temperature minimising the NLL of held-out cells, fine-labelled and group-only alike
+    (``mixed_loss``), by a search over log T in [-3, 3]: robust on a handful of cells."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    ones = torch.ones(len(FINE_CLASSES))
+
+    def loss(log_t: float) -> float:
+        return float(mixed_loss(logits / np.exp(log_t), fine, group, ones))
+
+    grid = np.linspace(-3, 3, 121)
+    best = grid[int(np.argmin([loss(v) for v in grid]))]
+    fine_grid = np.linspace(best - 0.05, best + 0.05, 21)
+    return float(np.exp(fine_grid[int(np.argmin([loss(v) for v in fine_grid]))]))
+
+
+class Partial(torch.nn.Module):
+    """The network with only ``parts`` in training mode, and every BatchNorm layer in eval mode
+    (the source model's statistics), whatever ``train()`` is asked."""
+
+    def __init__(self, net: torch.nn.Module, parts: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.net = net
+        self.parts = list(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Partial:
+        self.training = mode
+        self.net.train(False)
+        for part in self.parts if mode else ():
+            part.train(True)
+            for m in part.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def trainable_parts(net: torch.nn.Module, train_blocks: int) -> list[torch.nn.Module]:
+    """The modules trained: the whole network (-1), the classifier layer (0), or the last
+    ``train_blocks`` of a timm model's ``blocks`` and everything after them (the head)."""
+    if train_blocks < 0:
+        return [net]
+    blocks = getattr(net, "blocks", None)
+    if train_blocks == 0 or blocks is None:
+        return [net.get_classifier()]
+    names = [n for n, _ in net.named_children()]
+    after = [m for n, m in list(net.named_children())[names.index("blocks") + 1:]]
+    return list(blocks[max(0, len(blocks) - train_blocks):]) + after
+
+
+@dataclass
+class Adapted:
+    """An adapted classifier in memory, with the meta and config its model folder gets."""
+
+    classifier: CnnClassifier
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    novelty_file: Path | None  # the source's novelty statistics, still valid (features untouched)
+
+
+def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    if not len(labels):
+        return {"n": 0}
+    row = lab_row(probs, labels)
+    m = classification_metrics(probs, labels)
+    out = {"n": len(labels), "type5_accuracy": row["type5_accuracy"],
+           "type5_balanced_accuracy": row["type5_balanced_accuracy"], "group8_accuracy": m["group8_accuracy"],
+           "accuracy": m["accuracy"] if m["n_fine"] else None}
+    return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _load(source: Path, meta: dict[str, Any], dev) -> tuple[torch.nn.Module, Normalize]:
+    net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch")), source / meta["weights"]).to(dev)
+    return net, Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
+
+
+def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, meta: dict[str, Any],
+           config: dict[str, Any], dev, log: Callable[[str], None], held: int = 0) -> None:
+    """Train ``trainable_parts`` of ``net`` on ``train`` in place, as the recipe says."""
+    size = int(meta["input_size"])
+    if recipe.adabn:
+        from smear.classify.augment import eval_batch, to_uint8
+        from smear.classify.model import adapt_batchnorm
+
+        centre = to_uint8(eval_batch(torch.from_numpy(train.crops), size))
+        adapt_batchnorm(CnnClassifier(net, meta, device=str(dev)), list(centre))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    parts = trainable_parts(net, recipe.train_blocks)
+    params = [p for part in parts for p in part.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    model = Partial(net, parts)
+    fine, group = label_tensors(train)
+    weights, group_w = stratum_weights(train, recipe.class_weight_power)
+    per_epoch = -(-max(len(train), recipe.batch) // recipe.batch) * recipe.batch  # whole batches
+    steps = recipe.epochs * per_epoch // recipe.batch
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
+    if recipe.augment not in ("source", "mild"):
+        raise SmearError(f"adapt augment {recipe.augment!r}: use source or mild")
+    strengths = (config.get("train") or {}).get("augment") if recipe.augment == "source" else None
+    augment = BatchAugment(size, strengths, seed=recipe.seed)
+    log(f"adapt: {len(train)} training cells, {held} held out; {recipe.epochs} passes, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+        f"parameters trained")
+    for epoch in range(1, recipe.epochs + 1):
+        rng = np.random.default_rng([recipe.seed, epoch])
+        order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-per_epoch // len(train)))])
+        stats = train_one_epoch(model, norm, optimizer, scheduler, train.crops, fine, group, augment,
+                                recipe.batch, weights, recipe.label_smoothing, group_w, epoch, recipe.seed,
+                                dev, None, prefetch=False, order=order[:per_epoch])
+        if epoch == 1 or epoch % 10 == 0 or epoch == recipe.epochs:
+            log(f"  pass {epoch}/{recipe.epochs}: loss {stats['train_loss']:.4f}")
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+
+
+def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
+              log: Callable[[str], None] = print) -> Adapted:
+    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
+    and refit its temperature on their held-out part; nothing is written."""
+    t0 = time.perf_counter()
+    source = Path(source)
+    meta, config = load_meta(source), load_model_config(source)
+    if meta.get("stage") != "classify":
+        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
+    if tuple(meta["classes"]) != FINE_CLASSES:
+        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
+    size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
+    torch.manual_seed(recipe.seed)
+    net, norm = _load(source, meta, dev)
+
+    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed)
+    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
+    before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+    t_source = float(meta.get("temperature", 1.0))
+
+    _train(net, norm, train, recipe, meta, config, dev, log, held=len(held))
+
+    after = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+    h_fine, h_group = label_tensors(held)
+    if len(held) >= MIN_CALIBRATION:
+        temperature, calibrated = fit_temperature_mixed(after, h_fine, h_group), "held-out cells"
+    else:
+        temperature, calibrated = t_source, f"kept from the source model (under {MIN_CALIBRATION} held-out cells)"
+    labels = held.labels()
+    figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),
+               "after": _scores(torch.softmax(after / temperature, 1).numpy(), labels)}
+    if recipe.refit_all and len(held):  # the figures stand; the folder's model learns from every cell
+        net, _ = _load(source, meta, dev)
+        torch.manual_seed(recipe.seed)
+        _train(net, norm, cells, recipe, meta, config, dev, log)
+    keep_novelty = recipe.train_blocks == 0 and meta.get("novelty")
+    new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
+                                                            "smear_version")}
+    new_meta.update({
+        "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
+        "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),
+                         "trained": meta.get("trained"), "temperature": t_source},
+        "adaptation": {
+            "cells": len(cells), "n_train": len(cells) if recipe.refit_all else len(train),
+            "n_heldout": len(held),
+            "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
+            "data": cells.origin, "recipe": asdict(recipe), "temperature_from": calibrated,
+            "novelty": "kept: the features were not trained" if keep_novelty else
+                       "dropped: the trained layers change the features its statistics were fitted on",
+            "wall_seconds": round(time.perf_counter() - t0, 1)},
+        "metrics": {"split": "held-out part of the lab's cells (stratified, seed "
+                             f"{recipe.seed}, share {recipe.heldout})", "heldout": figures},
+        "data": {"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
+        "data_fingerprint": data_fingerprint(set(cells.files)),
+    })
+    if keep_novelty:
+        new_meta["novelty"] = meta["novelty"]
+    new_config = {**config, "adapt": {"source": str(source), **asdict(recipe)}}
+    clf = CnnClassifier(net, new_meta, device=device, batch=recipe.batch)
+    log(f"held out ({len(held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
+        f"{_f(figures['after'].get('type5_accuracy'))}; T {t_source:.3f} -> {temperature:.3f} ({calibrated})")
+    return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None)
+
+
+def source_name(source: Path) -> str:
+    """How a model card names the source folder: ``shipped (smear/weights/classifier)`` or its path."""
+    shipped = shipped_dir("classifier")
+    return "shipped (smear/weights/classifier)" if source.resolve() == shipped.resolve() else str(source)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------- the model folder
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """MODEL_CARD.md of an adapted classifier: source model, cells used, before/after figures."""
+    a, src = meta["adaptation"], meta["adapted_from"]
+    fig = meta["metrics"]["heldout"]
+    per_class = ", ".join(f"{c} {n}" for c, n in a["per_class"].items())
+    skipped = ", ".join(f"{n} {why}" for why, n in a["skipped"].items()) or "none"
+    names = {"type5_accuracy": "5-type accuracy", "type5_balanced_accuracy": "5-type balanced accuracy",
+             "group8_accuracy": "8-group accuracy", "accuracy": "11-class accuracy (cells with a fine label)"}
+    rows = "\n".join(f"| {name} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
+                     for key, name in names.items())
+    r = a["recipe"]
+    bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
+    refit = (f" The folder's model was then trained again, on all {a['cells']} cells, with the same recipe and "
+             "that temperature." if r.get("refit_all") and a["n_heldout"] else "")
+    return f"""# Leukocyte classifier adapted to a lab ({meta['arch']}, {meta['input_size']} px)
+
+Adapted by `smear adapt` on {meta['trained']} from the classifier model folder `{src['model']}`
+(weights sha256 {src['weights_sha256']}..., trained {src['trained']}). Same 11 classes, crop
+geometry and input normalisation as the source; temperature T = {meta['temperature']:.3f} (the
+source's {src['temperature']:.3f}), {a['temperature_from']}.
+
+## Cells used
+{a['cells']} labelled cells from `{a['data']}` (data fingerprint {meta['data_fingerprint']}):
+{per_class}. Skipped rows: {skipped}. {a['cells'] - a['n_heldout']} trained on, {a['n_heldout']} held out
+(stratified by class, seed {r['seed']}) for the figures below and the temperature.{refit}
+
+## Before and after, on the {fig['after']['n']} held-out cells
+| figure | source model | adapted |
+|---|---|---|
+{rows}
+
+Few held-out cells give wide intervals: with 20 cells one cell is 5 points. The measured curve of
+accuracy against the number of cells is in the shipped classifier's card (`benchmarks/adapt_curve.py`).
+
+## Recipe
+{r['epochs']} passes (batch {r['batch']}), AdamW lr {r['lr']}, weight decay {r['weight_decay']},
+label smoothing {r['label_smoothing']}, class weights (mean/count)^{r['class_weight_power']};
+trained: {'the whole network' if r['train_blocks'] < 0 else 'the classifier layer only' if r['train_blocks'] == 0
+          else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics {bn};
+{"the source model's training augmentation" if r.get("augment", "source") == "source" else "mild augmentation"}. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
+
+## Limits
+Figures are for this lab's held-out cells only. Not a medical device: cells under the review
+threshold must be checked by a person.
+"""
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise SmearError(f"{out}: exists and is not a folder; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        raise SmearError(f"{out}: folder is not empty; refusing to write into it", hint="choose a new --out")
+
+
+def write_model(adapted: Adapted, out: str | Path) -> Path:
+    """Write the adapted model folder atomically: built beside ``out``, renamed onto it at the end."""
+    out = Path(out)
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        net = adapted.classifier.model
+        save_weights(net, tmp / WEIGHTS)
+        if adapted.novelty_file is not None:
+            shutil.copy2(adapted.novelty_file, tmp / adapted.novelty_file.name)
+        from smear import __version__
+
+        meta = {"smear_version": __version__, **adapted.meta}
+        write_text_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
+        import yaml
+
+        write_text_atomic(tmp / CONFIG, yaml.safe_dump(adapted.config, sort_keys=False))
+        write_text_atomic(tmp / CARD, model_card(meta))
+        _check_out(out)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run_line(model_dir: str | Path) -> str:
+    """The command that runs the pipeline with an adapted classifier."""
+    return f"smear run SLIDE_FOLDER --set classifier_model={model_dir}"
+
+
+def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
+          seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
+          recipe: Recipe | None = None, log: Callable[[str], None] = print) -> Path:
+    """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
+    write the adapted model folder ``out`` (refused if it holds files); returns ``out``."""
+    from dataclasses import replace
+
+    from smear.artifacts import resolve_model_dir
+
+    out = Path(out)
+    _check_out(out)
+    source = resolve_model_dir(source, "classifier")
+    meta, config = load_meta(source), load_model_config(source)
+    recipe = replace(recipe or Recipe(), seed=seed, **({"epochs": int(epochs)} if epochs else {}))
+    margin, wide = wide_geometry(meta, config)
+    cells = read_cells(data, margin, wide, layout, cache_dir, log)
+    log(f"cells: {len(cells)} ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
+    adapted = fine_tune(cells, source, recipe, device, log)
+    return write_model(adapted, out)
