@@ -437,13 +437,15 @@ def adapt(
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, augmentation and training.")] = 0,
     layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv (dataset folders).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+    fields: Annotated[Optional[Path], typer.Option(help="Where the fields named in corrections CSVs are: "
+                                                   "the slide folder, or the folder holding the slides.")] = None,
 ) -> None:
     """Fine-tune a classifier on a lab's labelled cells; refit its temperature on a held-out part."""
     from smear.classify.adapt import adapt as adapt_model
     from smear.classify.adapt import run_line
 
     model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
-                            log=lambda m: err_console.print(m, markup=False))
+                            log=lambda m: err_console.print(m, markup=False), fields=fields)
     out_console.print(f"model folder: {model_dir}\nuse it with:\n  {run_line(model_dir)}")
 
 

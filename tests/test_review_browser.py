@@ -165,7 +165,7 @@ def _expected_table(row) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloads):
+def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloads, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
@@ -237,6 +237,17 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     assert rows[2]["field"] == FIELD_NAMES[0] and rows[2]["prob"] == "0.9"
     assert (rows[2]["x0"], rows[2]["y0"], rows[2]["x1"], rows[2]["y1"]) == ("2.0", "2.0", "10.0", "10.0")
     assert all(r["time"].startswith("20") and r["time"].endswith("Z") for r in rows)
+
+    # the corrections file is what smear adapt reads: cut from the slide's fields, the artefact skipped
+    from smear.classify.lab_cells import read_corrections
+
+    slide_dir = tmp_path / "slides" / "slideA"
+    slide_dir.mkdir(parents=True)
+    for name in FIELD_NAMES:
+        Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(slide_dir / name)
+    cells = read_corrections([corrections], 1.3, 16, fields=slide_dir.parent)
+    assert cells.labels() == ["LY", "BNE", "SNE"] and cells.skipped == {"artefact or smudge": 1}
+    assert cells.crops.shape == (3, 16, 16, 3)
 
     # work in progress survives a reload; reset clears it
     browser.refresh()

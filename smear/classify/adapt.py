@@ -398,9 +398,11 @@ def run_line(model_dir: str | Path) -> str:
 
 def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
           seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
-          recipe: Recipe | None = None, log: Callable[[str], None] = print) -> Path:
+          recipe: Recipe | None = None, log: Callable[[str], None] = print,
+          fields: str | Path | None = None) -> Path:
     """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
-    write the adapted model folder ``out`` (refused if it holds files); returns ``out``."""
+    write the adapted model folder ``out`` (refused if it holds files); returns ``out``. ``fields``:
+    where the fields that corrections CSVs name are (a slide folder, or the folder of slides)."""
     from dataclasses import replace
 
     from smear.artifacts import resolve_model_dir
@@ -411,7 +413,7 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
     meta, config = load_meta(source), load_model_config(source)
     recipe = replace(recipe or Recipe(), seed=seed, **({"epochs": int(epochs)} if epochs else {}))
     margin, wide = wide_geometry(meta, config)
-    cells = read_cells(data, margin, wide, layout, cache_dir, log)
+    cells = read_cells(data, margin, wide, layout, cache_dir, log, fields)
     log(f"cells: {len(cells)} ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
     adapted = fine_tune(cells, source, recipe, device, log)
     return write_model(adapted, out)

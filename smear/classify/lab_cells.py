@@ -29,6 +29,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "corrected_label": ("corrected_label", "corrected"), "reviewer": ("reviewer",), "time": ("time",),
 }
 REQUIRED = ("field", "box", "corrected_label")
+#: the review page writes the box as four columns
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
 @dataclass
@@ -72,6 +74,8 @@ def wide_geometry(meta: dict[str, Any], config: dict[str, Any]) -> tuple[float, 
 def _column_map(path: Path, header: Sequence[str]) -> dict[str, str]:
     norm = {h.strip().lower().replace(" ", "_"): h for h in header}
     got = {key: next((norm[a] for a in aliases if a in norm), None) for key, aliases in COLUMNS.items()}
+    if got["box"] is None and all(c in norm for c in BOX_COLUMNS):
+        got["box"] = ",".join(norm[c] for c in BOX_COLUMNS)  # read back by _box_text
     missing = [k for k in REQUIRED if got[k] is None]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
@@ -91,25 +95,39 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def _field_path(value: str, csv_path: Path) -> Path:
+def _box_text(row: dict[str, str], column: str) -> str:
+    """The box of a row: one ``box`` column, or the four the review page writes (x0,y0,x1,y1)."""
+    if column in row:
+        return row.get(column) or ""
+    return ",".join((row.get(c) or "").strip() for c in column.split(","))
+
+
+def _field_path(value: str, slide: str, csv_path: Path, fields: Path | None) -> Path:
+    """A field named in a corrections CSV: an absolute path as is; else the first that exists of
+    beside the CSV, under ``fields``, under ``fields/<slide>`` and the working folder."""
     p = Path(value)
     if p.is_absolute():
         return p
-    beside = csv_path.parent / p
-    return beside if beside.exists() or not p.exists() else p
+    tries = [csv_path.parent / p]
+    if fields is not None:
+        tries += [fields / p, fields / slide / p]
+    tries.append(p)
+    return next((t for t in tries if t.is_file()), tries[0])
 
 
 def read_corrections(paths: Sequence[str | Path], margin: float, size: int,
-                     log: Callable[[str], None] | None = None) -> Cells:
+                     log: Callable[[str], None] | None = None, fields: str | Path | None = None) -> Cells:
     """The cells of corrections CSVs, each cut from its field at its box with the pipeline's crop
-    geometry (``cut_crop``). A relative field path is taken from the CSV's folder first. Rows
+    geometry (``cut_crop``). A relative field path is looked for beside the CSV, then under
+    ``fields`` (the slide folder, or the folder holding the slide folders). Rows
     whose corrected label is an artefact, a smudge, UNIDENTIFIED or empty are skipped and counted."""
     crops: list[np.ndarray] = []
     fine: list[str | None] = []
     group: list[str] = []
     files: list[str] = []
     skipped: Counter[str] = Counter()
-    fields: dict[Path, np.ndarray] = {}
+    images: dict[Path, np.ndarray] = {}
+    root = None if fields is None else Path(fields)
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path}: corrections CSV not found")
@@ -130,16 +148,17 @@ def read_corrections(paths: Sequence[str | Path], margin: float, size: int,
                     raise DataError(f"{where}: corrected label {label!r} is not a class smear knows",
                                     hint="a fine class (SNE, LY, ...), a type (neutrophil, ...), or artefact/smudge")
                 try:
-                    box = parse_box(row.get(cols["box"]) or "")
+                    box = parse_box(_box_text(row, cols["box"]))
                 except ValueError as exc:
                     raise DataError(f"{where}: {exc}") from exc
-                field_path = _field_path((row.get(cols["field"]) or "").strip(), path)
-                if field_path not in fields:
+                field_path = _field_path((row.get(cols["field"]) or "").strip(),
+                                         (row.get(cols.get("slide", "")) or "").strip(), path, root)
+                if field_path not in images:
                     try:
-                        fields[field_path] = read_image(field_path)
+                        images[field_path] = read_image(field_path)
                     except SmearError as exc:
                         raise DataError(f"{where}: {exc.args[0]}") from exc
-                crops.append(cut_crop(fields[field_path], box, margin, size))
+                crops.append(cut_crop(images[field_path], box, margin, size))
                 fine.append(fine_c)
                 group.append(group_c)
                 files.append(str(field_path))
@@ -168,7 +187,8 @@ def read_dataset(root: str | Path, margin: float, size: int, layout: str = "auto
 
 
 def read_cells(data: Sequence[str | Path], margin: float, size: int, layout: str = "auto",
-               cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Cells:
+               cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+               fields: str | Path | None = None) -> Cells:
     """Cells from corrections CSVs (files ending in .csv) or from one single-cell dataset folder."""
     data = [Path(d).absolute() for d in data]
     if not data:
@@ -177,7 +197,7 @@ def read_cells(data: Sequence[str | Path], margin: float, size: int, layout: str
     if csvs and len(csvs) != len(data):
         raise DataError("--data: give corrections CSVs or one dataset folder, not both")
     if csvs:
-        cells = read_corrections(csvs, margin, size, log)
+        cells = read_corrections(csvs, margin, size, log, fields)
     elif len(data) > 1:
         raise DataError("--data: one dataset folder at a time (or several corrections CSVs)")
     else:
