@@ -25,7 +25,7 @@ from pathlib import Path
 from smear.config import load_config
 from smear.io import find_slides
 from smear.pipeline.build import build_stages
-from smear.pipeline.report import CellsWriter
+from smear.report.tables import CellsWriter
 from smear.pipeline.run import run_slide
 folder, runtime, classifier, cells = sys.argv[1:5]
 cfg = load_config("pipeline", None, [f"classifier={classifier}", "cache_dir=off", f"runtime={runtime}", "device=cpu"])

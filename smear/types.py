@@ -7,148 +7,26 @@ pixel coordinates ``(x0, y0, x1, y1)`` as floats, x to the right and y down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-
-class SmearError(Exception):
-    """An error a user can act on; the CLI prints it as one line and exits non-zero."""
-
-    hint: str = ""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-class ImageReadError(SmearError):
-    """An image could not be read (missing, unreadable, truncated, too large)."""
-
-
-class ConfigError(SmearError):
-    """A configuration file or override is wrong."""
-
-
-class ModelError(SmearError):
-    """A model folder is missing or incomplete."""
-
-
-class DataError(SmearError):
-    """A dataset folder is missing, empty or malformed."""
-
-
-# ---------------------------------------------------------------- taxonomy
-
-
-class CellKind(str, Enum):
-    """What the detector finds."""
-
-    WBC = "wbc"
-    RBC = "rbc"
-    PLATELET = "platelet"
-
-
-#: The 11 fine classes in the order every model and report uses.
-FINE_CLASSES: tuple[str, ...] = (
-    "SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET",
+from smear.errors import ConfigError, DataError, ImageReadError, ModelError, SmearError  # noqa: F401
+from smear.taxonomy import (  # noqa: F401
+    FINE_CLASSES,
+    FINE_NAMES,
+    FINE_TO_GROUP8,
+    FINE_TO_TYPE5,
+    GROUPS8,
+    TYPES5,
+    UNIDENTIFIED,
+    WBC_CLASSES,
+    CellKind,
+    cell_kind,
+    fine_class,
+    group8_of,
+    type5_of,
 )
-
-FINE_NAMES: dict[str, str] = {
-    "SNE": "segmented neutrophil",
-    "BNE": "band neutrophil",
-    "MMY": "metamyelocyte",
-    "MY": "myelocyte",
-    "PMY": "promyelocyte",
-    "EO": "eosinophil",
-    "BA": "basophil",
-    "LY": "lymphocyte",
-    "MO": "monocyte",
-    "ERB": "erythroblast",
-    "PLATELET": "platelet",
-}
-
-#: The 8 PBC groups, in order.
-GROUPS8: tuple[str, ...] = (
-    "neutrophil", "ig", "eosinophil", "basophil", "lymphocyte", "monocyte", "erythroblast", "platelet",
-)
-
-FINE_TO_GROUP8: dict[str, str] = {
-    "SNE": "neutrophil", "BNE": "neutrophil",
-    "MMY": "ig", "MY": "ig", "PMY": "ig",
-    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
-    "ERB": "erythroblast", "PLATELET": "platelet",
-}
-
-#: The 5 mature WBC types other datasets use, in order.
-TYPES5: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
-
-#: Fine class -> 5-type; classes outside the 5 mature types map to None.
-FINE_TO_TYPE5: dict[str, str | None] = {
-    "SNE": "neutrophil", "BNE": "neutrophil",
-    "MMY": None, "MY": None, "PMY": None,
-    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
-    "ERB": None, "PLATELET": None,
-}
-
-#: Fine classes that are leukocytes and enter the WBC percentages.
-WBC_CLASSES: tuple[str, ...] = tuple(c for c in FINE_CLASSES if c not in ("ERB", "PLATELET"))
-
-#: Label used for cells whose calibrated top probability is under the review threshold.
-UNIDENTIFIED = "UNIDENTIFIED"
-
-# Aliases seen in public datasets -> our names. Keys are lower-cased.
-_FINE_ALIASES: dict[str, str] = {
-    "sne": "SNE", "segmented neutrophil": "SNE", "seg": "SNE",
-    "bne": "BNE", "band": "BNE", "band neutrophil": "BNE",
-    "mmy": "MMY", "metamyelocyte": "MMY",
-    "my": "MY", "myelocyte": "MY",
-    "pmy": "PMY", "promyelocyte": "PMY",
-    "eo": "EO", "eosinophil": "EO", "eosinophils": "EO",
-    "ba": "BA", "basophil": "BA", "basophils": "BA",
-    "ly": "LY", "lymphocyte": "LY", "lymphocytes": "LY",
-    "mo": "MO", "monocyte": "MO", "monocytes": "MO",
-    "erb": "ERB", "erythroblast": "ERB", "erythroblasts": "ERB", "nrbc": "ERB",
-    "platelet": "PLATELET", "platelets": "PLATELET", "plt": "PLATELET", "thrombocyte": "PLATELET",
-}
-_GROUP_ALIASES: dict[str, str] = {
-    "neutrophil": "neutrophil", "neutrophils": "neutrophil",
-    "ig": "ig", "immature granulocyte": "ig", "immature granulocytes": "ig",
-}
-_KIND_ALIASES: dict[str, CellKind] = {
-    "wbc": CellKind.WBC, "leukocyte": CellKind.WBC, "white blood cell": CellKind.WBC,
-    "rbc": CellKind.RBC, "erythrocyte": CellKind.RBC, "red blood cell": CellKind.RBC,
-    "platelet": CellKind.PLATELET, "platelets": CellKind.PLATELET, "plt": CellKind.PLATELET,
-}
-
-
-def fine_class(name: str) -> str | None:
-    """Our fine class for a dataset's class name, or None if it names only a group or nothing."""
-    return _FINE_ALIASES.get(name.strip().lower().replace("_", " "))
-
-
-def group8_of(name: str) -> str | None:
-    """The 8-group of a fine class or group name, or None."""
-    fine = fine_class(name)
-    if fine is not None:
-        return FINE_TO_GROUP8[fine]
-    key = name.strip().lower().replace("_", " ")
-    return _GROUP_ALIASES.get(key) or (key if key in GROUPS8 else None)
-
-
-def type5_of(name: str) -> str | None:
-    """The 5-type of a fine class or group name, or None for classes outside the 5 mature types."""
-    group = group8_of(name)
-    return group if group in TYPES5 else None
-
-
-def cell_kind(name: str) -> CellKind:
-    """The detector kind for a dataset's object name (WBC/RBC/Platelets ...)."""
-    key = name.strip().lower()
-    if key not in _KIND_ALIASES:
-        raise SmearError(f"unknown object class {name!r}", hint="expected WBC, RBC or Platelets")
-    return _KIND_ALIASES[key]
 
 
 # ---------------------------------------------------------------- results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smear.config import default_config
-from smear.pipeline.summary import cells_needed, proportion_ci, summarize
+from smear.report.summary import cells_needed, proportion_ci, summarize
 from smear.types import FINE_CLASSES, CellKind, CellPrediction, Detection, FieldResult, SlideReport
 
 CFG = default_config("pipeline")

@@ -158,5 +158,5 @@ def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 
         shutil.copyfile(weights, pt)
         out = yolo(pt).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, batch=batch, verbose=False)
         set_threads()
-        os.replace(out, dest)
+        os.replace(out, dest)  # atomic: the scratch folder is beside dest
     return dest

@@ -8,15 +8,15 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from smear.artifacts import load_meta
-from smear.types import CellKind, Detection, ModelError
+from smear.artifacts import load_meta, load_model
+from smear.types import CellKind, Detection
 
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
     from smear.artifacts import model_version
     from smear.detect.ultra import export_onnx
-    from smear.runtime import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
+    from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
     own = Path(model_dir) / ONNX_NAME
     if own.is_file():
@@ -54,15 +54,13 @@ class YoloDetector:
                  **overrides: Any) -> "YoloDetector":
         """Load a detector model folder (weights + meta.json with classes and thresholds);
         ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
-        meta = load_meta(model_dir)
-        if meta["stage"] != "detect":
-            raise ModelError(f"{model_dir}: is a {meta['stage']} model, not a detector")
+        meta = load_model(model_dir, "detect")
         infer = dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
-        weights = Path(model_dir) / meta["weights"]
+        weights = meta.weights_path
         if runtime == "onnx":
             weights = onnx_weights(model_dir, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
             device = "cpu" if device == "auto" else device

@@ -17,7 +17,7 @@ SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
 
 
 def _runtime(cfg: dict[str, Any]) -> str:
-    from smear.runtime import check_runtime
+    from smear.nn.onnx import check_runtime
 
     return check_runtime(str(cfg.get("runtime", "torch")))
 
@@ -131,9 +131,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 def build_cache(cfg: dict[str, Any], version: str, warn=None):
     """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""
-    from smear.pipeline.cache import FieldCache, default_cache_dir
+    from smear.artifacts import cache_setting
+    from smear.pipeline.cache import FieldCache
 
-    where = str(cfg["cache_dir"])
-    if where == "off":
-        return None
-    return FieldCache(default_cache_dir() if where == "auto" else Path(where), version, warn=warn)
+    folder = cache_setting(cfg["cache_dir"], "fields")
+    return None if folder is None else FieldCache(folder, version, warn=warn)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smear.classify.augment import BatchAugment
+from smear.nn.augment import BatchAugment
 from smear.classify.model import Normalize, build_model
 from smear.classify.train import mixed_loss
 from smear.devices import set_threads

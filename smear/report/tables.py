@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from smear.pipeline.summary import summarize
+from smear.io import temp_name
+from smear.report.summary import summarize
 from smear.types import CellKind, FieldResult, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
@@ -90,7 +91,7 @@ class CellsWriter:
     def __init__(self, path: str | Path, masks: bool = False):
         self.path = Path(path)
         self.columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masks else [])
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = self.path.with_name(f"{temp_name(self.path)}tmp")  # swept as io's own temporary files
         self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh, lineterminator="\n")
         self.writer.writerow(self.columns)

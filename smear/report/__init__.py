@@ -1,0 +1,1 @@
+"""Reports of a run: the differential summary, CSV and JSON tables, the HTML page."""
