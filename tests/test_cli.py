@@ -108,8 +108,9 @@ def test_config_show_and_errors(tmp_path):
     assert res.exit_code == 0 and "epochs: 2" in res.stdout
     res = runner.invoke(app, ["config", "show", "--set", "detectr=yolo"])
     assert res.exit_code != 0 and "unknown config key 'detectr'" in res.stderr
-    res = runner.invoke(app, ["run", str(tmp_path), "--set", "classifier=resnet"])
-    assert res.exit_code != 0
+    _synth_slide(tmp_path / "s", seeds=(1,))  # a slide that would run: the error is the classifier's
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--set", "classifier=resnet"])
+    assert res.exit_code != 0 and "classifier: 'resnet'" in res.stderr and "cnn" in res.stderr
 
 
 def test_info_lists_device_and_models():
@@ -119,6 +120,7 @@ def test_info_lists_device_and_models():
     assert "detector model" in res.stdout
 
 
+@pytest.mark.slow
 def test_default_run_classifies_with_the_shipped_models(tmp_path):
     """No --set: the shipped detector and classifier; every detected WBC is labelled or unidentified."""
     _synth_slide(tmp_path / "s", seeds=(4, 5))

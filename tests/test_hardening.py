@@ -126,7 +126,7 @@ def _fake_model_dir(folder: Path) -> Path:
 
 
 def test_2_export_into_a_folder_with_files_is_refused_and_force_deletes_nothing(tmp_path, monkeypatch):
-    import smear.nn.onnx as rt
+    import smear.pipeline.export as rt
 
     out = tmp_path / "exported"
     (out / "classifier").mkdir(parents=True)

@@ -103,11 +103,3 @@ def main() -> None:
     """Console-script entry point."""
     app()
 
-
-# the commands, in the order `smear --help` lists them
-from smear.cli import run, tools, train, eval  # noqa: E402,F401
-
-app.add_typer(config_app, name="config")
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-app.add_typer(data_app, name="data")
