@@ -47,14 +47,11 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
 
         return ClassicalDetector(**(cfg.get("classical") or {}))
     if kind == "yolo":
-        from smear.detect.tiling import TiledDetector
         from smear.detect.yolo import YoloDetector
 
         det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
             resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
-        tiled = TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
-                              tile_above=int(det.field_scale * det.tile_above))
-        return _checked(tiled, cfg)
+        return _checked(det.tiled(), cfg)
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
 

@@ -41,8 +41,10 @@ def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: 
     if stage == "detector":
         from smear.detect.ultra import export_onnx
 
-        infer = meta.get("infer", {})
-        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
+        from smear.detect.yolo import infer_defaults
+
+        infer = infer_defaults() | meta.get("infer", {})
+        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]))
     elif stage == "classifier":
         from smear.classify.model import CnnClassifier
 
