@@ -107,12 +107,12 @@ def explain(
     from smear.artifacts import resolve_model_dir
     from smear.classify.explain import explain_files
     from smear.classify.model import CnnClassifier
-    from smear.io import IMAGE_SUFFIXES
+    from smear.io import list_images
 
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += list_images(p)
         else:
             files.append(p)
     if not files:

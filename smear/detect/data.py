@@ -6,15 +6,14 @@ import csv
 import json
 import os
 import random
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from PIL import Image
 
-from smear.io import IMAGE_SUFFIXES, write_text_atomic
-from smear.types import CellKind, SmearError, cell_kind
+from smear.io import list_images, read_voc_xml, write_text_atomic
+from smear.types import CellKind, DataError, SmearError, cell_kind
 
 #: Detector class order (YOLO class ids).
 DET_CLASSES: tuple[CellKind, ...] = (CellKind.WBC, CellKind.RBC, CellKind.PLATELET)
@@ -59,12 +58,11 @@ def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem
     samples, problems = [], []
     for xml_path in sorted((folder / "annotations").glob("*.xml")):
         try:
-            root = ET.parse(xml_path).getroot()
-        except ET.ParseError as exc:
-            problems.append(Problem(str(xml_path), f"unparseable XML ({exc})", "dropped"))
+            voc = read_voc_xml(xml_path)
+        except DataError as exc:
+            problems.append(Problem(str(xml_path), str(exc).removeprefix(f"{xml_path}: "), "dropped"))
             continue
-        name = root.findtext("filename") or xml_path.stem + ".jpg"
-        image = folder / "images" / Path(name).name
+        image = folder / "images" / Path(voc.filename).name
         if not image.exists():
             hits = [p for p in (folder / "images").glob(xml_path.stem + ".*")]
             if not hits:
@@ -77,16 +75,15 @@ def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem
             continue
         w, h = size
         sample = Sample(image, w, h, source=source or folder.parent.name)
-        for obj in root.iter("object"):
-            label = (obj.findtext("name") or "").strip()
-            bb = obj.find("bndbox")
+        for label, xyxy in voc.objects:
             try:
                 kind = cell_kind(label)
-                xyxy = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            except (SmearError, TypeError, ValueError, AttributeError):
+            except SmearError:
+                xyxy = None
+            if xyxy is None:
                 problems.append(Problem(str(xml_path), f"unknown class or bad box {label!r}", "dropped"))
                 continue
-            sample.boxes.append((kind, xyxy))  # type: ignore[arg-type]
+            sample.boxes.append((kind, xyxy))
         samples.append(sample)
     return samples, problems
 
@@ -116,7 +113,7 @@ def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
     if labels == images:
         labels = images
     samples, problems = [], []
-    for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in list_images(images):
         size = _image_size(image)
         if size is None:
             problems.append(Problem(str(image), "not a readable image", "dropped"))
