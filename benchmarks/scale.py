@@ -19,11 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smear.devices import available_cores
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from smear.config import load_config
+
 from smear.devices import available_cores
+from smear.config import load_config
 from smear.io import find_slides
 from smear.pipeline.build import build_stages
 from smear.report.tables import CellsWriter
