@@ -48,10 +48,10 @@ def config_show(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Print the resolved config of a stage as YAML."""
-    from smear.config import dump_config, load_config
+    """Print the resolved config of a stage as YAML, with the comments of the shipped file."""
+    from smear.config import load_config, show_config
 
-    sys.stdout.write(dump_config(load_config(stage, config, set_ or [])))
+    sys.stdout.write(show_config(stage, load_config(stage, config, set_ or [])))
 
 
 @data_app.command("convert")
