@@ -32,14 +32,29 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  floor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LR factor: linear warmup from ``floor`` to 1, then cosine down to ``floor``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return floor + (1 - floor) * step / max(1, warmup_steps)
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+                  floor: float = 0.01) -> torch.optim.lr_scheduler.SequentialLR:
+    """Per-step LR: linear warmup from ``floor`` x lr to lr over ``warmup_steps``, then cosine down
+    to ``floor`` x lr at ``total_steps`` (torch's SequentialLR of LinearLR and CosineAnnealingLR)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    base = optimizer.param_groups[0]["lr"]
+    warmup = LinearLR(optimizer, start_factor=floor, end_factor=1.0, total_iters=max(1, warmup_steps))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=base * floor)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def _load_scheduler(scheduler, state: dict[str, Any]) -> None:
+    """Restore a scheduler; a checkpoint of the earlier LambdaLR schedule (the same curve) is
+    brought to its step by replaying the steps."""
+    if "_schedulers" in state or not isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        scheduler.load_state_dict(state)
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no training happens here
+        for _ in range(int(state.get("last_epoch", 0))):
+            scheduler.step()
 
 
 def optimize_step(loss: torch.Tensor, optimizer, scheduler, epoch: int) -> None:
@@ -148,7 +163,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, augment) -> dict[st
                          hint="only tensors and plain values are loaded; delete it to start the run afresh") from exc
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
+    _load_scheduler(scheduler, ck["scheduler"])
     augment.set_state(ck["augment"])
     torch.set_rng_state(ck["torch_rng"])
     return ck
