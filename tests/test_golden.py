@@ -29,6 +29,7 @@ def _report(slide: str, fmt: str, *extra: str) -> str:
     """The report of ``smear run SLIDE --report FMT`` (no result cache), from the working directory."""
     res = runner.invoke(app, ["run", slide, "--report", fmt, "--set", "cache_dir=off", *extra])
     assert res.exit_code == 0, res.output
+    assert "ONNX Runtime" not in res.stderr and "Ultralytics" not in res.stderr  # its chatter is silenced
     return res.stdout
 
 

@@ -12,6 +12,7 @@ a changed dataset or geometry can never reuse stale crops.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -147,7 +148,7 @@ def readable_crops(items: Sequence[Item], margin: float, size: int, cache_dir: s
         bad = {str(p) for p, _ in exc.errors}
         msgs = [f"{msg} (skipped)" if str(p) in msg else f"{p}: {msg} (skipped)" for p, msg in exc.errors]
         for m in msgs:
-            (warn or log or print)(m)
+            (warn or log or logging.getLogger(__name__).warning)(m)
         kept = [it for it in items if str(it.path) not in bad]
         if not kept:
             raise DataError(f"none of the {len(items)} images could be read", hint=msgs[0]) from exc

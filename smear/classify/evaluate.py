@@ -1,7 +1,7 @@
 """Classifier metrics at the 11-class, 8-group and 5-type levels; ``evaluate`` a model folder.
 
-The metrics of one level are scikit-learn's (confusion matrix, precision/recall/F1, kappa, ROC AUC,
-log-loss); the expected calibration error, which it lacks, is ours (15 equal-width bins).
+The metrics of one level are scikit-learn's (confusion matrix, precision/recall/F1, kappa, ROC AUC);
+the expected calibration error, which it lacks, and the NLL are ours (two lines each).
 
 Predictions at a coarser level sum the fine probabilities inside each group (8-group) or type
 (5-type). A cell is scored at every level its label allows: a PBC ``SNE`` at all three, a
@@ -13,6 +13,7 @@ PBC ``IG_*`` (group only) at the 8-group level, a ``neutrophil`` of a 5-type dat
 
 from __future__ import annotations
 
+import logging
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from smear.types import (
     group8_of,
     type5_of,
 )
+
+_log = logging.getLogger(__name__)
 
 ECE_BINS = 15
 
@@ -62,11 +65,10 @@ def expected_calibration_error(probs: np.ndarray, y_true: Sequence[int], bins: i
 
 
 def nll(probs: np.ndarray, y_true: Sequence[int]) -> float:
-    """Mean negative log-likelihood of the true class."""
-    probs = np.asarray(probs, float)
-    if len(probs) == 0:
-        return float("nan")
-    return float(skm.log_loss(np.asarray(y_true, int), probs, labels=list(range(probs.shape[1]))))
+    """Mean negative log-likelihood of the true class (the probabilities as given: sklearn's
+    log_loss would renormalise the rows of the pooled levels)."""
+    p = np.asarray(probs, float)[np.arange(len(probs)), np.asarray(y_true, int)]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(p) else float("nan")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -206,7 +208,7 @@ def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: boo
 
 def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
              part: str = "test", out: str | Path | None = None, device: str = "auto",
-             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = _log.info,
              segmenter: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
     cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.

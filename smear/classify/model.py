@@ -58,15 +58,17 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64):
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64,
+                 tta: int | None = None):
         self.meta = meta
         self.classes: tuple[str, ...] = tuple(meta["classes"])
         self.crop_margin = float(meta["crop_margin"])
         self.input_size = int(meta["input_size"])
         self.temperature = float(meta.get("temperature", 1.0))
-        self.tta = int(meta.get("tta", 1))  # views averaged per crop (1-8); the temperature was fitted with it
+        # views averaged per crop (1-8); the temperature was fitted with the meta's own
+        self.tta = int(meta.get("tta", 1) if tta is None else tta)
         if not 1 <= self.tta <= 8:
-            raise ModelError(f"meta tta {self.tta}: must be 1 to 8")
+            raise ModelError(f"tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
@@ -74,7 +76,7 @@ class CnnClassifier:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
-                 runtime: str = "torch") -> CnnClassifier:
+                 runtime: str = "torch", tta: int | None = None) -> CnnClassifier:
         """Load a classifier model folder (meta.json + safetensors weights); ``runtime='onnx'`` runs
         the network with onnxruntime (see smear.nn.onnx)."""
         meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
@@ -91,7 +93,7 @@ class CnnClassifier:
             return model
 
         net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime)
-        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
+        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch, tta=tta)
         if novelty:
             from smear.classify import novelty as nov
 

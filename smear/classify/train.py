@@ -18,6 +18,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from smear.nn.loop import load_checkpoint, save_checkpoint, warmup_cosine  # noq
 from smear.nn.tensors import Normalize, channel_stats, dihedral
 from smear.nn.weights import load_weights, save_weights
 from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, ConfigError, SmearError
+
+_log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_images", "train_seconds", "train_images_per_s",
               "val_nll", "val_accuracy", "val_macro_f1", "val_ece", "wall_seconds", "best_macro_f1")
@@ -216,7 +219,7 @@ def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, s
 
 
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = _log.info) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS, hint="pass resume=True or a new folder")
@@ -437,7 +440,7 @@ Not a medical device: cells under the review threshold must be checked by a pers
 
 
 def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: list[cdata.Item],
-                val_crops: np.ndarray, quantile: float, log: Callable[[str], None] = print,
+                val_crops: np.ndarray, quantile: float, log: Callable[[str], None] = _log.info,
                 fitted_on: str = "") -> dict[str, Any]:
     """Fit the per-cell novelty score of a classifier model folder (``smear.classify.novelty``) on
     its training crops, set its threshold at the ``quantile`` of the validation crops' scores,
@@ -481,7 +484,7 @@ def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: lis
 
 
 def fit_novelty_for_run(run: str | Path, model_dir: str | Path | None = None, quantile: float = 0.97,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``fit_novelty`` for a finished run folder: its config and split files give the crops."""
     import yaml
 

@@ -7,6 +7,7 @@ function and renders (render.py: rich tables and progress bars, used by the CLI 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +15,8 @@ from typing import Annotated, Optional
 import click
 import typer
 from rich.console import Console
+from rich.highlighter import NullHighlighter
+from rich.logging import RichHandler
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -24,7 +27,16 @@ _state = {"verbose": False}
 
 class _ErrorBoundary(TyperGroup):
     """The one error boundary of every command: a SmearError is one red line, a hint, exit 1;
-    tracebacks only with --verbose."""
+    tracebacks only with --verbose. ``-v``/``--verbose`` may also follow the subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            head, tail = args[:args.index("--")], args[args.index("--"):]
+        else:
+            head, tail = args, []
+        flags = [a for a in head if a in ("-v", "--verbose")]
+        rest = [a for a in head if a not in ("-v", "--verbose")]
+        return super().parse_args(ctx, flags + rest + tail)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -93,10 +105,50 @@ def terminate_cleanly():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _LogHandler(RichHandler):
+    """The library's log records as plain lines on stderr: progress as it is, warnings as `warning:`."""
+
+    def render(self, *, record: logging.LogRecord, traceback, message_renderable):
+        if record.levelno >= logging.WARNING:
+            return Text.assemble(("warning:", "yellow"), " ", message_renderable)
+        return message_renderable
+
+
+def setup_logging(verbose: bool) -> None:
+    """smear's loggers (and Python warnings) to stderr through rich; debug lines with --verbose."""
+    logger = logging.getLogger("smear")
+    for handler in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
+        logger.removeHandler(handler)
+    handler = _LogHandler(console=err_console, show_time=False, show_level=False, show_path=False,
+                          markup=False, highlighter=NullHighlighter(), rich_tracebacks=False)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(h, _LogHandler) for h in warnings_logger.handlers):
+        warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from smear import __version__
+
+        show(f"smear {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+def _root(ctx: typer.Context,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors, debug lines; "
+                                                "also accepted after the subcommand.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False,
           ) -> None:
     _state["verbose"] = verbose
+    setup_logging(verbose)
+    logging.captureWarnings(True)  # warnings.warn of the library: one yellow line, not a source dump
+    ctx.call_on_close(lambda: logging.captureWarnings(False))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smear.cli.app import ConfigOpt, SetOpt, eval_app, out_console, warn
+from smear.cli.app import ConfigOpt, SetOpt, eval_app, out_console, show, warn
 from smear.errors import SmearError
 
 
@@ -41,6 +41,7 @@ def eval_detect(
         det = YoloDetector.from_dir(resolve_model_dir(model, "detector"), device=device)
         conf = {k: det.per_class_conf.get(k, det.conf) for k in DET_CLASSES}
         det.conf, det.per_class_conf = 0.001, {}  # score every box for AP; P/R use the shipped conf
+        det = det.tiled()  # large fields are tiled as `smear run` tiles them
     else:
         det = build_detector({"detector": detector, "classical": {}, "device": device})
         conf = {k: 0.0 for k in DET_CLASSES}
@@ -77,7 +78,7 @@ def eval_classify(
 
     seg = build_segmenter({"segment": segment, "segmenter_model": segmenter_model, "device": device})
     m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
-                 device=device, log=None if json_ else (lambda t: out_console.print(t, markup=False)), segmenter=seg,
+                 device=device, log=None if json_ else show, segmenter=seg,
                  warn=warn)
     if json_:
         keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n",
@@ -110,6 +111,6 @@ def eval_segment(
         raise SmearError("--method off: nothing to evaluate", hint="unet | kmeans | grabcut")
     margin = float(getattr(seg, "crop_margin", cfg["model"]["crop_margin"]))
     m = evaluate_path(seg, data, cfg["data"], part, margin,
-                      log=None if json_ else (lambda t: out_console.print(t, markup=False)))
+                      log=None if json_ else show)
     if json_:
         sys.stdout.write(json.dumps({"method": method, **m}, indent=2) + "\n")

@@ -22,7 +22,8 @@ class ReportFormat(str, Enum):
     html = "html"
 
 
-@app.command()
+@app.command(epilog="Examples: smear run examples/slide_demo --report csv  |  smear run slides/ --recursive "
+                     "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume")
 def run(
     paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
     report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")

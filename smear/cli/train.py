@@ -7,44 +7,43 @@ from typing import Annotated, Optional
 
 import typer
 
-from smear.cli.app import ConfigOpt, SetOpt, err_console, out_console, train_app
+from smear.cli.app import ConfigOpt, SetOpt, show, train_app
+
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+RunOpt = Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")]
 
 
-@train_app.command("detect")
-def train_detect(
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/detect"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
+def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Optional[list[str]]) -> Path:
+    """Resolve the stage's config (checked before anything trains) and run ``smear.<stage>.train.train``."""
+    import importlib
+
+    from smear.config import load_config
+
+    cfg = load_config(stage, config, set_ or [])
+    module = importlib.import_module(f"smear.{stage}.train")
+    if stage == "detect":  # ultralytics trains; its run is then packaged with tuned thresholds
+        run_dir = module.train(cfg, out, resume=resume)
+        return module.package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"], log=show)
+    return module.train(cfg, out, resume=resume)
+
+
+@train_app.command("detect", epilog="Example: smear train detect --out runs/det --set train.epochs=40 "
+                   "--set data.bccd=../shared/data/bccd  (continue it: --resume)")
+def train_detect(out: RunOpt = Path("runs/detect"), resume: ResumeOpt = False, config: ConfigOpt = None,
+                 set_: SetOpt = None) -> None:
     """Train the YOLO detector (offline, from the model YAML) and package it into OUT/model."""
-    from smear.config import load_config
-    from smear.detect.train import package, train
-
-    cfg = load_config("detect", config, set_ or [])
-    run_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
-    model_dir = package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"],
-                        log=lambda m: out_console.print(m, markup=False))
-    out_console.print(f"model folder: {model_dir}")
+    show(f"model folder: {_train('detect', out, resume, config, set_)}")
 
 
-@train_app.command("classify")
-def train_classify(
-    out: Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")] = Path("runs/classify"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
+@train_app.command("classify", epilog="Example: smear train classify --out runs/clf --set data.root=../shared/data/pbc "
+                   "--set train.epochs=30  (fine-tune: --set model.init=smear/weights/classifier)")
+def train_classify(out: RunOpt = Path("runs/classify"), resume: ResumeOpt = False, config: ConfigOpt = None,
+                   set_: SetOpt = None) -> None:
     """Train the leukocyte classifier from scratch, calibrate it on validation, score it on test."""
-    from smear.classify.train import train
-    from smear.config import load_config
-
-    cfg = load_config("classify", config, set_ or [])
-    model_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
-    out_console.print(f"model folder: {model_dir}")
+    show(f"model folder: {_train('classify', out, resume, config, set_)}")
 
 
-@train_app.command("novelty")
+@train_app.command("novelty", epilog="Example: smear train novelty runs/clf --quantile 0.97")
 def train_novelty(
     run: Annotated[Path, typer.Argument(help="A finished classifier run folder (config.yaml, split files).")],
     model: Annotated[Optional[Path], typer.Option(help="Model folder to fit (default RUN/model).")] = None,
@@ -53,21 +52,13 @@ def train_novelty(
     """Fit the per-cell novelty score of a trained classifier on its own training crops."""
     from smear.classify.train import fit_novelty_for_run
 
-    got = fit_novelty_for_run(run, model, quantile, log=lambda m: err_console.print(m, markup=False))
-    out_console.print(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")
+    got = fit_novelty_for_run(run, model, quantile)
+    show(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")
 
 
-@train_app.command("segment")
-def train_segment(
-    out: Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")] = Path("runs/segment"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
+@train_app.command("segment", epilog="Example: smear train segment --out runs/seg --set data.root=../shared/data/wbc-seg "
+                   "--set train.epochs=40")
+def train_segment(out: RunOpt = Path("runs/segment"), resume: ResumeOpt = False, config: ConfigOpt = None,
+                  set_: SetOpt = None) -> None:
     """Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test."""
-    from smear.config import load_config
-    from smear.segment.train import train
-
-    cfg = load_config("segment", config, set_ or [])
-    model_dir = train(cfg, out, resume=resume, log=lambda m: err_console.print(m, markup=False))
-    out_console.print(f"model folder: {model_dir}")
+    show(f"model folder: {_train('segment', out, resume, config, set_)}")

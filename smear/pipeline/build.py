@@ -117,9 +117,7 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
             resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
-            batch=int(cfg["classify_batch"]), runtime=rt))
-        if cfg.get("classify_tta") is not None:
-            classifier.tta = int(cfg["classify_tta"])
+            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta")))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))

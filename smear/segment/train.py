@@ -14,6 +14,7 @@ metrics.json (test per source) and ``model/``.
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from smear.segment import data as sdata
 from smear.segment.evaluate import crop_scores, evaluate_segmenter, summary_line
 from smear.segment.model import LABELS, WEIGHTS, UnetSegmenter, build_unet
 from smear.types import SmearError
+
+_log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_seconds", "val_cell_dice", "val_nucleus_dice", "val_score",
               "wall_seconds", "best_score")
@@ -81,7 +84,7 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
     return a[:, top:top + size, top:top + size]
 
 
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info) -> Path:
     """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
