@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -298,9 +299,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
             f"{wall / 60:.1f} min")
     run.check_finished()
     wall = time.perf_counter() - t0
-    return _finish(cfg, out, model, norm, device, root, train_items, val_items, test_items, val_crops,
-                   mean, std, best_epoch, wall, log,
-                   extra={"colour_norm": colour, "sources": specs, "train_crops": train_crops})
+    return _finish(cfg, out, Trained(model, norm, device, train_items, val_items, test_items, train_crops,
+                                     val_crops, mean, std, colour, specs, best_epoch, wall), log)
 
 
 def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
@@ -338,9 +338,32 @@ def _init_from(model: torch.nn.Module, m: dict[str, Any]) -> tuple[list[float], 
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 
-def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_items, test_items, val_crops,
-            mean, std, best_epoch: int, wall: float, log, extra: dict[str, Any] | None = None) -> Path:
+@dataclass
+class Trained:
+    """What a finished training loop hands on to calibration, scoring and the model folder."""
+
+    model: torch.nn.Module
+    norm: Normalize
+    device: torch.device
+    train_items: list[cdata.Item]
+    val_items: list[cdata.Item]
+    test_items: list[cdata.Item]
+    train_crops: np.ndarray  # cut wider than the input, for augmentation
+    val_crops: np.ndarray
+    mean: list[float]
+    std: list[float]
+    colour: dict[str, Any] | None
+    specs: list[dict[str, Any]]
+    best_epoch: int
+    wall: float
+
+
+def _finish(cfg: dict[str, Any], out: Path, r: Trained, log: Callable[[str], None]) -> Path:
     """Load the best weights, fit the temperature on val, score test, write the model folder."""
+    model, norm, device, best_epoch, wall = r.model, r.norm, r.device, r.best_epoch, r.wall
+    train_items, val_items, test_items, val_crops, mean, std = (r.train_items, r.val_items, r.test_items,
+                                                               r.val_crops, r.mean, r.std)
+    extra = {"colour_norm": r.colour, "sources": r.specs, "train_crops": r.train_crops}
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     size, batch, tta = int(m["input_size"]), int(t["batch"]), int(m.get("tta", 1))
     load_weights(model, out / "best.safetensors")
