@@ -8,6 +8,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from PIL import Image
@@ -43,6 +44,14 @@ class Problem:
         return f"{self.file}: {self.reason} ({self.action})"
 
 
+class Loaded(NamedTuple):
+    """What a dataset reader returns: the samples, and the annotation problems met (each fixed or
+    dropped); it unpacks as ``samples, problems``."""
+
+    samples: list[Sample]
+    problems: list[Problem]
+
+
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file's header, or None when it is not a readable image."""
     try:
@@ -52,7 +61,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem]]:
+def read_voc(folder: Path, source: str = "") -> Loaded:
     """A folder with ``images/`` and ``annotations/`` (Pascal VOC XML, one per image)."""
     folder = Path(folder)
     samples, problems = [], []
@@ -85,7 +94,7 @@ def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem
                 continue
             sample.boxes.append((kind, xyxy))
         samples.append(sample)
-    return samples, problems
+    return Loaded(samples, problems)
 
 
 def _read_yolo_names(data_yaml: Path) -> dict[int, str]:
@@ -106,7 +115,7 @@ def _source_map(root: Path) -> dict[str, str]:
 
 
 def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
-                     sources: dict[str, str] | None = None) -> tuple[list[Sample], list[Problem]]:
+                     sources: dict[str, str] | None = None) -> Loaded:
     """A folder of images whose labels sit in the parallel ``labels`` folder (YOLO txt rows)."""
     images = Path(images)
     labels = Path(str(images).replace(f"{os.sep}images", f"{os.sep}labels", 1))
@@ -135,11 +144,10 @@ def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
             sample.boxes.append((kind, ((cx - bw / 2) * w, (cy - bh / 2) * h,
                                         (cx + bw / 2) * w, (cy + bh / 2) * h)))
         samples.append(sample)
-    return samples, problems
+    return Loaded(samples, problems)
 
 
-def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "") -> tuple[
-        list[Sample], list[Problem]]:
+def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "") -> Loaded:
     """A COCO detection JSON; image files are looked up beside it or in ``images_dir``."""
     json_path = Path(json_path)
     spec = json.loads(json_path.read_text())
@@ -164,10 +172,10 @@ def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "")
             problems.append(Problem(str(json_path), f"annotation {ann.get('id')}: unknown image", "dropped"))
             continue
         sample.boxes.append((kind, (x, y, x + bw, y + bh)))
-    return list(by_id.values()), problems
+    return Loaded(list(by_id.values()), problems)
 
 
-def load_dataset(path: str | Path, split: str = "test") -> tuple[list[Sample], list[Problem]]:
+def load_dataset(path: str | Path, split: str = "test") -> Loaded:
     """Read VOC folder, YOLO data.yaml (its ``split``), COCO JSON, or a YOLO images folder."""
     path = Path(path)
     if not path.exists():
@@ -195,10 +203,10 @@ def load_dataset(path: str | Path, split: str = "test") -> tuple[list[Sample], l
         raise SmearError(f"{path}: not a detection dataset",
                          hint="give a VOC folder, a YOLO data.yaml, a COCO .json or a YOLO images folder")
     cleaned, more = clean_boxes(samples)
-    return cleaned, problems + more
+    return Loaded(cleaned, problems + more)
 
 
-def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list[Sample], list[Problem]]:
+def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> Loaded:
     """Clamp boxes to the image; drop tiny, empty and repeated ones; report each fix."""
     problems = []
     for s in samples:
@@ -223,7 +231,7 @@ def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list
                 continue  # a cell labelled twice would count as a miss for any detector
             kept.append((kind, box))
         s.boxes = kept
-    return samples, problems
+    return Loaded(samples, problems)
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

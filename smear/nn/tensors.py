@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -31,11 +31,19 @@ class Normalize(torch.nn.Module):
         return (self.colour(x) - self.mean) / self.std
 
 
-def place(model, meta: dict[str, Any], device: str = "auto"):
+class Placed(NamedTuple):
+    """A network ready to run: its device, the input normalisation on it, the network in eval mode."""
+
+    device: torch.device
+    normalize: Normalize
+    model: Any
+
+
+def place(model, meta: Mapping[str, Any], device: str = "auto") -> Placed:
     """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
     dev = resolve_device(device)
     norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-    return dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval()
+    return Placed(dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval())
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
