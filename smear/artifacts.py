@@ -15,7 +15,7 @@ import yaml
 
 from smear import __version__
 from smear.errors import ModelError
-from smear.io import write_text_atomic
+from smear.io import read_json, write_text_atomic
 
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -41,10 +41,7 @@ def load_meta(model_dir: str | Path) -> dict[str, Any]:
     meta_path = model_dir / META
     if not meta_path.is_file():
         raise ModelError(f"{meta_path}: missing (a model folder needs {META})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{meta_path}: not valid JSON ({exc.msg})") from exc
+    meta = read_json(meta_path, ModelError)
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ModelError(f"{meta_path}: missing keys {', '.join(missing)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smear.io import list_images, write_text_atomic
+from smear.io import list_images, read_json, write_text_atomic
 from smear.types import FINE_TO_GROUP8, SmearError, fine_class, group8_of
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -212,10 +212,7 @@ def load_split(path: str | Path, root: str | Path, check: bool = True
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise SmearError(f"{path}: split file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SmearError(f"{path}: not valid JSON ({exc.msg})") from exc
+    doc = read_json(path)
     parts = []
     for name in SPLIT_NAMES:
         if name not in doc:

@@ -92,6 +92,20 @@ def _arrays(dets: Sequence[Detection], kind: CellKind) -> tuple[np.ndarray, np.n
             np.array([d.score for d in sel], float))
 
 
+def _matched(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequence[Detection]], kind: CellKind
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Over all fields, for one class: the TP flag (IoU 0.5) and score of every prediction, and the
+    number of truth boxes."""
+    tps, scores, n_truth = [np.zeros(0, bool)], [np.zeros(0)], 0
+    for p, t in zip(preds, truths):
+        pb, ps = _arrays(p, kind)
+        tb, _ = _arrays(t, kind)
+        tps.append(_match(pb, ps, tb))
+        scores.append(ps)
+        n_truth += len(tb)
+    return np.concatenate(tps), np.concatenate(scores), n_truth
+
+
 def truth_detections(sample: Sample) -> list[Detection]:
     """A sample's ground-truth boxes as Detections."""
     return [Detection(b, k, 1.0) for k, b in sample.boxes]
@@ -104,15 +118,7 @@ def score_detections(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequ
     aps50, aps = [], []
     ap_of = coco_ap(preds, truths)
     for kind in DET_CLASSES:
-        tps, scores, n_truth = [], [], 0
-        for p, t in zip(preds, truths):
-            pb, ps = _arrays(p, kind)
-            tb, _ = _arrays(t, kind)
-            tps.append(_match(pb, ps, tb))
-            scores.append(ps)
-            n_truth += len(tb)
-        tp = np.concatenate(tps) if tps else np.zeros(0, bool)
-        sc = np.concatenate(scores) if scores else np.zeros(0)
+        tp, sc, n_truth = _matched(preds, truths, kind)
         ap = ap_of[kind]
         keep = sc >= conf.get(kind, 0.0)
         n_tp = int(tp[keep].sum())
@@ -179,14 +185,7 @@ def tune_conf(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]]) -
     truths = [truth_detections(s) for s in samples]
     out = {}
     for kind in DET_CLASSES:
-        tps, scores, n_truth = [], [], 0
-        for p, t in zip(preds, truths):
-            pb, ps = _arrays(p, kind)
-            tb, _ = _arrays(t, kind)
-            tps.append(_match(pb, ps, tb))
-            scores.append(ps)
-            n_truth += len(tb)
-        tp, sc = np.concatenate(tps), np.concatenate(scores)
+        tp, sc, n_truth = _matched(preds, truths, kind)
         if n_truth == 0 or len(sc) == 0:
             out[kind] = 0.25
             continue
