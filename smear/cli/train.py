@@ -27,20 +27,23 @@ def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Op
     return module.train(cfg, out, resume=resume)
 
 
-@train_app.command("detect", epilog="Example: smear train detect --out runs/det --set train.epochs=40 "
-                   "--set data.bccd=../shared/data/bccd  (continue it: --resume)")
-def train_detect(out: RunOpt = Path("runs/detect"), resume: ResumeOpt = False, config: ConfigOpt = None,
-                 set_: SetOpt = None) -> None:
-    """Train the YOLO detector (offline, from the model YAML) and package it into OUT/model."""
-    show(f"model folder: {_train('detect', out, resume, config, set_)}")
+def _stage_command(stage: str, doc: str, example: str) -> None:
+    """Register ``smear train STAGE``: resolve the stage's config, train into OUT, print the model folder."""
+    def command(out: RunOpt = Path(f"runs/{stage}"), resume: ResumeOpt = False, config: ConfigOpt = None,
+                set_: SetOpt = None) -> None:
+        show(f"model folder: {_train(stage, out, resume, config, set_)}")
+
+    command.__doc__ = doc
+    command.__name__ = f"train_{stage}"
+    train_app.command(stage, epilog=f"Example: {example}")(command)
 
 
-@train_app.command("classify", epilog="Example: smear train classify --out runs/clf --set data.root=../shared/data/pbc "
-                   "--set train.epochs=30  (fine-tune: --set model.init=smear/weights/classifier)")
-def train_classify(out: RunOpt = Path("runs/classify"), resume: ResumeOpt = False, config: ConfigOpt = None,
-                   set_: SetOpt = None) -> None:
-    """Train the leukocyte classifier from scratch, calibrate it on validation, score it on test."""
-    show(f"model folder: {_train('classify', out, resume, config, set_)}")
+_stage_command("detect", "Train the YOLO detector (offline, from the model YAML) and package it into OUT/model.",
+               "smear train detect --out runs/det --set train.epochs=40 --set data.bccd=../shared/data/bccd  "
+               "(continue it: --resume)")
+_stage_command("classify", "Train the leukocyte classifier from scratch, calibrate it on validation, score it on test.",
+               "smear train classify --out runs/clf --set data.root=../shared/data/pbc --set train.epochs=30  "
+               "(fine-tune: --set model.init=smear/weights/classifier)")
 
 
 @train_app.command("novelty", epilog="Example: smear train novelty runs/clf --quantile 0.97")
@@ -56,9 +59,5 @@ def train_novelty(
     show(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")
 
 
-@train_app.command("segment", epilog="Example: smear train segment --out runs/seg --set data.root=../shared/data/wbc-seg "
-                   "--set train.epochs=40")
-def train_segment(out: RunOpt = Path("runs/segment"), resume: ResumeOpt = False, config: ConfigOpt = None,
-                  set_: SetOpt = None) -> None:
-    """Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test."""
-    show(f"model folder: {_train('segment', out, resume, config, set_)}")
+_stage_command("segment", "Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test.",
+               "smear train segment --out runs/seg --set data.root=../shared/data/wbc-seg --set train.epochs=40")
