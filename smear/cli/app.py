@@ -78,11 +78,6 @@ def warn(message: str) -> None:
     err_console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
 
 
-def say(message: str) -> None:
-    """A progress line of a long command, on stderr (stdout carries the results)."""
-    err_console.print(message, markup=False)
-
-
 def show(message: str) -> None:
     """A result line, on stdout."""
     out_console.print(message, markup=False)
