@@ -7,7 +7,7 @@ pixel coordinates ``(x0, y0, x1, y1)`` as floats, x to the right and y down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -166,6 +166,62 @@ class SlideReport:
         if self.tally is not None:
             return self.tally.n_scored, self.tally.n_novel
         return novelty_counts(self.cells())
+
+
+@dataclass(frozen=True)
+class Share:
+    """One class of a slide's differential: its count and, where it enters the WBC percentages,
+    the percentage and its confidence interval (None otherwise, or on a slide without WBCs)."""
+
+    n: int | None
+    pct: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+@dataclass(frozen=True)
+class Differential:
+    """A slide's differential, as every report shows it: counts, shares per fine class, 8-group and
+    5-type, derived figures, the domain guard's warnings, warnings and review flags."""
+
+    slide: str
+    n_fields: int
+    n_wbc: int
+    n_unidentified: int | None
+    fine: dict[str, Share]    # FINE_CLASSES, in order
+    groups: dict[str, Share]  # GROUPS8
+    types: dict[str, Share]   # TYPES5
+    nrbc_per_100_wbc: float | None
+    n_rbc: int
+    rbc_per_field: float | None
+    n_platelet: int
+    platelets_per_field: float | None
+    platelets_per_100_rbc: float | None
+    n_skipped: int
+    n_wbc_detected: int
+    wbc_needed: int | None
+    novel_share: float | None
+    classified: bool
+    domain_warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    def row(self) -> dict[str, Any]:
+        """The flat summary row: the CSV columns in order (``SNE_pct``, ``group_ig_n``, ...), then
+        'classified', 'domain_warnings', 'warnings' and 'flags' (lists)."""
+        out: dict[str, Any] = {"slide": self.slide, "n_fields": self.n_fields, "n_wbc": self.n_wbc,
+                               "n_unidentified": self.n_unidentified}
+        for prefix, shares in (("", self.fine), ("group_", self.groups), ("type_", self.types)):
+            for name, s in shares.items():
+                out.update({f"{prefix}{name}_n": s.n, f"{prefix}{name}_pct": s.pct,
+                            f"{prefix}{name}_ci_low": s.ci_low, f"{prefix}{name}_ci_high": s.ci_high})
+        for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
+                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share"):
+            out[key] = getattr(self, key)
+        out["domain_warning"] = " | ".join(self.domain_warnings)
+        out.update({"classified": self.classified, "domain_warnings": list(self.domain_warnings),
+                    "warnings": list(self.warnings), "flags": list(self.flags)})
+        return out
 
 
 # ---------------------------------------------------------------- stage protocols

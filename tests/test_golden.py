@@ -1,4 +1,4 @@
-"""Golden reports: `smear run` with the shipped models gives byte-identical CSV and JSON reports.
+"""Golden reports: `smear run` with the shipped models gives byte-identical CSV, JSON (and table) reports.
 
 The files in tests/golden/ were written by the code before the redesign of issue 15; a change that
 moves code without changing behaviour leaves them identical. To re-record after an intended change
@@ -40,7 +40,7 @@ def _check(text: str, name: str) -> None:
     assert text.encode("utf-8") == path.read_bytes(), f"{name}: report differs from the golden one"
 
 
-@pytest.mark.parametrize("fmt", ["csv", "json"])
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
 def test_demo_slide_report_is_golden(fmt, monkeypatch):
     """examples/slide_demo, run from the repository root (the JSON names fields by relative path)."""
     monkeypatch.chdir(REPO)

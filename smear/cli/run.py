@@ -55,11 +55,12 @@ def run(
     with terminate_cleanly():
         reports = _run_slides(slides, stages, cfg, cache, resume, cells,
                               keep=report in (ReportFormat.json, ReportFormat.html))
-    rows = rep.summary_rows(reports, cfg)
-    for row in rows:
-        for message in row["domain_warnings"]:
-            warn(f"{row['slide']}: {message}")
-        for message in row["warnings"]:
+    diffs = rep.differentials(reports, cfg)
+    rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
+    for d in diffs:
+        for message in d.domain_warnings:
+            warn(f"{d.slide}: {message}")
+        for message in d.warnings:
             warn(message)
     if report == ReportFormat.csv:
         text = rep.to_csv(rep.summary_frame(rows))
@@ -72,7 +73,7 @@ def run(
         text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin)
     else:
         console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
-        render_summary(rows, console)
+        render_summary(diffs, console)
         text = console.export_text() if out else None
     if out is not None:
         try:

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from smear.io import temp_name
-from smear.report.summary import summarize
-from smear.types import CellKind, FieldResult, SlideReport
+from smear.report.summary import differential
+from smear.types import CellKind, Differential, FieldResult, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
@@ -25,10 +25,15 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The summary of each slide (see summary.summarize); ``cfg`` is the pipeline config."""
+def differentials(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[Differential]:
+    """The Differential of each slide; ``cfg`` is the pipeline config."""
     cfg = cfg or {}
-    return [summarize(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
+    return [differential(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
+
+
+def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The summary row of each slide (``Differential.row``); ``cfg`` is the pipeline config."""
+    return [d.row() for d in differentials(reports, cfg)]
 
 
 def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
