@@ -22,10 +22,12 @@ def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     from smear.artifacts import load_meta, model_version, resolve_model_dir
     from smear.config import load_config
-    from smear.devices import available_cores, resolve_device
+    from smear.devices import available_cores, resolve_device, set_threads
 
     cfg = load_config("pipeline", config, set_ or [])
     dev = resolve_device(cfg["device"])
+    if dev.type == "cpu":
+        set_threads()  # as a run sets them
     out_console.print(f"smear {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     out_console.print(f"device: {dev} (cores: {available_cores()}, torch threads: {torch.get_num_threads()},"
                       f" cuda available: {torch.cuda.is_available()})")

@@ -45,10 +45,12 @@ class YoloDetector:
                  max_det: int | None = None, batch: int | None = None, device: str = "auto",
                  per_class_conf: dict[str, float] | None = None, border: float = 0.0):
         from smear.detect.ultra import yolo
-        from smear.devices import resolve_device
+        from smear.devices import resolve_device, set_threads
 
         d = infer_defaults()
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            set_threads()
         self.model = yolo(weights)
         self.kinds = [CellKind(n) for n in names]
         self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
@@ -105,17 +107,17 @@ class YoloDetector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per RGB image, boxes in that image's pixels."""
-        from smear.devices import set_threads
+        from smear.devices import torch_threads
 
         out: list[list[Detection]] = []
         extra = {"half": True} if self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
             shown = images[i:i + self.batch]
             chunk, borders = zip(*(self._bordered(im) for im in shown))
-            results = self.model.predict(list(chunk), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
-                                         max_det=self.max_det, device=str(self.device), verbose=False,
-                                         **extra)
-            set_threads()
+            with torch_threads():  # ultralytics lowers torch's threads while it predicts
+                results = self.model.predict(list(chunk), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                             max_det=self.max_det, device=str(self.device), verbose=False,
+                                             **extra)
             for im, px, res in zip(shown, borders, results):
                 out.append(self._detections(res, px, im.shape[1], im.shape[0]))
         return out

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import torch
 
-from smear.devices import resolve_device
+from smear.devices import resolve_device, set_threads
 from smear.errors import ModelError
 
 
@@ -42,6 +42,8 @@ class Placed(NamedTuple):
 def place(model, meta: Mapping[str, Any], device: str = "auto") -> Placed:
     """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        set_threads()
     norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
     return Placed(dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval())
 
