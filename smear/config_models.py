@@ -157,6 +157,15 @@ class DetectTrain(Section):
     device: Device
 
 
+class DetectStain(Section):
+    """Stain jitter of the detector's training mosaics, in optical density."""
+
+    p: Fraction
+    scale: float
+    mix: float
+    tint: float
+
+
 class DetectInfer(Section):
     imgsz: int
     conf: Fraction
@@ -173,6 +182,7 @@ class DetectConfig(Section):
     model: str
     data: DetectData
     train: DetectTrain
+    stain: Optional[DetectStain] = None  # a detect.yaml without the section trains without the jitter
     infer: DetectInfer
 
 
