@@ -29,12 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smear.artifacts import load_meta, load_model_config, resolve_model_dir
-from smear.classify.adapt import Recipe, fine_tune
-from smear.classify.evaluate import lab_row
-from smear.classify.lab_cells import Cells, read_dataset, wide_geometry
-from smear.classify.model import CnnClassifier
-from smear.types import type5_of
+from smear.artifacts import load_meta, load_model_config, resolve_model_dir  # noqa: E402
+from smear.classify.adapt import Recipe, fine_tune  # noqa: E402
+from smear.classify.evaluate import lab_row  # noqa: E402
+from smear.classify.lab_cells import Cells, read_dataset, wide_geometry  # noqa: E402
+from smear.classify.model import CnnClassifier  # noqa: E402
+from smear.types import type5_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 KS = (10, 25, 50, 100)

@@ -19,13 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smear.devices import available_cores
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+
+from smear.devices import available_cores
 from smear.config import load_config
 from smear.io import find_slides
 from smear.pipeline.build import build_stages
-from smear.pipeline.report import CellsWriter
+from smear.report.tables import CellsWriter
 from smear.pipeline.run import run_slide
 folder, runtime, classifier, cells = sys.argv[1:5]
 cfg = load_config("pipeline", None, [f"classifier={classifier}", "cache_dir=off", f"runtime={runtime}", "device=cpu"])
@@ -54,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     src = sorted(p for p in Path(args.data).iterdir() if p.suffix.lower() in (".jpg", ".png"))
     print(f"{len(src)} distinct fields from {args.data}, repeated; runtime {args.runtime}, classifier "
-          f"{args.classifier}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+          f"{args.classifier}; {platform.processor() or platform.machine()}, {available_cores()} cores")
     print(f"{'fields':>7} {'ms/field':>9} {'peak RSS MB':>12} {'RSS after load MB':>18}")
     results = []
     for n in args.sizes:

@@ -10,12 +10,12 @@ Prints ms per crop and the cell / nucleus Dice on the same crops.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 
 from smear.artifacts import resolve_model_dir
 from smear.config import load_config
+from smear.devices import available_cores
 from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 from smear.segment.data import load_parts
 from smear.segment.evaluate import evaluate_segmenter
@@ -30,7 +30,7 @@ def main() -> None:
     d = {**load_config("segment", None, [])["data"], "root": args.data}
     items = load_parts(d, 1.3, 128)["test"][: args.n]
     print(f"{len(items)} test crops (128 px) from {args.data}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores")
+          f"{available_cores()} cores")
     model = resolve_model_dir("shipped", "segmenter")
     methods = [("U-Net, torch", UnetSegmenter.from_dir(model, device="cpu")),
                ("U-Net, onnx", UnetSegmenter.from_dir(model, runtime="onnx")),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -11,8 +14,8 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from smear import __version__
-from smear.io import write_text_atomic
-from smear.types import ModelError
+from smear.errors import ModelError
+from smear.io import read_json, write_text_atomic
 
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -38,10 +41,7 @@ def load_meta(model_dir: str | Path) -> dict[str, Any]:
     meta_path = model_dir / META
     if not meta_path.is_file():
         raise ModelError(f"{meta_path}: missing (a model folder needs {META})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{meta_path}: not valid JSON ({exc.msg})") from exc
+    meta = read_json(meta_path, ModelError)
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ModelError(f"{meta_path}: missing keys {', '.join(missing)}")
@@ -49,6 +49,71 @@ def load_meta(model_dir: str | Path) -> dict[str, Any]:
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing")
     return meta
+
+
+@dataclass(frozen=True)
+class ModelMeta(Mapping):
+    """A model folder's meta.json, checked and frozen (as timm's ``PretrainedCfg``): the stage, the
+    weights file, the class names in order, and every other key (input size, normalisation, crop
+    geometry, thresholds, metrics) read like a mapping, ``meta["input_size"]``."""
+
+    folder: Path
+    stage: str
+    weights: str
+    classes: tuple[str, ...]
+    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / self.weights
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain (deep) copy of meta.json's content, to edit and save."""
+        return json.loads(json.dumps(self.raw))
+
+
+_STAGE_WORDS = {"detect": "detector", "segment": "segmenter", "classify": "classifier"}
+
+
+def load_model(model_dir: str | Path, stage: str, required: Iterable[str] = ()) -> ModelMeta:
+    """The checked meta of a model folder of ``stage`` (detect | segment | classify): ModelError
+    naming the folder when it is another stage's or lacks one of the ``required`` keys."""
+    meta = load_meta(model_dir)
+    if meta.get("stage") != stage:
+        raise ModelError(f"{model_dir}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
+                         f"(stage {meta.get('stage')!r})")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
+    return ModelMeta(Path(model_dir), meta["stage"], meta["weights"], tuple(meta["classes"]), meta)
+
+
+def cache_dir(name: str) -> Path:
+    """smear's cache folder ``name``: ``$XDG_CACHE_HOME/smear/<name>`` (default ``~/.cache/smear/<name>``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smear" / name
+
+
+#: Settings that turn a cache off; YAML reads a bare ``off``/``no``/``false`` as the boolean False.
+CACHE_OFF = ("off", "false", "no", "none")
+
+
+def cache_setting(setting: Any, name: str) -> Path | None:
+    """A ``cache_dir`` setting as a folder: ``auto`` (or null) -> ``cache_dir(name)``; ``off`` (or
+    False) -> None; anything else is a path (``~`` expanded). ``off`` never becomes a folder name."""
+    if setting is None or (isinstance(setting, str) and setting.strip().lower() == "auto"):
+        return cache_dir(name)
+    if setting is False or str(setting).strip().lower() in CACHE_OFF:
+        return None
+    return Path(os.path.expanduser(str(setting)))
 
 
 def load_model_config(model_dir: str | Path) -> dict[str, Any]:

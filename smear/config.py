@@ -1,8 +1,13 @@
-"""Load YAML configs, reject unknown keys by name, apply ``--set a.b=value`` overrides."""
+"""Load YAML configs, reject unknown keys by name, apply ``--set a.b=value`` overrides, check types.
+
+The types and choices of every key are the pydantic models of smear.config_models; a wrong one is
+a one-line ConfigError naming the key, what it must be and where it came from (a file or a --set),
+raised before any model loads."""
 
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,6 +45,38 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str
     return out
 
 
+_EXPECTED = {
+    "float_parsing": "a number", "float_type": "a number", "int_parsing": "an integer", "int_type": "an integer",
+    "int_from_float": "an integer", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "dict_type": "a mapping", "list_type": "a list", "model_type": "a mapping",
+    "string_pattern_mismatch": "auto, cpu, cuda or cuda:N",
+}
+
+
+def _check_types(stage: str, cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """The config with every value validated (and cast) by the stage's pydantic model, or a
+    ConfigError for the first wrong key: ``SOURCE: config key 'a.b' must be TYPE (got VALUE)``."""
+    from pydantic import ValidationError
+
+    from smear.config_models import MODELS
+
+    try:
+        return MODELS[stage].model_validate(cfg).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        kind, ctx = err["type"], err.get("ctx") or {}
+        if kind == "literal_error":
+            want = "one of " + str(ctx.get("expected", "")).replace("'", "")
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+            want = f"a number {sign} {next(iter(ctx.values()))}"
+        else:
+            want = _EXPECTED.get(kind, err["msg"].lower())
+        raise ConfigError(f"{source}: config key '{key}' must be {want} (got {err.get('input')!r})",
+                          hint=f"see `smear config show {stage}` for every key and its default") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into a key path and a YAML-parsed value."""
     if "=" not in text:
@@ -66,7 +103,7 @@ def load_config(
     stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """Defaults of ``stage`` updated by a YAML file and then by ``a.b=value`` overrides."""
-    cfg = default_config(stage)
+    cfg = _check_types(stage, default_config(stage), f"the shipped {stage}.yaml")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -77,13 +114,69 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of keys")
-        cfg = _merge(cfg, user, "", str(path))
+        cfg = _check_types(stage, _merge(cfg, user, "", str(path)), str(path))
     for text in overrides:
         parts, value = parse_override(text)
-        cfg = _merge(cfg, _nest(parts, value), "", f"--set {text}")
+        cfg = _check_types(stage, _merge(cfg, _nest(parts, value), "", f"--set {text}"), f"--set {text}")
     return cfg
 
 
 def dump_config(cfg: dict[str, Any]) -> str:
     """The config as YAML text, keys in their original order."""
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+
+
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<rest>.*)$")
+
+
+def _split_comment(rest: str) -> tuple[str, str]:
+    """(value text, comment with its leading spaces) of what follows ``key:`` on a YAML line."""
+    quote = None
+    for i, ch in enumerate(rest):
+        if ch in "\"'" and quote in (None, ch):
+            quote = None if quote else ch
+        elif ch == "#" and quote is None and (i == 0 or rest[i - 1] == " "):
+            value = rest[:i]
+            return value.rstrip(), rest[len(value.rstrip()):]
+    return rest.rstrip(), ""
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    return text[:-4].rstrip() if text.endswith("\n...") else text
+
+
+def show_config(stage: str, cfg: dict[str, Any]) -> str:
+    """The resolved config as the shipped YAML of ``stage``, comments kept: each value that differs
+    from the shipped default is written in place of it."""
+    text = resources.files("smear.configs").joinpath(f"{stage}.yaml").read_text(encoding="utf-8")
+    default = default_config(stage)
+    out, stack = [], []  # stack: (indent, key) of the open mappings
+    for line in text.splitlines():
+        m = _KEY_LINE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack] + [m["key"]]
+        value_text, comment = _split_comment(m["rest"])
+        if not value_text.strip():
+            stack.append((indent, m["key"]))
+            out.append(line)
+            continue
+        new, old = _get(cfg, path), _get(default, path)
+        if new == old and isinstance(new, bool) == isinstance(old, bool):  # 16 and 16.0 are one value
+            out.append(line)
+            continue
+        head = f"{m['indent']}{m['key']}: {_flow(new)}"
+        column = len(line) - len(comment.lstrip())  # where the comment starts, kept when the value fits
+        out.append(head + (" " * max(1, column - len(head)) + comment.lstrip() if comment else ""))
+    return "\n".join(out) + "\n"
+
+
+def _get(cfg: Any, path: list[str]) -> Any:
+    for key in path:
+        cfg = cfg.get(key) if isinstance(cfg, dict) else None
+    return cfg

@@ -56,3 +56,11 @@ def paint_background(crop: np.ndarray, mask: np.ndarray, fill: tuple[int, int, i
         fill = tuple(int(v) for v in np.median(crop[bg].reshape(-1, 3), axis=0))
     out[bg] = np.asarray(fill, dtype=crop.dtype)
     return out
+
+
+def stain_score(image_rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel ``B - G`` minus its image median, smoothed: high on nuclei, medium on cytoplasm."""
+    img = image_rgb.astype(np.float32)
+    score = img[..., 2] - img[..., 1]
+    score = cv2.GaussianBlur(score, (0, 0), 1.0)
+    return score - float(np.median(score))

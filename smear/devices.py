@@ -1,8 +1,10 @@
-"""Resolve "auto" | "cpu" | "cuda[:N]" to a torch.device and set torch's thread count, in one place."""
+"""Resolve "auto" | "cpu" | "cuda[:N]" to a torch.device, and torch's CPU thread count, in one place."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from smear.types import SmearError
 
@@ -25,8 +27,19 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None = None) -> Iterator[int]:
+    """Inside the block torch uses ``n`` threads (default: the available cores); on leaving it, the
+    available cores again, whatever the code inside set (ultralytics lowers them)."""
+    try:
+        yield set_threads(n)
+    finally:
+        set_threads()
+
+
 def resolve_device(name: str = "auto"):
-    """A torch.device for "auto", "cpu", "cuda" or "cuda:N"; auto picks CUDA when present."""
+    """A torch.device for "auto", "cpu", "cuda" or "cuda:N"; auto picks CUDA when present. It sets
+    nothing: the code that runs a network on the CPU sets the threads (``set_threads``)."""
     import torch
 
     name = (name or "auto").strip().lower()
@@ -44,6 +57,4 @@ def resolve_device(name: str = "auto"):
         device = torch.device(f"cuda:{index}")
     else:
         raise SmearError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N")
-    if device.type == "cpu":
-        set_threads()
     return device

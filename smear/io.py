@@ -9,12 +9,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from smear.types import ImageReadError, SmearError
+from smear.errors import DataError, ImageReadError, SmearError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -132,9 +132,42 @@ class Slide:
     fields: tuple[Path, ...]
 
 
-def list_fields(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted, hidden files skipped."""
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name, hidden files skipped: the one image lister."""
+    return sorted((p for p in Path(folder).iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+list_fields = list_images  # a slide's fields are the images of its folder
+
+
+@dataclass(frozen=True)
+class VocAnnotation:
+    """One Pascal VOC XML file: the image file it names and its objects as (name, box xyxy or None
+    when the box is missing or not numbers)."""
+
+    path: Path
+    filename: str
+    objects: tuple[tuple[str, tuple[float, float, float, float] | None], ...]
+
+
+def read_voc_xml(path: str | Path) -> VocAnnotation:
+    """Parse a VOC annotation (the one VOC parser); DataError for XML that does not parse."""
+    import xml.etree.ElementTree as ET
+
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: unparseable XML ({exc})") from exc
+    objects = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        try:
+            box = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
+        except (TypeError, ValueError, AttributeError):
+            box = None
+        objects.append(((obj.findtext("name") or "").strip(), box))
+    return VocAnnotation(path, root.findtext("filename") or path.stem + ".jpg", tuple(objects))
 
 
 def _walk_folders(root: Path) -> list[Path]:
@@ -282,6 +315,16 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_json(path: Path, error: type[SmearError] = SmearError) -> Any:
+    """A JSON file's content, or ``error`` naming the file when it does not parse."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg})") from exc
 
 
 def write_text_atomic(target: str | Path, text: str) -> Path:

@@ -7,155 +7,30 @@ pixel coordinates ``(x0, y0, x1, y1)`` as floats, x to the right and y down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-
-class SmearError(Exception):
-    """An error a user can act on; the CLI prints it as one line and exits non-zero."""
-
-    hint: str = ""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-class ImageReadError(SmearError):
-    """An image could not be read (missing, unreadable, truncated, too large)."""
-
-
-class ConfigError(SmearError):
-    """A configuration file or override is wrong."""
-
-
-class ModelError(SmearError):
-    """A model folder is missing or incomplete."""
-
-
-class DataError(SmearError):
-    """A dataset folder is missing, empty or malformed."""
-
-
-# ---------------------------------------------------------------- taxonomy
-
-
-class CellKind(str, Enum):
-    """What the detector finds."""
-
-    WBC = "wbc"
-    RBC = "rbc"
-    PLATELET = "platelet"
-
-
-#: The 11 fine classes in the order every model and report uses.
-FINE_CLASSES: tuple[str, ...] = (
-    "SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET",
+from smear.errors import ConfigError, DataError, ImageReadError, ModelError, SmearError  # noqa: F401
+from smear.taxonomy import (  # noqa: F401
+    ARTEFACT,
+    FINE_CLASSES,
+    FINE_NAMES,
+    FINE_TO_GROUP8,
+    FINE_TO_TYPE5,
+    GROUPS8,
+    REVIEW_CLASSES,
+    REVIEW_NAMES,
+    SMUDGE,
+    TYPES5,
+    UNIDENTIFIED,
+    WBC_CLASSES,
+    CellKind,
+    cell_kind,
+    fine_class,
+    group8_of,
+    type5_of,
 )
-
-FINE_NAMES: dict[str, str] = {
-    "SNE": "segmented neutrophil",
-    "BNE": "band neutrophil",
-    "MMY": "metamyelocyte",
-    "MY": "myelocyte",
-    "PMY": "promyelocyte",
-    "EO": "eosinophil",
-    "BA": "basophil",
-    "LY": "lymphocyte",
-    "MO": "monocyte",
-    "ERB": "erythroblast",
-    "PLATELET": "platelet",
-}
-
-#: The 8 PBC groups, in order.
-GROUPS8: tuple[str, ...] = (
-    "neutrophil", "ig", "eosinophil", "basophil", "lymphocyte", "monocyte", "erythroblast", "platelet",
-)
-
-FINE_TO_GROUP8: dict[str, str] = {
-    "SNE": "neutrophil", "BNE": "neutrophil",
-    "MMY": "ig", "MY": "ig", "PMY": "ig",
-    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
-    "ERB": "erythroblast", "PLATELET": "platelet",
-}
-
-#: The 5 mature WBC types other datasets use, in order.
-TYPES5: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
-
-#: Fine class -> 5-type; classes outside the 5 mature types map to None.
-FINE_TO_TYPE5: dict[str, str | None] = {
-    "SNE": "neutrophil", "BNE": "neutrophil",
-    "MMY": None, "MY": None, "PMY": None,
-    "EO": "eosinophil", "BA": "basophil", "LY": "lymphocyte", "MO": "monocyte",
-    "ERB": None, "PLATELET": None,
-}
-
-#: Fine classes that are leukocytes and enter the WBC percentages.
-WBC_CLASSES: tuple[str, ...] = tuple(c for c in FINE_CLASSES if c not in ("ERB", "PLATELET"))
-
-#: Label used for cells whose calibrated top probability is under the review threshold.
-UNIDENTIFIED = "UNIDENTIFIED"
-
-#: Labels only a reviewer gives (the review page): not leukocytes, so outside every percentage.
-ARTEFACT = "ARTEFACT"
-SMUDGE = "SMUDGE"
-REVIEW_NAMES: dict[str, str] = {ARTEFACT: "not a WBC / artefact", SMUDGE: "smudge cell"}
-#: What a reviewer can move a cell to, in the order the review page lists them.
-REVIEW_CLASSES: tuple[str, ...] = (*FINE_CLASSES, ARTEFACT, SMUDGE)
-
-# Aliases seen in public datasets -> our names. Keys are lower-cased.
-_FINE_ALIASES: dict[str, str] = {
-    "sne": "SNE", "segmented neutrophil": "SNE", "seg": "SNE",
-    "bne": "BNE", "band": "BNE", "band neutrophil": "BNE",
-    "mmy": "MMY", "metamyelocyte": "MMY",
-    "my": "MY", "myelocyte": "MY",
-    "pmy": "PMY", "promyelocyte": "PMY",
-    "eo": "EO", "eosinophil": "EO", "eosinophils": "EO",
-    "ba": "BA", "basophil": "BA", "basophils": "BA",
-    "ly": "LY", "lymphocyte": "LY", "lymphocytes": "LY",
-    "mo": "MO", "monocyte": "MO", "monocytes": "MO",
-    "erb": "ERB", "erythroblast": "ERB", "erythroblasts": "ERB", "nrbc": "ERB",
-    "platelet": "PLATELET", "platelets": "PLATELET", "plt": "PLATELET", "thrombocyte": "PLATELET",
-}
-_GROUP_ALIASES: dict[str, str] = {
-    "neutrophil": "neutrophil", "neutrophils": "neutrophil",
-    "ig": "ig", "immature granulocyte": "ig", "immature granulocytes": "ig",
-}
-_KIND_ALIASES: dict[str, CellKind] = {
-    "wbc": CellKind.WBC, "leukocyte": CellKind.WBC, "white blood cell": CellKind.WBC,
-    "rbc": CellKind.RBC, "erythrocyte": CellKind.RBC, "red blood cell": CellKind.RBC,
-    "platelet": CellKind.PLATELET, "platelets": CellKind.PLATELET, "plt": CellKind.PLATELET,
-}
-
-
-def fine_class(name: str) -> str | None:
-    """Our fine class for a dataset's class name, or None if it names only a group or nothing."""
-    return _FINE_ALIASES.get(name.strip().lower().replace("_", " "))
-
-
-def group8_of(name: str) -> str | None:
-    """The 8-group of a fine class or group name, or None."""
-    fine = fine_class(name)
-    if fine is not None:
-        return FINE_TO_GROUP8[fine]
-    key = name.strip().lower().replace("_", " ")
-    return _GROUP_ALIASES.get(key) or (key if key in GROUPS8 else None)
-
-
-def type5_of(name: str) -> str | None:
-    """The 5-type of a fine class or group name, or None for classes outside the 5 mature types."""
-    group = group8_of(name)
-    return group if group in TYPES5 else None
-
-
-def cell_kind(name: str) -> CellKind:
-    """The detector kind for a dataset's object name (WBC/RBC/Platelets ...)."""
-    key = name.strip().lower()
-    if key not in _KIND_ALIASES:
-        raise SmearError(f"unknown object class {name!r}", hint="expected WBC, RBC or Platelets")
-    return _KIND_ALIASES[key]
 
 
 # ---------------------------------------------------------------- results
@@ -295,6 +170,62 @@ class SlideReport:
         if self.tally is not None:
             return self.tally.n_scored, self.tally.n_novel
         return novelty_counts(self.cells())
+
+
+@dataclass(frozen=True)
+class Share:
+    """One class of a slide's differential: its count and, where it enters the WBC percentages,
+    the percentage and its confidence interval (None otherwise, or on a slide without WBCs)."""
+
+    n: int | None
+    pct: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+@dataclass(frozen=True)
+class Differential:
+    """A slide's differential, as every report shows it: counts, shares per fine class, 8-group and
+    5-type, derived figures, the domain guard's warnings, warnings and review flags."""
+
+    slide: str
+    n_fields: int
+    n_wbc: int
+    n_unidentified: int | None
+    fine: dict[str, Share]    # FINE_CLASSES, in order
+    groups: dict[str, Share]  # GROUPS8
+    types: dict[str, Share]   # TYPES5
+    nrbc_per_100_wbc: float | None
+    n_rbc: int
+    rbc_per_field: float | None
+    n_platelet: int
+    platelets_per_field: float | None
+    platelets_per_100_rbc: float | None
+    n_skipped: int
+    n_wbc_detected: int
+    wbc_needed: int | None
+    novel_share: float | None
+    classified: bool
+    domain_warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    def row(self) -> dict[str, Any]:
+        """The flat summary row: the CSV columns in order (``SNE_pct``, ``group_ig_n``, ...), then
+        'classified', 'domain_warnings', 'warnings' and 'flags' (lists)."""
+        out: dict[str, Any] = {"slide": self.slide, "n_fields": self.n_fields, "n_wbc": self.n_wbc,
+                               "n_unidentified": self.n_unidentified}
+        for prefix, shares in (("", self.fine), ("group_", self.groups), ("type_", self.types)):
+            for name, s in shares.items():
+                out.update({f"{prefix}{name}_n": s.n, f"{prefix}{name}_pct": s.pct,
+                            f"{prefix}{name}_ci_low": s.ci_low, f"{prefix}{name}_ci_high": s.ci_high})
+        for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
+                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share"):
+            out[key] = getattr(self, key)
+        out["domain_warning"] = " | ".join(self.domain_warnings)
+        out.update({"classified": self.classified, "domain_warnings": list(self.domain_warnings),
+                    "warnings": list(self.warnings), "flags": list(self.flags)})
+        return out
 
 
 # ---------------------------------------------------------------- stage protocols

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_classify_data import draw_cell
 
-from smear.classify.augment import (
+from smear.nn.augment import (
     HED_FROM_RGB,
     RGB_FROM_HED,
     BatchAugment,

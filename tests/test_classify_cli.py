@@ -16,7 +16,7 @@ def _train_tiny(tmp_path):
     root = make_pbc(tmp_path / "pbc", {p: 4 for p in PBC_FOLDERS}, size=40)
     sets = ["model.arch=test_efficientnet", "model.input_size=32", f"data.root={root}",
             f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch=16", "train.device=cpu",
-            "train.patience=0", "infer.device=cpu"]
+            "train.patience=0"]
     args = ["train", "classify", "--out", str(tmp_path / "run")]
     for s in sets:
         args += ["--set", s]

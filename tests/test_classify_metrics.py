@@ -13,11 +13,9 @@ from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.data import Item
 from smear.classify.evaluate import (
     classification_metrics,
-    cohen_kappa,
     confusion_matrix,
     expected_calibration_error,
-    macro_f1,
-    per_class_prf,
+    level_metrics,
     plot_confusion,
     roc_auc,
     summary_line,
@@ -26,22 +24,26 @@ from smear.classify.train import GROUP_MASK, class_weights, mixed_loss
 from smear.types import FINE_CLASSES, GROUPS8
 
 
+def _one_hot(pred, k):
+    return np.eye(k)[pred]
+
+
 def test_confusion_f1_kappa_by_hand():
-    cm = confusion_matrix([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], 3)
+    y, pred = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    cm = confusion_matrix(y, pred, 3)
     np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
-    p, r, f1, _ = per_class_prf(cm)
-    np.testing.assert_allclose(p, [1, 0.5, 0.5])
-    np.testing.assert_allclose(r, [2 / 3, 0.5, 1])
-    np.testing.assert_allclose(f1, [0.8, 0.5, 2 / 3])
-    assert macro_f1(cm) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    m = level_metrics(_one_hot(pred, 3), y, ["a", "b", "c"])
+    np.testing.assert_allclose([m["per_class"][c]["precision"] for c in "abc"], [1, 0.5, 0.5])
+    np.testing.assert_allclose([m["per_class"][c]["recall"] for c in "abc"], [0.6667, 0.5, 1])
+    np.testing.assert_allclose([m["per_class"][c]["f1"] for c in "abc"], [0.8, 0.5, 0.6667])
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     # p_o = 4/6, p_e = (3*2 + 2*2 + 1*2) / 36 = 1/3 -> kappa = (2/3 - 1/3) / (2/3) = 0.5
-    assert cohen_kappa(cm) == pytest.approx(0.5)
-    assert cohen_kappa(np.eye(3, dtype=int) * 4) == pytest.approx(1.0)
+    assert m["kappa"] == pytest.approx(0.5)
+    assert level_metrics(_one_hot([0, 1, 2], 3), [0, 1, 2], ["a", "b", "c"])["kappa"] == pytest.approx(1.0)
 
 
 def test_macro_f1_ignores_classes_never_seen():
-    cm = confusion_matrix([0, 1], [0, 1], 5)
-    assert macro_f1(cm) == 1.0
+    assert level_metrics(_one_hot([0, 1], 5), [0, 1], list("abcde"))["macro_f1"] == 1.0
 
 
 def test_ece_by_hand():

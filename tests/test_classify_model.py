@@ -73,7 +73,7 @@ def _cfg(root, cache, epochs):
     return load_config("classify", overrides=[
         f"model.arch={TINY}", "model.input_size=32", f"data.root={root}", f"data.cache_dir={cache}",
         f"train.epochs={epochs}", "train.batch=16", "train.threads=2", "train.device=cpu",
-        "train.patience=0", "data.workers=2", "infer.device=cpu",
+        "train.patience=0", "data.workers=2",
     ])
 
 

@@ -108,8 +108,9 @@ def test_config_show_and_errors(tmp_path):
     assert res.exit_code == 0 and "epochs: 2" in res.stdout
     res = runner.invoke(app, ["config", "show", "--set", "detectr=yolo"])
     assert res.exit_code != 0 and "unknown config key 'detectr'" in res.stderr
-    res = runner.invoke(app, ["run", str(tmp_path), "--set", "classifier=resnet"])
-    assert res.exit_code != 0
+    _synth_slide(tmp_path / "s", seeds=(1,))  # a slide that would run: the error is the classifier's
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), "--set", "classifier=resnet"])
+    assert res.exit_code != 0 and "config key 'classifier' must be one of off or cnn (got 'resnet')" in res.stderr
 
 
 def test_info_lists_device_and_models():
@@ -119,6 +120,7 @@ def test_info_lists_device_and_models():
     assert "detector model" in res.stdout
 
 
+@pytest.mark.slow
 def test_default_run_classifies_with_the_shipped_models(tmp_path):
     """No --set: the shipped detector and classifier; every detected WBC is labelled or unidentified."""
     _synth_slide(tmp_path / "s", seeds=(4, 5))
@@ -158,3 +160,21 @@ def test_eval_detect_scores_cleaned_truth_and_warns_of_repeated_boxes(tmp_path):
     n_wbc = sum(k == CellKind.WBC for k, _ in boxes)
     assert out["per_class"]["wbc"]["n_truth"] == n_wbc  # the repeat is not counted
     assert set(out["per_class"]) == set(DET_CLASSES) and "synth" in out["per_source"]
+
+
+def test_version_and_verbose_after_the_subcommand(tmp_path):
+    from smear import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"smear {__version__}"
+    quiet = runner.invoke(app, ["run", str(tmp_path / "nowhere")])
+    assert quiet.exit_code == 1 and quiet.exception is None or isinstance(quiet.exception, SystemExit)
+    assert "error:" in quiet.stderr and "no such file or folder" in quiet.stderr
+    loud = runner.invoke(app, ["run", str(tmp_path / "nowhere"), "-v"])  # -v after the subcommand
+    assert loud.exit_code == 1 and type(loud.exception).__name__ == "SmearError"
+
+
+def test_help_shows_a_usage_example_for_run_and_each_train_command():
+    for args in (["run"], ["train", "detect"], ["train", "classify"], ["train", "segment"], ["train", "novelty"]):
+        res = runner.invoke(app, [*args, "--help"])
+        assert res.exit_code == 0 and "Example" in res.stdout and f"smear {' '.join(args)}" in res.stdout

@@ -59,3 +59,57 @@ def test_bare_off_stays_the_word_off():
     cfg = load_config("pipeline", None, ["classifier=off", "segment=off"])
     assert cfg["classifier"] == "off" and cfg["segment"] == "off"
     assert load_config("pipeline", None, ["mask_background=true"])["mask_background"] is True
+
+
+@pytest.mark.parametrize("override, words", [
+    ("review_threshold=abc", "config key 'review_threshold' must be a number (got 'abc')"),
+    ("segment=unett", "config key 'segment' must be one of off, unet, kmeans or grabcut"),
+    ("device=gpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
+    ("runtime=tensorrt", "config key 'runtime' must be one of onnx or torch"),
+    ("io.max_pixels=big", "config key 'io.max_pixels' must be an integer"),
+])
+def test_a_wrong_type_or_choice_is_one_line_naming_key_and_type(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config("pipeline", overrides=[override])
+    assert str(info.value) == f"--set {override}: {words}" or str(info.value).startswith(f"--set {override}: {words}")
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_type_is_refused_before_any_model_loads(monkeypatch):
+    """`smear run --set review_threshold=abc`: the error comes from the config, no stage is built."""
+    from typer.testing import CliRunner
+
+    import smear.pipeline.build as build
+    from smear.cli import app
+
+    monkeypatch.setattr(build, "build_stages", lambda cfg: pytest.fail("a model was loaded"))
+    res = CliRunner().invoke(app, ["run", "examples/slide_demo", "--set", "review_threshold=abc"])
+    assert res.exit_code == 1 and "config key 'review_threshold' must be a number" in res.stderr
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_typed_models_cover_the_shipped_yaml_exactly(stage):
+    """Every key of the shipped YAML has a type, and every typed key a default in the YAML."""
+    from smear.config_models import MODELS
+
+    cfg = default_config(stage)
+    assert MODELS[stage].model_validate(cfg).model_dump(exclude_unset=True) == cfg
+
+
+def test_config_show_keeps_the_comments_of_the_shipped_yaml():
+    from importlib import resources
+
+    from smear.config import show_config
+
+    shipped = resources.files("smear.configs").joinpath("detect.yaml").read_text(encoding="utf-8")
+    assert show_config("detect", load_config("detect")) == shipped
+    shown = show_config("detect", load_config("detect", overrides=["train.epochs=2", "infer.conf=0.3"]))
+    assert "  epochs: 2\n" in shown and "# shipped confidence threshold" in shown
+    assert next(ln for ln in shown.splitlines() if ln.startswith("  conf:")).startswith("  conf: 0.3   ")
+    assert yaml_load(shown) == load_config("detect", overrides=["train.epochs=2", "infer.conf=0.3"])
+
+
+def yaml_load(text):
+    import yaml
+
+    return yaml.safe_load(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smear.detect.evaluate import average_precision, iou_matrix, score_detections, tune_conf
+from smear.detect.evaluate import coco_ap, iou_matrix, score_detections, tune_conf
 from smear.detect.data import Sample
 from smear.types import CellKind, Detection
 
@@ -53,8 +53,9 @@ def test_shifted_box_counts_at_50_not_at_95():
 
 
 def test_average_precision_no_truth_is_nan_and_no_preds_zero():
-    assert np.isnan(average_precision(np.zeros((0, 10), bool), np.zeros(0), 0)).all()
-    assert (average_precision(np.zeros((0, 10), bool), np.zeros(0), 3) == 0).all()
+    ap = coco_ap([[]], [[_d(0)]])
+    assert np.isnan(ap[R]).all() and (ap[W] == 0).all()
+    assert np.isnan(coco_ap([[_d(0)]], [[]])[W]).all()
 
 
 def test_tune_conf_picks_threshold_between_hits_and_noise():

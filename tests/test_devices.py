@@ -30,3 +30,21 @@ def test_set_threads_explicit():
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         set_threads(before)
+
+
+def test_resolve_device_sets_nothing_and_torch_threads_restores():
+    import torch
+
+    from smear.devices import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        resolve_device("cpu")
+        assert torch.get_num_threads() == 1  # resolving a device has no side effect
+        with torch_threads(1) as n:
+            assert n == 1
+            torch.set_num_threads(1)  # as ultralytics does while it predicts
+        assert torch.get_num_threads() == available_cores()
+    finally:
+        set_threads(before)

@@ -126,7 +126,7 @@ def _fake_model_dir(folder: Path) -> Path:
 
 
 def test_2_export_into_a_folder_with_files_is_refused_and_force_deletes_nothing(tmp_path, monkeypatch):
-    import smear.runtime as rt
+    import smear.pipeline.export as rt
 
     out = tmp_path / "exported"
     (out / "classifier").mkdir(parents=True)
@@ -432,7 +432,7 @@ def test_4_sigterm_mid_run_leaves_no_temporary_file(tmp_path):
 def test_4_a_failed_write_leaves_no_temporary_file_and_resume_gets_the_results(tmp_path, monkeypatch):
     import errno
 
-    import smear.pipeline.report as rep
+    import smear.report.tables as rep
 
     _slide(tmp_path / "s", seeds=(1, 2))
     cells = tmp_path / "out" / "c.csv"
@@ -696,7 +696,7 @@ def _truncate(path: Path, source: Path) -> None:
 @pytest.mark.slow
 def test_19_truncated_cached_onnx_files_are_made_again(tmp_path, monkeypatch):
     from smear.artifacts import load_meta, model_version, shipped_dir
-    from smear.runtime import check_onnx, onnx_cache_dir
+    from smear.nn.onnx import check_onnx, onnx_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     _slide(tmp_path / "s", seeds=(1,))

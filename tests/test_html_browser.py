@@ -12,8 +12,8 @@ from PIL import Image
 from fakes import ContentClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
-from smear.pipeline.html import render_html
-from smear.pipeline.report import summary_rows
+from smear.report.html import render_html
+from smear.report.tables import summary_rows
 from smear.pipeline.run import Stages, run_slide
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

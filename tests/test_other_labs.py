@@ -11,15 +11,15 @@ import torch
 from test_classify_data import make_folders, make_pbc
 from typer.testing import CliRunner
 
-from smear.classify import augment as A
+from smear.nn import augment as A
 from smear.classify import novelty as nov
-from smear.classify.colour import lab_stats, reinhard
+from smear.nn.colour import lab_stats, reinhard
 from smear.classify.evaluate import lab_row
 from smear.classify.model import adapt_batchnorm, build_model
 from smear.classify.train import epoch_order, source_specs
 from smear.cli import app
 from smear.config import default_config
-from smear.pipeline.summary import summarize
+from smear.report.summary import summarize
 from smear.types import (FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, ConfigError, Detection, FieldResult,
                          SlideReport)
 
@@ -269,7 +269,7 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
     from smear.classify.train import fit_novelty
     from smear.crops import cut_crop
     from smear.io import Slide, write_image_atomic
-    from smear.pipeline.report import summary_frame, to_csv
+    from smear.report.tables import summary_frame, to_csv
     from smear.pipeline.run import Stages, run_slide
     from smear.synth import make_field
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from fakes import FakeClassifier, FakeDetector, dets
 from smear.io import find_slides
-from smear.pipeline.report import cells_csv, summary_frame, summary_rows, to_csv, to_json
+from smear.report.tables import cells_csv, summary_frame, summary_rows, to_csv, to_json
 from smear.pipeline.run import Stages, run_slide
 from smear.types import UNIDENTIFIED
 
@@ -85,7 +85,7 @@ def test_streamed_slide_keeps_counts_not_fields(tmp_path):
 
 
 def test_cells_writer_matches_cells_csv_and_is_atomic(tmp_path):
-    from smear.pipeline.report import CellsWriter
+    from smear.report.tables import CellsWriter
 
     [slide] = find_slides([_slide(tmp_path)])
     stages, _, _ = _stages(classified=True)

@@ -9,8 +9,8 @@ from fakes import ContentClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides
 from smear.pipeline.cache import FieldCache
-from smear.pipeline.html import render_html
-from smear.pipeline.report import cells_csv, summary_frame, summary_rows, to_csv, to_json
+from smear.report.html import render_html
+from smear.report.tables import cells_csv, summary_frame, summary_rows, to_csv, to_json
 from smear.pipeline.run import Stages, iter_field_results, run_slide
 
 CFG = default_config("pipeline")

@@ -16,8 +16,8 @@ from PIL import Image
 from fakes import FakeClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
-from smear.pipeline.html import render_html, slide_base
-from smear.pipeline.report import summary_frame, summary_rows, to_csv
+from smear.report.html import render_html, slide_base
+from smear.report.tables import summary_frame, summary_rows, to_csv
 from smear.pipeline.run import Stages, run_slide
 from smear.types import FINE_CLASSES, SkippedField, SlideReport, Tally
 

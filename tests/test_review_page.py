@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from fakes import FakeClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
 from smear.io import find_slides
-from smear.pipeline.html import render_html
-from smear.pipeline.report import summary_rows
+from smear.report.html import render_html
+from smear.report.tables import summary_rows
 from smear.pipeline.run import Stages, run_slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,9 +105,10 @@ def test_templates_ship_as_package_data():
 
 def test_html_to_a_terminal_is_refused(tmp_path, monkeypatch):
     from smear import cli
+    from smear.cli import run as cli_run
 
     _page(tmp_path)
-    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_run, "_stdout_is_terminal", lambda: True)
     args = ["run", str(tmp_path / "s1"), "--report", "html", "--set", "detector=classical",
             "--set", "classifier=off"]
     res = CliRunner().invoke(cli.app, args)

@@ -159,7 +159,7 @@ def test_seg_loss_uses_partial_labels():
 
 
 def test_augment_pairs_move_mask_with_image():
-    from smear.classify.augment import BatchAugment
+    from smear.nn.augment import BatchAugment
 
     img = np.zeros((2, 40, 40, 3), np.uint8)
     mask = np.zeros((2, 40, 40), np.uint8)

@@ -39,11 +39,12 @@ from smear.artifacts import (
     model_version,
     shipped_dir,
 )
-from smear.classify.augment import BatchAugment
+from smear.nn.augment import BatchAugment
 from smear.classify.evaluate import classification_metrics, lab_row
 from smear.classify.lab_cells import Cells, read_cells, wide_geometry
 from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
-from smear.classify.train import evaluate, mixed_loss, train_one_epoch, warmup_cosine
+from smear.classify.train import evaluate, mixed_loss, train_one_epoch
+from smear.nn.loop import warmup_cosine
 from smear.devices import resolve_device
 from smear.io import write_text_atomic
 from smear.types import FINE_CLASSES, GROUPS8, SmearError
@@ -192,7 +193,7 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     """Train ``trainable_parts`` of ``net`` on ``train`` in place, as the recipe says."""
     size = int(meta["input_size"])
     if recipe.adabn:
-        from smear.classify.augment import eval_batch, to_uint8
+        from smear.nn.augment import eval_batch, to_uint8
         from smear.classify.model import adapt_batchnorm
 
         centre = to_uint8(eval_batch(torch.from_numpy(train.crops), size))
@@ -220,9 +221,10 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     for epoch in range(1, recipe.epochs + 1):
         rng = np.random.default_rng([recipe.seed, epoch])
         order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-per_epoch // len(train)))])
-        stats = train_one_epoch(model, norm, optimizer, scheduler, train.crops, fine, group, augment,
-                                recipe.batch, weights, recipe.label_smoothing, group_w, epoch, recipe.seed,
-                                dev, None, prefetch=False, order=order[:per_epoch])
+        stats = train_one_epoch(model, norm, optimizer, scheduler, train.crops, (fine, group), augment,
+                                recipe.batch, {"class_weights": weights, "smoothing": recipe.label_smoothing,
+                                               "group_weight": group_w}, epoch, dev, order[:per_epoch],
+                                prefetch=False)
         if epoch == 1 or epoch % 10 == 0 or epoch == recipe.epochs:
             log(f"  pass {epoch}/{recipe.epochs}: loss {stats['train_loss']:.4f}")
     for p in net.parameters():

@@ -12,8 +12,8 @@ a changed dataset or geometry can never reuse stale crops.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +24,11 @@ import numpy as np
 from smear.classify.cellbox import CELLBOX_VERSION, find_cell_box_info
 from smear.classify.data import Item
 from smear.devices import available_cores
-from smear.io import read_image, write_text_atomic
-from smear.types import DataError, SmearError
+from smear.io import atomic_path, read_image, write_text_atomic
+from smear.artifacts import cache_setting
+from smear.types import ConfigError, DataError, SmearError
 from smear.crops import cut_crop
 
-DEFAULT_CACHE_DIR = "~/.cache/smear/classify"
 
 
 def cut_cell_crop(image_rgb: np.ndarray, margin: float, size: int | None) -> np.ndarray:
@@ -48,8 +48,13 @@ def cache_key(items: Sequence[Item], margin: float, size: int) -> str:
 
 
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
-    """The cache folder: ``~`` expanded; None means the default ``~/.cache/smear/classify``."""
-    return Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
+    """The crop cache folder: ``~`` expanded; None or ``auto`` means ``$XDG_CACHE_HOME/smear/classify``
+    (``~/.cache/smear/classify``). Training needs its crops cached, so ``off`` is refused."""
+    folder = cache_setting(cache_dir, "classify")
+    if folder is None:
+        raise ConfigError(f"data.cache_dir {cache_dir!r}: the classifier's crops need a cache folder",
+                          hint="auto, or a folder")
+    return folder
 
 
 class UnreadableImages(DataError):
@@ -111,16 +116,11 @@ def cached_crops(items: Sequence[Item], margin: float, size: int, cache_dir: str
             return arr
     if log is not None:
         log(f"crops: cutting {len(items)} images (margin {margin:g}, {size} px) into {path}")
-    tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3))
-    try:
+    with atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3))
         _, boxes, fell = build_crops(items, margin, size, workers, log, out=mm)
         mm.flush()
         del mm
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     info = {"n": len(items), "margin": margin, "size": size, "cellbox_version": CELLBOX_VERSION,
             "fallbacks": int(sum(fell)), "files": [str(it.path) for it in items], "boxes": boxes}
     write_text_atomic(info_path, json.dumps(info) + "\n")
@@ -148,7 +148,7 @@ def readable_crops(items: Sequence[Item], margin: float, size: int, cache_dir: s
         bad = {str(p) for p, _ in exc.errors}
         msgs = [f"{msg} (skipped)" if str(p) in msg else f"{p}: {msg} (skipped)" for p, msg in exc.errors]
         for m in msgs:
-            (warn or log or print)(m)
+            (warn or log or logging.getLogger(__name__).warning)(m)
         kept = [it for it in items if str(it.path) not in bad]
         if not kept:
             raise DataError(f"none of the {len(items)} images could be read", hint=msgs[0]) from exc

@@ -16,6 +16,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from smear.crops import stain_score  # noqa: F401 - shared with the detector's WBC check
+
 #: Bumped whenever the algorithm changes, so crop caches keyed on it are rebuilt.
 CELLBOX_VERSION = 1
 
@@ -33,14 +35,6 @@ def central_box(h: int, w: int, fraction: float = FALLBACK_FRACTION) -> tuple[fl
     side = fraction * min(h, w)
     cx, cy = w / 2.0, h / 2.0
     return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-
-
-def stain_score(image_rgb: np.ndarray) -> np.ndarray:
-    """Per-pixel ``B - G`` minus its image median, smoothed: high on nuclei, medium on cytoplasm."""
-    img = image_rgb.astype(np.float32)
-    score = img[..., 2] - img[..., 1]
-    score = cv2.GaussianBlur(score, (0, 0), 1.0)
-    return score - float(np.median(score))
 
 
 def _component_near_centre(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, int] | None:

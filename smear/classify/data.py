@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smear.io import IMAGE_SUFFIXES, write_text_atomic
+from smear.io import list_images, read_json, write_text_atomic
 from smear.types import FINE_TO_GROUP8, SmearError, fine_class, group8_of
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -36,11 +36,6 @@ class Item:
     def stratum(self) -> str:
         """The fine class, or ``group:<name>`` for group-only items (what splits stratify on)."""
         return self.fine if self.fine is not None else f"group:{self.group}"
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
 
 
 def label_from_name(name: str) -> tuple[str | None, str | None]:
@@ -69,7 +64,7 @@ def load_pbc(root: str | Path) -> list[Item]:
     items: list[Item] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         folder_group = group8_of(folder.name)
-        for path in _images(folder):
+        for path in list_images(folder):
             prefix = pbc_prefix(path)
             fine, group = label_from_name(prefix)
             if group is None:
@@ -97,7 +92,7 @@ def load_folders(root: str | Path) -> list[Item]:
         if group is None:
             unknown.append(folder.name)
             continue
-        items.extend(Item(p, fine, group) for p in _images(folder))
+        items.extend(Item(p, fine, group) for p in list_images(folder))
     if unknown:
         raise SmearError(f"{root}: class folders not in the taxonomy: {', '.join(unknown)}",
                          hint="rename them to a fine class (SNE, LY, ...) or a group (neutrophil, ig, ...)")
@@ -115,7 +110,7 @@ def load_labels_csv(root: str | Path, csv_name: str = "labels.csv", image_dir: s
     table = root / csv_name
     if not table.is_file():
         raise SmearError(f"{table}: label table not found")
-    files = {p.stem: p for p in _images(root / image_dir)} if (root / image_dir).is_dir() else {}
+    files = {p.stem: p for p in list_images(root / image_dir)} if (root / image_dir).is_dir() else {}
     items: list[Item] = []
     with open(table, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -134,7 +129,7 @@ def is_pbc_layout(root: str | Path) -> bool:
     """True when some image's file-name prefix names a class (PBC style)."""
     root = Path(root)
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in _images(folder)[:5]:
+        for path in list_images(folder)[:5]:
             if label_from_name(pbc_prefix(path))[1] is not None and "_" in path.stem:
                 return True
     return False
@@ -217,10 +212,7 @@ def load_split(path: str | Path, root: str | Path, check: bool = True
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise SmearError(f"{path}: split file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SmearError(f"{path}: not valid JSON ({exc.msg})") from exc
+    doc = read_json(path)
     parts = []
     for name in SPLIT_NAMES:
         if name not in doc:

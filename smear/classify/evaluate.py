@@ -1,4 +1,7 @@
-"""Classifier metrics at the 11-class, 8-group and 5-type levels, in numpy; ``evaluate`` a model folder.
+"""Classifier metrics at the 11-class, 8-group and 5-type levels; ``evaluate`` a model folder.
+
+The metrics of one level are scikit-learn's (confusion matrix, precision/recall/F1, kappa, ROC AUC);
+the expected calibration error, which it lacks, and the NLL are ours (two lines each).
 
 Predictions at a coarser level sum the fine probabilities inside each group (8-group) or type
 (5-type). A cell is scored at every level its label allows: a PBC ``SNE`` at all three, a
@@ -10,12 +13,15 @@ PBC ``IG_*`` (group only) at the 8-group level, a ``neutrophil`` of a 5-type dat
 
 from __future__ import annotations
 
+import logging
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 from smear.types import (
     FINE_CLASSES,
@@ -28,6 +34,8 @@ from smear.types import (
     type5_of,
 )
 
+_log = logging.getLogger(__name__)
+
 ECE_BINS = 15
 
 
@@ -36,37 +44,7 @@ ECE_BINS = 15
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], k: int) -> np.ndarray:
     """k x k counts, rows = true class, columns = predicted class."""
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
-    return cm
-
-
-def per_class_prf(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
-    tp = np.diag(cm).astype(float)
-    pred, support = cm.sum(0).astype(float), cm.sum(1).astype(float)
-    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return precision, recall, f1, support
-
-
-def macro_f1(cm: np.ndarray) -> float:
-    """Mean F1 over the classes that occur in the truth or the predictions (as sklearn does)."""
-    _, _, f1, support = per_class_prf(cm)
-    present = (support > 0) | (cm.sum(0) > 0)
-    return float(f1[present].mean()) if present.any() else float("nan")
-
-
-def cohen_kappa(cm: np.ndarray) -> float:
-    """Cohen's kappa: agreement beyond chance, (p_o - p_e) / (1 - p_e)."""
-    n = cm.sum()
-    if n == 0:
-        return float("nan")
-    po = np.trace(cm) / n
-    pe = float((cm.sum(0) * cm.sum(1)).sum()) / float(n) ** 2
-    return float((po - pe) / (1 - pe)) if pe < 1 else float("nan")
+    return skm.confusion_matrix(np.asarray(y_true, int), np.asarray(y_pred, int), labels=list(range(k)))
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: Sequence[int], bins: int = ECE_BINS) -> float:
@@ -87,25 +65,18 @@ def expected_calibration_error(probs: np.ndarray, y_true: Sequence[int], bins: i
 
 
 def nll(probs: np.ndarray, y_true: Sequence[int]) -> float:
-    """Mean negative log-likelihood of the true class."""
+    """Mean negative log-likelihood of the true class (the probabilities as given: sklearn's
+    log_loss would renormalise the rows of the pooled levels)."""
     p = np.asarray(probs, float)[np.arange(len(probs)), np.asarray(y_true, int)]
     return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(p) else float("nan")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if one class."""
-    scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve of one class against the rest; NaN when only one side is present."""
+    positive = np.asarray(positive, bool)
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(positive, np.asarray(scores, float)))
 
 
 def level_metrics(probs: np.ndarray, y_true: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
@@ -117,7 +88,11 @@ def level_metrics(probs: np.ndarray, y_true: Sequence[int], classes: Sequence[st
                 "auc_macro": None, "per_class": {}, "confusion": {"labels": list(classes), "matrix": []}}
     pred = probs.argmax(1)
     cm = confusion_matrix(y, pred, k)
-    precision, recall, f1, support = per_class_prf(cm)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=list(range(k)),
+                                                                         zero_division=0)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kappa of a single class everywhere: NaN, said once here
+        kappa = float(skm.cohen_kappa_score(y, pred))
     aucs = [roc_auc(probs[:, c], y == c) for c in range(k)]
     valid = [a for a in aucs if not np.isnan(a)]
     per_class = {
@@ -126,8 +101,10 @@ def level_metrics(probs: np.ndarray, y_true: Sequence[int], classes: Sequence[st
                "auc": None if np.isnan(aucs[c]) else round(float(aucs[c]), 4)}
         for c, name in enumerate(classes)
     }
-    return {"n": len(y), "accuracy": float((pred == y).mean()), "macro_f1": macro_f1(cm),
-            "kappa": cohen_kappa(cm), "ece": expected_calibration_error(probs, y), "nll": nll(probs, y),
+    # macro-F1 over the classes in the truth or the predictions, as sklearn's default labels are
+    return {"n": len(y), "accuracy": float(skm.accuracy_score(y, pred)),
+            "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+            "kappa": kappa, "ece": expected_calibration_error(probs, y), "nll": nll(probs, y),
             "auc_macro": float(np.mean(valid)) if valid else None, "per_class": per_class,
             "confusion": {"labels": list(classes), "matrix": cm.tolist()}}
 
@@ -231,7 +208,7 @@ def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: boo
 
 def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
              part: str = "test", out: str | Path | None = None, device: str = "auto",
-             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = _log.info,
              segmenter: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
     cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.

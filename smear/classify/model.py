@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from smear.artifacts import load_meta
-from smear.devices import resolve_device
+from smear.artifacts import load_model
+from smear.nn.onnx import load_network
+from smear.nn.tensors import Normalize, crops_to_tensor, dihedral, place  # noqa: F401 - also public here
+from smear.nn.weights import load_weights, save_weights  # noqa: F401 - also public here
 from smear.types import FINE_CLASSES, ModelError
 
 WEIGHTS = "model.safetensors"
@@ -54,80 +55,20 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
     return to_group_norm(model) if norm == "group" else model
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the model's state dict as safetensors."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return Path(path)
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load a safetensors state dict into ``model`` (strict)."""
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
-
-
-class Normalize(torch.nn.Module):
-    """(x - mean) / std per channel, for x in [0, 1]; with ``colour`` (``{"method": "reinhard",
-    "mean": [...], "std": [...]}``) each image is first colour-normalised to that reference."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], colour: dict | None = None):
-        super().__init__()
-        from smear.classify.colour import ColourNorm
-
-        if colour and colour.get("method", "reinhard") != "reinhard":
-            raise ModelError(f"unknown colour normalisation {colour.get('method')!r}", hint="use reinhard")
-        self.colour = ColourNorm(colour or None)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.colour(x) - self.mean) / self.std
-
-
-def place(model, meta: dict[str, Any], device: str = "auto"):
-    """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
-    dev = resolve_device(device)
-    norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-    return dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval()
-
-
-def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """RGB uint8 HxWx3 crops -> float B x 3 x size x size in [0, 1], resized where needed."""
-    out = np.empty((len(crops), size, size, 3), np.uint8)
-    for i, crop in enumerate(crops):
-        crop = np.asarray(crop)
-        if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
-            raise ValueError(f"crop {i}: expected RGB uint8 HxWx3, got {crop.dtype} {crop.shape}")
-        if crop.shape[:2] != (size, size):
-            interp = cv2.INTER_AREA if max(crop.shape[:2]) > size else cv2.INTER_LINEAR
-            crop = cv2.resize(crop, (size, size), interpolation=interp)
-        out[i] = crop
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 rotations/flips of a B x C x H x W batch (k = 0: unchanged)."""
-    y = torch.rot90(x, k % 4, dims=(2, 3))
-    return torch.flip(y, dims=(3,)) if k >= 4 else y
-
-
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64):
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64,
+                 tta: int | None = None):
         self.meta = meta
         self.classes: tuple[str, ...] = tuple(meta["classes"])
         self.crop_margin = float(meta["crop_margin"])
         self.input_size = int(meta["input_size"])
         self.temperature = float(meta.get("temperature", 1.0))
-        self.tta = int(meta.get("tta", 1))  # views averaged per crop (1-8); the temperature was fitted with it
+        # views averaged per crop (1-8); the temperature was fitted with the meta's own
+        self.tta = int(meta.get("tta", 1) if tta is None else tta)
         if not 1 <= self.tta <= 8:
-            raise ModelError(f"meta tta {self.tta}: must be 1 to 8")
+            raise ModelError(f"tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
@@ -135,31 +76,24 @@ class CnnClassifier:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
-                 runtime: str = "torch") -> CnnClassifier:
+                 runtime: str = "torch", tta: int | None = None) -> CnnClassifier:
         """Load a classifier model folder (meta.json + safetensors weights); ``runtime='onnx'`` runs
-        the network with onnxruntime (see smear.runtime)."""
-        meta = load_meta(model_dir)
-        if meta.get("stage") != "classify":
-            raise ModelError(f"{model_dir}: not a classifier model folder (stage {meta.get('stage')!r})")
-        missing = [k for k in ("arch", "input_size", "crop_margin") if k not in meta]
-        if missing:
-            raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
+        the network with onnxruntime (see smear.nn.onnx)."""
+        meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
 
         novelty = meta.get("novelty")
 
         def torch_model() -> torch.nn.Module:
             model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
-            model = load_weights(model, Path(model_dir) / meta["weights"])
+            model = load_weights(model, meta.weights_path)
             if novelty:
                 from smear.classify.novelty import WithFeatures
 
                 return WithFeatures(model)  # logits and features in one pass
             return model
 
-        from smear.runtime import load_network
-
         net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime)
-        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
+        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch, tta=tta)
         if novelty:
             from smear.classify import novelty as nov
 

@@ -69,10 +69,11 @@ def distances(features: np.ndarray | torch.Tensor, stats: dict[str, Any]) -> np.
 def save(model_dir: str | Path, stats: dict[str, np.ndarray]) -> Path:
     from safetensors.numpy import save_file
 
+    from smear.io import atomic_path
+
     path = Path(model_dir) / NOVELTY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in stats.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in stats.items()}, str(tmp))
     return path
 
 

@@ -18,14 +18,12 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 
 from __future__ import annotations
 
-import csv
-from datetime import date
-import math
+import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +33,21 @@ import torch.nn.functional as F
 
 from smear.artifacts import data_fingerprint, save_model_dir
 from smear.classify import data as cdata
-from smear.classify.augment import BatchAugment, eval_batch, to_uint8
-from smear.classify.cache import channel_stats, readable_crops
+from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, Normalize, build_model, dihedral, load_weights, save_weights
-from smear.config import dump_config
-from smear.devices import resolve_device, set_threads
+from smear.classify.model import WEIGHTS, build_model
 from smear.io import write_text_atomic
+from smear.nn import loop
+from smear.nn.augment import BatchAugment, eval_batch, to_uint8
+from smear.nn.loop import (  # noqa: F401 - public here before the move to smear.nn.loop
+    append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine,
+)
+from smear.nn.tensors import Normalize, channel_stats, dihedral
+from smear.nn.weights import load_weights, save_weights
 from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, ConfigError, SmearError
+
+_log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_images", "train_seconds", "train_images_per_s",
               "val_nll", "val_accuracy", "val_macro_f1", "val_ece", "wall_seconds", "best_macro_f1")
@@ -87,90 +91,23 @@ def labels_of(items: list[cdata.Item]) -> tuple[torch.Tensor, torch.Tensor]:
     return fine, group
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  floor: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LR factor: linear warmup from ``floor`` to 1, then cosine down to ``floor``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return floor + (1 - floor) * step / max(1, warmup_steps)
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels: tuple[torch.Tensor, torch.Tensor],
+                    augment: BatchAugment, batch: int, loss_args: dict[str, Any], epoch: int, device,
+                    order: np.ndarray, prefetch: bool = True, log: Callable[[str], None] | None = None
+                    ) -> dict[str, float]:
+    """One pass over ``order`` (whole batches only) with ``mixed_loss``; ``labels`` = (fine, group)."""
+    fine, group = labels
 
+    def make(idx: np.ndarray):
+        return idx, augment(torch.from_numpy(crops[idx]))
 
-def optimize_step(loss: torch.Tensor, optimizer, scheduler, epoch: int) -> None:
-    """One optimizer and scheduler step on ``loss``; a non-finite loss stops the run with a hint."""
-    if not torch.isfinite(loss):
-        raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
+    def loss_of(item) -> torch.Tensor:
+        idx, x = item
+        return mixed_loss(model(norm(x.to(device, non_blocking=True))), fine[idx].to(device),
+                          group[idx].to(device), **loss_args)
 
-
-def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, fine: torch.Tensor,
-                    group: torch.Tensor, augment: BatchAugment, batch: int, weights: torch.Tensor,
-                    smoothing: float, group_weight: float, epoch: int, seed: int, device,
-                    log: Callable[[str], None] | None = None, prefetch: bool = True,
-                    order: np.ndarray | None = None) -> dict[str, float]:
-    """One pass over ``order`` (default: every training crop, seeded order; whole batches only)."""
-    model.train()
-    if order is None:
-        order = np.random.default_rng([seed, epoch]).permutation(len(crops))
-    n_batches = max(1, len(order) // batch) if len(order) >= batch else 1
-    batches = [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
-    total, seen, t0 = 0.0, 0, time.perf_counter()
-
-    def make(i: np.ndarray) -> torch.Tensor:
-        return augment(torch.from_numpy(crops[i]))
-
-    stream = _prefetch(batches, make) if prefetch else ((i, make(i)) for i in batches)
-    for b, (idx, x) in enumerate(stream):
-        x = x.to(device, non_blocking=True)
-        fi, gi = fine[idx].to(device), group[idx].to(device)
-        loss = mixed_loss(model(norm(x)), fi, gi, weights, smoothing, group_weight)
-        optimize_step(loss, optimizer, scheduler, epoch)
-        total += loss.item() * len(idx)
-        seen += len(idx)
-        if log is not None and (b + 1) % 50 == 0:
-            log(f"  epoch {epoch} batch {b + 1}/{n_batches} loss {total / seen:.4f} "
-                f"{seen / (time.perf_counter() - t0):.1f} images/s")
-    secs = time.perf_counter() - t0
-    return {"train_loss": total / max(1, seen), "train_images": seen, "train_seconds": secs,
-            "train_images_per_s": seen / max(secs, 1e-9)}
-
-
-def _prefetch(batches: list[np.ndarray], make: Callable[[np.ndarray], torch.Tensor], depth: int = 2):
-    """Yield ``(idx, make(idx))`` with the next batches prepared in a background thread, so that
-    augmentation overlaps the training step (torch ops release the GIL)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        try:
-            for idx in batches:
-                if stop.is_set():
-                    return
-                q.put((idx, make(idx)))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put(exc)
-        q.put(None)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+    return loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
+                                epoch, prefetch=prefetch, progress=log)
 
 
 @torch.no_grad()
@@ -284,64 +221,13 @@ def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, s
     return rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
 
-def append_log(path: Path, row: dict[str, Any], fields: tuple[str, ...] = LOG_FIELDS) -> None:
-    """Append one epoch's row to a run's log.csv (header on the first row; floats to 6 digits)."""
-    new = not path.is_file()
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugment, **state: Any) -> None:
-    """Model, optimizer, scheduler, augmentation and torch RNG states plus ``state`` (epoch, best, ...),
-    written atomically; ``load_checkpoint`` restores them (shared by the classifier and U-Net runs)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "augment": augment.state(),
-                "torch_rng": torch.get_rng_state(), **state}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, augment: BatchAugment) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the checkpoint (epoch, best, ...). Loaded with
-    ``weights_only=True``: a checkpoint that would import code is refused, never run."""
-    import pickle
-
-    from smear.types import ModelError
-
-    # numpy scalars (metrics kept as best, ...) are plain values too
-    plain = [np._core.multiarray.scalar, np.dtype] + [getattr(np.dtypes, n) for n in (
-        "Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")]
-    try:
-        with torch.serialization.safe_globals(plain):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: refusing to load this checkpoint ({reason[:160]})",
-                         hint="only tensors and plain values are loaded; delete it to start the run afresh") from exc
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    augment.set_state(ck["augment"])
-    torch.set_rng_state(ck["torch_rng"])
-    return ck
-
-
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = _log.info) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it."""
-    out = Path(out)
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    ckpt_path = out / "checkpoint.pt"
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SmearError(f"{out}: run folder exists and is not empty", hint="pass resume=True or a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
-    threads = set_threads(t["threads"])
-    device = resolve_device(t["device"])
-    torch.manual_seed(t["seed"])
+    run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS, hint="pass resume=True or a new folder")
+    out = run.path
+    device, threads = run.setup(t)
     log(f"classify: {m['arch']} at {m['input_size']} px on {device} ({threads} threads)")
 
     root, train_items, val_items, test_items, src_of, specs = _splits(cfg, out, log)
@@ -358,9 +244,10 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         train_items = kept
     val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
     colour, stats = _colour_and_stats(m, train_crops, size)
-    fine, group = labels_of(train_items)
+    labels = labels_of(train_items)
     val_labels = [it.fine or it.group for it in val_items]
-    weights = class_weights(train_items, float(t["class_weight_power"]))
+    loss_args = {"class_weights": class_weights(train_items, float(t["class_weight_power"])),
+                 "smoothing": float(t["label_smoothing"]), "group_weight": float(t["group_loss_weight"])}
     src_weights = [s_["weight"] for s_ in specs]
     epoch_items = int(t["epoch_items"]) if t.get("epoch_items") else None
 
@@ -379,48 +266,43 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
     scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
     augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
     start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, model, optimizer, scheduler, augment)
+    ck = run.resume(model, optimizer, scheduler, augment) if resume else None
+    if ck is not None:
         start, best, best_epoch, bad = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["bad_epochs"]
         wall0 = ck.get("wall_seconds", 0.0)
         log(f"resume: from epoch {ck['epoch']} (best val macro-F1 {best:.4f} at epoch {best_epoch})")
-    t0 = time.perf_counter() - wall0
-    max_s = float(t["max_minutes"]) * 60 if t["max_minutes"] else math.inf
+    t0, max_s = loop.clock(t, wall0)
     for epoch in range(start, int(t["epochs"]) + 1):
         if t["patience"] and bad >= int(t["patience"]):
             log(f"early stop: no better val macro-F1 for {bad} epochs")
             break
-        if time.perf_counter() - t0 > max_s:
-            log(f"time limit: {t['max_minutes']} min reached")
+        if loop.out_of_time(t0, max_s, t, log):
             break
-        stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, fine, group, augment,
-                                batch, weights, float(t["label_smoothing"]), float(t["group_loss_weight"]),
-                                epoch, int(t["seed"]), device, log, bool(t["prefetch"]),
-                                order=epoch_order(src_of, src_weights, epoch_items, int(t["seed"]), epoch))
+        order = epoch_order(src_of, src_weights, epoch_items, int(t["seed"]), epoch)
+        stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, labels, augment, batch, loss_args,
+                                epoch, device, order, prefetch=bool(t["prefetch"]), log=log)
         lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
         vm = classification_metrics(probs, val_labels)
         score = vm["macro_f1"] if vm["macro_f1"] is not None else vm["group8_macro_f1"]
         if score > best:
             best, best_epoch, bad = score, epoch, 0
-            save_weights(model, out / "best.safetensors")
+            run.save_best(model)
         else:
             bad += 1
         wall = time.perf_counter() - t0
-        append_log(out / "log.csv", {"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"],
-                                      "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
-                                      "val_ece": vm["ece"], "wall_seconds": wall, "best_macro_f1": best})
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,
-                        best_epoch=best_epoch, bad_epochs=bad, wall_seconds=wall)
+        run.end_epoch({"epoch": epoch, "lr": lr, **stats, "val_nll": vm["nll"], "val_accuracy": vm["accuracy"],
+                       "val_macro_f1": vm["macro_f1"], "val_ece": vm["ece"], "wall_seconds": wall,
+                       "best_macro_f1": best},
+                      model, optimizer, scheduler, augment, epoch=epoch, best=best, best_epoch=best_epoch,
+                      bad_epochs=bad, wall_seconds=wall)
         log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
             f"val acc {vm['accuracy'] or 0:.4f} macro-F1 {score:.4f} (best {best:.4f} @ {best_epoch}) "
             f"{wall / 60:.1f} min")
-    if not (out / "best.safetensors").is_file():
-        raise SmearError(f"{out}: no epoch finished, nothing to save")
+    run.check_finished()
     wall = time.perf_counter() - t0
-    return _finish(cfg, out, model, norm, device, root, train_items, val_items, test_items, val_crops,
-                   mean, std, best_epoch, wall, log,
-                   extra={"colour_norm": colour, "sources": specs, "train_crops": train_crops})
+    return _finish(cfg, out, Trained(model, norm, device, train_items, val_items, test_items, train_crops,
+                                     val_crops, mean, std, colour, specs, best_epoch, wall), log)
 
 
 def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
@@ -432,7 +314,7 @@ def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
         return None, channel_stats(train_crops)
     if method != "reinhard":
         raise ConfigError(f"model.colour_norm {method!r}: unknown", hint="use off or reinhard")
-    from smear.classify.colour import reference_stats, reinhard
+    from smear.nn.colour import reference_stats, reinhard
 
     idx = np.sort(np.random.default_rng(0).choice(len(train_crops), size=min(len(train_crops), 2000),
                                                   replace=False))
@@ -458,9 +340,32 @@ def _init_from(model: torch.nn.Module, m: dict[str, Any]) -> tuple[list[float], 
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 
-def _finish(cfg, out: Path, model, norm, device, root: Path, train_items, val_items, test_items, val_crops,
-            mean, std, best_epoch: int, wall: float, log, extra: dict[str, Any] | None = None) -> Path:
+@dataclass
+class Trained:
+    """What a finished training loop hands on to calibration, scoring and the model folder."""
+
+    model: torch.nn.Module
+    norm: Normalize
+    device: torch.device
+    train_items: list[cdata.Item]
+    val_items: list[cdata.Item]
+    test_items: list[cdata.Item]
+    train_crops: np.ndarray  # cut wider than the input, for augmentation
+    val_crops: np.ndarray
+    mean: list[float]
+    std: list[float]
+    colour: dict[str, Any] | None
+    specs: list[dict[str, Any]]
+    best_epoch: int
+    wall: float
+
+
+def _finish(cfg: dict[str, Any], out: Path, r: Trained, log: Callable[[str], None]) -> Path:
     """Load the best weights, fit the temperature on val, score test, write the model folder."""
+    model, norm, device, best_epoch, wall = r.model, r.norm, r.device, r.best_epoch, r.wall
+    train_items, val_items, test_items, val_crops, mean, std = (r.train_items, r.val_items, r.test_items,
+                                                               r.val_crops, r.mean, r.std)
+    extra = {"colour_norm": r.colour, "sources": r.specs, "train_crops": r.train_crops}
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     size, batch, tta = int(m["input_size"]), int(t["batch"]), int(m.get("tta", 1))
     load_weights(model, out / "best.safetensors")
@@ -560,7 +465,7 @@ Not a medical device: cells under the review threshold must be checked by a pers
 
 
 def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: list[cdata.Item],
-                val_crops: np.ndarray, quantile: float, log: Callable[[str], None] = print,
+                val_crops: np.ndarray, quantile: float, log: Callable[[str], None] = _log.info,
                 fitted_on: str = "") -> dict[str, Any]:
     """Fit the per-cell novelty score of a classifier model folder (``smear.classify.novelty``) on
     its training crops, set its threshold at the ``quantile`` of the validation crops' scores,
@@ -604,7 +509,7 @@ def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: lis
 
 
 def fit_novelty_for_run(run: str | Path, model_dir: str | Path | None = None, quantile: float = 0.97,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``fit_novelty`` for a finished run folder: its config and split files give the crops."""
     import yaml
 

@@ -6,15 +6,15 @@ import csv
 import json
 import os
 import random
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from PIL import Image
 
-from smear.io import IMAGE_SUFFIXES, write_text_atomic
-from smear.types import CellKind, SmearError, cell_kind
+from smear.io import list_images, read_voc_xml, write_text_atomic
+from smear.types import CellKind, DataError, SmearError, cell_kind
 
 #: Detector class order (YOLO class ids).
 DET_CLASSES: tuple[CellKind, ...] = (CellKind.WBC, CellKind.RBC, CellKind.PLATELET)
@@ -44,6 +44,14 @@ class Problem:
         return f"{self.file}: {self.reason} ({self.action})"
 
 
+class Loaded(NamedTuple):
+    """What a dataset reader returns: the samples, and the annotation problems met (each fixed or
+    dropped); it unpacks as ``samples, problems``."""
+
+    samples: list[Sample]
+    problems: list[Problem]
+
+
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file's header, or None when it is not a readable image."""
     try:
@@ -53,18 +61,17 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem]]:
+def read_voc(folder: Path, source: str = "") -> Loaded:
     """A folder with ``images/`` and ``annotations/`` (Pascal VOC XML, one per image)."""
     folder = Path(folder)
     samples, problems = [], []
     for xml_path in sorted((folder / "annotations").glob("*.xml")):
         try:
-            root = ET.parse(xml_path).getroot()
-        except ET.ParseError as exc:
-            problems.append(Problem(str(xml_path), f"unparseable XML ({exc})", "dropped"))
+            voc = read_voc_xml(xml_path)
+        except DataError as exc:
+            problems.append(Problem(str(xml_path), str(exc).removeprefix(f"{xml_path}: "), "dropped"))
             continue
-        name = root.findtext("filename") or xml_path.stem + ".jpg"
-        image = folder / "images" / Path(name).name
+        image = folder / "images" / Path(voc.filename).name
         if not image.exists():
             hits = [p for p in (folder / "images").glob(xml_path.stem + ".*")]
             if not hits:
@@ -77,18 +84,17 @@ def read_voc(folder: Path, source: str = "") -> tuple[list[Sample], list[Problem
             continue
         w, h = size
         sample = Sample(image, w, h, source=source or folder.parent.name)
-        for obj in root.iter("object"):
-            label = (obj.findtext("name") or "").strip()
-            bb = obj.find("bndbox")
+        for label, xyxy in voc.objects:
             try:
                 kind = cell_kind(label)
-                xyxy = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            except (SmearError, TypeError, ValueError, AttributeError):
+            except SmearError:
+                xyxy = None
+            if xyxy is None:
                 problems.append(Problem(str(xml_path), f"unknown class or bad box {label!r}", "dropped"))
                 continue
-            sample.boxes.append((kind, xyxy))  # type: ignore[arg-type]
+            sample.boxes.append((kind, xyxy))
         samples.append(sample)
-    return samples, problems
+    return Loaded(samples, problems)
 
 
 def _read_yolo_names(data_yaml: Path) -> dict[int, str]:
@@ -109,14 +115,14 @@ def _source_map(root: Path) -> dict[str, str]:
 
 
 def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
-                     sources: dict[str, str] | None = None) -> tuple[list[Sample], list[Problem]]:
+                     sources: dict[str, str] | None = None) -> Loaded:
     """A folder of images whose labels sit in the parallel ``labels`` folder (YOLO txt rows)."""
     images = Path(images)
     labels = Path(str(images).replace(f"{os.sep}images", f"{os.sep}labels", 1))
     if labels == images:
         labels = images
     samples, problems = [], []
-    for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in list_images(images):
         size = _image_size(image)
         if size is None:
             problems.append(Problem(str(image), "not a readable image", "dropped"))
@@ -138,11 +144,10 @@ def read_yolo_images(images: Path, names: dict[int, str], source: str = "",
             sample.boxes.append((kind, ((cx - bw / 2) * w, (cy - bh / 2) * h,
                                         (cx + bw / 2) * w, (cy + bh / 2) * h)))
         samples.append(sample)
-    return samples, problems
+    return Loaded(samples, problems)
 
 
-def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "") -> tuple[
-        list[Sample], list[Problem]]:
+def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "") -> Loaded:
     """A COCO detection JSON; image files are looked up beside it or in ``images_dir``."""
     json_path = Path(json_path)
     spec = json.loads(json_path.read_text())
@@ -167,10 +172,10 @@ def read_coco(json_path: Path, images_dir: Path | None = None, source: str = "")
             problems.append(Problem(str(json_path), f"annotation {ann.get('id')}: unknown image", "dropped"))
             continue
         sample.boxes.append((kind, (x, y, x + bw, y + bh)))
-    return list(by_id.values()), problems
+    return Loaded(list(by_id.values()), problems)
 
 
-def load_dataset(path: str | Path, split: str = "test") -> tuple[list[Sample], list[Problem]]:
+def load_dataset(path: str | Path, split: str = "test") -> Loaded:
     """Read VOC folder, YOLO data.yaml (its ``split``), COCO JSON, or a YOLO images folder."""
     path = Path(path)
     if not path.exists():
@@ -198,10 +203,10 @@ def load_dataset(path: str | Path, split: str = "test") -> tuple[list[Sample], l
         raise SmearError(f"{path}: not a detection dataset",
                          hint="give a VOC folder, a YOLO data.yaml, a COCO .json or a YOLO images folder")
     cleaned, more = clean_boxes(samples)
-    return cleaned, problems + more
+    return Loaded(cleaned, problems + more)
 
 
-def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list[Sample], list[Problem]]:
+def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> Loaded:
     """Clamp boxes to the image; drop tiny, empty and repeated ones; report each fix."""
     problems = []
     for s in samples:
@@ -226,7 +231,7 @@ def clean_boxes(samples: list[Sample], min_px: float = MIN_BOX_PX) -> tuple[list
                 continue  # a cell labelled twice would count as a miss for any detector
             kept.append((kind, box))
         s.boxes = kept
-    return samples, problems
+    return Loaded(samples, problems)
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -38,42 +38,72 @@ def _greedy(ious: np.ndarray, order: np.ndarray, thr: float) -> np.ndarray:
     return tp
 
 
-def _match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """TP flags (n_pred x n_iou) by greedy one-to-one matching, highest score first."""
-    tp = np.zeros((len(pred), len(IOU_THRESHOLDS)), bool)
+def _match(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray, thr: float = 0.5) -> np.ndarray:
+    """TP flag per prediction at IoU ``thr`` by greedy one-to-one matching, highest score first."""
     if len(pred) == 0 or len(truth) == 0:
-        return tp
-    ious = iou_matrix(pred, truth)
-    order = np.argsort(-scores, kind="stable")
-    for k, thr in enumerate(IOU_THRESHOLDS):
-        tp[:, k] = _greedy(ious, order, thr)
-    return tp
+        return np.zeros(len(pred), bool)
+    return _greedy(iou_matrix(pred, truth), np.argsort(-scores, kind="stable"), thr)
 
 
-def average_precision(tp: np.ndarray, scores: np.ndarray, n_truth: int) -> np.ndarray:
-    """101-point interpolated AP for each IoU column of ``tp``."""
-    if n_truth == 0:
-        return np.full(tp.shape[1], np.nan)
-    if len(scores) == 0:
-        return np.zeros(tp.shape[1])
-    order = np.argsort(-scores, kind="stable")
-    tpc = np.cumsum(tp[order], axis=0)
-    fpc = np.cumsum(~tp[order], axis=0)
-    recall = tpc / n_truth
-    precision = tpc / np.maximum(tpc + fpc, 1e-9)
-    grid = np.linspace(0, 1, 101)
-    out = np.zeros(tp.shape[1])
-    for k in range(tp.shape[1]):
-        env = np.maximum.accumulate(precision[::-1, k])[::-1]
-        idx = np.searchsorted(recall[:, k], grid, side="left")
-        out[k] = np.where(idx < len(env), env[np.minimum(idx, len(env) - 1)], 0.0).mean()
-    return out
+def coco_ap(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequence[Detection]]) -> dict[CellKind, np.ndarray]:
+    """COCO AP of each class at the 10 IoU thresholds 0.5:0.95 (NaN for a class without truth
+    boxes), by pycocotools, as detectron2's COCOEvaluator does: 101-point interpolation, every
+    prediction counted (no per-image cap), no area ranges."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(d: Detection) -> list[float]:
+        x0, y0, x1, y1 = d.box_xyxy
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    def records(fields: Sequence[Sequence[Detection]], scored: bool) -> list[dict[str, Any]]:
+        rows = [(i, d) for i, dets in enumerate(fields) for d in dets]
+        return [{"id": n + 1, "image_id": i + 1, "category_id": DET_CLASSES.index(d.kind) + 1, "bbox": xywh(d),
+                 "area": d.width * d.height, "iscrowd": 0, **({"score": d.score} if scored else {})}
+                for n, (i, d) in enumerate(rows)]
+
+    cats = [{"id": i + 1, "name": k.value} for i, k in enumerate(DET_CLASSES)]
+    images = [{"id": i + 1} for i in range(len(truths))]
+    dt = records(preds, scored=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_gt, coco_dt = COCO(), COCO()
+        coco_gt.dataset = {"images": images, "categories": cats, "annotations": records(truths, scored=False)}
+        coco_dt.dataset = {"images": images, "categories": cats, "annotations": dt}
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.iouThrs = IOU_THRESHOLDS
+        ev.params.maxDets = [max(1, len(dt))]
+        ev.params.areaRng, ev.params.areaRngLbl = [[0, float("inf")]], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # IoU x recall x class; -1 where a class has no truth
+    return {kind: (np.where(precision[:, :, k] > -1, precision[:, :, k], 0).mean(1)
+                   if (precision[:, :, k] > -1).any() else np.full(len(IOU_THRESHOLDS), np.nan))
+            for k, kind in enumerate(DET_CLASSES)}
 
 
 def _arrays(dets: Sequence[Detection], kind: CellKind) -> tuple[np.ndarray, np.ndarray]:
     sel = [d for d in dets if d.kind == kind]
     return (np.array([d.box_xyxy for d in sel], float).reshape(-1, 4),
             np.array([d.score for d in sel], float))
+
+
+def _matched(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequence[Detection]], kind: CellKind
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Over all fields, for one class: the TP flag (IoU 0.5) and score of every prediction, and the
+    number of truth boxes."""
+    tps, scores, n_truth = [np.zeros(0, bool)], [np.zeros(0)], 0
+    for p, t in zip(preds, truths):
+        pb, ps = _arrays(p, kind)
+        tb, _ = _arrays(t, kind)
+        tps.append(_match(pb, ps, tb))
+        scores.append(ps)
+        n_truth += len(tb)
+    return np.concatenate(tps), np.concatenate(scores), n_truth
 
 
 def truth_detections(sample: Sample) -> list[Detection]:
@@ -86,19 +116,12 @@ def score_detections(preds: Sequence[Sequence[Detection]], truths: Sequence[Sequ
     """mAP50, mAP50-95, AP per class; precision/recall/F1 at IoU 0.5 at the ``conf`` of each class."""
     per_class: dict[str, Any] = {}
     aps50, aps = [], []
+    ap_of = coco_ap(preds, truths)
     for kind in DET_CLASSES:
-        tps, scores, n_truth = [], [], 0
-        for p, t in zip(preds, truths):
-            pb, ps = _arrays(p, kind)
-            tb, _ = _arrays(t, kind)
-            tps.append(_match(pb, ps, tb))
-            scores.append(ps)
-            n_truth += len(tb)
-        tp = np.concatenate(tps) if tps else np.zeros((0, len(IOU_THRESHOLDS)), bool)
-        sc = np.concatenate(scores) if scores else np.zeros(0)
-        ap = average_precision(tp, sc, n_truth)
+        tp, sc, n_truth = _matched(preds, truths, kind)
+        ap = ap_of[kind]
         keep = sc >= conf.get(kind, 0.0)
-        n_tp = int(tp[keep, 0].sum())
+        n_tp = int(tp[keep].sum())
         n_pred = int(keep.sum())
         prec = n_tp / n_pred if n_pred else float("nan")
         rec = n_tp / n_truth if n_truth else float("nan")
@@ -162,14 +185,7 @@ def tune_conf(samples: Sequence[Sample], preds: Sequence[Sequence[Detection]]) -
     truths = [truth_detections(s) for s in samples]
     out = {}
     for kind in DET_CLASSES:
-        tps, scores, n_truth = [], [], 0
-        for p, t in zip(preds, truths):
-            pb, ps = _arrays(p, kind)
-            tb, _ = _arrays(t, kind)
-            tps.append(_match(pb, ps, tb)[:, 0])
-            scores.append(ps)
-            n_truth += len(tb)
-        tp, sc = np.concatenate(tps), np.concatenate(scores)
+        tp, sc, n_truth = _matched(preds, truths, kind)
         if n_truth == 0 or len(sc) == 0:
             out[kind] = 0.25
             continue

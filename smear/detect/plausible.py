@@ -6,7 +6,7 @@ cell has a nucleus, the most strongly stained thing on a Romanowsky-stained fiel
 box no larger than ``max_rbc_area_ratio`` x the field's median RBC box, in which under
 ``min_nucleus_fraction`` of the pixels carry nuclear stain, is not counted.
 
-Nuclear stain is measured as in ``smear.classify.cellbox``: ``B - G`` minus its field median,
+Nuclear stain is measured as in ``smear.crops.stain_score``: ``B - G`` minus its field median,
 over ``nucleus_level`` x the field's 99.5th percentile (and at least ``min_stain``, so that a
 field with no nucleus at all does not make the palest red cell its nucleus). On the labelled
 validation fields (BCCD train, TXL-PBC val) the true WBC boxes have a nuclear fraction of 0.2
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from smear.classify.cellbox import stain_score
+from smear.crops import stain_score
 from smear.types import CellKind, Detection
 
 WORK_SIDE = 320  # the stain map is computed on a copy of the field this many pixels on its long side

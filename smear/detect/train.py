@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,8 +11,10 @@ from smear.detect.data import load_dataset, read_voc, split_holdout, write_yolo_
 from smear.io import write_text_atomic
 from smear.types import SmearError
 
+_log = logging.getLogger(__name__)
 
-def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = print) -> Path:
+
+def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = _log.info) -> Path:
     """Merge bccd/train (minus a fixed validation part) and txl-pbc train/val into one YOLO folder."""
     dcfg = cfg["data"]
     bccd = Path(dcfg["bccd"])
@@ -65,9 +68,9 @@ def _trainer(cfg: dict[str, Any]):
 
 
 def train(cfg: dict[str, Any], out: Path, resume: bool = False,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = _log.info) -> Path:
     """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt."""
-    from smear.detect.ultra import yolo
+    from smear.detect.ultra import ultralytics_log, yolo
     from smear.devices import resolve_device, set_threads
 
     out = Path(out).resolve()
@@ -78,7 +81,8 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
         model = yolo(last)
         _keep_threads(model)
         saved = out / "smear_config.yaml"  # the run's own config says whether it jitters stains
-        model.train(resume=True, trainer=_trainer(_saved_config(saved, cfg)))
+        with ultralytics_log():
+            model.train(resume=True, trainer=_trainer(_saved_config(saved, cfg)))
         set_threads()
         return out
     if fine_tunes(cfg) and not Path(cfg["model"]).is_file():
@@ -91,18 +95,19 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
     device = resolve_device(t.pop("device"))
     model = yolo(cfg["model"])
     _keep_threads(model)
-    model.train(
-        data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
-        device="cpu" if device.type == "cpu" else device.index or 0,
-        pretrained=fine_tunes(cfg),  # ultralytics drops a loaded .pt's weights when this is False
-        amp=device.type == "cuda", plots=False, verbose=False, trainer=_trainer(cfg), **t,
-    )
+    with ultralytics_log():
+        model.train(
+            data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
+            device="cpu" if device.type == "cpu" else device.index or 0,
+            pretrained=fine_tunes(cfg),  # ultralytics drops a loaded .pt's weights when this is False
+            amp=device.type == "cuda", plots=False, verbose=False, trainer=_trainer(cfg), **t,
+        )
     set_threads()
     return out
 
 
 def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "auto",
-            log: Callable[[str], None] = print) -> Path:
+            log: Callable[[str], None] = _log.info) -> Path:
     """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
     import shutil
     from datetime import date

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -69,10 +70,13 @@ def _no_surprises(ul) -> None:
 
 
 def ultralytics():
-    """Import ultralytics after the offline set-up, restoring torch's thread count."""
+    """Import ultralytics after the offline set-up, restoring torch's thread count. Its log is
+    quiet (warnings only: no "Loading ... for ONNX Runtime", no settings notes) unless the user sets
+    YOLO_VERBOSE; training turns it up again (``ultralytics_log``)."""
     from smear.devices import set_threads
 
     setup_offline()
+    os.environ.setdefault("YOLO_VERBOSE", "False")
     # ultralytics binds its log handler to sys.stdout when imported (and announces a new settings
     # file on first use): import it with stdout pointed at stderr, so reports on stdout stay clean
     with contextlib.redirect_stdout(sys.stderr):
@@ -81,6 +85,18 @@ def ultralytics():
     _no_surprises(ul)
     set_threads()
     return ul
+
+
+@contextlib.contextmanager
+def ultralytics_log(level: int = logging.INFO):
+    """ultralytics' own log at ``level`` inside the block (a training run's epochs and metrics)."""
+    logger = logging.getLogger("ultralytics")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 #: what a detector .pt may import when unpickled: tensors and containers, by exact name ...
@@ -185,5 +201,5 @@ def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 
         shutil.copyfile(weights, pt)
         out = yolo(pt).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, batch=batch, verbose=False)
         set_threads()
-        os.replace(out, dest)
+        os.replace(out, dest)  # atomic: the scratch folder is beside dest
     return dest

@@ -8,15 +8,25 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from smear.artifacts import load_meta
-from smear.types import CellKind, Detection, ModelError
+from smear.artifacts import load_meta, load_model
+from smear.types import CellKind, Detection
+
+
+def infer_defaults() -> dict[str, Any]:
+    """The detector's inference settings where a model's meta names none: the ``infer:`` section of
+    the shipped detect.yaml, the one place they are written."""
+    from smear.config import default_config
+
+    infer = dict(default_config("detect")["infer"])
+    infer.pop("border")  # what a model is trained with (meta's infer.border); one whose meta names none has none
+    return infer
 
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
     from smear.artifacts import model_version
     from smear.detect.ultra import export_onnx
-    from smear.runtime import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
+    from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
     own = Path(model_dir) / ONNX_NAME
     if own.is_file():
@@ -31,47 +41,61 @@ class YoloDetector:
     """An ultralytics detector; ``names[i]`` is the CellKind value of class id i."""
 
     def __init__(self, weights: str | Path, names: Sequence[str] = ("wbc", "rbc", "platelet"),
-                 imgsz: int = 416, conf: float = 0.25, iou: float = 0.5, max_det: int = 400,
-                 batch: int = 8, device: str = "auto", per_class_conf: dict[str, float] | None = None,
-                 border: float = 0.0):
+                 imgsz: int | None = None, conf: float | None = None, iou: float | None = None,
+                 max_det: int | None = None, batch: int | None = None, device: str = "auto",
+                 per_class_conf: dict[str, float] | None = None, border: float = 0.0):
         from smear.detect.ultra import yolo
-        from smear.devices import resolve_device
+        from smear.devices import resolve_device, set_threads
 
+        d = infer_defaults()
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            set_threads()
         self.model = yolo(weights)
         self.kinds = [CellKind(n) for n in names]
-        self.imgsz, self.conf, self.iou, self.max_det, self.batch = imgsz, conf, iou, max_det, batch
+        self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
+        self.conf = float(d["conf"] if conf is None else conf)
+        self.iou = float(d["iou"] if iou is None else iou)
+        self.max_det = int(d["max_det"] if max_det is None else max_det)
+        self.batch = int(d["batch"] if batch is None else batch)
         self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
         # Gray border (px at the network's input scale) put round each field before it is resized:
         # ultralytics' own validation letterbox adds half a stride (16 px), and the trained model
         # draws its boxes to fit cells only when that border is there (see the model card).
         self.border = float(border)
         # Tiling of large fields: fields over tile_above x field_scale are cut into field_scale tiles.
-        self.field_scale, self.tile_above, self.tile_overlap = 640, 1.6, 0.2
+        self.field_scale, self.tile_above, self.tile_overlap = (int(d["field_scale"]), float(d["tile_above"]),
+                                                                float(d["tile_overlap"]))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
                  **overrides: Any) -> "YoloDetector":
         """Load a detector model folder (weights + meta.json with classes and thresholds);
         ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
-        meta = load_meta(model_dir)
-        if meta["stage"] != "detect":
-            raise ModelError(f"{model_dir}: is a {meta['stage']} model, not a detector")
-        infer = dict(meta.get("infer", {}))
+        meta = load_model(model_dir, "detect")
+        infer = infer_defaults() | dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
-        weights = Path(model_dir) / meta["weights"]
+        weights = meta.weights_path
         if runtime == "onnx":
-            weights = onnx_weights(model_dir, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
+            weights = onnx_weights(model_dir, int(infer["imgsz"]), int(infer["batch"]))
             device = "cpu" if device == "auto" else device
         det = cls(weights, names=meta["classes"], device=device,
                   **{k: infer[k] for k in keys if k in infer})
-        det.field_scale = int(infer.get("field_scale", 640))
-        det.tile_above = float(infer.get("tile_above", 1.6))
-        det.tile_overlap = float(infer.get("tile_overlap", 0.2))
+        det.field_scale = int(infer["field_scale"])
+        det.tile_above = float(infer["tile_above"])
+        det.tile_overlap = float(infer["tile_overlap"])
         return det
+
+    def tiled(self):
+        """This detector behind the tiler its meta asks for: fields over ``tile_above`` x the
+        training field scale are cut into overlapping tiles of that scale."""
+        from smear.detect.tiling import TiledDetector
+
+        return TiledDetector(self, tile=self.field_scale, overlap=self.tile_overlap,
+                             tile_above=int(self.field_scale * self.tile_above))
 
     def _bordered(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         """The BGR image with ``border`` network pixels of gray (114) round it, and that border in image px."""
@@ -83,17 +107,17 @@ class YoloDetector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per RGB image, boxes in that image's pixels."""
-        from smear.devices import set_threads
+        from smear.devices import torch_threads
 
         out: list[list[Detection]] = []
         extra = {"half": True} if self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
             shown = images[i:i + self.batch]
             chunk, borders = zip(*(self._bordered(im) for im in shown))
-            results = self.model.predict(list(chunk), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
-                                         max_det=self.max_det, device=str(self.device), verbose=False,
-                                         **extra)
-            set_threads()
+            with torch_threads():  # ultralytics lowers torch's threads while it predicts
+                results = self.model.predict(list(chunk), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                             max_det=self.max_det, device=str(self.device), verbose=False,
+                                             **extra)
             for im, px, res in zip(shown, borders, results):
                 out.append(self._detections(res, px, im.shape[1], im.shape[0]))
         return out

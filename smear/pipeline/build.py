@@ -17,7 +17,7 @@ SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
 
 
 def _runtime(cfg: dict[str, Any]) -> str:
-    from smear.runtime import check_runtime
+    from smear.nn.onnx import check_runtime
 
     return check_runtime(str(cfg.get("runtime", "torch")))
 
@@ -47,14 +47,11 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
 
         return ClassicalDetector(**(cfg.get("classical") or {}))
     if kind == "yolo":
-        from smear.detect.tiling import TiledDetector
         from smear.detect.yolo import YoloDetector
 
         det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
             resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
-        tiled = TiledDetector(det, tile=det.field_scale, overlap=det.tile_overlap,
-                              tile_above=int(det.field_scale * det.tile_above))
-        return _checked(tiled, cfg)
+        return _checked(det.tiled(), cfg)
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
 
@@ -142,9 +139,7 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
             resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
-            batch=int(cfg["classify_batch"]), runtime=rt))
-        if cfg.get("classify_tta") is not None:
-            classifier.tta = int(cfg["classify_tta"])
+            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta")))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
@@ -153,9 +148,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 def build_cache(cfg: dict[str, Any], version: str, warn=None):
     """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""
-    from smear.pipeline.cache import FieldCache, default_cache_dir
+    from smear.artifacts import cache_setting
+    from smear.pipeline.cache import FieldCache
 
-    where = str(cfg["cache_dir"])
-    if where == "off":
-        return None
-    return FieldCache(default_cache_dir() if where == "auto" else Path(where), version, warn=warn)
+    folder = cache_setting(cfg["cache_dir"], "fields")
+    return None if folder is None else FieldCache(folder, version, warn=warn)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
+from smear.artifacts import cache_dir
 from smear.io import write_text_atomic
 from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, MaskStats
 
@@ -27,7 +27,7 @@ class BadEntry(ValueError):
 
 def default_cache_dir() -> Path:
     """~/.cache/smear/fields (or under $XDG_CACHE_HOME)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smear" / "fields"
+    return cache_dir("fields")
 
 
 def field_to_dict(fr: FieldResult) -> dict[str, Any]:

@@ -169,3 +169,24 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
             on_field(item)
     return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=stages.classifier is not None,
                        tally=None if keep_fields else tally)
+
+
+def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_000_000,
+               on_field: Callable[[str, FieldResult | SkippedField], None] | None = None,
+               cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True) -> list[SlideReport]:
+    """Every slide through ``run_slide``, in order; ``on_field(slide_name, item)`` sees each field's
+    result as it is made. A run where no field could be read at all is a SmearError."""
+    reports = []
+    for slide in slides:
+        def each(item, _name=slide.name):
+            if on_field is not None:
+                on_field(_name, item)
+        reports.append(run_slide(slide, stages, max_pixels, each, cache, resume, keep_fields=keep_fields))
+    if not any(r.n_fields for r in reports):
+        skipped = [s for r in reports for s in r.skipped]
+        if len(skipped) == 1:
+            raise SmearError(skipped[0].reason)
+        if not skipped:
+            raise SmearError(f"{slides[0].name}: no fields to run", hint="see the warnings above")
+        raise SmearError(f"none of the {len(skipped)} fields could be read", hint="see the warnings above")
+    return reports

@@ -1,1 +1,1 @@
-"""Reports for people: the HTML review page's template and its assets (package data)."""
+"""Reports of a run: the differential summary, CSV and JSON tables, the HTML review page (templates/)."""

@@ -25,11 +25,10 @@ import cv2
 import numpy as np
 
 from smear.crops import cut_crop, pad_value
-from smear.io import read_image
+from smear.io import list_images, read_image, read_voc_xml
 from smear.types import DataError, ImageReadError
 
 BACKGROUND, CYTOPLASM, NUCLEUS, NOT_NUCLEUS, IGNORE = 0, 1, 2, 254, 255
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: WBC box side / nucleus-group box side, when a field has no box annotation (BCCD median ~1.35)
 NUCLEUS_TO_CELL = 1.35
 #: nucleus components closer than this fraction of the field's short side are one cell's lobes
@@ -55,11 +54,9 @@ def _pairs(folder: Path) -> list[tuple[Path, Path]]:
     images, masks = folder / "images", folder / "masks"
     if not images.is_dir() or not masks.is_dir():
         raise DataError(f"{folder}: expected images/ and masks/ folders")
-    by_stem = {p.stem: p for p in masks.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    by_stem = {p.stem: p for p in list_images(masks)}
     pairs, missing = [], []
-    for p in sorted(images.iterdir()):
-        if p.suffix.lower() not in IMAGE_EXTS:
-            continue
+    for p in list_images(images):
         (pairs.append((p, by_stem[p.stem])) if p.stem in by_stem else missing.append(p.name))
     if not pairs:
         raise DataError(f"{folder}: no image with a mask of the same name")
@@ -92,16 +89,12 @@ def voc_wbc_boxes(root: Path | None, stem: str) -> list[tuple[float, float, floa
     """WBC boxes of ``stem`` from a VOC annotation under ``root`` (any ``annotations/`` below it)."""
     if root is None:
         return None
-    import xml.etree.ElementTree as ET
-
     for xml in Path(root).glob(f"**/annotations/{stem}.xml"):
-        boxes = []
-        for obj in ET.parse(xml).getroot().iter("object"):
-            if (obj.findtext("name") or "").strip().lower() != "wbc":
-                continue
-            bb = obj.find("bndbox")
-            boxes.append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-        return boxes
+        voc = read_voc_xml(xml)
+        bad = [name for name, box in voc.objects if name.lower() == "wbc" and box is None]
+        if bad:
+            raise DataError(f"{xml}: a WBC object without a readable box")
+        return [box for name, box in voc.objects if name.lower() == "wbc" and box is not None]
     return None
 
 
@@ -216,7 +209,7 @@ def names_in(folder: str | Path | None) -> set[str] | None:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (data.test_fields)")
-    return {p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    return {p.stem for p in list_images(folder)}
 
 
 def load_parts(d: dict[str, Any], margin: float, size: int | None, log: Callable[[str], None] | None = None,

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from smear.artifacts import load_meta
-from smear.classify.model import crops_to_tensor, load_weights, place
+from smear.artifacts import load_model
+from smear.nn.onnx import load_network
+from smear.nn.tensors import crops_to_tensor, place
+from smear.nn.weights import load_weights
 from smear.types import ModelError
 
 WEIGHTS = "model.safetensors"
@@ -49,19 +51,12 @@ class UnetSegmenter:
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 32,
                  runtime: str = "torch") -> UnetSegmenter:
         """Load a segmenter model folder; ``runtime='onnx'`` runs it with onnxruntime."""
-        meta = load_meta(model_dir)
-        if meta.get("stage") != "segment":
-            raise ModelError(f"{model_dir}: not a segmenter model folder (stage {meta.get('stage')!r})")
-        missing = [k for k in ("encoder", "input_size", "crop_margin") if k not in meta]
-        if missing:
-            raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
+        meta = load_model(model_dir, "segment", required=("encoder", "input_size", "crop_margin"))
 
         def torch_model() -> torch.nn.Module:
             model = build_unet(meta["encoder"], meta.get("decoder_channels", (128, 64, 32, 16, 16)),
                                meta.get("arch", "Unet"))
-            return load_weights(model, Path(model_dir) / meta["weights"])
-
-        from smear.runtime import load_network
+            return load_weights(model, meta.weights_path)
 
         net = load_network(model_dir, "segment", torch_model, runtime)
         return cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)

@@ -14,11 +14,11 @@ metrics.json (test per source) and ``model/``.
 
 from __future__ import annotations
 
-from datetime import date
+import logging
 import json
-import math
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,18 @@ import torch
 import torch.nn.functional as F
 
 from smear.artifacts import save_model_dir
-from smear.classify.augment import BatchAugment, eval_batch
-from smear.classify.cache import channel_stats
-from smear.classify.model import Normalize, load_weights, save_weights
-from smear.classify.train import append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine
-from smear.config import dump_config
-from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
+from smear.nn import loop
+from smear.nn.augment import BatchAugment, eval_batch
+from smear.nn.loop import warmup_cosine
+from smear.nn.tensors import Normalize, channel_stats
+from smear.nn.weights import load_weights, save_weights
 from smear.segment import data as sdata
 from smear.segment.evaluate import crop_scores, evaluate_segmenter, summary_line
 from smear.segment.model import LABELS, WEIGHTS, UnetSegmenter, build_unet
 from smear.types import SmearError
+
+_log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("epoch", "lr", "train_loss", "train_seconds", "val_cell_dice", "val_nucleus_dice", "val_score",
               "wall_seconds", "best_score")
@@ -83,17 +84,12 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
     return a[:, top:top + size, top:top + size]
 
 
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info) -> Path:
     """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it."""
-    out = Path(out)
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SmearError(f"{out}: run folder exists and is not empty", hint="pass --resume or a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
-    threads = set_threads(t["threads"])
-    device = resolve_device(t["device"])
-    torch.manual_seed(int(t["seed"]))
+    run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
+    out = run.path
+    device, threads = run.setup(t)
     size, margin, pad = int(m["input_size"]), float(m["crop_margin"]), float(d["cache_pad"])
     if size % 32:
         raise SmearError(f"model.input_size {size} is not a multiple of 32 (the U-Net's stride)")
@@ -116,28 +112,27 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
     scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
     augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
     start, best, best_epoch, wall0 = 1, -1.0, 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, model, optimizer, scheduler, augment)
+    ck = run.resume(model, optimizer, scheduler, augment) if resume else None
+    if ck is not None:
         start, best, best_epoch, wall0 = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["wall_seconds"]
         log(f"resume: from epoch {ck['epoch']} (best val score {best:.4f} at epoch {best_epoch})")
-    t0 = time.perf_counter() - wall0
-    max_s = float(t["max_minutes"]) * 60 if t["max_minutes"] else math.inf
+    t0, max_s = loop.clock(t, wall0)
     has_cell = [it.has_cell_labels for it in val_items]
+    dice_weight = float(t["dice_weight"])
+
+    def make(idx: np.ndarray):
+        return augment.pairs(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
+
+    def loss_of(item) -> torch.Tensor:
+        x, y = item
+        return seg_loss(model(norm(x.to(device))), y.to(device), dice_weight)
+
     for epoch in range(start, int(t["epochs"]) + 1):
-        if time.perf_counter() - t0 > max_s:
-            log(f"time limit: {t['max_minutes']} min reached")
+        if loop.out_of_time(t0, max_s, t, log):
             break
-        model.train()
         order = np.random.default_rng([int(t["seed"]), epoch]).permutation(len(train_items))
-        total, seen, te = 0.0, 0, time.perf_counter()
-        for b in range(steps):
-            idx = np.sort(order[b * batch:(b + 1) * batch])
-            x, y = augment.pairs(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
-            loss = seg_loss(model(norm(x.to(device))), y.to(device), float(t["dice_weight"]))
-            optimize_step(loss, optimizer, scheduler, epoch)
-            total += loss.item() * len(idx)
-            seen += len(idx)
+        stats = loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
+                                     epoch)
         pred = _predict(model, norm, x_val, size, batch, device)
         sc = [crop_scores(p, y, h) for p, y, h in zip(pred, y_val, has_cell)]
         cell = float(np.nanmean([s["cell_dice"] for s in sc])) if any(has_cell) else float("nan")
@@ -145,18 +140,16 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
         score = (cell + nuc) / 2 if cell == cell else nuc
         if score > best:
             best, best_epoch = score, epoch
-            save_weights(model, out / "best.safetensors")
+            run.save_best(model)
         wall = time.perf_counter() - t0
-        append_log(out / "log.csv", {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                      "train_loss": total / max(1, seen), "train_seconds": time.perf_counter() - te,
-                                      "val_cell_dice": cell, "val_nucleus_dice": nuc, "val_score": score,
-                                      "wall_seconds": wall, "best_score": best}, LOG_FIELDS)
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, augment, epoch=epoch, best=best,
-                        best_epoch=best_epoch, wall_seconds=wall)
-        log(f"epoch {epoch}: loss {total / max(1, seen):.4f} ({seen / (time.perf_counter() - te):.0f} img/s) "
+        run.end_epoch({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": stats["train_loss"],
+                       "train_seconds": stats["train_seconds"], "val_cell_dice": cell, "val_nucleus_dice": nuc,
+                       "val_score": score, "wall_seconds": wall, "best_score": best},
+                      model, optimizer, scheduler, augment, epoch=epoch, best=best, best_epoch=best_epoch,
+                      wall_seconds=wall)
+        log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
             f"val cell Dice {cell:.4f} nucleus Dice {nuc:.4f} (best {best:.4f} @ {best_epoch}) {wall / 60:.1f} min")
-    if not (out / "best.safetensors").is_file():
-        raise SmearError(f"{out}: no epoch finished, nothing to save")
+    run.check_finished()
     load_weights(model, out / "best.safetensors")
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)

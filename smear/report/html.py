@@ -63,8 +63,8 @@ def summary_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     from scipy.special import ndtri
     from scipy.stats import norm
 
-    from smear.pipeline.report import FORMULA_START, summary_frame
-    from smear.pipeline.summary import ADVICE, APART, DEFAULT_GUARD, DEFAULT_REPORT, GROUPS_APART, summarize
+    from smear.report.tables import FORMULA_START, summary_frame
+    from smear.report.summary import ADVICE, APART, DEFAULT_GUARD, DEFAULT_REPORT, GROUPS_APART, summarize
 
     cfg = cfg or {}
     rcfg = {**DEFAULT_REPORT, **(cfg.get("report") or {})}

@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from smear.pipeline.summary import summarize
-from smear.types import CellKind, FieldResult, SlideReport
+from smear.io import temp_name
+from smear.report.summary import differential
+from smear.types import CellKind, Differential, FieldResult, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
@@ -24,10 +25,15 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The summary of each slide (see summary.summarize); ``cfg`` is the pipeline config."""
+def differentials(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[Differential]:
+    """The Differential of each slide; ``cfg`` is the pipeline config."""
     cfg = cfg or {}
-    return [summarize(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
+    return [differential(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
+
+
+def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The summary row of each slide (``Differential.row``); ``cfg`` is the pipeline config."""
+    return [d.row() for d in differentials(reports, cfg)]
 
 
 def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -90,7 +96,7 @@ class CellsWriter:
     def __init__(self, path: str | Path, masks: bool = False):
         self.path = Path(path)
         self.columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masks else [])
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = self.path.with_name(f"{temp_name(self.path)}tmp")  # swept as io's own temporary files
         self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh, lineterminator="\n")
         self.writer.writerow(self.columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -9,7 +10,7 @@ from scipy.stats import binomtest, norm
 
 from smear.types import (
     FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
-    SlideReport,
+    Differential, Share, SlideReport,
 )
 
 DEFAULT_REPORT = {"confidence": 0.95, "ci_method": "wilson", "min_wbc": 100, "target_halfwidth_pct": 5.0}
@@ -32,29 +33,27 @@ def cells_needed(pcts: list[float], halfwidth_pct: float, confidence: float) -> 
     return int(math.ceil(z * z * pq / (halfwidth_pct / 100.0) ** 2))
 
 
-def _view(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ...], n: int,
-          rcfg: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _shares(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ...], n: int,
+            rcfg: dict[str, Any]) -> dict[str, Share]:
+    """Each name's Share of ``n`` WBCs (no counts: the slide was not classified)."""
+    out: dict[str, Share] = {}
     for name in names:
-        k = counts.get(name, 0) if counts else None  # no counts: the slide was not classified
-        out[f"{prefix}{name}_n"] = k
+        k = counts.get(name, 0) if counts else None
         if name in apart or n == 0 or k is None:
-            out[f"{prefix}{name}_pct"] = out[f"{prefix}{name}_ci_low"] = out[f"{prefix}{name}_ci_high"] = None
+            out[name] = Share(k)
             continue
         low, high = proportion_ci(k, n, rcfg["confidence"], rcfg["ci_method"])
-        out[f"{prefix}{name}_pct"] = round(100.0 * k / n, 2)
-        out[f"{prefix}{name}_ci_low"] = round(low, 2)
-        out[f"{prefix}{name}_ci_high"] = round(high, 2)
+        out[name] = Share(k, round(100.0 * k / n, 2), round(low, 2), round(high, 2))
     return out
 
 
-def evaluate_flags(row: dict[str, Any], fcfg: dict[str, float], min_wbc: int) -> list[str]:
-    """Review prompts from a summary row and the flag thresholds."""
-    if not row.get("classified"):
+def evaluate_flags(d: Differential, fcfg: dict[str, float], min_wbc: int) -> list[str]:
+    """Review prompts from a slide's differential and the flag thresholds."""
+    if not d.classified:
         return []
     flags = []
-    n = row["n_wbc"]
-    pct = lambda code: row.get(f"{code}_pct") or 0.0  # noqa: E731
+    n = d.n_wbc
+    pct = lambda code: d.fine[code].pct or 0.0  # noqa: E731
     ig = sum(pct(c) for c in ("MMY", "MY", "PMY"))
     if n < min_wbc:
         flags.append(f"too few cells counted ({n} < {min_wbc})")
@@ -63,8 +62,8 @@ def evaluate_flags(row: dict[str, Any], fcfg: dict[str, float], min_wbc: int) ->
     checks = [
         (ig > fcfg["ig_present_pct"], f"immature granulocytes present ({ig:.1f}%)"),
         (pct("BNE") + ig > fcfg["left_shift_pct"], f"left shift (bands + IG {pct('BNE') + ig:.1f}%)"),
-        ((row["nrbc_per_100_wbc"] or 0) > fcfg["nrbc_present_per_100_wbc"],
-         f"NRBC present ({row['nrbc_per_100_wbc']} per 100 WBC)"),
+        ((d.nrbc_per_100_wbc or 0) > fcfg["nrbc_present_per_100_wbc"],
+         f"NRBC present ({d.nrbc_per_100_wbc} per 100 WBC)"),
         (pct("EO") > fcfg["eosinophilia_pct"], f"eosinophilia ({pct('EO'):.1f}%)"),
         (pct("BA") > fcfg["basophilia_pct"], f"basophilia ({pct('BA'):.1f}%)"),
         (pct("MO") > fcfg["monocytosis_pct"], f"monocytosis ({pct('MO'):.1f}%)"),
@@ -80,64 +79,64 @@ ADVICE = ("results are unreliable for this stain or scanner: review every cell, 
           "classifier on this lab's own labelled cells (smear train classify --set model.init=<model folder>)")
 
 
-def domain_warnings(row: dict[str, Any], n_scored: int, n_novel: int, gcfg: dict[str, Any]) -> list[str]:
+def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: dict[str, Any]) -> list[str]:
     """The domain guard: warnings that the slide is unlike the training data, or that its counts
     are ones a smear cannot have (red cells taken for white cells, most often)."""
     out = []
     if n_scored >= gcfg["min_scored"] and n_novel / n_scored > gcfg["max_novel_share"]:
         out.append(f"unlike the training data: {n_novel} of {n_scored} WBCs ({100.0 * n_novel / n_scored:.0f}%) are "
                    f"unlike every class the classifier was trained on; {ADVICE}")
-    nrbc = row.get("nrbc_per_100_wbc")
+    nrbc = d.nrbc_per_100_wbc
     if nrbc is not None and nrbc > gcfg["max_nrbc_per_100_wbc"]:
         out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg['max_nrbc_per_100_wbc']:g}); red cells "
                    f"are likely being counted as nucleated cells; {ADVICE}")
-    n_rbc, n_wbc = row.get("n_rbc") or 0, row.get("n_wbc_detected") or 0
+    n_rbc, n_wbc = d.n_rbc or 0, d.n_wbc_detected or 0
     if n_rbc >= gcfg["min_rbc"] and n_wbc / n_rbc > gcfg["max_wbc_per_rbc"]:
         out.append(f"implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
                    f"the detector is likely taking red cells for white cells on this stain; {ADVICE}")
     return out
 
 
-def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
-              fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The slide's summary row: the CSV columns, in order, plus 'classified', 'flags', 'warnings'
-    and 'domain_warnings' (the guard's, shown first by every report)."""
+def differential(report: SlideReport, rcfg: dict[str, Any] | None = None,
+                 fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> Differential:
+    """The slide's Differential under the report, flag and guard settings of the pipeline config."""
     rcfg = {**DEFAULT_REPORT, **(rcfg or {})}
     n_rbc, n_plt = report.count(CellKind.RBC), report.count(CellKind.PLATELET)
     n_fields = report.n_fields
-    row: dict[str, Any] = {"slide": report.slide, "n_fields": n_fields}
     counts = report.label_counts() if report.classified else {}
     n_wbc = sum(counts[c] for c in WBC_CLASSES) if report.classified else report.count(CellKind.WBC)
-    row["n_wbc"] = n_wbc
-    row["n_unidentified"] = counts.get(UNIDENTIFIED) if report.classified else None
     n_for_pct = n_wbc if report.classified else 0
-    row.update(_view(counts, FINE_CLASSES, APART, n_for_pct, rcfg, ""))
     groups = {g: sum(k for c, k in counts.items() if FINE_TO_GROUP8.get(c) == g) for g in GROUPS8} if counts else {}
-    row.update(_view(groups, GROUPS8, GROUPS_APART, n_for_pct, rcfg, "group_"))
     types = {t: sum(k for c, k in counts.items() if FINE_TO_TYPE5.get(c) == t) for t in TYPES5} if counts else {}
-    row.update(_view(types, TYPES5, (), n_for_pct, rcfg, "type_"))
-    row["nrbc_per_100_wbc"] = round(100.0 * counts.get("ERB", 0) / n_wbc, 2) if report.classified and n_wbc else None
-    row["n_rbc"] = n_rbc
-    row["rbc_per_field"] = round(n_rbc / n_fields, 2) if n_fields else None
-    row["n_platelet"] = n_plt + counts.get("PLATELET", 0)
-    row["platelets_per_field"] = round(row["n_platelet"] / n_fields, 2) if n_fields else None
-    row["platelets_per_100_rbc"] = round(100.0 * row["n_platelet"] / n_rbc, 2) if n_rbc else None
-    row["n_skipped"] = len(report.skipped)
-    row["n_wbc_detected"] = report.count(CellKind.WBC)
-    pcts = [row[f"{c}_pct"] for c in WBC_CLASSES if row.get(f"{c}_pct") is not None]
+    fine = _shares(counts, FINE_CLASSES, APART, n_for_pct, rcfg)
+    n_platelet = n_plt + counts.get("PLATELET", 0)
+    pcts = [fine[c].pct for c in WBC_CLASSES if fine[c].pct is not None]
     needed = cells_needed(pcts, rcfg["target_halfwidth_pct"], rcfg["confidence"])
-    row["wbc_needed"] = needed if report.classified else None
     n_scored, n_novel = report.novelty_counts()
-    row["novel_share"] = round(n_novel / n_scored, 4) if n_scored else None
-    guard = domain_warnings(row, n_scored, n_novel, {**DEFAULT_GUARD, **(gcfg or {})})
-    row["domain_warning"] = " | ".join(guard)
-    row["classified"] = report.classified
-    row["domain_warnings"] = guard
+    d = Differential(
+        slide=report.slide, n_fields=n_fields, n_wbc=n_wbc,
+        n_unidentified=counts.get(UNIDENTIFIED) if report.classified else None,
+        fine=fine, groups=_shares(groups, GROUPS8, GROUPS_APART, n_for_pct, rcfg),
+        types=_shares(types, TYPES5, (), n_for_pct, rcfg),
+        nrbc_per_100_wbc=round(100.0 * counts.get("ERB", 0) / n_wbc, 2) if report.classified and n_wbc else None,
+        n_rbc=n_rbc, rbc_per_field=round(n_rbc / n_fields, 2) if n_fields else None,
+        n_platelet=n_platelet, platelets_per_field=round(n_platelet / n_fields, 2) if n_fields else None,
+        platelets_per_100_rbc=round(100.0 * n_platelet / n_rbc, 2) if n_rbc else None,
+        n_skipped=len(report.skipped), n_wbc_detected=report.count(CellKind.WBC),
+        wbc_needed=needed if report.classified else None,
+        novel_share=round(n_novel / n_scored, 4) if n_scored else None, classified=report.classified)
     warnings = []
     if report.classified and n_wbc < rcfg["min_wbc"]:
         warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg['min_wbc']}); "
                         f"+/-{rcfg['target_halfwidth_pct']:g} points at {rcfg['confidence']:.0%} needs about"
                         f" {needed} WBCs")
-    row["warnings"] = warnings
-    row["flags"] = evaluate_flags(row, fcfg, rcfg["min_wbc"]) if fcfg else []
-    return row
+    return dataclasses.replace(
+        d, domain_warnings=tuple(domain_warnings(d, n_scored, n_novel, {**DEFAULT_GUARD, **(gcfg or {})})),
+        warnings=tuple(warnings), flags=tuple(evaluate_flags(d, fcfg, rcfg["min_wbc"]) if fcfg else ()))
+
+
+def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
+              fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The slide's summary row (``differential(...).row()``): the CSV columns, in order, plus
+    'classified', 'flags', 'warnings' and 'domain_warnings' (the guard's, shown first by every report)."""
+    return differential(report, rcfg, fcfg, gcfg).row()

@@ -9,36 +9,35 @@ downloaded, and the shipped package stays within its size budget.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from smear.artifacts import load_meta, model_version
-from smear.types import ModelError
+from smear.artifacts import cache_dir, load_meta, model_version
+from smear.devices import available_cores
+from smear.io import atomic_path
+from smear.errors import ConfigError
 
 ONNX_NAME = "model.onnx"
 RUNTIMES = ("torch", "onnx")
 
 
 def onnx_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "smear" / "onnx"
+    """Where ONNX files made from torch weights are kept."""
+    return cache_dir("onnx")
 
 
 def export_module(module: torch.nn.Module, path: str | Path, input_size: int, opset: int = 17) -> Path:
     """A network taking N x 3 x S x S to ONNX with a dynamic batch axis (written atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     module = module.cpu().eval()
     x = torch.zeros(2, 3, input_size, input_size)
-    torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
-                      dynamo=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
     return path
 
 
@@ -90,7 +89,7 @@ class OnnxNet:
         ort = quiet_onnxruntime()
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))
+        opts.intra_op_num_threads = int(threads or available_cores())
         opts.inter_op_num_threads = 1
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
@@ -132,56 +131,7 @@ def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = 
 
 
 def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of RUNTIMES, else ConfigError."""
     if runtime not in RUNTIMES:
-        from smear.types import ConfigError
-
         raise ConfigError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
     return runtime
-
-
-def check_export_target(model_dir: str | Path, out: str | Path, force: bool = False) -> None:
-    """Refuse an export over the model itself, onto a file or symlink, or into a folder that holds
-    files, unless ``force`` (which replaces only the files the export writes)."""
-    model_dir, out = Path(model_dir), Path(out)
-    if out.resolve() == model_dir.resolve():
-        raise ModelError(f"{out}: export into a new folder, not over the model itself")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ModelError(f"{out}: exists and is not a folder; refusing to replace it")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ModelError(f"{out}: folder is not empty; refusing to write into it",
-                         hint="choose a new --out, or --force to replace the files an export writes "
-                              "(nothing else in it is touched)")
-
-
-def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Copy a model folder's files to ``out`` and write its ONNX there as ``model.onnx``
-    (``runtime: onnx`` then uses it directly). ``stage``: detector | classifier | segmenter.
-    Nothing is ever deleted: ``force`` lets it write into a non-empty folder, over the same names."""
-    import shutil
-
-    model_dir, out = Path(model_dir), Path(out)
-    check_export_target(model_dir, out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    for src in sorted(model_dir.iterdir()):
-        if src.is_file() and src.name != ONNX_NAME and not src.name.endswith(".tmp"):
-            dest = out / src.name
-            if dest.is_symlink() or dest.is_dir():
-                raise ModelError(f"{dest}: is a link or a folder; refusing to replace it")
-            shutil.copyfile(src, dest)
-    meta = load_meta(out)
-    if stage == "detector":
-        from smear.detect.ultra import export_onnx
-
-        infer = meta.get("infer", {})
-        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer.get("imgsz", 416)), int(infer.get("batch", 8)))
-    elif stage == "classifier":
-        from smear.classify.model import CnnClassifier
-
-        export_module(CnnClassifier.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
-    elif stage == "segmenter":
-        from smear.segment.model import UnetSegmenter
-
-        export_module(UnetSegmenter.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
-    else:
-        raise ModelError(f"unknown stage {stage!r}: detector, classifier or segmenter")
-    return out / ONNX_NAME

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -11,33 +11,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from smear.types import Differential
 
-def render_summary(rows: list[dict], console: Console) -> None:
+
+def render_summary(diffs: Sequence[Differential], console: Console) -> None:
     """Per slide: a differential sheet (class, n, %, CI) with counts, warnings and flags."""
-    from smear.types import FINE_CLASSES, FINE_NAMES
+    from smear.types import FINE_NAMES
 
-    for row in rows:
-        head = (f"[bold]{escape(str(row['slide']))}[/]: {row['n_fields']} fields, {row['n_wbc']} WBC"
-                + (f", {row['n_unidentified']} unidentified" if row["classified"] else "")
-                + f", {row['n_rbc']} RBC ({row['rbc_per_field']}/field), {row['n_platelet']} platelets"
-                + f" ({row['platelets_per_field']}/field)"
-                + (f", {row['n_skipped']} fields skipped" if row["n_skipped"] else ""))
-        for w in row.get("domain_warnings", []):
+    for d in diffs:
+        head = (f"[bold]{escape(str(d.slide))}[/]: {d.n_fields} fields, {d.n_wbc} WBC"
+                + (f", {d.n_unidentified} unidentified" if d.classified else "")
+                + f", {d.n_rbc} RBC ({d.rbc_per_field}/field), {d.n_platelet} platelets"
+                + f" ({d.platelets_per_field}/field)"
+                + (f", {d.n_skipped} fields skipped" if d.n_skipped else ""))
+        for w in d.domain_warnings:
             console.print(f"[bold red]WARNING:[/] {escape(w)}", markup=True)
         console.print(head, markup=True)
-        if row["classified"]:
+        if d.classified:
             table = Table(show_edge=False, pad_edge=False)
             for col, just in (("class", "left"), ("", "left"), ("n", "right"), ("%", "right"),
                               ("95% CI", "right")):
                 table.add_column(col, justify=just)
-            for code in FINE_CLASSES:
-                pct = row[f"{code}_pct"]
-                ci = "" if pct is None else f"{row[f'{code}_ci_low']:.1f}-{row[f'{code}_ci_high']:.1f}"
-                table.add_row(code, FINE_NAMES[code], str(row[f"{code}_n"]), "" if pct is None else f"{pct:.1f}", ci)
+            for code, s in d.fine.items():
+                ci = "" if s.pct is None else f"{s.ci_low:.1f}-{s.ci_high:.1f}"
+                table.add_row(code, FINE_NAMES[code], str(s.n), "" if s.pct is None else f"{s.pct:.1f}", ci)
             console.print(table)
-            if row["nrbc_per_100_wbc"] is not None:
-                console.print(f"NRBC per 100 WBC: {row['nrbc_per_100_wbc']}")
-        for flag in row["flags"]:
+            if d.nrbc_per_100_wbc is not None:
+                console.print(f"NRBC per 100 WBC: {d.nrbc_per_100_wbc}")
+        for flag in d.flags:
             console.print(f"[yellow]flag:[/] {escape(flag)}", markup=True)
         console.print()
 

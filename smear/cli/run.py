@@ -1,0 +1,131 @@
+"""`smear run`: fields to a differential, one report per slide."""
+
+from __future__ import annotations
+
+import io
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from smear.cli.app import ConfigOpt, SetOpt, app, err_console, out_console, terminate_cleanly, warn
+from smear.errors import SmearError
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    html = "html"
+
+
+@app.command(epilog="Examples: smear run examples/slide_demo --report csv  |  smear run slides/ --recursive "
+                     "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume")
+def run(
+    paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
+    report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")
+                      ] = ReportFormat.table,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
+    cells: Annotated[Optional[Path], typer.Option(help="Also write one CSV row per detected cell.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    segment: Annotated[Optional[str], typer.Option(help="off | unet | kmeans | grabcut: mask each WBC crop "
+                                                         "(adds areas and N:C ratio to --cells).")] = None,
+    recursive: Annotated[bool, typer.Option(help="Each subfolder holding images is a slide.")] = False,
+    resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
+                      ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Count and classify the cells of each slide and print the differential."""
+    from smear.config import load_config
+    from smear.io import check_outputs, find_slides, write_text_atomic
+    from smear.cli.render import render_summary
+    from smear.pipeline.build import build_cache, build_stages
+    from smear.report import tables as rep
+
+    overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
+    cfg = load_config("pipeline", config, overrides)
+    if report == ReportFormat.html and out is None and _stdout_is_terminal():
+        raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
+    slides = find_slides(paths, recursive=recursive, warn=warn)
+    check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
+    stages = build_stages(cfg)
+    cache = build_cache(cfg, stages.version, warn=warn)
+    with terminate_cleanly():
+        reports = _run_slides(slides, stages, cfg, cache, resume, cells,
+                              keep=report in (ReportFormat.json, ReportFormat.html))
+    diffs = rep.differentials(reports, cfg)
+    rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
+    for d in diffs:
+        for message in d.domain_warnings:
+            warn(f"{d.slide}: {message}")
+        for message in d.warnings:
+            warn(message)
+    if report == ReportFormat.csv:
+        text = rep.to_csv(rep.summary_frame(rows))
+    elif report == ReportFormat.json:
+        text = rep.to_json(reports, rows)
+    elif report == ReportFormat.html:
+        from smear.pipeline.build import audit_info
+        from smear.report.html import render_html
+
+        geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
+        margin = geometry.crop_margin if geometry is not None else 1.2
+        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin, cfg=cfg,
+                           audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
+                           segment_size=int(geometry.input_size) if geometry is not None else 96)
+    else:
+        console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
+        render_summary(diffs, console)
+        text = console.export_text() if out else None
+    if out is not None:
+        try:
+            write_text_atomic(out, text)
+        except OSError as exc:
+            raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})",
+                             hint=_KEPT_HINT if cache is not None else "") from exc
+    elif text is not None:
+        sys.stdout.write(text)
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+_KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"
+
+
+def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool) -> list:
+    """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish."""
+    from smear.cli.render import progress
+    from smear.pipeline.run import run_slides
+    from smear.report import tables as rep
+
+    n_fields = sum(len(s.fields) for s in slides)
+    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None) if cells is not None else None
+    try:
+        with progress(err_console, total=n_fields) as advance:
+            def on_field(slide_name, item):
+                if hasattr(item, "reason"):
+                    if n_fields > 1:
+                        warn(f"skipped {item.reason}")
+                elif writer is not None:
+                    writer.write(slide_name, item)
+                advance()
+            reports = run_slides(slides, stages, cfg["io"]["max_pixels"], on_field, cache, resume, keep_fields=keep)
+        if writer is not None:
+            writer.close()
+    except OSError as exc:
+        if writer is None:
+            raise
+        writer.abort()
+        raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
+                         hint=_KEPT_HINT if cache is not None else "") from exc
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return reports

@@ -1,0 +1,287 @@
+"""The typed configs: one pydantic model per stage, the types of the shipped YAML in smear/configs/.
+
+The defaults are written once, in the YAML (with their comments); here every key is required, so a
+key added to one and not the other fails the tests. Every section forbids unknown keys; choices are
+``Literal``s, so a wrong value is refused with the key and what it must be before any model loads.
+``load_config`` (smear.config) validates with these and hands the stages plain dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+
+def _word(value: Any) -> Any:
+    """YAML 1.1 reads a bare off/on (no/yes) as a boolean; a choice takes it back as the word."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+Device = Annotated[str, StringConstraints(pattern=r"(?i)^\s*(auto|cpu|cuda(:\d+)?)\s*$")]
+Path_ = Union[str, None]  # a path as written (relative to the working directory), or null
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- shared
+
+
+class Augment(Section):
+    """Batch augmentation of the classifier and the U-Net (smear.nn.augment)."""
+
+    hed: float
+    hue: float
+    saturation: float
+    brightness: float
+    contrast: float
+    blur_p: Fraction
+    blur_sigma: float
+    noise: float
+    scale: float
+    shift: float
+    rotate_deg: float
+    dihedral: bool
+    # the scale and camera keys may be left out (the U-Net's config does): then smear.nn.augment.DEFAULTS
+    downres_p: Fraction = 0.0
+    downres_min: float = 0.4
+    jpeg_p: Fraction = 0.0
+    jpeg_quality: int = 40
+    gray_p: Fraction = 0.0
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+class WbcCheck(Section):
+    enabled: bool
+    max_rbc_area_ratio: float
+    min_nucleus_fraction: float
+    nucleus_level: float
+    min_stain: float
+    min_rbcs: int
+
+
+class IoSection(Section):
+    max_pixels: Annotated[int, Field(gt=0)]
+
+
+class ReportSection(Section):
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)]
+    ci_method: Literal["wilson", "exact"]
+    min_wbc: int
+    target_halfwidth_pct: float
+    gallery_per_class: int
+
+
+class Guard(Section):
+    max_novel_share: float
+    min_scored: int
+    max_nrbc_per_100_wbc: float
+    max_wbc_per_rbc: float
+    min_rbc: int
+
+
+class Flags(Section):
+    ig_present_pct: float
+    left_shift_pct: float
+    nrbc_present_per_100_wbc: float
+    eosinophilia_pct: float
+    basophilia_pct: float
+    monocytosis_pct: float
+    lymphocytosis_pct: float
+    lymphopenia_pct: float
+
+
+class PipelineConfig(Section):
+    detector: Literal["yolo", "classical"]
+    detector_model: str
+    classical: dict[str, Any]
+    wbc_check: WbcCheck
+    segment: Annotated[Literal["off", "unet", "kmeans", "grabcut"], BeforeValidator(_word)]
+    segmenter_model: str
+    mask_background: bool
+    classifier: Annotated[Literal["off", "cnn"], BeforeValidator(_word)]
+    classifier_model: str
+    device: Device
+    runtime: Literal["onnx", "torch"]
+    review_threshold: Fraction
+    classify_batch: Annotated[int, Field(gt=0)]
+    classify_tta: Optional[Annotated[int, Field(ge=1, le=8)]]
+    field_batch: Annotated[int, Field(gt=0)]
+    cache_dir: Annotated[str, BeforeValidator(_word)]  # auto | off | a folder
+    io: IoSection
+    report: ReportSection
+    guard: Guard
+    flags: Flags
+
+
+# ---------------------------------------------------------------- detect
+
+
+class DetectData(Section):
+    bccd: Path_
+    txl: Path_
+    bccd_val_fraction: Fraction
+    seed: int
+    workdir: str
+
+
+class DetectTrain(Section):
+    epochs: int
+    time: Optional[float]
+    imgsz: int
+    batch: int
+    workers: int
+    patience: int
+    optimizer: str
+    lr0: float
+    lrf: float
+    cos_lr: bool
+    warmup_epochs: float
+    close_mosaic: int
+    hsv_h: float
+    hsv_s: float
+    hsv_v: float
+    degrees: float
+    flipud: Fraction
+    fliplr: Fraction
+    scale: float
+    translate: float
+    mosaic: Fraction
+    mixup: Fraction
+    seed: int
+    device: Device
+
+
+class DetectStain(Section):
+    """Stain jitter of the detector's training mosaics, in optical density."""
+
+    p: Fraction
+    scale: float
+    mix: float
+    tint: float
+
+
+class DetectInfer(Section):
+    imgsz: int
+    conf: Fraction
+    iou: Fraction
+    max_det: int
+    batch: int
+    tile_above: float
+    field_scale: int
+    tile_overlap: Annotated[float, Field(ge=0.0, lt=1.0)]
+    border: float
+
+
+class DetectConfig(Section):
+    model: str
+    data: DetectData
+    train: DetectTrain
+    stain: Optional[DetectStain] = None  # a detect.yaml without the section trains without the jitter
+    infer: DetectInfer
+
+
+# ---------------------------------------------------------------- segment
+
+
+class SegmentModel(Section):
+    arch: str
+    encoder: str
+    decoder_channels: list[int]
+    input_size: int
+    crop_margin: float
+
+
+class SegmentData(Section):
+    root: str
+    sources: Optional[list[str]]
+    holdout: Optional[str]
+    boxes_root: Path_
+    test_fields: Path_
+    val_fraction: Fraction
+    test_fraction: Fraction
+    split_seed: int
+    cache_pad: float
+
+
+class SegmentTrain(Section):
+    epochs: int
+    batch: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    dice_weight: float
+    max_minutes: Optional[float]
+    seed: int
+    device: Device
+    threads: Optional[int]
+    augment: Augment
+
+
+class SegmentConfig(Section):
+    model: SegmentModel
+    data: SegmentData
+    train: SegmentTrain
+
+
+# ---------------------------------------------------------------- classify
+
+
+class ClassifyModel(Section):
+    arch: str
+    input_size: int
+    crop_margin: float
+    drop_rate: Fraction
+    tta: Annotated[int, Field(ge=1, le=8)]
+    norm: Literal["batch", "group"]
+    colour_norm: Annotated[Literal["off", "reinhard"], BeforeValidator(_word)]
+    novelty_quantile: Optional[Annotated[float, Field(ge=0.5, lt=1.0)]]
+    init: Optional[str]
+
+
+class ClassifyData(Section):
+    root: str
+    layout: Literal["auto", "pbc", "folders", "csv"]
+    sources: Optional[list[dict[str, Any]]]
+    split: Optional[str]
+    split_fractions: list[float]
+    split_seed: int
+    cache_dir: Annotated[str, BeforeValidator(_word)]  # auto | off | a folder
+    cache_pad: float
+    max_train_items: Optional[int]
+    max_eval_items: Optional[int]
+    workers: Optional[int]
+
+
+class ClassifyTrain(Section):
+    epochs: int
+    batch: int
+    epoch_items: Optional[int]
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: Fraction
+    class_weight_power: float
+    group_loss_weight: float
+    patience: int
+    max_minutes: Optional[float]
+    seed: int
+    device: Device
+    threads: Optional[int]
+    prefetch: bool
+    augment: Augment
+
+
+class ClassifyConfig(Section):
+    model: ClassifyModel
+    data: ClassifyData
+    train: ClassifyTrain
+
+
+MODELS: dict[str, type[Section]] = {"pipeline": PipelineConfig, "detect": DetectConfig,
+                                    "segment": SegmentConfig, "classify": ClassifyConfig}

@@ -1,0 +1,237 @@
+"""The training loop both networks use, in the style of torchvision's references: a run folder
+(config, log.csv, checkpoint, best weights, resume), ``train_one_epoch`` and the LR schedule.
+
+On a CPU shared with other jobs, start Python with ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP
+threads otherwise spin while waiting, and with more busy threads than cores a training step
+ran 2-3x slower in our measurements. (It must be set before torch is imported.)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smear.config import dump_config
+from smear.devices import resolve_device, set_threads
+from smear.errors import ModelError, SmearError
+from smear.io import atomic_path, write_text_atomic
+from smear.nn.weights import save_weights
+
+BEST = "best.safetensors"
+CHECKPOINT = "checkpoint.pt"
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  floor: float = 0.01) -> torch.optim.lr_scheduler.SequentialLR:
+    """Per-step LR: linear warmup from ``floor`` x lr to lr over ``warmup_steps``, then cosine down
+    to ``floor`` x lr at ``total_steps`` (torch's SequentialLR of LinearLR and CosineAnnealingLR)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    base = optimizer.param_groups[0]["lr"]
+    warmup = LinearLR(optimizer, start_factor=floor, end_factor=1.0, total_iters=max(1, warmup_steps))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=base * floor)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def _load_scheduler(scheduler, state: dict[str, Any]) -> None:
+    """Restore a scheduler; a checkpoint of the earlier LambdaLR schedule (the same curve) is
+    brought to its step by replaying the steps."""
+    if "_schedulers" in state or not isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        scheduler.load_state_dict(state)
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no training happens here
+        for _ in range(int(state.get("last_epoch", 0))):
+            scheduler.step()
+
+
+def optimize_step(loss: torch.Tensor, optimizer, scheduler, epoch: int) -> None:
+    """One optimizer and scheduler step on ``loss``; a non-finite loss stops the run with a hint."""
+    if not torch.isfinite(loss):
+        raise SmearError(f"epoch {epoch}: loss is {loss.item()}", hint="lower train.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def epoch_batches(order: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Whole batches of ``order`` (each sorted; the last partial batch dropped, unless it is the only one)."""
+    n_batches = max(1, len(order) // batch) if len(order) >= batch else 1
+    return [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
+
+
+def train_one_epoch(model: torch.nn.Module, loss_of: Callable[[Any], torch.Tensor], optimizer, scheduler,
+                    batches: Sequence[np.ndarray], make: Callable[[np.ndarray], Any], epoch: int,
+                    prefetch: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (index arrays): ``make(idx)`` builds a batch (in a background thread
+    with ``prefetch``), ``loss_of(batch)`` its loss, one optimizer step each."""
+    model.train()
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    stream = _prefetch(batches, make) if prefetch else ((i, make(i)) for i in batches)
+    for b, (idx, item) in enumerate(stream):
+        loss = loss_of(item)
+        optimize_step(loss, optimizer, scheduler, epoch)
+        total += loss.item() * len(idx)
+        seen += len(idx)
+        if progress is not None and (b + 1) % 50 == 0:
+            progress(f"  epoch {epoch} batch {b + 1}/{len(batches)} loss {total / seen:.4f} "
+                     f"{seen / (time.perf_counter() - t0):.1f} images/s")
+    secs = time.perf_counter() - t0
+    return {"train_loss": total / max(1, seen), "train_images": seen, "train_seconds": secs,
+            "train_images_per_s": seen / max(secs, 1e-9)}
+
+
+def _prefetch(batches: Iterable[np.ndarray], make: Callable[[np.ndarray], Any], depth: int = 2):
+    """Yield ``(idx, make(idx))`` with the next batches prepared in a background thread, so that
+    augmentation overlaps the training step (torch ops release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for idx in batches:
+                if stop.is_set():
+                    return
+                q.put((idx, make(idx)))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(exc)
+        q.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+def append_log(path: Path, row: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """Append one epoch's row to a run's log.csv (header on the first row; floats to 6 digits)."""
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, augment, **state: Any) -> None:
+    """Model, optimizer, scheduler, augmentation and torch RNG states plus ``state`` (epoch, best, ...),
+    written atomically; ``load_checkpoint`` restores them."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "augment": augment.state(),
+                    "torch_rng": torch.get_rng_state(), **state}, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, augment) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the checkpoint (epoch, best, ...). Loaded with
+    ``weights_only=True``: a checkpoint that would import code is refused, never run."""
+    import pickle
+
+    # numpy scalars (metrics kept as best, ...) are plain values too
+    plain = [np._core.multiarray.scalar, np.dtype] + [getattr(np.dtypes, n) for n in (
+        "Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")]
+    try:
+        with torch.serialization.safe_globals(plain):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: refusing to load this checkpoint ({reason[:160]})",
+                         hint="only tensors and plain values are loaded; delete it to start the run afresh") from exc
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    _load_scheduler(scheduler, ck["scheduler"])
+    augment.set_state(ck["augment"])
+    torch.set_rng_state(ck["torch_rng"])
+    return ck
+
+
+@dataclass
+class RunFolder:
+    """A training run's folder: config.yaml (resolved), log.csv (a row per epoch), checkpoint.pt
+    (every epoch; ``resume`` continues from it), best.safetensors and, at the end, ``model/``."""
+
+    path: Path
+    log_fields: tuple[str, ...]
+
+    @classmethod
+    def start(cls, out: str | Path, cfg: dict[str, Any], resume: bool, log_fields: tuple[str, ...],
+              hint: str = "pass --resume or a new folder") -> RunFolder:
+        """Open ``out`` for a run (a non-empty folder only with ``resume``) and write its config."""
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise SmearError(f"{out}: run folder exists and is not empty", hint=hint)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_config(cfg))
+        return cls(out, log_fields)
+
+    @staticmethod
+    def setup(t: dict[str, Any]) -> tuple[torch.device, int]:
+        """Threads, device and seed from a ``train:`` section; returns (device, threads)."""
+        threads = set_threads(t["threads"])
+        device = resolve_device(t["device"])
+        torch.manual_seed(int(t["seed"]))
+        return device, threads
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    def resume(self, model, optimizer, scheduler, augment) -> dict[str, Any] | None:
+        """The checkpoint's state after restoring it into the objects, or None when there is none."""
+        if not self.checkpoint.is_file():
+            return None
+        return load_checkpoint(self.checkpoint, model, optimizer, scheduler, augment)
+
+    def save_best(self, model) -> None:
+        save_weights(model, self.best)
+
+    def end_epoch(self, row: dict[str, Any], model, optimizer, scheduler, augment, **state: Any) -> None:
+        """Append the epoch's row to log.csv and write the checkpoint."""
+        append_log(self.path / "log.csv", row, self.log_fields)
+        save_checkpoint(self.checkpoint, model, optimizer, scheduler, augment, **state)
+
+    def check_finished(self) -> None:
+        if not self.best.is_file():
+            raise SmearError(f"{self.path}: no epoch finished, nothing to save")
+
+
+def clock(t: dict[str, Any], wall0: float = 0.0) -> tuple[float, float]:
+    """(start time, wall-time limit in seconds) of a run resumed after ``wall0`` seconds."""
+    return time.perf_counter() - wall0, float(t["max_minutes"]) * 60 if t["max_minutes"] else math.inf
+
+
+def out_of_time(t0: float, max_s: float, t: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """True (and said) once the run's wall time is over ``train.max_minutes``."""
+    if time.perf_counter() - t0 > max_s:
+        say(f"time limit: {t['max_minutes']} min reached")
+        return True
+    return False
+
