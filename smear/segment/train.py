@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from smear.artifacts import save_model_dir
-from smear.io import write_text_atomic
+from smear.io import removed_on_failure, write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch
 from smear.nn.loop import warmup_cosine
@@ -84,8 +84,17 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
     return a[:, top:top + size, top:top + size]
 
 
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info) -> Path:
-    """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it."""
+def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info,
+          on_batch: loop.OnBatch | None = None) -> Path:
+    """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it.
+    ``on_batch(epoch, done, total)`` follows each epoch; a run folder this call made is removed
+    again if it fails before its first checkpoint."""
+    with removed_on_failure(out, loop.CHECKPOINT):
+        return _train(cfg, out, resume, log, on_batch)
+
+
+def _train(cfg: dict[str, Any], out: str | Path, resume: bool, log: Callable[[str], None],
+           on_batch: loop.OnBatch | None) -> Path:
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
@@ -132,7 +141,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
             break
         order = np.random.default_rng([int(t["seed"]), epoch]).permutation(len(train_items))
         stats = loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
-                                     epoch)
+                                     epoch, on_batch=on_batch)
         pred = _predict(model, norm, x_val, size, batch, device)
         sc = [crop_scores(p, y, h) for p, y, h in zip(pred, y_val, has_cell)]
         cell = float(np.nanmean([s["cell_dice"] for s in sc])) if any(has_cell) else float("nan")
