@@ -170,3 +170,23 @@ def test_detect_failing_before_its_first_checkpoint_leaves_no_folder(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     res = runner.invoke(app, ["train", "detect", "--out", "det", "--set", "data.bccd=nowhere"])
     assert res.exit_code == 1 and "--data" in res.stderr and not (tmp_path / "det").exists()
+
+
+def test_detect_data_without_a_val_split_holds_out_a_fixed_part_of_train(tmp_path):
+    import yaml
+    from test_detect_train import _voc
+
+    from smear.config import load_config
+    from smear.detect.train import build_training_data, data_dir, val_split_name
+
+    _voc(tmp_path / "voc")
+    res = runner.invoke(app, ["data", "convert", str(tmp_path / "voc"), "--out", str(tmp_path / "mine")])
+    assert res.exit_code == 0, res.output
+    cfg = load_config("detect", None, ["data.val_fraction=0.34"], {"--data": ("data.yolo", str(tmp_path / "mine"))})
+    assert data_dir(cfg, tmp_path / "run") == tmp_path / "run" / "detect-data"
+    data_yaml = build_training_data(cfg, data_dir(cfg, tmp_path / "run"), log=lambda m: None)
+    spec = yaml.safe_load(data_yaml.read_text())
+    assert [len(list(Path(spec[k]).iterdir())) for k in ("train", "val")] == [4, 2]
+    assert val_split_name(cfg["data"]) == f"{tmp_path / 'mine' / 'data.yaml'} train holdout 34% seed 0"
+    cfg["data"]["workdir"] = str(tmp_path / "elsewhere")  # set explicitly: used as it is
+    assert data_dir(cfg, tmp_path / "run") == tmp_path / "elsewhere"

@@ -87,7 +87,7 @@ def build_training_data(cfg: dict[str, Any], workdir: str | Path, log: Callable[
 def val_split_name(dcfg: dict[str, Any]) -> str:
     """What the packaged validation figures were measured on, in words."""
     if dcfg.get("yolo"):
-        data_yaml = yolo_data_yaml(dcfg["yolo"])
+        data_yaml = yolo_data_yaml(dcfg["yolo"]).resolve()
         if _has_val(data_yaml):
             return f"{data_yaml} val"
         return f"{data_yaml} train holdout {dcfg['val_fraction']:.0%} seed {dcfg['seed']}"
