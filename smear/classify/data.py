@@ -26,8 +26,8 @@ SPLIT_NAMES = ("train", "val", "test")
 #: how to deal with a class outside the taxonomy (the class list is fixed; a model's meta names it)
 CLASS_LIST_HINT = ("rename it to one of SNE, BNE, MMY, MY, PMY, EO, BA, LY, MO, ERB, PLATELET (or a group: "
                    "neutrophil, ig, ...) or move it out of the dataset; to extend the class list, add the class "
-                   "to FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5 and _FINE_ALIASES in "
-                   "smear/taxonomy.py and train from scratch")
+                   "to FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8 (a new group also to GROUPS8), FINE_TO_TYPE5 "
+                   "and _FINE_ALIASES in smear/taxonomy.py and train from scratch")
 
 
 @dataclass(frozen=True)
