@@ -37,7 +37,7 @@ from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
 from smear.classify.model import WEIGHTS, build_model
-from smear.io import removed_on_failure, write_text_atomic
+from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch, to_uint8
 from smear.nn.loop import (  # noqa: F401 - public here before the move to smear.nn.loop
@@ -221,17 +221,11 @@ def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, s
     return rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
 
+@loop.removes_failed_run
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
           log: Callable[[str], None] = _log.info, on_batch: loop.OnBatch | None = None) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it.
-    ``on_batch(epoch, done, total)`` follows each epoch; a run folder this call made is removed
-    again if it fails before its first checkpoint."""
-    with removed_on_failure(out, loop.CHECKPOINT):
-        return _train(cfg, out, resume, log, on_batch)
-
-
-def _train(cfg: dict[str, Any], out: str | Path, resume: bool, log: Callable[[str], None],
-           on_batch: loop.OnBatch | None) -> Path:
+    ``on_batch(epoch, done, total)`` follows each epoch."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path

@@ -9,6 +9,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import queue
 import threading
@@ -24,7 +25,7 @@ import torch
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.errors import RESUME_HINT, ModelError, SmearError
-from smear.io import atomic_path, write_text_atomic
+from smear.io import atomic_path, removed_on_failure, write_text_atomic
 from smear.nn.weights import save_weights
 
 BEST = "best.safetensors"
@@ -175,6 +176,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, augment) -> dict[st
     augment.set_state(ck["augment"])
     torch.set_rng_state(ck["torch_rng"])
     return ck
+
+
+def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorates a stage's ``train(cfg, out, ...)``: a run folder the call made is removed again
+    when it fails before its first checkpoint, so that a retry does not find it in its way."""
+    @functools.wraps(train)
+    def wrapper(cfg: dict[str, Any], out: str | Path, *args: Any, **kwargs: Any) -> Path:
+        with removed_on_failure(out, CHECKPOINT):
+            return train(cfg, out, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from smear.artifacts import save_model_dir
-from smear.io import removed_on_failure, write_text_atomic
+from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch
 from smear.nn.loop import warmup_cosine
@@ -84,17 +84,11 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
     return a[:, top:top + size, top:top + size]
 
 
+@loop.removes_failed_run
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info,
           on_batch: loop.OnBatch | None = None) -> Path:
     """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it.
-    ``on_batch(epoch, done, total)`` follows each epoch; a run folder this call made is removed
-    again if it fails before its first checkpoint."""
-    with removed_on_failure(out, loop.CHECKPOINT):
-        return _train(cfg, out, resume, log, on_batch)
-
-
-def _train(cfg: dict[str, Any], out: str | Path, resume: bool, log: Callable[[str], None],
-           on_batch: loop.OnBatch | None) -> Path:
+    ``on_batch(epoch, done, total)`` follows each epoch."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
