@@ -78,7 +78,12 @@ def test_epoch_progress_bar_draws_on_a_terminal_only(monkeypatch, tmp_path):
     tty = Console(file=io.StringIO(), force_terminal=True, width=100)
     with epoch_progress(tty) as on_batch:
         on_batch(2, 3, 7)
-    assert "epoch 2" in tty.file.getvalue() and "3/7" in tty.file.getvalue()
+        tty._live_stack[-1].refresh()
+        assert "epoch 2" in tty.file.getvalue() and "3/7" in tty.file.getvalue()
+        tty.file = io.StringIO()
+        on_batch(2, 7, 7)  # the epoch's batches are done: no bar while it is scored
+        tty._live_stack[-1].refresh()
+        assert "7/7" not in tty.file.getvalue()
     tty.file = io.StringIO()
     plain = Console(file=io.StringIO(), force_terminal=False)
     with epoch_progress(plain) as on_batch:
@@ -88,7 +93,7 @@ def test_epoch_progress_bar_draws_on_a_terminal_only(monkeypatch, tmp_path):
     monkeypatch.setattr(cli_train, "err_console", tty)
     res = runner.invoke(app, ["train", "segment", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    assert "epoch 1" in tty.file.getvalue() and "1/2" in tty.file.getvalue()
+    assert "epoch 1" in tty.file.getvalue() and "1/2" in tty.file.getvalue()  # the fake's on_batch(1, 1, 2)
 
 
 def test_train_one_epoch_reports_each_batch():

@@ -60,12 +60,13 @@ def progress(console: Console, total: int) -> Iterator[Callable[[], None]]:
 @contextlib.contextmanager
 def epoch_progress(console: Console) -> Iterator[Callable[[int, int, int], None]]:
     """A progress bar over the batches of the current epoch; yields the ``on_batch(epoch, done,
-    total)`` callback the training functions take."""
+    total)`` callback the training functions take. The bar shows only while batches run (not
+    while data loads or an epoch is scored)."""
     with _bar(console, "epoch {task.fields[epoch]}") as bar:
-        task = bar.add_task("batches", total=None, epoch="")
+        task = bar.add_task("batches", total=None, epoch="", visible=False)
 
         def on_batch(epoch: int, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, epoch=epoch)
+            bar.update(task, completed=done, total=total, epoch=epoch, visible=done < total)
 
         yield on_batch
 
