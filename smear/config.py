@@ -10,7 +10,7 @@ import copy
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -100,9 +100,12 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
 
 
 def load_config(
-    stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()
+    stage: str, path: str | Path | None = None, overrides: Iterable[str] = (),
+    options: Mapping[str, tuple[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Defaults of ``stage`` updated by a YAML file and then by ``a.b=value`` overrides."""
+    """Defaults of ``stage`` updated by a YAML file, then by ``a.b=value`` overrides, then by
+    ``options``: ``{"--epochs": ("train.epochs", 3)}``, a command's own options (None: not given),
+    each error naming the option."""
     cfg = _check_types(stage, default_config(stage), f"the shipped {stage}.yaml")
     if path is not None:
         path = Path(path)
@@ -118,6 +121,10 @@ def load_config(
     for text in overrides:
         parts, value = parse_override(text)
         cfg = _check_types(stage, _merge(cfg, _nest(parts, value), "", f"--set {text}"), f"--set {text}")
+    for option, (key, value) in (options or {}).items():
+        if value is not None:
+            where = f"{option} {value}"
+            cfg = _check_types(stage, _merge(cfg, _nest(key.split("."), value), "", where), where)
     return cfg
 
 

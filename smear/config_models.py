@@ -123,11 +123,13 @@ class PipelineConfig(Section):
 
 
 class DetectData(Section):
+    yolo: Path_
+    val_fraction: Fraction
     bccd: Path_
     txl: Path_
     bccd_val_fraction: Fraction
     seed: int
-    workdir: str
+    workdir: Path_
 
 
 class DetectTrain(Section):

@@ -27,3 +27,7 @@ class ModelError(SmearError):
 
 class DataError(SmearError):
     """A dataset folder is missing, empty or malformed."""
+
+
+#: the hint of a training run refused because its run folder already holds one
+RESUME_HINT = "pass --resume to continue it, or a new --out"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -348,3 +349,17 @@ def write_image_atomic(target: str | Path, image_rgb: np.ndarray, **save_kwargs)
     with atomic_path(target) as tmp:
         Image.fromarray(image_rgb).save(tmp, format=fmt, **save_kwargs)
     return target
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | Path, checkpoint: str) -> Iterator[None]:
+    """A run folder the block creates is removed again when the block fails (an error or Ctrl-C)
+    before ``folder/checkpoint`` exists, so that a retry does not find a half-made run in its way."""
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if made and folder.is_dir() and not (folder / checkpoint).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -105,3 +105,27 @@ def test_stain_jitter_tints_the_background_and_keeps_the_image_shape():
         assert shift(img, name).shape == img.shape
     with pytest.raises(ValueError, match="unknown stain shift"):
         shift(img, "teal")
+
+
+def test_train_on_a_converted_folder_keeps_its_data_in_the_run_and_summarises_each_epoch(tmp_path, monkeypatch):
+    """--data takes `smear data convert`'s folder; detect-data goes under --out, not the working
+    directory; one plain line per epoch (no colour codes off a terminal); the run line at the end."""
+    import re
+
+    _voc(tmp_path / "voc")
+    res = CliRunner().invoke(app, ["data", "convert", str(tmp_path / "voc"), "--out", str(tmp_path / "mine"),
+                                   "--val-fraction", "0.34"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", "detect", "--data", "mine", "--out", "det", "--epochs", "2",
+                                   "--batch", "4", "--device", "cpu", "--set", "train.imgsz=64",
+                                   "--set", "infer.imgsz=64", "--set", "train.workers=0"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "det" / "detect-data" / "data.yaml").is_file() and not (tmp_path / "runs").exists()
+    epochs = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
+    assert [e.split(":")[0] for e in epochs] == ["epoch 1/2", "epoch 2/2"], res.stderr
+    assert all(re.search(r"box_loss \d+\.\d{3} .*val mAP50 \d\.\d{3}$", e) for e in epochs), epochs
+    assert "\x1b" not in res.output
+    assert res.stdout.splitlines()[-1] == f"  smear run SLIDE_FOLDER --set detector_model={tmp_path / 'det' / 'model'}"
+    meta = json.loads((tmp_path / "det" / "model" / "meta.json").read_text())
+    assert meta["metrics"]["val"]["split"] == f"{tmp_path / 'mine' / 'data.yaml'} val"

@@ -23,6 +23,12 @@ from smear.types import FINE_TO_GROUP8, SmearError, fine_class, group8_of
 
 SPLIT_NAMES = ("train", "val", "test")
 
+#: how to deal with a class outside the taxonomy (the class list is fixed; a model's meta names it)
+CLASS_LIST_HINT = ("rename it to one of SNE, BNE, MMY, MY, PMY, EO, BA, LY, MO, ERB, PLATELET (or a group: "
+                   "neutrophil, ig, ...) or move it out of the dataset; to extend the class list, add the class "
+                   "to FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8 (a new group also to GROUPS8), FINE_TO_TYPE5 "
+                   "and _FINE_ALIASES in smear/taxonomy.py and train from scratch")
+
 
 @dataclass(frozen=True)
 class Item:
@@ -68,9 +74,9 @@ def load_pbc(root: str | Path) -> list[Item]:
             prefix = pbc_prefix(path)
             fine, group = label_from_name(prefix)
             if group is None:
-                raise SmearError(f"{path}: unknown PBC class prefix {prefix!r}",
-                                 hint="expected SNE, BNE, NEUTROPHIL, MMY, MY, PMY, IG, EO, BA, LY, MO, "
-                                      "ERB or PLATELET")
+                where = f"class folder {folder.name!r}" if folder_group is None else f"{path.name}"
+                raise SmearError(f"{root}: {where}: unknown PBC class prefix {prefix!r}, not in the taxonomy",
+                                 hint=CLASS_LIST_HINT)
             if folder_group is not None and folder_group != group:
                 raise SmearError(f"{path}: prefix {prefix!r} is a {group}, but the folder is {folder.name!r}")
             items.append(Item(path, fine, group))
@@ -94,8 +100,8 @@ def load_folders(root: str | Path) -> list[Item]:
             continue
         items.extend(Item(p, fine, group) for p in list_images(folder))
     if unknown:
-        raise SmearError(f"{root}: class folders not in the taxonomy: {', '.join(unknown)}",
-                         hint="rename them to a fine class (SNE, LY, ...) or a group (neutrophil, ig, ...)")
+        raise SmearError(f"{root}: class folder{'s' if len(unknown) > 1 else ''} not in the taxonomy: "
+                         f"{', '.join(unknown)}", hint=CLASS_LIST_HINT)
     if not items:
         raise SmearError(f"{root}: no images found in class folders")
     return items

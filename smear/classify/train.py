@@ -8,7 +8,7 @@ add ``-log sum_{c in group} p_c`` (see ``mixed_loss``).
 
 The run folder ``out`` holds config.yaml (resolved), split.json, log.csv (per epoch: loss, val
 metrics, wall time, images/s), checkpoint.pt (model, optimizer, scheduler, epoch, best; written
-every epoch, ``resume=True`` continues from it), best.safetensors, the test report, and
+every epoch, ``resume=True`` (``--resume``) continues from it), best.safetensors, the test report, and
 ``model/``, the shipped model folder.
 
 On a CPU shared with other jobs, start Python with ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP
@@ -93,8 +93,8 @@ def labels_of(items: list[cdata.Item]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels: tuple[torch.Tensor, torch.Tensor],
                     augment: BatchAugment, batch: int, loss_args: dict[str, Any], epoch: int, device,
-                    order: np.ndarray, prefetch: bool = True, log: Callable[[str], None] | None = None
-                    ) -> dict[str, float]:
+                    order: np.ndarray, prefetch: bool = True, log: Callable[[str], None] | None = None,
+                    on_batch: loop.OnBatch | None = None) -> dict[str, float]:
     """One pass over ``order`` (whole batches only) with ``mixed_loss``; ``labels`` = (fine, group)."""
     fine, group = labels
 
@@ -107,7 +107,7 @@ def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels
                           group[idx].to(device), **loss_args)
 
     return loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
-                                epoch, prefetch=prefetch, progress=log)
+                                epoch, prefetch=prefetch, progress=log, on_batch=on_batch)
 
 
 @torch.no_grad()
@@ -221,11 +221,13 @@ def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, s
     return rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
 
 
+@loop.removes_failed_run
 def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
-          log: Callable[[str], None] = _log.info) -> Path:
-    """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it."""
+          log: Callable[[str], None] = _log.info, on_batch: loop.OnBatch | None = None) -> Path:
+    """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it.
+    ``on_batch(epoch, done, total)`` follows each epoch."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS, hint="pass resume=True or a new folder")
+    run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
     device, threads = run.setup(t)
     log(f"classify: {m['arch']} at {m['input_size']} px on {device} ({threads} threads)")
@@ -280,7 +282,8 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
             break
         order = epoch_order(src_of, src_weights, epoch_items, int(t["seed"]), epoch)
         stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, labels, augment, batch, loss_args,
-                                epoch, device, order, prefetch=bool(t["prefetch"]), log=log)
+                                epoch, device, order, prefetch=bool(t["prefetch"]), log=log,
+                                on_batch=on_batch)
         lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
         vm = classification_metrics(probs, val_labels)

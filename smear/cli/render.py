@@ -43,14 +43,32 @@ def render_summary(diffs: Sequence[Differential], console: Console) -> None:
         console.print()
 
 
+def _bar(console: Console, label: str) -> Progress:
+    """A transient bar on ``console``, drawn only on a terminal (pipes and files get no escape codes)."""
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
 @contextlib.contextmanager
 def progress(console: Console, total: int) -> Iterator[Callable[[], None]]:
     """A progress bar over fields on ``console``; yields a function to call once per field."""
-    bar = Progress(TextColumn("fields"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True, disable=not console.is_terminal)
-    with bar:
+    with _bar(console, "fields") as bar:
         task = bar.add_task("fields", total=total)
         yield lambda: bar.advance(task)
+
+
+@contextlib.contextmanager
+def epoch_progress(console: Console) -> Iterator[Callable[[int, int, int], None]]:
+    """A progress bar over the batches of the current epoch; yields the ``on_batch(epoch, done,
+    total)`` callback the training functions take. The bar shows only while batches run (not
+    while data loads or an epoch is scored)."""
+    with _bar(console, "epoch {task.fields[epoch]}") as bar:
+        task = bar.add_task("batches", total=None, epoch="", visible=False)
+
+        def on_batch(epoch: int, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, epoch=epoch, visible=done < total)
+
+        yield on_batch
 
 
 def render_detect_metrics(metrics: dict, console: Console) -> None:

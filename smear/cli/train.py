@@ -2,36 +2,67 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from smear.cli.app import ConfigOpt, SetOpt, show, train_app
+from smear.cli.app import ConfigOpt, SetOpt, err_console, show, train_app
 
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
 RunOpt = Annotated[Path, typer.Option(help="Run folder (the model folder is OUT/model).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs).", min=1)]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size (train.batch).", min=1)]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (train.device).")]
+
+#: per stage: the config key --data sets, its help, and the `smear run` options that use the model
+_STAGES = {
+    "detect": ("data.yolo", "A YOLO dataset: a data.yaml, or a folder holding one (smear data convert's --out, "
+                            "TXL-PBC); default: data.bccd + data.txl of the config.", "--set detector_model="),
+    "classify": ("data.root", "Single-cell dataset: PBC, class folders, or labels.csv + images/ (data.root).",
+                 "--set classifier_model="),
+    "segment": ("data.root", "Segmentation sources: images/ + masks/, or a folder of them (data.root).",
+                "--segment unet --set segmenter_model="),
+}
 
 
-def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Optional[list[str]]) -> Path:
-    """Resolve the stage's config (checked before anything trains) and run ``smear.<stage>.train.train``."""
+def run_line(stage: str, model_dir: Path) -> str:
+    """The `smear run` command that uses a model folder ``model_dir`` of ``stage``."""
+    return f"smear run SLIDE_FOLDER {_STAGES[stage][2]}{shlex.quote(str(model_dir))}"
+
+
+def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Optional[list[str]],
+           options: dict) -> Path:
+    """Resolve the stage's config (checked before anything trains) and run ``smear.<stage>.train.train``
+    with a progress bar over each epoch's batches (on a terminal)."""
     import importlib
 
+    from smear.cli.render import epoch_progress
     from smear.config import load_config
 
-    cfg = load_config(stage, config, set_ or [])
+    cfg = load_config(stage, config, set_ or [], options)
     module = importlib.import_module(f"smear.{stage}.train")
+    with epoch_progress(err_console) as on_batch:
+        run_dir = module.train(cfg, out, resume=resume, on_batch=on_batch)
     if stage == "detect":  # ultralytics trains; its run is then packaged with tuned thresholds
-        run_dir = module.train(cfg, out, resume=resume)
         return module.package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"], log=show)
-    return module.train(cfg, out, resume=resume)
+    return run_dir
 
 
 def _stage_command(stage: str, doc: str, example: str) -> None:
-    """Register ``smear train STAGE``: resolve the stage's config, train into OUT, print the model folder."""
-    def command(out: RunOpt = Path(f"runs/{stage}"), resume: ResumeOpt = False, config: ConfigOpt = None,
+    """Register ``smear train STAGE``: resolve the stage's config, train into OUT, print the model
+    folder and the `smear run` line that uses it."""
+    key, data_help, _ = _STAGES[stage]
+
+    def command(data: Optional[Path] = typer.Option(None, help=data_help),  # noqa: B008 - help per stage
+                out: RunOpt = Path(f"runs/{stage}"), epochs: EpochsOpt = None, batch: BatchOpt = None,
+                device: DeviceOpt = None, resume: ResumeOpt = False, config: ConfigOpt = None,
                 set_: SetOpt = None) -> None:
-        show(f"model folder: {_train(stage, out, resume, config, set_)}")
+        options = {"--data": (key, None if data is None else str(data)), "--epochs": ("train.epochs", epochs),
+                   "--batch": ("train.batch", batch), "--device": ("train.device", device)}
+        model_dir = _train(stage, out, resume, config, set_, options)
+        show(f"model folder: {model_dir}\nuse it with:\n  {run_line(stage, model_dir)}")
 
     command.__doc__ = doc
     command.__name__ = f"train_{stage}"
@@ -39,10 +70,10 @@ def _stage_command(stage: str, doc: str, example: str) -> None:
 
 
 _stage_command("detect", "Train the YOLO detector (offline, from the model YAML) and package it into OUT/model.",
-               "smear train detect --out runs/det --set train.epochs=40 --set data.bccd=../shared/data/bccd  "
-               "(continue it: --resume)")
+               "smear train detect --data runs/my-fields --out runs/det --epochs 40  "
+               "(--data: the --out of smear data convert; continue a run: --resume)")
 _stage_command("classify", "Train the leukocyte classifier from scratch, calibrate it on validation, score it on test.",
-               "smear train classify --out runs/clf --set data.root=../shared/data/pbc --set train.epochs=30  "
+               "smear train classify --data ../shared/data/pbc --out runs/clf --epochs 30  "
                "(fine-tune: --set model.init=smear/weights/classifier)")
 
 
@@ -60,4 +91,4 @@ def train_novelty(
 
 
 _stage_command("segment", "Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test.",
-               "smear train segment --out runs/seg --set data.root=../shared/data/wbc-seg --set train.epochs=40")
+               "smear train segment --data ../shared/data/wbc-seg --out runs/seg --epochs 40")

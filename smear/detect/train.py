@@ -8,18 +8,52 @@ from typing import Any, Callable
 
 from smear.config import dump_config
 from smear.detect.data import load_dataset, read_voc, split_holdout, write_yolo_dataset, clean_boxes
-from smear.io import write_text_atomic
-from smear.types import SmearError
+from smear.io import removed_on_failure, write_text_atomic
+from smear.errors import RESUME_HINT, SmearError
 
 _log = logging.getLogger(__name__)
 
 
-def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = _log.info) -> Path:
-    """Merge bccd/train (minus a fixed validation part) and txl-pbc train/val into one YOLO folder."""
-    dcfg = cfg["data"]
-    bccd = Path(dcfg["bccd"])
-    if not (bccd / "train").is_dir():
-        raise SmearError(f"{bccd}: BCCD folder with train/ not found", hint="set data.bccd")
+def data_dir(cfg: dict[str, Any], run_dir: str | Path) -> Path:
+    """Where a run's merged YOLO dataset goes: ``data.workdir`` when set, else RUN/detect-data."""
+    workdir = cfg["data"].get("workdir")
+    return Path(workdir) if workdir else Path(run_dir) / "detect-data"
+
+
+def yolo_data_yaml(path: str | Path) -> Path:
+    """The data.yaml of a YOLO dataset given as the file or as a folder holding it."""
+    path = Path(path)
+    yaml_path = path / "data.yaml" if path.is_dir() else path
+    if not yaml_path.is_file() or yaml_path.suffix not in (".yaml", ".yml"):
+        raise SmearError(f"{path}: not a YOLO dataset (no data.yaml)",
+                         hint="give a data.yaml or the folder `smear data convert --out` wrote")
+    return yaml_path
+
+
+def _has_val(data_yaml: Path) -> bool:
+    import yaml
+
+    return "val" in (yaml.safe_load(data_yaml.read_text()) or {})
+
+
+def _own_dataset(dcfg: dict[str, Any]) -> tuple[list, list, list]:
+    """Train and val samples and box problems of ``data.yolo``: its val split, or (without one) a
+    fixed, seeded ``val_fraction`` of its train split."""
+    data_yaml = yolo_data_yaml(dcfg["yolo"])
+    train, problems = load_dataset(data_yaml, split="train")
+    if _has_val(data_yaml):
+        val, more = load_dataset(data_yaml, split="val")
+        return list(train), list(val), problems + more
+    fit, val = split_holdout(train, dcfg["val_fraction"], dcfg["seed"])
+    return fit, val, problems
+
+
+def _bccd_txl(dcfg: dict[str, Any]) -> tuple[list, list, list]:
+    """bccd/train (minus a fixed validation part) and txl-pbc train/val, with their box problems."""
+    bccd = Path(dcfg["bccd"] or "")
+    if not dcfg["bccd"] or not (bccd / "train").is_dir():
+        raise SmearError(f"{bccd}: BCCD folder with train/ not found",
+                         hint="pass --data (a YOLO data.yaml or converted folder) or set data.bccd")
     bccd_train, problems = read_voc(bccd / "train", source="bccd")
     bccd_train, more = clean_boxes(bccd_train)
     problems += more
@@ -32,10 +66,33 @@ def build_training_data(cfg: dict[str, Any], log: Callable[[str], None] = _log.i
                 s.source = f"txl-{s.source}" if s.source else "txl"
             bucket += samples
             problems += more
+    return train, val, problems
+
+
+def build_training_data(cfg: dict[str, Any], workdir: str | Path, log: Callable[[str], None] = _log.info
+                        ) -> Path:
+    """Write the training fields into one YOLO folder ``workdir``: ``data.yolo`` when set, else
+    bccd/train (minus a fixed validation part) and txl-pbc train/val; returns its data.yaml."""
+    dcfg = cfg["data"]
+    train, val, problems = _own_dataset(dcfg) if dcfg.get("yolo") else _bccd_txl(dcfg)
     for p in problems:
         log(f"warning: {p}")
     log(f"detector data: {len(train)} train fields, {len(val)} val fields, {len(problems)} box problems")
-    return write_yolo_dataset({"train": train, "val": val}, Path(dcfg["workdir"]))
+    if not train or not val:
+        raise SmearError(f"detector data: {len(train)} train and {len(val)} val fields",
+                         hint="more fields, or a data.yaml with a val split")
+    return write_yolo_dataset({"train": train, "val": val}, Path(workdir))
+
+
+def val_split_name(dcfg: dict[str, Any]) -> str:
+    """What the packaged validation figures were measured on, in words."""
+    if dcfg.get("yolo"):
+        data_yaml = yolo_data_yaml(dcfg["yolo"]).resolve()
+        if _has_val(data_yaml):
+            return f"{data_yaml} val"
+        return f"{data_yaml} train holdout {dcfg['val_fraction']:.0%} seed {dcfg['seed']}"
+    name = f"bccd/train holdout {dcfg['bccd_val_fraction']:.0%} seed {dcfg['seed']}"
+    return name + (" + txl-pbc/val" if dcfg.get("txl") else "")
 
 
 def fine_tunes(cfg: dict[str, Any]) -> bool:
@@ -67,35 +124,50 @@ def _trainer(cfg: dict[str, Any]):
     return stain_trainer(StainJitter(**{k: float(v) for k, v in stain.items()}))
 
 
+LAST = "weights/last.pt"  # ultralytics' checkpoint, written after every epoch
+
+
 def train(cfg: dict[str, Any], out: Path, resume: bool = False,
-          log: Callable[[str], None] = _log.info) -> Path:
-    """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt."""
-    from smear.detect.ultra import ultralytics_log, yolo
+          log: Callable[[str], None] = _log.info, on_batch: Callable[[int, int, int], None] | None = None
+          ) -> Path:
+    """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt.
+    ultralytics' log is summarised into ``log`` (a line per epoch); ``on_batch(epoch, done, total)``
+    follows each epoch. A run folder this call made is removed again if it fails before its first
+    checkpoint; one with a checkpoint is refused unless ``resume``."""
+    out = Path(out).resolve()
+    if (out / LAST).exists() and not resume:
+        raise SmearError(f"{out}: run folder exists and has a checkpoint", hint=RESUME_HINT)
+    with removed_on_failure(out, LAST):
+        return _train(cfg, out, resume, log, on_batch)
+
+
+def _train(cfg: dict[str, Any], out: Path, resume: bool, log: Callable[[str], None],
+           on_batch: Callable[[int, int, int], None] | None) -> Path:
+    from smear.detect.ultra import training_log, yolo
     from smear.devices import resolve_device, set_threads
 
-    out = Path(out).resolve()
-    last = out / "weights" / "last.pt"
+    last = out / LAST
     if resume:
         if not last.exists():
             raise SmearError(f"{last}: nothing to resume", hint="start without --resume")
         model = yolo(last)
         _keep_threads(model)
         saved = out / "smear_config.yaml"  # the run's own config says whether it jitters stains
-        with ultralytics_log():
+        with training_log(model, log, on_batch):
             model.train(resume=True, trainer=_trainer(_saved_config(saved, cfg)))
         set_threads()
         return out
     if fine_tunes(cfg) and not Path(cfg["model"]).is_file():
         raise SmearError(f"{cfg['model']}: weights to fine-tune from not found",
                          hint="set model to a run's weights/best.pt or to a model YAML")
-    data_yaml = build_training_data(cfg, log)
+    data_yaml = build_training_data(cfg, data_dir(cfg, out), log)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "smear_config.yaml", dump_config(cfg))
     t = dict(cfg["train"])
     device = resolve_device(t.pop("device"))
     model = yolo(cfg["model"])
     _keep_threads(model)
-    with ultralytics_log():
+    with training_log(model, log, on_batch):
         model.train(
             data=str(data_yaml), project=str(out.parent), name=out.name, exist_ok=True,
             device="cpu" if device.type == "cpu" else device.index or 0,
@@ -124,7 +196,7 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, model_dir / "detector.pt")
     infer = dict(cfg["infer"])
-    data_yaml = Path(cfg["data"]["workdir"]) / "data.yaml"
+    data_yaml = data_dir(cfg, run_dir) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
     det = YoloDetector(model_dir / "detector.pt", imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
                        max_det=infer["max_det"], device=device, border=infer.get("border", 0.0))
@@ -139,9 +211,7 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
         "architecture": Path(det.model.model.yaml.get("yaml_file", cfg["model"])).name,
         "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
         "infer": infer, "trained": date.today().isoformat(),
-        "metrics": {"val": {"split": "bccd/train holdout "
-                            f"{cfg['data']['bccd_val_fraction']:.0%} seed {cfg['data']['seed']} + txl-pbc/val",
-                            **metrics}},
+        "metrics": {"val": {"split": val_split_name(cfg["data"]), **metrics}},
         "data_fingerprint": data_fingerprint(s.image for s in val),
     }
     if fine_tunes(cfg):

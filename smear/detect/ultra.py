@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 def _font_source() -> Path | None:
@@ -72,7 +74,7 @@ def _no_surprises(ul) -> None:
 def ultralytics():
     """Import ultralytics after the offline set-up, restoring torch's thread count. Its log is
     quiet (warnings only: no "Loading ... for ONNX Runtime", no settings notes) unless the user sets
-    YOLO_VERBOSE; training turns it up again (``ultralytics_log``)."""
+    YOLO_VERBOSE; training summarises it (``training_log``)."""
     from smear.devices import set_threads
 
     setup_offline()
@@ -87,16 +89,62 @@ def ultralytics():
     return ul
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Plain(logging.Filter):
+    """ultralytics' records without its colour codes (for a stderr that is not a terminal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _ANSI.sub("", record.getMessage()), ()
+        return True
+
+
+def _epoch_line(trainer) -> str:
+    """``epoch 3/40: box_loss 1.234 cls_loss 0.987 dfl_loss 1.101, val mAP50 0.412``."""
+    try:
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+    except (AttributeError, TypeError):  # another ultralytics' loss layout: the metrics alone
+        losses = {}
+    parts = " ".join(f"{k.split('/', 1)[-1]} {v:.3f}" for k, v in losses.items())
+    map50 = (trainer.metrics or {}).get("metrics/mAP50(B)")
+    return (f"epoch {trainer.epoch + 1}/{trainer.epochs}: {parts}"
+            + ("" if map50 is None else f", val mAP50 {float(map50):.3f}"))
+
+
 @contextlib.contextmanager
-def ultralytics_log(level: int = logging.INFO):
-    """ultralytics' own log at ``level`` inside the block (a training run's epochs and metrics)."""
+def training_log(model, log: Callable[[str], None], on_batch: Callable[[int, int, int], None] | None = None):
+    """Inside the block ultralytics trains quietly (its own log at warnings, without colour codes
+    when stderr is not a terminal): ``log`` gets one line per epoch (epoch, losses, val mAP50) and
+    ``on_batch(epoch, done, total)`` is called after each batch."""
+    state = {"epoch": None, "done": 0}
+
+    def epoch_start(trainer) -> None:
+        state["epoch"], state["done"] = trainer.epoch, 0
+
+    def batch_end(trainer) -> None:
+        state["done"] += 1
+        if on_batch is not None:
+            on_batch(trainer.epoch + 1, state["done"], len(trainer.train_loader))
+
+    def fit_epoch_end(trainer) -> None:
+        if state["epoch"] == trainer.epoch:  # not the final validation of best.pt, which calls it again
+            state["epoch"] = None
+            log(_epoch_line(trainer))
+
+    for event, fn in (("on_train_epoch_start", epoch_start), ("on_train_batch_end", batch_end),
+                      ("on_fit_epoch_end", fit_epoch_end)):
+        model.add_callback(event, fn)
     logger = logging.getLogger("ultralytics")
-    previous = logger.level
-    logger.setLevel(level)
+    previous, plain = logger.level, _Plain()
+    logger.setLevel(logging.WARNING)
+    if not sys.stderr.isatty():
+        logger.addFilter(plain)
     try:
         yield
     finally:
         logger.setLevel(previous)
+        logger.removeFilter(plain)
 
 
 #: what a detector .pt may import when unpickled: tensors and containers, by exact name ...

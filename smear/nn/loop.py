@@ -9,6 +9,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import queue
 import threading
@@ -23,12 +24,16 @@ import torch
 
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
-from smear.errors import ModelError, SmearError
-from smear.io import atomic_path, write_text_atomic
+from smear.errors import RESUME_HINT, ModelError, SmearError
+from smear.io import atomic_path, removed_on_failure, write_text_atomic
 from smear.nn.weights import save_weights
 
 BEST = "best.safetensors"
 CHECKPOINT = "checkpoint.pt"
+#: what a run writes before its first checkpoint: a folder holding only these never trained
+BEFORE_CHECKPOINT = ("config.yaml", "split*.json")
+#: ``on_batch(epoch, batches done, batches in the epoch)``: progress within an epoch (a CLI's bar)
+OnBatch = Callable[[int, int, int], None]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -75,9 +80,11 @@ def epoch_batches(order: np.ndarray, batch: int) -> list[np.ndarray]:
 
 def train_one_epoch(model: torch.nn.Module, loss_of: Callable[[Any], torch.Tensor], optimizer, scheduler,
                     batches: Sequence[np.ndarray], make: Callable[[np.ndarray], Any], epoch: int,
-                    prefetch: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+                    prefetch: bool = False, progress: Callable[[str], None] | None = None,
+                    on_batch: OnBatch | None = None) -> dict[str, float]:
     """One pass over ``batches`` (index arrays): ``make(idx)`` builds a batch (in a background thread
-    with ``prefetch``), ``loss_of(batch)`` its loss, one optimizer step each."""
+    with ``prefetch``), ``loss_of(batch)`` its loss, one optimizer step each; ``progress`` gets a
+    line every 50 batches, ``on_batch(epoch, done, total)`` is called after each."""
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
     stream = _prefetch(batches, make) if prefetch else ((i, make(i)) for i in batches)
@@ -86,6 +93,8 @@ def train_one_epoch(model: torch.nn.Module, loss_of: Callable[[Any], torch.Tenso
         optimize_step(loss, optimizer, scheduler, epoch)
         total += loss.item() * len(idx)
         seen += len(idx)
+        if on_batch is not None:
+            on_batch(epoch, b + 1, len(batches))
         if progress is not None and (b + 1) % 50 == 0:
             progress(f"  epoch {epoch} batch {b + 1}/{len(batches)} loss {total / seen:.4f} "
                      f"{seen / (time.perf_counter() - t0):.1f} images/s")
@@ -169,6 +178,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, augment) -> dict[st
     return ck
 
 
+def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorates a stage's ``train(cfg, out, ...)``: a run folder the call made is removed again
+    when it fails before its first checkpoint, so that a retry does not find it in its way."""
+    @functools.wraps(train)
+    def wrapper(cfg: dict[str, Any], out: str | Path, *args: Any, **kwargs: Any) -> Path:
+        with removed_on_failure(out, CHECKPOINT):
+            return train(cfg, out, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class RunFolder:
     """A training run's folder: config.yaml (resolved), log.csv (a row per epoch), checkpoint.pt
@@ -179,11 +199,16 @@ class RunFolder:
 
     @classmethod
     def start(cls, out: str | Path, cfg: dict[str, Any], resume: bool, log_fields: tuple[str, ...],
-              hint: str = "pass --resume or a new folder") -> RunFolder:
-        """Open ``out`` for a run (a non-empty folder only with ``resume``) and write its config."""
+              hint: str = RESUME_HINT) -> RunFolder:
+        """Open ``out`` for a run and write its config. A folder with more than an earlier attempt's
+        ``BEFORE_CHECKPOINT`` files (which are then cleared) is refused unless ``resume``."""
         out = Path(out)
-        if out.exists() and any(out.iterdir()) and not resume:
-            raise SmearError(f"{out}: run folder exists and is not empty", hint=hint)
+        if out.is_dir() and not resume:
+            started = [p for p in out.iterdir() if not any(p.match(g) for g in BEFORE_CHECKPOINT)]
+            if started:
+                raise SmearError(f"{out}: run folder exists and is not empty", hint=hint)
+            for stale in out.iterdir():  # an attempt that failed before its first checkpoint
+                stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_config(cfg))
         return cls(out, log_fields)

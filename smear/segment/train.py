@@ -84,8 +84,11 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
     return a[:, top:top + size, top:top + size]
 
 
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info) -> Path:
-    """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it."""
+@loop.removes_failed_run
+def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info,
+          on_batch: loop.OnBatch | None = None) -> Path:
+    """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it.
+    ``on_batch(epoch, done, total)`` follows each epoch."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
@@ -132,7 +135,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
             break
         order = np.random.default_rng([int(t["seed"]), epoch]).permutation(len(train_items))
         stats = loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
-                                     epoch)
+                                     epoch, on_batch=on_batch)
         pred = _predict(model, norm, x_val, size, batch, device)
         sc = [crop_scores(p, y, h) for p, y, h in zip(pred, y_val, has_cell)]
         cell = float(np.nanmean([s["cell_dice"] for s in sc])) if any(has_cell) else float("nan")
