@@ -171,7 +171,8 @@ class RayEngine:
     def _connect(self, ray) -> None:
         if ray.is_initialized():
             return
-        kwargs: dict[str, Any] = {"log_to_driver": self.worker_logs, "logging_level": logging.WARNING}
+        kwargs: dict[str, Any] = {"log_to_driver": self.worker_logs,  # workers' prints would mix into stdout
+                                  "logging_level": logging.INFO if self.worker_logs else logging.ERROR}
         if self.address is None and not os.environ.get("RAY_ADDRESS"):
             kwargs["include_dashboard"] = False
         try:
