@@ -10,11 +10,14 @@ from smear.types import SmearError
 
 
 def available_cores() -> int:
-    """CPU cores this process may use."""
+    """CPU cores this process may use: $OMP_NUM_THREADS when it is set (a Ray worker's share of its
+    node, as Ray sets it), else the cores the process is allowed to run on."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    share = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(cores, int(share))) if share.isdigit() else cores
 
 
 def set_threads(n: int | None = None) -> int:

@@ -88,3 +88,49 @@ class HalfMask:
             m[:, : c.shape[1] // 2] = 2
             out.append(m)
         return out
+
+
+class SynthStages:
+    """Builds stages for the Ray tests in each worker (picklable): the classical detector, a
+    ContentClassifier and HalfMask, ``field_batch`` fields a batch. A worker that meets a field
+    ``kill_width`` pixels wide, while ``marker`` does not exist yet, creates it and SIGKILLs its own
+    process mid-run; one that meets a field ``fail_width`` wide raises. ``log``, when set, is a folder
+    where each worker writes a file per field batch it runs (to count what was run again)."""
+
+    LABELS = [("NEU", 0.9), ("LY", 0.8), ("MO", 0.3), ("EO", 0.95)]
+
+    def __init__(self, field_batch: int = 2, kill_width: int = 0, marker: str = "", fail_width: int = 0,
+                 log: str = ""):
+        self.field_batch, self.kill_width, self.marker = field_batch, kill_width, marker
+        self.fail_width, self.log = fail_width, log
+
+    def __call__(self):
+        from smear.detect.classical import ClassicalDetector
+        from smear.pipeline.run import Stages
+
+        det = _Tripwire(ClassicalDetector(), self.kill_width, self.marker, self.fail_width, self.log)
+        return Stages(detector=det, classifier=ContentClassifier(self.LABELS), segmenter=HalfMask(),
+                      field_batch=self.field_batch, version="synth")
+
+
+class _Tripwire:
+    def __init__(self, inner, kill_width: int, marker: str, fail_width: int, log: str):
+        self.inner, self.kill_width, self.marker, self.fail_width, self.log = inner, kill_width, marker, fail_width, log
+
+    def detect(self, images):
+        import os
+        import signal
+        import uuid
+        from pathlib import Path
+
+        widths = {im.shape[1] for im in images}
+        if self.kill_width in widths and self.marker and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail_width in widths:
+            from smear.types import SmearError
+
+            raise SmearError(f"fault injected on a field {self.fail_width} px wide")
+        if self.log:
+            Path(self.log, f"{os.getpid()}-{uuid.uuid4().hex}").write_text(" ".join(map(str, sorted(widths))))
+        return self.inner.detect(images)

@@ -48,3 +48,14 @@ def test_resolve_device_sets_nothing_and_torch_threads_restores():
         assert torch.get_num_threads() == available_cores()
     finally:
         set_threads(before)
+
+
+def test_available_cores_takes_the_share_ray_gives(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    all_cores = available_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Ray worker holding one CPU
+    assert available_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "999")
+    assert available_cores() == all_cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert available_cores() == all_cores

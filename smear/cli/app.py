@@ -65,6 +65,11 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: a.b=value (repeatable).")]
 
 
+def verbose() -> bool:
+    """Whether --verbose was given."""
+    return _state["verbose"]
+
+
 def fail(message: str, hint: str = "", code: int = 1) -> None:
     """Print one red error line (and a dim hint) and exit non-zero; the text is never read as markup."""
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)

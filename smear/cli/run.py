@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 from enum import Enum
@@ -15,6 +16,11 @@ from smear.cli.app import ConfigOpt, SetOpt, app, err_console, out_console, term
 from smear.errors import SmearError
 
 
+class EngineName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class ReportFormat(str, Enum):
     table = "table"
     csv = "csv"
@@ -23,7 +29,8 @@ class ReportFormat(str, Enum):
 
 
 @app.command(epilog="Examples: smear run examples/slide_demo --report csv  |  smear run slides/ --recursive "
-                     "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume")
+                     "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume  |  "
+                     "smear run /shared/slides --recursive --engine ray --address auto --report csv --out /shared/out.csv")
 def run(
     paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
     report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")
@@ -36,6 +43,14 @@ def run(
     recursive: Annotated[bool, typer.Option(help="Each subfolder holding images is a slide.")] = False,
     resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
                       ] = False,
+    engine: Annotated[EngineName, typer.Option(help="local (this process) | ray (Ray actors; pip install "
+                                                    "\"smear[ray]\").")] = EngineName.local,
+    address: Annotated[Optional[str], typer.Option(help="ray: auto (this node's cluster) | HOST:PORT; default: a "
+                                                        "local Ray instance, or $RAY_ADDRESS.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="ray: worker actors (default: one per GPU, "
+                                                               "or one per node).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0.0, help="ray: GPUs each worker holds (default: 1 "
+                                                                           "when the cluster has GPUs, else 0).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -46,6 +61,12 @@ def run(
     from smear.pipeline.build import build_cache, build_stages
     from smear.report import tables as rep
 
+    if engine == EngineName.local and (address is not None or workers is not None or gpus_per_worker is not None):
+        raise SmearError("--address, --workers and --gpus-per-worker go with --engine ray")
+    if engine == EngineName.ray:
+        from smear.pipeline.ray_engine import require_ray
+
+        require_ray()  # a missing extra is said before any model loads
     overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
     cfg = load_config("pipeline", config, overrides)
     if report == ReportFormat.html and out is None and _stdout_is_terminal():
@@ -54,9 +75,9 @@ def run(
     check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
     stages = build_stages(cfg)
     cache = build_cache(cfg, stages.version, warn=warn)
-    with terminate_cleanly():
+    with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
         reports = _run_slides(slides, stages, cfg, cache, resume, cells,
-                              keep=report in (ReportFormat.json, ReportFormat.html))
+                              keep=report in (ReportFormat.json, ReportFormat.html), engine=eng)
     diffs = rep.differentials(reports, cfg)
     rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
     for d in diffs:
@@ -98,7 +119,18 @@ def _stdout_is_terminal() -> bool:
 _KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"
 
 
-def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool) -> list:
+def _engine(name: EngineName, cfg, stages, cache, address, workers, gpus_per_worker):
+    """The engine a run asked for, as a context: None (the local run) or a started RayEngine."""
+    if name == EngineName.local:
+        return contextlib.nullcontext(None)
+    from smear.cli.app import verbose
+    from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
+
+    return RayEngine(BuildFromConfig(cfg), field_batch=stages.field_batch, cache=cache, address=address,
+                     workers=workers, gpus_per_worker=gpus_per_worker, warn=warn, worker_logs=verbose())
+
+
+def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool, engine=None) -> list:
     """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish."""
     from smear.cli.render import progress
     from smear.pipeline.run import run_slides
@@ -115,7 +147,8 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
                 elif writer is not None:
                     writer.write(slide_name, item)
                 advance()
-            reports = run_slides(slides, stages, cfg["io"]["max_pixels"], on_field, cache, resume, keep_fields=keep)
+            reports = run_slides(slides, stages, cfg["io"]["max_pixels"], on_field, cache, resume, keep_fields=keep,
+                                 engine=engine)
         if writer is not None:
             writer.close()
     except OSError as exc:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -151,14 +152,11 @@ def iter_field_results(
         emitted += 1
 
 
-def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
-              on_field: Callable[[FieldResult | SkippedField], None] | None = None,
-              cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True) -> SlideReport:
-    """All fields of one slide through the stages, aggregated into a SlideReport. With
-    ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
-    ``on_field`` still sees every result as it is made."""
+def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool,
+            on_field: Callable[[FieldResult | SkippedField], None] | None, keep_fields: bool) -> SlideReport:
+    """A slide's field results, in order, aggregated into its SlideReport."""
     fields, skipped, tally = [], [], Tally()
-    for item in iter_field_results(slide, stages, max_pixels, cache, resume):
+    for item in items:
         if isinstance(item, SkippedField):
             skipped.append(item)
         else:
@@ -167,21 +165,50 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
                 fields.append(item)
         if on_field:
             on_field(item)
-    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=stages.classifier is not None,
+    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classified,
                        tally=None if keep_fields else tally)
+
+
+def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
+              on_field: Callable[[FieldResult | SkippedField], None] | None = None,
+              cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True) -> SlideReport:
+    """All fields of one slide through the stages, aggregated into a SlideReport. With
+    ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
+    ``on_field`` still sees every result as it is made."""
+    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume), stages.classifier is not None,
+                   on_field, keep_fields)
+
+
+class Engine(Protocol):
+    """Runs the fields of many slides somewhere else (``smear.pipeline.ray_engine``)."""
+
+    def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool
+                ) -> Generator[FieldResult | SkippedField, None, None]:
+        """One result or SkippedField per field of every slide, in slide and field order."""
+        ...
 
 
 def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_000_000,
                on_field: Callable[[str, FieldResult | SkippedField], None] | None = None,
-               cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True) -> list[SlideReport]:
+               cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True,
+               engine: Engine | None = None) -> list[SlideReport]:
     """Every slide through ``run_slide``, in order; ``on_field(slide_name, item)`` sees each field's
-    result as it is made. A run where no field could be read at all is a SmearError."""
+    result as it is made. With an ``engine`` the fields run there (it holds its own stages and cache)
+    and come back in the same order into the same reports. A run where no field could be read at
+    all is a SmearError."""
+    stream = engine.results(slides, max_pixels, resume) if engine is not None else None
     reports = []
-    for slide in slides:
-        def each(item, _name=slide.name):
-            if on_field is not None:
-                on_field(_name, item)
-        reports.append(run_slide(slide, stages, max_pixels, each, cache, resume, keep_fields=keep_fields))
+    try:
+        for slide in slides:
+            def each(item, _name=slide.name):
+                if on_field is not None:
+                    on_field(_name, item)
+            items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
+                     else itertools.islice(stream, len(slide.fields)))
+            reports.append(_gather(slide, items, stages.classifier is not None, each, keep_fields))
+    finally:
+        if stream is not None:
+            stream.close()  # a run stopped early stops the engine's work too
     if not any(r.n_fields for r in reports):
         skipped = [s for r in reports for s in r.skipped]
         if len(skipped) == 1:

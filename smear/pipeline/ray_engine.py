@@ -1,0 +1,290 @@
+"""Run a pipeline's fields on Ray actors (``smear run --engine ray``): the same results, in the same order.
+
+Ray Core actors, not Ray Data: each actor builds the stages once and is handed the paths of a run of
+fields (a local run's detector batch: same batches, same numbers); it reads them from shared storage,
+runs ``iter_field_results`` as a local run does, writes the cache itself and sends back the results,
+which are small. The driver keeps a bounded window of runs in flight and yields the results in slide
+and field order into the same report code. Ray Data would add its own batching, ordering and a
+dataset layer (and pyarrow) for what is here a list of paths and an ordered stream.
+
+Ray is imported only by the functions here that need it, so the module loads without the extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, Sequence
+
+from smear.errors import SmearError
+from smear.io import Slide
+from smear.pipeline.cache import FieldCache
+from smear.pipeline.run import Stages, iter_field_results
+from smear.types import FieldResult, SkippedField
+
+INSTALL = 'pip install "smear[ray]"'
+RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
+PER_WORKER = 2   # runs queued on each worker, so it never waits for the driver between runs
+START_TIMEOUT_S = 600.0
+
+Item = FieldResult | SkippedField
+
+
+def require_ray():
+    """The ray module, or a one-line SmearError with the pip command."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise SmearError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive fields of one slide: one call on a worker."""
+
+    index: int
+    slide: str
+    fields: tuple[Path, ...]
+
+
+def chunks(slides: Sequence[Slide], field_batch: int) -> list[Chunk]:
+    """Each slide's fields in runs of ``field_batch`` (the local run's detector batches), in order."""
+    out: list[Chunk] = []
+    step = max(1, int(field_batch))
+    for slide in slides:
+        for i in range(0, len(slide.fields), step):
+            out.append(Chunk(len(out), slide.name, tuple(slide.fields[i:i + step])))
+    return out
+
+
+@dataclass(frozen=True)
+class BuildFromConfig:
+    """Builds a worker's stages from the resolved pipeline config; ``device: auto`` means the GPU Ray
+    gave the worker, and the CPU when it gave none (a GPU node's other workers leave its GPUs alone)."""
+
+    cfg: dict[str, Any]
+
+    def __call__(self) -> Stages:
+        import ray
+
+        from smear.pipeline.build import build_stages
+
+        cfg = dict(self.cfg)
+        if str(cfg.get("device", "auto")) == "auto" and not ray.get_gpu_ids():
+            cfg["device"] = "cpu"
+        return build_stages(cfg)
+
+
+class FieldWorker:
+    """What one Ray actor holds: the stages, built once by ``build``, and the shared result cache
+    (``cache``: its folder and the stages' version, as the driver's FieldCache has them)."""
+
+    def __init__(self, build: Callable[[], Stages], cache: tuple[str, str] | None = None):
+        self.stages: Stages | None = None
+        self.error: Exception | None = None
+        try:
+            self.stages = build()
+        except Exception as exc:  # noqa: BLE001 - told by ready(); a constructor that raised would be rerun
+            self.error = exc
+        self.notes: list[str] = []
+        self.cache = FieldCache(cache[0], cache[1], warn=self.notes.append) if cache else None
+
+    def ready(self) -> int:
+        """The worker's process id, once its models are loaded; what building them raised, if it did."""
+        if self.error is not None:
+            raise self.error
+        return os.getpid()
+
+    def run(self, slide: str, fields: Sequence[Path], max_pixels: int, resume: bool) -> tuple[list[Item], list[str]]:
+        """The results of these fields of a slide, in order, and the cache's warnings meanwhile."""
+        assert self.stages is not None, "ready() raised"
+        items = list(iter_field_results(Slide(slide, tuple(fields)), self.stages, max_pixels, self.cache, resume))
+        notes, self.notes = self.notes, []
+        return items, notes
+
+
+def _smear_error(exc: BaseException) -> SmearError | None:
+    """The SmearError a worker raised, found in the causes Ray wraps it in."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # RayTaskError: the worker's own exception
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if isinstance(exc, SmearError):
+            return SmearError(_first_line(exc), exc.hint)
+        exc = exc.__cause__
+    return None
+
+
+@dataclass
+class RayEngine:
+    """Workers on a Ray cluster, as a context manager: ``results`` streams the fields of many slides.
+
+    ``address``: None starts a local Ray (or joins $RAY_ADDRESS), "auto" joins the cluster of this
+    node, "HOST:PORT" a remote one; a Ray already initialised in this process is used as it is.
+    ``workers``: default one per GPU (``gpus_per_worker`` each) or one per node; each worker gets an
+    equal share of the cluster's CPUs (at most a node's). ``gpus_per_worker``: default 1 when the
+    cluster has GPUs, else 0.
+    """
+
+    build: Callable[[], Stages]
+    field_batch: int = 8
+    cache: FieldCache | None = None
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    warn: Callable[[str], None] | None = None
+    worker_logs: bool = False
+    start_timeout_s: float = START_TIMEOUT_S
+    actors: list[Any] = field(default_factory=list, init=False)
+    pids: list[int] = field(default_factory=list, init=False)
+    _owns: bool = field(default=False, init=False)
+    _noted: set[str] = field(default_factory=set, init=False)
+
+    def __enter__(self) -> RayEngine:
+        ray = require_ray()
+        self._connect(ray)
+        try:
+            self._start(ray)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        ray = require_ray()
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - an actor that is already gone
+                pass
+        self.actors = []
+        if self._owns and ray.is_initialized():
+            ray.shutdown()
+        self._owns = False
+
+    def _connect(self, ray) -> None:
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"log_to_driver": self.worker_logs,  # workers' prints would mix into stdout
+                                  "logging_level": logging.INFO if self.worker_logs else logging.ERROR}
+        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+            kwargs["include_dashboard"] = False
+        try:
+            ray.init(address=self.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+            raise SmearError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]}",
+                             hint="start a cluster with `ray start --head` and pass --address auto or HOST:PORT") from exc
+        self._owns = True
+
+    def _shape(self, ray) -> tuple[int, float, float]:
+        """(workers, CPUs each, GPUs each) for the cluster Ray sees."""
+        total = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+        per_gpu = float(self.gpus_per_worker) if self.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+        if per_gpu < 0 or (per_gpu > 0 and gpus < per_gpu):
+            raise SmearError(f"--gpus-per-worker {per_gpu:g}: the Ray cluster has {gpus:g} GPUs",
+                             hint="--gpus-per-worker 0 runs the workers on CPUs")
+        n = int(self.workers) if self.workers else (int(gpus // per_gpu) if per_gpu else max(1, len(nodes)))
+        if n < 1 or n > cpus:
+            raise SmearError(f"--workers {n}: the Ray cluster has {cpus:g} CPUs (at least one per worker)")
+        node_cpus = max((float(nd.get("Resources", {}).get("CPU", 0)) for nd in nodes), default=cpus)
+        return n, max(1.0, min(float(int(cpus // n)), node_cpus)), per_gpu
+
+    def _start(self, ray) -> None:
+        n, cpus, gpus = self._shape(ray)
+        cache = (str(self.cache.folder.parent), self.cache.stages_version) if self.cache is not None else None
+        worker = ray.remote(FieldWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=RESTARTS,
+                                                 max_task_retries=RESTARTS)
+        self.actors = [worker.remote(self.build, cache) for _ in range(n)]
+        pending = {a.ready.remote(): a for a in self.actors}
+        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s)
+        started, self.pids = [], []
+        for ref in ready:
+            try:
+                self.pids.append(ray.get(ref))
+            except Exception as exc:  # noqa: BLE001 - a worker whose stages could not be built
+                raise _smear_error(exc) or SmearError(f"a Ray worker could not load the models: {_first_line(_cause(exc))}",
+                                                      hint="rerun with --verbose for the worker's traceback") from exc
+            started.append(pending[ref])
+        for ref in late:
+            ray.kill(pending[ref])
+        if not started:
+            raise SmearError(f"no Ray worker started within {self.start_timeout_s:g} s "
+                             f"(each asks for {cpus:g} CPUs and {gpus:g} GPUs)",
+                             hint="see `ray status`; --workers and --gpus-per-worker ask for less")
+        if late and self.warn is not None:
+            self.warn(f"{len(late)} of {n} Ray workers did not start within {self.start_timeout_s:g} s; "
+                      f"running on {len(started)}")
+        self.actors = started
+
+    def _note(self, notes: Sequence[str]) -> None:
+        for message in notes:
+            if message not in self._noted and self.warn is not None:
+                self._noted.add(message)
+                self.warn(message)
+
+    def _collect(self, ray, ref, chunk: Chunk) -> list[Item]:
+        try:
+            items, notes = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise SmearError(f"{chunk.slide}: the Ray worker running {chunk.fields[0].name} .. "
+                             f"{chunk.fields[-1].name} died {RESTARTS + 1} times",
+                             hint="see the worker logs (`ray logs`, or /tmp/ray/session_latest/logs)") from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise _smear_error(exc) or SmearError(f"{chunk.slide}: a Ray worker failed: {_first_line(_cause(exc))}",
+                                                  hint="rerun with --verbose for the worker's traceback") from exc
+        self._note(notes)
+        return items
+
+    def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool) -> Generator[Item, None, None]:
+        """One result or SkippedField per field of every slide, in slide and field order."""
+        ray = require_ray()
+        if not self.actors:
+            raise SmearError("RayEngine.results runs inside `with RayEngine(...)`")
+        todo = chunks(slides, self.field_batch)
+        flying: dict[Any, tuple[int, int]] = {}   # object ref -> (chunk, worker)
+        load = [0] * len(self.actors)
+        done: dict[int, list[Item]] = {}
+        sent = given = 0
+        window = 2 * PER_WORKER * len(self.actors)  # runs sent but not yet given out: bounds memory
+        try:
+            while given < len(todo):
+                while sent < len(todo) and sent - given < window and min(load) < PER_WORKER:
+                    k = load.index(min(load))
+                    c = todo[sent]
+                    flying[self.actors[k].run.remote(c.slide, c.fields, max_pixels, resume)] = (sent, k)
+                    load[k] += 1
+                    sent += 1
+                if given in done:
+                    yield from done.pop(given)
+                    given += 1
+                    continue
+                ready, _ = ray.wait(list(flying), num_returns=1)
+                for ref in ready:
+                    index, k = flying.pop(ref)
+                    load[k] -= 1
+                    done[index] = self._collect(ray, ref, todo[index])
+        finally:
+            for ref in flying:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - finished meanwhile, or not cancellable
+                    pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrapping."""
+    return getattr(exc, "cause", None) or exc

@@ -1,0 +1,156 @@
+"""`--engine ray`: the reports of a local run, from Ray actors on a local Ray instance (loopback only)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from fakes import SynthStages
+from smear.cli import app
+from smear.errors import SmearError
+from smear.io import find_slides, write_image_atomic
+from smear.pipeline.cache import FieldCache
+from smear.pipeline.ray_engine import RayEngine
+from smear.pipeline.run import run_slides
+from smear.report import tables as rep
+from smear.synth import make_field
+
+runner = CliRunner()
+CLASSICAL = ["--set", "detector=classical", "--set", "classifier=off", "--set", "cache_dir=off"]
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module: 2 CPUs, no dashboard; the workers import smear and the fakes as
+    this process does."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()
+
+
+def _slides(root: Path, sizes: dict[str, int], bad: dict[str, int] | None = None) -> list[Path]:
+    """Slide folders of small synthetic fields, each field of its own width (the fakes key on it),
+    and ``bad[name]`` unreadable fields in a slide."""
+    folders, width = [], 160
+    for name, n in sizes.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for k in range(n):
+            write_image_atomic(folder / f"f{k:02d}.png", make_field(seed=width, width=width, height=120).image_rgb)
+            width += 1
+        for k in range((bad or {}).get(name, 0)):
+            (folder / f"f{n + k:02d}.png").write_text("text, not a PNG")
+        folders.append(folder)
+    return folders
+
+
+def _texts(reports) -> tuple[str, str, str]:
+    rows = rep.summary_rows(reports)
+    return rep.to_csv(rep.summary_frame(rows)), rep.to_json(reports, rows), rep.cells_csv(reports)
+
+
+def test_ray_reports_match_local_for_one_and_several_slides(tmp_path, ray_local):
+    folders = _slides(tmp_path, {"a": 5, "b": 3, "c": 0}, bad={"b": 1, "c": 2})  # c: every field unreadable
+    build = SynthStages()
+    for paths in (folders[:1], folders):
+        slides = find_slides(paths)
+        local = run_slides(slides, build())
+        seen = []
+        with RayEngine(build, field_batch=build.field_batch, workers=2) as engine:
+            remote = run_slides(slides, build(), engine=engine, on_field=lambda s, item: seen.append((s, item)))
+        assert _texts(remote) == _texts(local)
+        assert [(s, i.field) for s, i in seen] == [(s.name, p.name) for s in slides for p in s.fields]  # in order
+    assert [r.n_fields for r in remote] == [5, 3, 0] and [len(r.skipped) for r in remote] == [0, 1, 2]
+    assert rep.summary_rows(remote)[1]["n_skipped"] == 1
+
+
+@pytest.mark.slow
+def test_cli_engine_ray_writes_the_local_reports_byte_for_byte(tmp_path, ray_local):
+    folders = [str(f) for f in _slides(tmp_path / "in", {"s1": 3, "s2": 2}, bad={"s2": 1})]
+    out = {}
+    for engine in ("local", "ray"):
+        extra = ["--engine", "ray", "--workers", "2"] if engine == "ray" else []
+        csv, cells, js = (tmp_path / f"{engine}.{x}" for x in ("csv", "cells.csv", "json"))
+        res = runner.invoke(app, ["run", *folders, "--report", "csv", "--out", str(csv), "--cells", str(cells),
+                                  *CLASSICAL, *extra])
+        assert res.exit_code == 0, res.output
+        warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: skipped")]
+        res = runner.invoke(app, ["run", *folders, "--report", "json", "--out", str(js), *CLASSICAL, *extra])
+        assert res.exit_code == 0, res.output
+        out[engine] = (csv.read_bytes(), cells.read_bytes(), js.read_bytes(), warnings)
+    assert out["ray"] == out["local"]
+    assert len(out["local"][3]) == 1 and "f02.png" in out["local"][3][0]  # the unreadable field, said once
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_its_fields_rerun(tmp_path, ray_local):
+    folders = _slides(tmp_path, {"a": 4, "b": 4})
+    slides = find_slides(folders)
+    marker = tmp_path / "killed"
+    build = SynthStages(kill_width=165, marker=str(marker))  # b's second field: mid-run, on one of the workers
+    with RayEngine(build, field_batch=2, workers=2) as engine:
+        remote = run_slides(slides, build(), engine=engine)
+    assert marker.exists(), "no worker was killed"
+    assert int(marker.read_text()) in engine.pids  # one of the workers started for the run
+    assert _texts(remote) == _texts(run_slides(slides, SynthStages()()))
+
+
+def test_resumed_ray_run_after_an_interruption_gives_the_same_report(tmp_path, ray_local):
+    folders = _slides(tmp_path / "in", {"a": 4, "b": 4})
+    slides = find_slides(folders)
+    cache = FieldCache(tmp_path / "cache", "synth")
+    with pytest.raises(SmearError, match="fault injected"):  # the run stops at b's last fields
+        with RayEngine(SynthStages(fail_width=166), field_batch=2, workers=2, cache=cache) as engine:
+            run_slides(slides, SynthStages()(), engine=engine, cache=cache)
+    entries = list((tmp_path / "cache").rglob("*.json"))
+    assert 0 < len(entries) < 8 and not list((tmp_path / "cache").rglob("*.tmp"))  # whole entries only
+    log = tmp_path / "log"
+    log.mkdir()
+    build = SynthStages(log=str(log))
+    with RayEngine(build, field_batch=2, workers=2, cache=cache) as engine:
+        resumed = run_slides(slides, build(), engine=engine, cache=cache, resume=True)
+    assert _texts(resumed) == _texts(run_slides(slides, SynthStages()()))
+    rerun = [w for f in log.iterdir() for w in f.read_text().split()]
+    assert len(rerun) == 8 - len(entries)  # the cached fields were not run again
+
+
+def test_ray_options_without_the_extra_or_the_engine_are_one_line_errors(tmp_path, monkeypatch):
+    (folder,) = _slides(tmp_path, {"s": 1})
+    res = runner.invoke(app, ["run", str(folder), "--workers", "2", *CLASSICAL])
+    assert res.exit_code == 1 and "go with --engine ray" in res.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as it does without the extra
+    res = runner.invoke(app, ["run", str(folder), "--engine", "ray", *CLASSICAL])
+    assert res.exit_code == 1
+    assert res.stderr.strip() == 'error: --engine ray needs Ray, which is not installed: pip install "smear[ray]"'
+
+
+def _fake_cluster(cpus: float, gpus: float, nodes: int):
+    per = {"CPU": cpus / nodes, **({"GPU": gpus / nodes} if gpus else {})}
+    return SimpleNamespace(cluster_resources=lambda: {"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+                           nodes=lambda: [{"Alive": True, "Resources": per} for _ in range(nodes)])
+
+
+@pytest.mark.parametrize("cpus, gpus, nodes, workers, per_gpu, shape", [
+    (16, 4, 2, None, None, (4, 4.0, 1.0)),   # GPUs: one worker per GPU, the CPUs shared out
+    (16, 0, 2, None, None, (2, 8.0, 0.0)),   # CPUs only: one worker per node, all its CPUs
+    (16, 0, 2, 3, None, (3, 5.0, 0.0)),
+    (2, 0, 1, 2, None, (2, 1.0, 0.0)),
+    (16, 4, 2, None, 0.5, (8, 2.0, 0.5)),
+    (16, 4, 2, None, 0, (2, 8.0, 0.0)),      # --gpus-per-worker 0: CPU workers on GPU nodes
+])
+def test_worker_shape_follows_the_cluster(cpus, gpus, nodes, workers, per_gpu, shape):
+    engine = RayEngine(SynthStages(), workers=workers, gpus_per_worker=per_gpu)
+    assert engine._shape(_fake_cluster(cpus, gpus, nodes)) == shape
+    with pytest.raises(SmearError, match="the Ray cluster has 2 CPUs"):
+        RayEngine(SynthStages(), workers=3)._shape(_fake_cluster(2, 0, 1))
+    with pytest.raises(SmearError, match="has 0 GPUs"):
+        RayEngine(SynthStages(), gpus_per_worker=1)._shape(_fake_cluster(2, 0, 1))
