@@ -29,8 +29,19 @@ def shipped_dir(name: str) -> Path:
 
 
 def resolve_model_dir(spec: str | Path, default_name: str) -> Path:
-    """``"shipped"`` -> the packaged folder ``default_name``; anything else is a path."""
-    return shipped_dir(default_name) if str(spec) == "shipped" else Path(spec)
+    """``"shipped"`` -> the packaged folder ``default_name``; ``"shipped:NAME"`` -> the packaged
+    folder NAME (e.g. ``shipped:detector_stain``); anything else is a path."""
+    text = str(spec)
+    if text == "shipped":
+        return shipped_dir(default_name)
+    if text.startswith("shipped:"):
+        name = text.split(":", 1)[1]
+        folder = shipped_dir(name)
+        if not name or "/" in name or "\\" in name or not (folder / META).is_file():
+            have = sorted(p.name for p in shipped_dir("").iterdir() if (p / META).is_file())
+            raise ModelError(f"{text}: no shipped model folder of that name", hint=f"shipped: {', '.join(have)}")
+        return folder
+    return Path(spec)
 
 
 def load_meta(model_dir: str | Path) -> dict[str, Any]:

@@ -354,3 +354,16 @@ def test_wbc_rows_count_red_cells_taken_for_white_cells_per_source(tmp_path):
                             "false_wbc": 1, "rbc_as_wbc": 1}
     assert rows["labB"]["recall"] == 0.0 and rows["labB"]["n_pred"] == 0  # the 0.05 box is under the floor
     assert rows["all"]["n_wbc"] == 2 and rows["all"]["recall"] == 0.5 and list(rows)[-1] == "all"
+
+
+def test_a_named_shipped_folder_resolves_and_an_unknown_name_is_a_clear_error():
+    from smear.artifacts import load_meta, resolve_model_dir
+    from smear.types import ModelError
+
+    folder = resolve_model_dir("shipped:detector_stain", "detector")
+    meta = load_meta(folder)
+    assert meta["stage"] == "detect" and meta["classes"] == ["wbc", "rbc", "platelet"]
+    assert resolve_model_dir("shipped", "detector").name == "detector"
+    with pytest.raises(ModelError, match="no shipped model folder") as err:
+        resolve_model_dir("shipped:detektor", "detector")
+    assert "detector_stain" in err.value.hint
