@@ -59,3 +59,21 @@ def test_available_cores_takes_the_share_ray_gives(monkeypatch):
     assert available_cores() == all_cores
     monkeypatch.setenv("OMP_NUM_THREADS", "")
     assert available_cores() == all_cores
+
+
+def test_importing_ultralytics_leaves_the_thread_count_to_smear(monkeypatch):
+    """ultralytics sets OMP_NUM_THREADS=1 on import when it is unset; available_cores reads that
+    variable (a Ray worker's share), so smear must take it back out."""
+    import os
+    import sys
+
+    from smear.detect.ultra import ultralytics
+    from smear.devices import available_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = available_cores()
+    for name in [m for m in sys.modules if m == "ultralytics" or m.startswith("ultralytics.")]:
+        monkeypatch.delitem(sys.modules, name)  # import it afresh, as a new process would
+    ultralytics()
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert available_cores() == cores

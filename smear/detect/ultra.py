@@ -81,9 +81,11 @@ def ultralytics():
     os.environ.setdefault("YOLO_VERBOSE", "False")
     # ultralytics binds its log handler to sys.stdout when imported (and announces a new settings
     # file on first use): import it with stdout pointed at stderr, so reports on stdout stay clean
+    omp = os.environ.get("OMP_NUM_THREADS")  # ultralytics sets it to 1 on import when unset
     with contextlib.redirect_stdout(sys.stderr):
         import ultralytics as ul  # noqa: PLC0415
-
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)  # else smear.devices.available_cores would read 1
     _no_surprises(ul)
     set_threads()
     return ul
