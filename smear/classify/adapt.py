@@ -43,11 +43,11 @@ from smear.nn.augment import BatchAugment
 from smear.classify.evaluate import classification_metrics, lab_row
 from smear.classify.lab_cells import Cells, read_cells, wide_geometry
 from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
-from smear.classify.train import evaluate, mixed_loss, train_one_epoch
+from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import warmup_cosine
 from smear.devices import resolve_device
 from smear.io import write_text_atomic
-from smear.types import FINE_CLASSES, GROUPS8, SmearError
+from smear.types import FINE_CLASSES, SmearError
 
 MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
 
@@ -103,12 +103,6 @@ def stratum_weights(cells: Cells, power: float) -> tuple[torch.Tensor, float]:
     groups = [(raw[s] * scale, n) for s, n in counts.items() if s.startswith("group:")]
     group_w = sum(w * n for w, n in groups) / sum(n for _, n in groups) if groups else 1.0
     return fine_w, float(group_w)
-
-
-def label_tensors(cells: Cells) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fine index (-1 for group-only) and 8-group index of each cell."""
-    fine = torch.tensor([FINE_CLASSES.index(f) if f else -1 for f in cells.fine], dtype=torch.long)
-    return fine, torch.tensor([GROUPS8.index(g) for g in cells.group], dtype=torch.long)
 
 
 def fit_temperature_mixed(logits: torch.Tensor, fine: torch.Tensor, group: torch.Tensor) -> float:
@@ -205,7 +199,7 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     for p in params:
         p.requires_grad_(True)
     model = Partial(net, parts)
-    fine, group = label_tensors(train)
+    fine, group = label_indices(train.fine, train.group)
     weights, group_w = stratum_weights(train, recipe.class_weight_power)
     per_epoch = -(-max(len(train), recipe.batch) // recipe.batch) * recipe.batch  # whole batches
     steps = recipe.epochs * per_epoch // recipe.batch
@@ -255,7 +249,7 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     _train(net, norm, train, recipe, meta, config, dev, log, held=len(held))
 
     after = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
-    h_fine, h_group = label_tensors(held)
+    h_fine, h_group = label_indices(held.fine, held.group)
     if len(held) >= MIN_CALIBRATION:
         temperature, calibrated = fit_temperature_mixed(after, h_fine, h_group), "held-out cells"
     else:

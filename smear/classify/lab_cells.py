@@ -71,11 +71,11 @@ def wide_geometry(meta: dict[str, Any], config: dict[str, Any]) -> tuple[float, 
 # ---------------------------------------------------------------- reading cells
 
 
-def _column_map(path: Path, header: Sequence[str]) -> dict[str, str]:
+def _column_map(path: Path, header: Sequence[str]) -> dict[str, Any]:
     norm = {h.strip().lower().replace(" ", "_"): h for h in header}
     got = {key: next((norm[a] for a in aliases if a in norm), None) for key, aliases in COLUMNS.items()}
     if got["box"] is None and all(c in norm for c in BOX_COLUMNS):
-        got["box"] = ",".join(norm[c] for c in BOX_COLUMNS)  # read back by _box_text
+        got["box"] = tuple(norm[c] for c in BOX_COLUMNS)
     missing = [k for k in REQUIRED if got[k] is None]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
@@ -95,11 +95,11 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def _box_text(row: dict[str, str], column: str) -> str:
+def _box_text(row: dict[str, str], column: str | tuple[str, ...]) -> str:
     """The box of a row: one ``box`` column, or the four the review page writes (x0,y0,x1,y1)."""
-    if column in row:
+    if isinstance(column, str):
         return row.get(column) or ""
-    return ",".join((row.get(c) or "").strip() for c in column.split(","))
+    return ",".join((row.get(c) or "").strip() for c in column)
 
 
 def _field_path(value: str, slide: str, csv_path: Path, fields: Path | None) -> Path:

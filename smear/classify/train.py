@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -84,11 +84,10 @@ def class_weights(items: list[cdata.Item], power: float) -> torch.Tensor:
     return torch.tensor(w / (w[present] * counts[present]).sum() * counts[present].sum(), dtype=torch.float32)
 
 
-def labels_of(items: list[cdata.Item]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fine class index (-1 for group-only) and 8-group index of each item."""
-    fine = torch.tensor([FINE_CLASSES.index(it.fine) if it.fine else -1 for it in items], dtype=torch.long)
-    group = torch.tensor([GROUPS8.index(it.group) for it in items], dtype=torch.long)
-    return fine, group
+def label_indices(fine: Sequence[str | None], group: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine class index (-1 for group-only) and 8-group index of each cell."""
+    return (torch.tensor([FINE_CLASSES.index(f) if f else -1 for f in fine], dtype=torch.long),
+            torch.tensor([GROUPS8.index(g) for g in group], dtype=torch.long))
 
 
 def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels: tuple[torch.Tensor, torch.Tensor],
@@ -246,7 +245,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         train_items = kept
     val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
     colour, stats = _colour_and_stats(m, train_crops, size)
-    labels = labels_of(train_items)
+    labels = label_indices([it.fine for it in train_items], [it.group for it in train_items])
     val_labels = [it.fine or it.group for it in val_items]
     loss_args = {"class_weights": class_weights(train_items, float(t["class_weight_power"])),
                  "smoothing": float(t["label_smoothing"]), "group_weight": float(t["group_loss_weight"])}

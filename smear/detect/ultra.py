@@ -206,12 +206,16 @@ def yolo(model: str | Path, task: str = "detect"):
     return m
 
 
-def _with_jitter(build, jitter, hyp):
-    """A dataset's ``build_transforms`` with ``jitter`` put before the final formatting step, so it
-    survives ultralytics rebuilding the transforms when it closes the mosaic."""
-    transforms = build(hyp)
+def _before_format(transforms, jitter):
+    """``transforms`` (an ultralytics Compose) with ``jitter`` put before its final formatting step."""
     transforms.insert(len(transforms.transforms) - 1, jitter)
     return transforms
+
+
+def _with_jitter(build, jitter, hyp):
+    """A dataset's ``build_transforms`` followed by ``_before_format``, so the jitter survives
+    ultralytics rebuilding the transforms when it closes the mosaic."""
+    return _before_format(build(hyp), jitter)
 
 
 def stain_trainer(jitter):
@@ -227,7 +231,7 @@ def stain_trainer(jitter):
             ds = super().build_dataset(img_path, mode, batch)
             if mode == "train" and ds.augment:
                 ds.build_transforms = functools.partial(_with_jitter, ds.build_transforms, jitter)
-                ds.transforms.insert(len(ds.transforms.transforms) - 1, jitter)
+                ds.transforms = _before_format(ds.transforms, jitter)
             return ds
 
     return StainTrainer
