@@ -160,7 +160,7 @@ class WholeSlideInfo:
     scale: float               # level-0 px per detector px
     tile_px: int               # side of a reading tile's core, level-0 px
     tiles_total: int
-    tiles_read: int
+    tiles_read: int            # looked at: read from the slide or found in the result cache
     tiles_counted: int
     skipped: dict[str, int]    # empty, thick, edge, blurred (finder), blurred_on_read, not_reached
     area_mm2: float | None     # the counted tiles' cores
@@ -177,6 +177,7 @@ class WholeSlideInfo:
     finder_s: float = 0.0
     read_s: float = 0.0
     detect_s: float = 0.0
+    tiles_from_cache: int = 0  # of tiles_read (not in the report rows: a resumed run reports as a whole one)
 
     def row(self) -> dict[str, Any]:
         """The report columns of a whole slide (``wsi_`` names)."""

@@ -4,6 +4,7 @@ monolayer band, written as a tiled pyramidal TIFF with tifffile."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -42,15 +43,23 @@ def _block(row: int, col: int) -> np.ndarray:
     return make_field(seed, BLOCK, BLOCK, n_wbc=0, n_rbc=0, n_platelets=0, flat=True).image_rgb
 
 
+@lru_cache(maxsize=1)
+def _level0() -> np.ndarray:
+    """The slide's level 0 (drawn once per test session)."""
+    full = np.empty((BLOCK * ROWS, BLOCK * len(COLUMNS), 3), np.uint8)
+    for r in range(ROWS):
+        for c in range(len(COLUMNS)):
+            full[r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK] = _block(r, c)
+    full.setflags(write=False)
+    return full
+
+
 def gradient_slide(path: Path, mpp: float | None = MPP, compression: str = "jpeg", levels: int = 3) -> Path:
     """The gradient slide as a pyramidal TIFF at ``path`` (level 0: 5632 x 1536 px)."""
     from smear.wsi.write import write_pyramid
 
-    width, height = BLOCK * len(COLUMNS), BLOCK * ROWS
-    full = np.empty((height, width, 3), np.uint8)
-    for r in range(ROWS):
-        for c in range(len(COLUMNS)):
-            full[r * BLOCK:(r + 1) * BLOCK, c * BLOCK:(c + 1) * BLOCK] = _block(r, c)
+    full = _level0()
+    height, width = full.shape[:2]
     pyramid = {1: full}
 
     def render(x0, y0, w, h, ds):

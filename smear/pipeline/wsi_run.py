@@ -74,27 +74,25 @@ class Geometry:
     margin_l0: int
 
 
-def estimate_mpp(slide: WholeSlide, rbc_diameter_um: float) -> float | None:
-    """um per level-0 px from the median diameter of isolated red cells in a few thin regions."""
+def estimate_mpp(slide: WholeSlide, rbc_diameter_um: float, side: int = 1024) -> float | None:
+    """um per level-0 px from the median diameter of isolated red cells in up to three thin regions
+    (``side`` level-0 px square, about half covered by cells)."""
     ds = max(1.0, max(slide.width, slide.height) / 2048.0)
     thumb = thumbnail(slide, ds)
-    od, _ = finder.optical_density(thumb)
-    cells = od > 0.08
-    block = 32
+    od, background = finder.optical_density(thumb)
+    side = min(side, slide.width, slide.height)
+    block = max(4, int(side / ds))
     h, w = (od.shape[0] // block) * block, (od.shape[1] // block) * block
     if h == 0 or w == 0:
         return None
-    share = cells[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
-    order = np.argsort(np.abs(share - 0.45), axis=None)
-    diameters = []
-    for flat in order[:6]:
+    share = (od[:h, :w] > finder.GLASS_OD).reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+    diameters: list[float] = []
+    for flat in np.argsort(np.abs(share - 0.45), axis=None)[:12]:
         r, c = np.unravel_index(flat, share.shape)
-        if not 0.2 <= share[r, c] <= 0.7:
+        if not 0.2 <= share[r, c] <= 0.7 or len(diameters) >= 3:
             break
-        cx, cy = (c + 0.5) * block * ds, (r + 0.5) * block * ds
-        side = min(1024, slide.width, slide.height)
-        patch = slide.read(int(cx - side / 2), int(cy - side / 2), side, side, 0)
-        d = finder.estimate_rbc_diameter_px(patch)
+        patch = slide.read(int(c * block * ds), int(r * block * ds), side, side, 0)
+        d = finder.estimate_rbc_diameter_px(patch, background)
         if d is not None:
             diameters.append(d)
     return rbc_diameter_um / float(np.median(diameters)) if diameters else None
@@ -168,6 +166,7 @@ def _cut_at(fr: FieldResult, need: int, classified: bool) -> FieldResult:
 @dataclass
 class _Counter:
     tiles_read: int = 0
+    from_cache: int = 0
     blurred_on_read: int = 0
     identified: int = 0
     platelets: int = 0
@@ -215,6 +214,8 @@ def iter_tiles(slide: WholeSlide, name: str, geo: Geometry, path: list[finder.Ti
                 yield SkippedField(name, tile.name, str(got))
                 continue
             if isinstance(got, FieldResult):
+                counter.tiles_read += 1
+                counter.from_cache += 1
                 fr = dataclasses.replace(got, region=region)
             else:
                 counter.tiles_read += 1
@@ -291,13 +292,13 @@ def run_whole_slide(path: str | Path, stages: Stages, settings: WsiSettings, *, 
         path=str(path), width=slide.width, height=slide.height, mpp=round(geo.mpp, 5), mpp_source=geo.mpp_source,
         level=geo.level.index, scale=round(geo.scale, 5), tile_px=geo.tile_l0, tiles_total=len(plan.tiles),
         tiles_read=counter.tiles_read, tiles_counted=len(counted), skipped=skipped,
-        area_mm2=round(area, 4), target_wbc=target_wbc,
+        area_mm2=round(area, 6), target_wbc=target_wbc,
         reached_target=target_wbc is not None and counter.identified >= target_wbc, n_platelet=counter.platelets,
         platelets_per_hpf=per_hpf,
         platelets_1e9_per_l=round(per_hpf * settings.platelet_factor, 1) if per_hpf is not None and known else None,
         hpf_diameter_um=settings.hpf_diameter_um, platelet_factor=settings.platelet_factor, platelet_formula=HPF_SOURCE,
         quality_map=str(target) if target is not None else "", quality_map_png=png, finder_s=round(finder_s, 3),
-        read_s=round(counter.read_s, 3), detect_s=round(counter.detect_s, 3))
+        read_s=round(counter.read_s, 3), detect_s=round(counter.detect_s, 3), tiles_from_cache=counter.from_cache)
     if warn is not None and target_wbc is not None and not info.reached_target:
         warn(f"{name}: the monolayer ran out at {counter.identified} of {target_wbc} white cells "
              f"({len(counted)} tiles counted)")

@@ -211,11 +211,11 @@ def plan(thumb_rgb: np.ndarray, thumb_downsample: float, tile_l0: int, width_l0:
     return Plan(tiles, path, thumb_rgb, thumb_downsample, ref, time.perf_counter() - start, counts)
 
 
-def estimate_rbc_diameter_px(rgb: np.ndarray) -> float | None:
+def estimate_rbc_diameter_px(rgb: np.ndarray, background: np.ndarray | None = None) -> float | None:
     """Median diameter (px) of the isolated, round red cells of a high-resolution patch, or None
-    when fewer than 10 are found."""
-    od, _ = optical_density(rgb)
-    cells = (od > 0.15 * max(0.1, float(np.percentile(od, 99)))).astype(np.uint8)
+    when fewer than 10 are found; ``background`` is the glass's RGB (else the patch's brightest)."""
+    od, _ = optical_density(rgb, background)
+    cells = (od > max(GLASS_OD, 0.15 * float(np.percentile(od[::4, ::4], 99)))).astype(np.uint8)
     cells = cv2.morphologyEx(cells, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))  # fill the central pallor
     n, labels, stats, _ = cv2.connectedComponentsWithStats(cells, connectivity=8)
     diam = []
