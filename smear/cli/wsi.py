@@ -28,7 +28,7 @@ class WholeSlideRun:
 
         return [Slide(p.stem, (p,)) for p in self.paths]
 
-    def options(self, cfg: dict, target_wbc: Optional[int], all_tiles: bool, out: Optional[Path],
+    def options(self, cfg, target_wbc: Optional[int], all_tiles: bool, out: Optional[Path],
                 cells: Optional[Path]) -> "WholeSlideRun":
         """Settings from the config and the command line; the quality maps' folder (auto: beside
         --out, else beside --cells, else none: the map is then only in the HTML report)."""
@@ -36,7 +36,7 @@ class WholeSlideRun:
             return self
         from smear.pipeline.wsi_run import WsiSettings
 
-        self.settings = WsiSettings.from_config(cfg["wsi"])
+        self.settings = WsiSettings.from_config(cfg.wsi)
         self.target_wbc = None if all_tiles else (target_wbc or self.settings.target_wbc)
         where = str(self.settings.quality_map)
         if where == "off":
