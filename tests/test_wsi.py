@@ -219,6 +219,9 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
     data = json.loads((out / "r.json").read_text())["slides"][0]
     assert data["whole_slide"]["target_wbc"] is None and data["whole_slide"]["tiles_counted"] == 15
     assert data["fields"][0]["region"]["scale"] == pytest.approx(1.0)
+    res = _run([str(slide), "--target-wbc", "3", *TEST_SET], tmp_path)  # the table on stdout
+    assert res.exit_code == 0 and "whole slide 5632x1536 px at 0.08 um/px (file)" in res.output
+    assert "target 3 WBC reached" in res.output and "2 blurred" in res.output
 
 
 @pytest.mark.slow
