@@ -256,3 +256,22 @@ def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
     res = _run([str(path)], tmp_path)
     assert res.exit_code != 0
     assert 'pip install "smear[wsi]"' in res.output
+
+
+def test_a_folder_of_slide_files_and_fields(tmp_path):
+    from PIL import Image
+
+    from smear.cli.wsi import check_whole_slides
+    from smear.io import find_slides
+
+    scans = tmp_path / "scans"
+    (scans / "more").mkdir(parents=True)
+    a = write_pyramid(scans / "a.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
+    b = write_pyramid(scans / "more" / "b.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
+    whole, rest = check_whole_slides([scans], False, None, False, recursive=True)
+    assert whole.paths == [a, b] and rest == []  # a folder of slide files only: no field slide
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(scans / "field.png")
+    whole, rest = check_whole_slides([scans], False, None, False, recursive=False)
+    assert whole.paths == [a] and rest == [scans]
+    [fields] = find_slides(rest)
+    assert [p.name for p in fields.fields] == ["field.png"]  # the pyramid is not read as a field
