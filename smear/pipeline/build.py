@@ -128,7 +128,10 @@ def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 def build_stages(cfg: dict[str, Any]) -> Stages:
     """Stages for a resolved pipeline config."""
+    from smear.devices import resolve_device
+
     _runtime(cfg)
+    resolve_device(str(cfg["device"]))  # a device that is not there is said before any stage loads
     for key, allowed in (("classifier", CLASSIFIERS), ("segment", SEGMENTERS)):
         if str(cfg[key]) not in allowed:
             raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",

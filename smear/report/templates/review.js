@@ -114,24 +114,30 @@
     return fig;
   }
 
-  /* put the gallery's cells in queue order (a moved or newly shown cell among them) */
-  function reorder(slide, gallery) {
-    const nodes = Array.from(gallery.children).sort((a, b) => slide.order.get(a.dataset.id) - slide.order.get(b.dataset.id));
-    if (nodes.some((n, k) => gallery.children[k] !== n)) gallery.append(...nodes);
+  /* make figures for these cells (in queue order) and put each into its class's gallery in queue
+     order, leaving the figures already there where they are */
+  function render(slide, cells) {
+    const byGallery = new Map();
+    for (const c of cells) {
+      const gallery = galleryOf(slide, labelOf(slide, c.id));
+      if (!byGallery.has(gallery)) byGallery.set(gallery, []);
+      byGallery.get(gallery).push(c);
+      slide.rendered.add(c.id);
+    }
+    for (const [gallery, list] of byGallery) {
+      let child = gallery.firstElementChild;
+      for (const c of list) {
+        const order = slide.order.get(c.id);
+        while (child && slide.order.get(child.dataset.id) < order) child = child.nextElementSibling;
+        gallery.insertBefore(figure(slide, c), child);
+      }
+    }
   }
 
   /* show every cell of these labels that the page holds as data only */
   function showCells(slide, labels, remember) {
-    const want = new Set(labels), touched = new Set();
-    for (const c of slide.cells) {
-      const label = labelOf(slide, c.id);
-      if (slide.rendered.has(c.id) || !want.has(label)) continue;
-      const gallery = galleryOf(slide, label);
-      gallery.appendChild(figure(slide, c));
-      slide.rendered.add(c.id);
-      touched.add(gallery);
-    }
-    for (const g of touched) reorder(slide, g);
+    const want = new Set(labels);
+    render(slide, slide.cells.filter((c) => !slide.rendered.has(c.id) && want.has(labelOf(slide, c.id))));
     if (remember) {
       slide.state.expanded = [...new Set([...slide.state.expanded, ...labels])];
       save(slide);
@@ -443,15 +449,7 @@
       if (state) slide.state = state; else refused.push(slide.base.slide);
     }
     const withState = new Set([...Object.keys(slide.state.labels), ...Object.keys(slide.state.reviewed)]);
-    const touched = new Set();
-    for (const c of slide.cells) {
-      if (slide.rendered.has(c.id) || !withState.has(c.id)) continue;  // a cell worked on is on screen again
-      const gallery = galleryOf(slide, labelOf(slide, c.id));
-      gallery.appendChild(figure(slide, c));
-      slide.rendered.add(c.id);
-      touched.add(gallery);
-    }
-    for (const g of touched) reorder(slide, g);
+    render(slide, slide.cells.filter((c) => !slide.rendered.has(c.id) && withState.has(c.id)));  // on screen again
     if (slide.state.expanded.length) showCells(slide, slide.state.expanded, false);
     for (const c of slide.cells) place(slide, c.id);
     refresh(slide);
