@@ -131,7 +131,7 @@ def test_live_recount_agrees_with_python(browser, page):
 
 
 def test_exact_intervals_agree_with_python(browser, tmp_path):
-    cfg = {**CFG, "report": {**CFG["report"], "ci_method": "exact", "confidence": 0.9}}
+    cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"ci_method": "exact", "confidence": 0.9})})
     rep = _counted(BASE, {"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14, "UNIDENTIFIED": 2})
     path = tmp_path / "exact.html"
     write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
@@ -288,7 +288,7 @@ def _big_page(tmp_path) -> tuple[SlideReport, Path]:
     [slide] = find_slides([folder])
     labels = [("LY", 0.3)] * 5 + [("EO", 0.9)] * 5 + [("SNE", 0.9)] * 70
     rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5))
-    cfg = {**CFG, "report": {**CFG["report"], "signoff_requires_review": True}}
+    cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"signoff_requires_review": True})})
     path = tmp_path / "big.html"
     write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
     return rep, path
