@@ -51,6 +51,9 @@ class Augment(Section):
     jpeg_p: Fraction = 0.0
     jpeg_quality: int = 40
     gray_p: Fraction = 0.0
+    shuffle_p: Fraction = 0.0      # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction = 0.0         # pink/red Wright-like cast over the whole crop
+    cast_strength: float = 0.4     # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
