@@ -105,7 +105,13 @@
     const span = (cls, text) => { const e = document.createElement("span"); e.className = cls; e.textContent = text; return e; };
     cap.append(span("lab", cell.label), " ", span("p", fixed(cell.prob, 2)));
     if (extra.nc !== null && extra.nc !== undefined) cap.append(" ", span("nc", `N:C ${fixed(extra.nc, 2)}`));
-    cap.append(document.createElement("br"), span("fname", cell.field));
+    const fname = span("fname", "");
+    if (extra.pos) {  // a whole-slide tile: the field name links to the tile, its position in the title
+      const a = document.createElement("a");
+      a.className = "pos"; a.href = `#${extra.anchor}`; a.title = extra.pos; a.textContent = cell.field;
+      fname.appendChild(a);
+    } else fname.textContent = cell.field;
+    cap.append(document.createElement("br"), fname);
     const tip = document.createElement("div");
     tip.className = "tip";
     tip.setAttribute("role", "tooltip");
