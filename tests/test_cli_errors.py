@@ -51,7 +51,7 @@ def test_the_cells_table_failing_to_open_is_one_line(tmp_path, monkeypatch):
     """Were the folder to refuse the file only when the run opens it, that too is one line."""
     from smear.report import tables
 
-    def refuse(self, path, masks=False):
+    def refuse(self, path, masks=False, slide_coords=False):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tables.CellsWriter, "__init__", refuse)
