@@ -238,15 +238,15 @@ def test_too_few_cells_are_refused_with_the_counts_and_the_force_flag(tmp_path, 
 def test_too_few_cells_of_a_corrected_class_are_refused(tmp_path, source):
     from smear.classify.adapt import Limits
 
-    path = _lab_csv(tmp_path, {"LY": 10, "MO": 10, "EO": 2})
-    with pytest.raises(SmearError, match=r"too few cells of a corrected class \(EO 2\).*at least 3"):
+    path = _lab_csv(tmp_path, {"LY": 10, "MO": 10, "EO": 1})
+    with pytest.raises(SmearError, match=r"too few cells of a corrected class \(EO 1\).*at least 2"):
         adapt([path], tmp_path / "out", source, recipe=FAST, log=lambda m: None, fields=tmp_path)
     # cells the reviewer confirmed (predicted == corrected) do not count as corrected classes
-    path = _lab_csv(tmp_path / "b", {"LY": 10, "MO": 10, "EO": 2}, predicted="EO")
+    path = _lab_csv(tmp_path / "b", {"LY": 10, "MO": 10, "EO": 1}, predicted="EO")
     cells = read_cells([path], 1.625, 40, fields=tmp_path / "b")
     from smear.classify.adapt import check_enough
 
-    check_enough(cells, Limits(min_cells=20, min_per_class=3))  # EO confirmed, not corrected: accepted
+    check_enough(cells, Limits(min_cells=20, min_per_class=2))  # EO confirmed, not corrected: accepted
     with pytest.raises(SmearError, match="LY 10"):
         check_enough(cells, Limits(min_cells=20, min_per_class=11))
 

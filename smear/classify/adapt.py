@@ -513,7 +513,7 @@ class Limits:
     """What ``adapt`` refuses (the ``adapt`` section of the classify config)."""
 
     min_cells: int = 20
-    min_per_class: int = 3
+    min_per_class: int = 2
     max_rows: int = 5000
     heldout: float = 0.2
     source_per_class: int = 60
