@@ -3,7 +3,8 @@
 The defaults are written once, in the YAML (with their comments); here every key is required, so a
 key added to one and not the other fails the tests. Every section forbids unknown keys; choices are
 ``Literal``s, so a wrong value is refused with the key and what it must be before any model loads.
-``load_config`` (smear.config) validates with these and hands the stages plain dicts.
+``load_config`` (smear.config) returns these, frozen, and the stages read their attributes; the
+stages' parameter objects (the WBC check, the stain jitter, the batch augmentation) are built from them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------- shared
@@ -45,12 +46,11 @@ class Augment(Section):
     shift: float
     rotate_deg: float
     dihedral: bool
-    # the scale and camera keys may be left out (the U-Net's config does): then smear.nn.augment.DEFAULTS
-    downres_p: Fraction = 0.0
-    downres_min: float = 0.4
-    jpeg_p: Fraction = 0.0
-    jpeg_quality: int = 40
-    gray_p: Fraction = 0.0
+    downres_p: Fraction
+    downres_min: float
+    jpeg_p: Fraction
+    jpeg_quality: int
+    gray_p: Fraction
 
 
 # ---------------------------------------------------------------- pipeline

@@ -99,7 +99,7 @@ def run(
 
         geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
         margin = geometry.crop_margin if geometry is not None else 1.2
-        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin, cfg=cfg,
+        text = render_html(reports, rows, cfg.report.gallery_per_class, margin, cfg=cfg,
                            audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
                            segment_size=int(geometry.input_size) if geometry is not None else 96)
     else:
@@ -151,7 +151,7 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
                 elif writer is not None:
                     writer.write(slide_name, item)
                 advance()
-            reports = run_slides(slides, stages, cfg["io"]["max_pixels"], on_field, cache, resume, keep_fields=keep,
+            reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields=keep,
                                  engine=engine)
         if writer is not None:
             writer.close()

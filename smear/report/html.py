@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from smear import __version__
+from smear.config_models import PipelineConfig
 from smear.crops import cut_crop, pad_value
 from smear.io import read_image
 from smear.types import (
@@ -57,22 +58,20 @@ def _field_figure(image_rgb: np.ndarray, fr, max_side: int = 640) -> str:
     return _b64_jpeg(bgr[..., ::-1])
 
 
-def summary_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything the page's JavaScript needs to recompute a summary row exactly as summary.summarize
-    does: thresholds from the pipeline config, the taxonomy, the z values scipy uses, the CSV columns."""
+def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything the page's JavaScript needs to recompute a summary row exactly as
+    summary.differential does: thresholds from the pipeline config, the taxonomy, the z values scipy
+    uses, the CSV columns."""
     from scipy.special import ndtri
     from scipy.stats import norm
 
     from smear.report.tables import FORMULA_START, summary_frame
-    from smear.report.summary import ADVICE, APART, DEFAULT_GUARD, DEFAULT_REPORT, GROUPS_APART, summarize
+    from smear.report.summary import ADVICE, APART, GROUPS_APART, differential
 
-    cfg = cfg or {}
-    rcfg = {**DEFAULT_REPORT, **(cfg.get("report") or {})}
-    conf = float(rcfg["confidence"])
-    columns = list(summary_frame([summarize(SlideReport("", (), classified=True))]).columns)
+    conf = float(cfg.report.confidence)
+    columns = list(summary_frame([differential(SlideReport("", (), classified=True)).row()]).columns)
     return {
-        "report": rcfg, "flags": cfg.get("flags") or None,
-        "guard": {**DEFAULT_GUARD, **(cfg.get("guard") or {})},
+        "report": cfg.report.model_dump(), "flags": cfg.flags.model_dump(), "guard": cfg.guard.model_dump(),
         "z_ci": float(ndtri(0.5 + 0.5 * conf)), "z_needed": float(norm.ppf(0.5 + conf / 2.0)),
         "fine": list(FINE_CLASSES), "wbc": list(WBC_CLASSES), "apart": list(APART), "groups": list(GROUPS8),
         "groups_apart": list(GROUPS_APART), "types": list(TYPES5), "to_group": FINE_TO_GROUP8,
@@ -155,7 +154,7 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
 
 
 def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
-                crop_margin: float = 1.2, cfg: dict[str, Any] | None = None,
+                crop_margin: float = 1.2, cfg: PipelineConfig | None = None,
                 audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
                 segment_size: int = 96) -> str:
     """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
@@ -165,7 +164,7 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     if cfg is None:
         from smear.config import default_config
 
-        cfg = default_config("pipeline")
+        cfg = default_config("pipeline")  # type: ignore[assignment]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from smear.config_models import PipelineConfig
 from smear.io import temp_name
 from smear.report.summary import differential
 from smear.types import CellKind, Differential, FieldResult, SlideReport
@@ -25,13 +26,15 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def differentials(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[Differential]:
-    """The Differential of each slide; ``cfg`` is the pipeline config."""
-    cfg = cfg or {}
-    return [differential(r, cfg.get("report"), cfg.get("flags"), cfg.get("guard")) for r in reports]
+def differentials(reports: Sequence[SlideReport], cfg: PipelineConfig | None = None) -> list[Differential]:
+    """The Differential of each slide; ``cfg`` is the pipeline config (None: shipped report and
+    guard settings, no flags)."""
+    if cfg is None:
+        return [differential(r) for r in reports]
+    return [differential(r, cfg.report, cfg.flags, cfg.guard) for r in reports]
 
 
-def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def summary_rows(reports: Sequence[SlideReport], cfg: PipelineConfig | None = None) -> list[dict[str, Any]]:
     """The summary row of each slide (``Differential.row``); ``cfg`` is the pipeline config."""
     return [d.row() for d in differentials(reports, cfg)]
 
