@@ -124,7 +124,7 @@ def adapt(
     from smear.classify.adapt import adapt as adapt_model
     from smear.config import load_config
 
-    limits = Limits(**load_config("classify", config, set_ or [])["adapt"])
+    limits = Limits(**load_config("classify", config, set_ or []).adapt.model_dump())
     model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
                             log=lambda m: err_console.print(m, markup=False), fields=fields, limits=limits,
                             force=force, allow_worse=allow_worse, source_data=source_data or ())
