@@ -51,6 +51,9 @@ class Augment(Section):
     jpeg_p: Fraction
     jpeg_quality: int
     gray_p: Fraction
+    shuffle_p: Fraction       # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction          # pink/red Wright-like cast over the whole crop
+    cast_strength: float      # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
@@ -96,6 +99,28 @@ class Flags(Section):
     lymphopenia_pct: float
 
 
+class WsiSection(Section):
+    """Whole-slide files: pixel size, reading tiles, the monolayer finder, the platelet estimate."""
+
+    target_wbc: Annotated[int, Field(gt=0)]
+    mpp: Optional[Annotated[float, Field(gt=0.0)]]
+    detector_mpp: Annotated[float, Field(gt=0.0)]
+    rbc_diameter_um: Annotated[float, Field(gt=0.0)]
+    tile_px: Annotated[int, Field(ge=64)]
+    margin_px: Annotated[int, Field(ge=0)]
+    finder_mpp: Annotated[float, Field(gt=0.0)]
+    probe_px: Annotated[int, Field(ge=32)]
+    min_density: float
+    max_density: float
+    max_overlap: Fraction
+    empty_density: float
+    overlap_od: float
+    min_focus: float
+    hpf_diameter_um: Annotated[float, Field(gt=0.0)]
+    platelet_factor: Annotated[float, Field(gt=0.0)]
+    quality_map: Annotated[str, BeforeValidator(_word)]  # auto | off | a folder
+
+
 class PipelineConfig(Section):
     detector: Literal["yolo", "classical"]
     detector_model: str
@@ -117,6 +142,7 @@ class PipelineConfig(Section):
     report: ReportSection
     guard: Guard
     flags: Flags
+    wsi: WsiSection
 
 
 # ---------------------------------------------------------------- detect

@@ -33,6 +33,9 @@ def to_group_norm(module: torch.nn.Module, groups: int = GROUPS) -> torch.nn.Mod
         if isinstance(child, torch.nn.BatchNorm2d):
             c = child.num_features
             gn = torch.nn.GroupNorm(math.gcd(c, groups), c)
+            if child.affine:  # keep a loaded (e.g. ImageNet) scale and shift; fresh ones are 1 and 0 in both
+                gn.weight.data.copy_(child.weight.data)
+                gn.bias.data.copy_(child.bias.data)
             act = getattr(child, "act", None)
             setattr(module, name, torch.nn.Sequential(gn, child.drop, act) if act is not None else gn)
         else:

