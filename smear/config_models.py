@@ -51,6 +51,9 @@ class Augment(Section):
     jpeg_p: Fraction
     jpeg_quality: int
     gray_p: Fraction
+    shuffle_p: Fraction       # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction          # pink/red Wright-like cast over the whole crop
+    cast_strength: float      # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
@@ -75,6 +78,7 @@ class ReportSection(Section):
     min_wbc: int
     target_halfwidth_pct: float
     gallery_per_class: int
+    signoff_requires_review: bool
 
 
 class Guard(Section):
@@ -302,10 +306,19 @@ class ClassifyTrain(Section):
     augment: Augment
 
 
+class ClassifyAdapt(Section):
+    min_cells: Annotated[int, Field(ge=2)]
+    min_per_class: Annotated[int, Field(ge=1)]
+    max_rows: Annotated[int, Field(gt=0)]
+    heldout: Annotated[float, Field(gt=0, lt=1)]
+    source_per_class: Annotated[int, Field(gt=0)]
+
+
 class ClassifyConfig(Section):
     model: ClassifyModel
     data: ClassifyData
     train: ClassifyTrain
+    adapt: ClassifyAdapt
 
 
 MODELS: dict[str, type[Section]] = {"pipeline": PipelineConfig, "detect": DetectConfig,

@@ -119,7 +119,10 @@ def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
 
 def build_stages(cfg: PipelineConfig) -> Stages:
     """Stages for a resolved pipeline config."""
+    from smear.devices import resolve_device
+
     _runtime(cfg)
+    resolve_device(str(cfg.device))  # a device that is not there is said before any stage loads
     classifier = None
     if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
