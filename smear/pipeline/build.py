@@ -17,14 +17,29 @@ SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
 
 
 def _runtime(cfg: dict[str, Any]) -> str:
-    from smear.nn.onnx import check_runtime
+    from smear.nn.runtime import check_runtime
 
     return check_runtime(str(cfg.get("runtime", "torch")))
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per distinct message in a process (both stages falling back say it once)."""
+    if message not in _WARNED:
+        import warnings
+
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _with_fallback(cfg: dict[str, Any], load):
-    """``load(runtime)`` with the configured runtime; if ONNX cannot be made or loaded, a warning and
-    the torch runtime (a missing or broken model folder is still an error)."""
+    """``load(runtime)`` with the configured runtime. A runtime that cannot run here (OpenVINO not
+    installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
+    cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error."""
+    from smear.nn.runtime import RuntimeUnavailable
+
     runtime = _runtime(cfg)
     if runtime == "torch":
         return load("torch")
@@ -32,11 +47,70 @@ def _with_fallback(cfg: dict[str, Any], load):
         return load(runtime)
     except ModelError:
         raise
-    except Exception as exc:  # noqa: BLE001 - export/onnxruntime failures of any kind
-        import warnings
-
-        warnings.warn(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch", stacklevel=2)
+    except RuntimeUnavailable as exc:
+        _warn_once(f"runtime {runtime} unavailable ({exc}); using onnx (fp32)")
+        runtime = "onnx"
+    except Exception as exc:  # noqa: BLE001 - export/quantisation failures of any kind
+        if runtime != "onnx":
+            _warn_once(f"runtime {runtime} unavailable ({type(exc).__name__}: {exc}); using onnx (fp32)")
+            runtime = "onnx"
+        else:
+            _warn_once(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch")
+            return load("torch")
+    try:
+        return load(runtime)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _warn_once(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch")
         return load("torch")
+
+
+def calibration_root(cfg: dict[str, Any]) -> Path | None:
+    """The training data the INT8 runtimes calibrate on (``calibration_data``): a folder laid out as
+    ``../shared/data`` (bccd/train, txl-pbc/images/train, pbc/); ``auto``: $SMEAR_DATA, else the
+    ``shared/data`` folder beside the source tree; None when there is none."""
+    import os
+
+    setting = str(cfg.get("calibration_data") or "auto")
+    if setting == "auto":
+        env = os.environ.get("SMEAR_DATA")
+        import smear
+
+        root = Path(env) if env else Path(smear.__file__).resolve().parents[2] / "shared" / "data"
+    else:
+        root = Path(setting).expanduser()
+    return root if root.is_dir() else None
+
+
+def detector_calibration(cfg: dict[str, Any]) -> list[Path] | None:
+    """Training fields for an INT8 detector: BCCD train and TXL-PBC train (never a test split)."""
+    from smear.io import IMAGE_SUFFIXES
+
+    root = calibration_root(cfg)
+    if root is None:
+        return None
+    fields = [p for d in (root / "bccd" / "train" / "images", root / "txl-pbc" / "images" / "train") if d.is_dir()
+              for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return fields or None
+
+
+def classifier_calibration(cfg: dict[str, Any]) -> Path | None:
+    """The PBC folder whose training split calibrates an INT8 classifier."""
+    root = calibration_root(cfg)
+    return root / "pbc" if root is not None and (root / "pbc").is_dir() else None
+
+
+def _calibrated(cfg: dict[str, Any], runtime: str, find):
+    """``find(cfg)`` for an INT8 runtime (RuntimeUnavailable when there is no training data), else None."""
+    from smear.nn.runtime import INT8_RUNTIMES, RuntimeUnavailable
+
+    if runtime not in INT8_RUNTIMES:
+        return None
+    found = find(cfg)
+    if found is None:
+        raise RuntimeUnavailable("no training data to calibrate on: set calibration_data or $SMEAR_DATA")
+    return found
 
 
 def build_detector(cfg: dict[str, Any]) -> Detector:
@@ -50,7 +124,8 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
         from smear.detect.yolo import YoloDetector
 
         det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
-            resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
+            resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt,
+            calibration=_calibrated(cfg, rt, detector_calibration)))
         return _checked(det.tiled(), cfg)
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
@@ -77,8 +152,10 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
     if kind == "unet":
         from smear.segment.model import UnetSegmenter
 
+        # no INT8 segmenter: the INT8 runtimes run it in fp32 on the same engine
         return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
-            resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"], runtime=rt))
+            resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"],
+            runtime=rt.removesuffix("-int8")))
     if kind in ("kmeans", "grabcut"):
         from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
@@ -139,7 +216,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
             resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
-            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta")))
+            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta"),
+            calibration=_calibrated(cfg, rt, classifier_calibration)))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))

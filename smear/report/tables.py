@@ -10,8 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
-
 from smear.io import temp_name
 from smear.report.summary import differential
 from smear.types import CellKind, Differential, FieldResult, SlideReport
@@ -36,13 +34,15 @@ def summary_rows(reports: Sequence[SlideReport], cfg: dict[str, Any] | None = No
     return [d.row() for d in differentials(reports, cfg)]
 
 
-def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def summary_frame(rows: Sequence[dict[str, Any]]):
     """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
     table = []
     for row in rows:
         out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings")}
         out["flags"] = "; ".join(row["flags"])
         table.append(out)
+    import pandas as pd  # here, not at import: a table or JSON report needs no pandas (start-up)
+
     return pd.DataFrame(table)
 
 
@@ -113,12 +113,12 @@ class CellsWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def to_csv(df: pd.DataFrame) -> str:
+def to_csv(df) -> str:
     """CSV text with a header, no index."""
     buf = io.StringIO()
     df = df.copy()
     for col in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
+        if not _numeric(df[col]):
             df[col] = df[col].map(csv_safe)
     df.to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
@@ -154,3 +154,9 @@ def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> s
         out.append({"summary": row, "fields": fields,
                     "skipped": [{"field": s.field, "reason": s.reason} for s in rep.skipped]})
     return json.dumps({"slides": out}, indent=2) + "\n"
+
+
+def _numeric(column) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column))
