@@ -22,23 +22,21 @@ def _runtime(cfg: dict[str, Any]) -> str:
     return check_runtime(str(cfg.get("runtime", "torch")))
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """One warning per distinct message in a process (both stages falling back say it once)."""
-    if message not in _WARNED:
-        import warnings
-
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _with_fallback(cfg: dict[str, Any], load):
+def _with_fallback(cfg: dict[str, Any], load, warned: set[str] | None = None):
     """``load(runtime)`` with the configured runtime. A runtime that cannot run here (OpenVINO not
     installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
-    cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error."""
+    cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error.
+    ``warned``: messages already given (one build of the stages says each once)."""
+    import warnings
+
     from smear.nn.runtime import RuntimeUnavailable
+
+    warned = set() if warned is None else warned
+
+    def _warn_once(message: str) -> None:
+        if message not in warned:
+            warned.add(message)
+            warnings.warn(message, stacklevel=4)
 
     runtime = _runtime(cfg)
     if runtime == "torch":
@@ -113,7 +111,7 @@ def _calibrated(cfg: dict[str, Any], runtime: str, find):
     return found
 
 
-def build_detector(cfg: dict[str, Any]) -> Detector:
+def build_detector(cfg: dict[str, Any], warned: set[str] | None = None) -> Detector:
     """The detector named by ``cfg['detector']``."""
     kind = str(cfg["detector"])
     if kind == "classical":
@@ -125,7 +123,7 @@ def build_detector(cfg: dict[str, Any]) -> Detector:
 
         det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
             resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt,
-            calibration=_calibrated(cfg, rt, detector_calibration)))
+            calibration=_calibrated(cfg, rt, detector_calibration)), warned)
         return _checked(det.tiled(), cfg)
     raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
 
@@ -144,7 +142,7 @@ def _checked(det: Detector, cfg: dict[str, Any]) -> Detector:
                           "nucleus_level, min_stain, min_rbcs") from exc
 
 
-def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
+def build_segmenter(cfg: dict[str, Any], warned: set[str] | None = None) -> Segmenter | None:
     """The segmenter named by ``cfg['segment']`` (None for off)."""
     kind = str(cfg["segment"])
     if kind == "off":
@@ -155,7 +153,7 @@ def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
         # no INT8 segmenter: the INT8 runtimes run it in fp32 on the same engine
         return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
             resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"],
-            runtime=rt.removesuffix("-int8")))
+            runtime=rt.removesuffix("-int8")), warned)
     if kind in ("kmeans", "grabcut"):
         from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
@@ -210,15 +208,15 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
         if str(cfg[key]) not in allowed:
             raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
                               hint=f"one of {', '.join(allowed)}")
-    classifier = None
+    classifier, warned = None, set()  # a fallback's warning said once for all three stages
     if cfg["classifier"] == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
             resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
             batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta"),
-            calibration=_calibrated(cfg, rt, classifier_calibration)))
-    return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
+            calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
+    return Stages(detector=build_detector(cfg, warned), classifier=classifier, segmenter=build_segmenter(cfg, warned),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
 
