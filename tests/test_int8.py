@@ -223,3 +223,40 @@ def test_an_onnx_run_imports_neither_torch_nor_ultralytics(tmp_path):
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert "LOADED []" in second.stdout, second.stdout[-500:] + second.stderr[-2000:]
     assert second.stdout.split("LOADED")[0] == first.stdout.split("LOADED")[0]  # the same report
+
+
+_AUDITED_OPENVINO = """
+import socket, sys
+import numpy as np
+def no_network(event, args):
+    if event == "socket.connect":
+        address = args[1]
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+            raise RuntimeError(f"network connection to {address}")
+    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
+        raise RuntimeError(f"DNS lookup of {args[0]}")
+sys.addaudithook(no_network)
+from pathlib import Path
+from smear.nn.runtime import Calibration, OvNet, runtime_model
+data = [np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)]
+xml = runtime_model(Path(sys.argv[1]), "openvino-int8", "tiny", lambda: Calibration(("a",), lambda: data))
+print("OUT", OvNet(xml).run(data[0]).shape)
+"""
+
+
+@pytest.mark.slow
+def test_openvino_and_nncf_send_no_telemetry(tmp_path):
+    """openvino and nncf send usage events unless opted out: under smear they open no connection."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import os
+
+    fp32 = _tiny_onnx(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    for var in ("CI", "NNCF_CI", "TF_BUILD", "JENKINS_URL"):  # a user's machine, where telemetry would be on
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", _AUDITED_OPENVINO, str(fp32)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "OUT (4, 4)" in proc.stdout, proc.stderr[-3000:]
+    assert "network connection" not in proc.stderr and "DNS lookup" not in proc.stderr

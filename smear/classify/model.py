@@ -91,6 +91,7 @@ class CnnClassifier:
             from smear.nn.tensors import place
 
             self.device, self.normalize, self.model = place(model, meta, device)
+        self.half = self.device is not None and self.device.type == "cuda"  # autocast to fp16 on CUDA
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
         self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
 
@@ -179,7 +180,7 @@ class CnnClassifier:
             for i in range(0, len(crops), self.batch):
                 x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
                 views = [dihedral(x, v) for v in range(self.tta)]
-                with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
                     y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
                 outs.append(y.view(len(views), len(x), -1).mean(0))
         out = torch.cat(outs) if outs else torch.zeros(0, k)

@@ -52,6 +52,7 @@ class YoloDetector:
         if self.device.type == "cpu":
             set_threads()
         self.model = yolo(weights)
+        self.half = self.device.type == "cuda"  # fp16 on CUDA (benchmarks/gpu_speed.py sets it to compare fp32)
         self.kinds = [CellKind(n) for n in names]
         self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
         self.conf = float(d["conf"] if conf is None else conf)
@@ -110,7 +111,7 @@ class YoloDetector:
         from smear.devices import torch_threads
 
         out: list[list[Detection]] = []
-        extra = {"half": True} if self.device.type == "cuda" else {}
+        extra = {"half": True} if self.half and self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
             shown = images[i:i + self.batch]
             chunk, borders = zip(*(self._bordered(im) for im in shown))

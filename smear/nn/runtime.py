@@ -83,6 +83,9 @@ def cached_build(folder: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
         shutil.rmtree(folder, ignore_errors=True)  # a damaged or half-copied entry: made again
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the cache from the user's other accounts/containers
     try:
         info = build(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -175,8 +178,32 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def no_telemetry() -> None:
+    """Turn off openvino-telemetry before openvino or nncf is imported: both send usage events to a
+    web analytics service unless the user opted out (``import openvino`` sends one, through its model
+    conversion tools); smear opens no connection, so here every consent check answers "declined"
+    and the senders do nothing."""
+    try:
+        import openvino_telemetry
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:
+        return
+
+    def declined(self, *args, **kwargs):
+        return ConsentCheckResult.DECLINED
+
+    def nothing(self, *args, **kwargs):
+        return None
+
+    OptInChecker.check = declined
+    for name in ("send_event", "send_error", "send_stack_trace", "start_session", "end_session", "force_shutdown"):
+        if hasattr(openvino_telemetry.Telemetry, name):
+            setattr(openvino_telemetry.Telemetry, name, nothing)
+
+
 def openvino():
-    """The openvino module, or RuntimeUnavailable naming the extra that installs it."""
+    """The openvino module (its telemetry off), or RuntimeUnavailable naming the extra that installs it."""
+    no_telemetry()
     try:
         import openvino as ov
     except ImportError as exc:
@@ -226,7 +253,7 @@ def to_openvino(src: Path, dest_xml: Path, batches: Iterable[np.ndarray] | None 
     else NNCF's post-training INT8 quantisation calibrated on them (``ignored``: NNCF IgnoredScope
     keyword arguments, the nodes kept fp32)."""
     ov = openvino()
-    model = ov.convert_model(str(src))
+    model = ov.Core().read_model(str(src))  # the ONNX front end (not the conversion tool)
     if batches is not None:
         try:
             import nncf
