@@ -40,7 +40,7 @@ def detector_rows(runtime: str) -> dict[str, dict]:
     from smear.pipeline.build import build_detector, detector_calibration
 
     cfg = load_config("pipeline", None, [f"runtime={runtime}", "device=cpu"])
-    calib = detector_calibration(cfg) if runtime.endswith("int8") else None
+    calib = detector_calibration(cfg.calibration_data) if runtime.endswith("int8") else None
     raw = YoloDetector.from_dir(resolve_model_dir("shipped", "detector"), device="cpu", runtime=runtime,
                                 calibration=calib, conf=0.001)  # all boxes, for mAP
     shipped = build_detector(cfg)

@@ -98,6 +98,7 @@ def test_openvino_fp32_and_int8_track_onnx(tmp_path, monkeypatch):
 
 
 def test_fallback_warns_once_and_runs_fp32_onnx():
+    from smear.config import default_config
     from smear.pipeline.build import _with_fallback
 
     calls = []
@@ -110,8 +111,9 @@ def test_fallback_warns_once_and_runs_fp32_onnx():
 
     warned: set[str] = set()
     with pytest.warns(UserWarning, match="using onnx") as record:
-        assert _with_fallback({"runtime": "openvino-int8"}, load, warned) == "onnx"
-        assert _with_fallback({"runtime": "openvino-int8"}, load, warned) == "onnx"  # second stage: no new warning
+        cfg = default_config("pipeline").model_copy(update={"runtime": "openvino-int8"})
+        assert _with_fallback(cfg, load, warned) == "onnx"
+        assert _with_fallback(cfg, load, warned) == "onnx"  # second stage: no new warning
     assert len(record) == 1 and calls == ["openvino-int8", "onnx"] * 2
 
 
@@ -127,11 +129,10 @@ def test_calibration_uses_training_data_only(tmp_path):
         (root / d).mkdir(parents=True)
         for i in range(3):
             (root / d / f"{d.replace('/', '_')}_{i}.png").write_bytes(b"x")
-    cfg = {"calibration_data": str(root)}
-    fields = detector_calibration(cfg)
+    fields = detector_calibration(str(root))
     assert len(fields) == 6 and all("train" in p.name and "test" not in p.name for p in fields)
-    assert detector_calibration({"calibration_data": str(tmp_path / "none")}) is None
-    assert calibration_root({"calibration_data": str(tmp_path / "none")}) is None
+    assert detector_calibration(str(tmp_path / "none")) is None
+    assert calibration_root(str(tmp_path / "none")) is None
     # a PBC-like folder: group folders of PREFIX_id files
     from smear.io import write_image_atomic
 
@@ -139,7 +140,7 @@ def test_calibration_uses_training_data_only(tmp_path):
     for group, prefix in (("neutrophil", "SNE"), ("lymphocyte", "LY"), ("eosinophil", "EO")):
         for i in range(20):
             write_image_atomic(pbc / group / f"{prefix}_{i}.jpg", np.full((8, 8, 3), 100, np.uint8))
-    assert classifier_calibration(cfg) == pbc
+    assert classifier_calibration(str(root)) == pbc
     train = {it.path for it in training_items(pbc)}
     _, val, test = stratified_split(load_items(pbc, "pbc"), (0.7, 0.15, 0.15), 0)
     assert train and not train & {it.path for it in val + test}
@@ -154,7 +155,7 @@ def test_real_calibration_sets_are_training_splits():
     data = ROOT.parent / "shared" / "data"
     if not (data / "pbc").is_dir() or not (data / "bccd").is_dir():
         pytest.skip("../shared/data (PBC, BCCD) absent")
-    fields = detector_calibration({"calibration_data": str(data)})
+    fields = detector_calibration(str(data))
     test_names = {p.name for p in (data / "bccd" / "test" / "images").iterdir()}
     test_names |= {p.name for p in (data / "txl-pbc" / "images" / "test").iterdir()}
     assert fields and not {p.name for p in fields} & test_names

@@ -130,7 +130,7 @@ def test_live_recount_agrees_with_python(browser, page):
 
 
 def test_exact_intervals_agree_with_python(browser, tmp_path):
-    cfg = {**CFG, "report": {**CFG["report"], "ci_method": "exact", "confidence": 0.9}}
+    cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"ci_method": "exact", "confidence": 0.9})})
     rep = _counted(BASE, {"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14, "UNIDENTIFIED": 2})
     path = tmp_path / "exact.html"
     write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))

@@ -65,7 +65,7 @@ class Recipe:
     heldout: float = 0.2         # stratified share of the cells kept for before/after and temperature
     adabn: bool = False          # first re-estimate the BatchNorm statistics on the training cells
     refit_all: bool = False      # after the held-out figures and temperature, train again on all cells
-    augment: str = "source"      # source: the source model's training augmentation; mild: augment.DEFAULTS
+    augment: str = "source"      # source: the source model's training augmentation; mild: classify.yaml's train.augment
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
     seed: int = 0

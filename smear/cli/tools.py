@@ -25,17 +25,17 @@ def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from smear.devices import available_cores, resolve_device, set_threads
 
     cfg = load_config("pipeline", config, set_ or [])
-    dev = resolve_device(cfg["device"])
+    dev = resolve_device(cfg.device)
     if dev.type == "cpu":
         set_threads()  # as a run sets them
     out_console.print(f"smear {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     out_console.print(f"device: {dev} (cores: {available_cores()}, torch threads: {torch.get_num_threads()},"
                       f" cuda available: {torch.cuda.is_available()})")
-    out_console.print(f"detector: {cfg['detector']}, segment: {cfg['segment']}, classifier: {cfg['classifier']}, "
-                      f"runtime: {cfg['runtime']}")
+    out_console.print(f"detector: {cfg.detector}, segment: {cfg.segment}, classifier: {cfg.classifier}, "
+                      f"runtime: {cfg.runtime}")
     for key, name in (("detector_model", "detector"), ("classifier_model", "classifier"),
                       ("segmenter_model", "segmenter")):
-        path = resolve_model_dir(cfg[key], name)
+        path = resolve_model_dir(getattr(cfg, key), name)
         try:
             meta = load_meta(path)
             out_console.print(f"  {name} model: {path} (version {model_version(path)},"
@@ -186,13 +186,13 @@ def export(
     todo = []
     for name in stage or list(keys):
         try:
-            model_dir = resolve_model_dir(cfg[keys[name]], name)
+            model_dir = resolve_model_dir(getattr(cfg, keys[name]), name)
             load_meta(model_dir)
             todo.append((name, model_dir))
         except SmearError:
             if stage:  # asked for by name: its model must exist
                 raise
-            warn(f"no {name} model to export ({cfg[keys[name]]}), skipped")
+            warn(f"no {name} model to export ({getattr(cfg, keys[name])}), skipped")
     for name, model_dir in todo:  # every target checked before anything is written
         check_export_target(model_dir, out / name, force)
     for name, model_dir in todo:

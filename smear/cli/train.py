@@ -46,7 +46,7 @@ def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Op
     with epoch_progress(err_console) as on_batch:
         run_dir = module.train(cfg, out, resume=resume, on_batch=on_batch)
     if stage == "detect":  # ultralytics trains; its run is then packaged with tuned thresholds
-        return module.package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"], log=show)
+        return module.package(run_dir, cfg, run_dir / "model", device=cfg.train.device, log=show)
     return run_dir
 
 

@@ -8,21 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from smear.artifacts import META, file_sha256, model_version, resolve_model_dir
+from smear.config_models import PipelineConfig
 from smear.pipeline.run import Stages
-from smear.types import ConfigError, Detector, ModelError, Segmenter
-
-DETECTORS = ("yolo", "classical")
-CLASSIFIERS = ("off", "cnn")
-SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
+from smear.types import Detector, ModelError, Segmenter
 
 
-def _runtime(cfg: dict[str, Any]) -> str:
+def _runtime(cfg: PipelineConfig) -> str:
     from smear.nn.runtime import check_runtime
 
-    return check_runtime(str(cfg.get("runtime", "torch")))
+    return check_runtime(cfg.runtime)
 
 
-def _with_fallback(cfg: dict[str, Any], load, warned: set[str] | None = None):
+def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
     """``load(runtime)`` with the configured runtime. A runtime that cannot run here (OpenVINO not
     installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
     cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error.
@@ -64,13 +61,12 @@ def _with_fallback(cfg: dict[str, Any], load, warned: set[str] | None = None):
         return load("torch")
 
 
-def calibration_root(cfg: dict[str, Any]) -> Path | None:
+def calibration_root(setting: str = "auto") -> Path | None:
     """The training data the INT8 runtimes calibrate on (``calibration_data``): a folder laid out as
     ``../shared/data`` (bccd/train, txl-pbc/images/train, pbc/); ``auto``: $SMEAR_DATA, else the
     ``shared/data`` folder beside the source tree; None when there is none."""
     import os
 
-    setting = str(cfg.get("calibration_data") or "auto")
     if setting == "auto":
         env = os.environ.get("SMEAR_DATA")
         import smear
@@ -81,11 +77,11 @@ def calibration_root(cfg: dict[str, Any]) -> Path | None:
     return root if root.is_dir() else None
 
 
-def detector_calibration(cfg: dict[str, Any]) -> list[Path] | None:
+def detector_calibration(setting: str = "auto") -> list[Path] | None:
     """Training fields for an INT8 detector: BCCD train and TXL-PBC train (never a test split)."""
     from smear.io import IMAGE_SUFFIXES
 
-    root = calibration_root(cfg)
+    root = calibration_root(setting)
     if root is None:
         return None
     fields = [p for d in (root / "bccd" / "train" / "images", root / "txl-pbc" / "images" / "train") if d.is_dir()
@@ -93,72 +89,62 @@ def detector_calibration(cfg: dict[str, Any]) -> list[Path] | None:
     return fields or None
 
 
-def classifier_calibration(cfg: dict[str, Any]) -> Path | None:
+def classifier_calibration(setting: str = "auto") -> Path | None:
     """The PBC folder whose training split calibrates an INT8 classifier."""
-    root = calibration_root(cfg)
+    root = calibration_root(setting)
     return root / "pbc" if root is not None and (root / "pbc").is_dir() else None
 
 
-def _calibrated(cfg: dict[str, Any], runtime: str, find):
-    """``find(cfg)`` for an INT8 runtime (RuntimeUnavailable when there is no training data), else None."""
+def _calibrated(cfg: PipelineConfig, runtime: str, find):
+    """``find(cfg.calibration_data)`` for an INT8 runtime (RuntimeUnavailable when there is no
+    training data), else None."""
     from smear.nn.runtime import INT8_RUNTIMES, RuntimeUnavailable
 
     if runtime not in INT8_RUNTIMES:
         return None
-    found = find(cfg)
+    found = find(cfg.calibration_data)
     if found is None:
         raise RuntimeUnavailable("no training data to calibrate on: set calibration_data or $SMEAR_DATA")
     return found
 
 
-def build_detector(cfg: dict[str, Any], warned: set[str] | None = None) -> Detector:
-    """The detector named by ``cfg['detector']``."""
-    kind = str(cfg["detector"])
-    if kind == "classical":
+def build_detector(cfg: PipelineConfig, warned: set[str] | None = None) -> Detector:
+    """The detector named by ``cfg.detector``."""
+    if cfg.detector == "classical":
         from smear.detect.classical import ClassicalDetector
 
-        return ClassicalDetector(**(cfg.get("classical") or {}))
-    if kind == "yolo":
-        from smear.detect.yolo import YoloDetector
+        return ClassicalDetector(**cfg.classical)
+    from smear.detect.yolo import YoloDetector
 
-        det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
-            resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt,
-            calibration=_calibrated(cfg, rt, detector_calibration)), warned)
-        return _checked(det.tiled(), cfg)
-    raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
+    det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
+        resolve_model_dir(cfg.detector_model, "detector"), device=cfg.device, runtime=rt,
+        calibration=_calibrated(cfg, rt, detector_calibration)), warned)
+    return _checked(det.tiled(), cfg)
 
 
-def _checked(det: Detector, cfg: dict[str, Any]) -> Detector:
+def _checked(det: Detector, cfg: PipelineConfig) -> Detector:
     """The detector behind the WBC plausibility check (``wbc_check`` in the pipeline config)."""
-    check = dict(cfg.get("wbc_check") or {})
-    if not check.pop("enabled", False):
+    if not cfg.wbc_check.enabled:
         return det
     from smear.detect.plausible import CheckedDetector, WbcCheck
 
-    try:
-        return CheckedDetector(det, WbcCheck(**check))
-    except TypeError as exc:
-        raise ConfigError(f"wbc_check: {exc}", hint="keys: enabled, max_rbc_area_ratio, min_nucleus_fraction, "
-                          "nucleus_level, min_stain, min_rbcs") from exc
+    return CheckedDetector(det, WbcCheck(**cfg.wbc_check.model_dump(exclude={"enabled"})))
 
 
-def build_segmenter(cfg: dict[str, Any], warned: set[str] | None = None) -> Segmenter | None:
-    """The segmenter named by ``cfg['segment']`` (None for off)."""
-    kind = str(cfg["segment"])
-    if kind == "off":
+def build_segmenter(cfg: PipelineConfig, warned: set[str] | None = None) -> Segmenter | None:
+    """The segmenter named by ``cfg.segment`` (None for off)."""
+    if cfg.segment == "off":
         return None
-    if kind == "unet":
+    if cfg.segment == "unet":
         from smear.segment.model import UnetSegmenter
 
         # no INT8 segmenter: the INT8 runtimes run it in fp32 on the same engine
         return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
-            resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"],
+            resolve_model_dir(cfg.segmenter_model, "segmenter"), device=cfg.device,
             runtime=rt.removesuffix("-int8")), warned)
-    if kind in ("kmeans", "grabcut"):
-        from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
+    from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
-        return KMeansSegmenter() if kind == "kmeans" else GrabCutSegmenter()
-    raise ConfigError(f"unknown segmenter {kind!r}", hint=f"one of {', '.join(SEGMENTERS)}")
+    return KMeansSegmenter() if cfg.segment == "kmeans" else GrabCutSegmenter()
 
 
 #: pipeline settings that change a field's result (with the model folders in use)
@@ -166,66 +152,67 @@ RESULT_SETTINGS = ("detector", "classical", "wbc_check", "segment", "classifier"
                    "mask_background", "runtime", "classify_tta", "device")
 
 
-def models_in_use(cfg: dict[str, Any]) -> list[tuple[str, str, Path]]:
+def result_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``RESULT_SETTINGS`` of a config as plain data."""
+    dumped = cfg.model_dump(include=set(RESULT_SETTINGS))
+    return {k: dumped[k] for k in RESULT_SETTINGS}
+
+
+def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
     """(config key, stage name, model folder) of each model folder the config runs."""
     out = []
-    for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
-                          ("classifier_model", "classifier", cfg["classifier"] != "off"),
-                          ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
+    for key, name, on in (("detector_model", "detector", cfg.detector == "yolo"),
+                          ("classifier_model", "classifier", cfg.classifier != "off"),
+                          ("segmenter_model", "segmenter", cfg.segment == "unet")):
         if on:
-            out.append((key, name, resolve_model_dir(cfg[key], name)))
+            out.append((key, name, resolve_model_dir(getattr(cfg, key), name)))
     return out
 
 
-def stages_version(cfg: dict[str, Any]) -> str:
+def stages_version(cfg: PipelineConfig) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
     each model folder's weights and meta.json (its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
-    parts: dict[str, Any] = {k: cfg.get(k) for k in RESULT_SETTINGS}
+    parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
     for key, _name, model_dir in models_in_use(cfg):
         parts[key] = [model_version(model_dir), file_sha256(Path(model_dir) / META)[:12]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
+def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
     hash), the settings that change results and the run id (the page adds smear's version and the date)."""
     models = [{"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
                "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12]}
               for _key, name, model_dir in models_in_use(cfg)]
-    settings = {k: cfg.get(k) for k in RESULT_SETTINGS}
-    report = cfg.get("report") or {}
-    settings.update({f"report.{k}": v for k, v in report.items() if k != "gallery_per_class"})
+    settings = result_settings(cfg)
+    settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
 
 
-def build_stages(cfg: dict[str, Any]) -> Stages:
+def build_stages(cfg: PipelineConfig) -> Stages:
     """Stages for a resolved pipeline config."""
     _runtime(cfg)
-    for key, allowed in (("classifier", CLASSIFIERS), ("segment", SEGMENTERS)):
-        if str(cfg[key]) not in allowed:
-            raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
-                              hint=f"one of {', '.join(allowed)}")
     classifier, warned = None, set()  # a fallback's warning said once for all three stages
-    if cfg["classifier"] == "cnn":
+    if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
-            resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
-            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta"),
+            resolve_model_dir(cfg.classifier_model, "classifier"), device=cfg.device,
+            batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta,
             calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
     return Stages(detector=build_detector(cfg, warned), classifier=classifier, segmenter=build_segmenter(cfg, warned),
-                  review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
-                  classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
+                  review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
+                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg))
 
 
-def build_cache(cfg: dict[str, Any], version: str, warn=None):
-    """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
+def build_cache(cfg: PipelineConfig, version: str, warn=None):
+    """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""
     from smear.artifacts import cache_setting
     from smear.pipeline.cache import FieldCache
 
-    folder = cache_setting(cfg["cache_dir"], "fields")
+    folder = cache_setting(cfg.cache_dir, "fields")
     return None if folder is None else FieldCache(folder, version, warn=warn)
