@@ -51,6 +51,9 @@ class Augment(Section):
     jpeg_p: Fraction
     jpeg_quality: int
     gray_p: Fraction
+    shuffle_p: Fraction       # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction          # pink/red Wright-like cast over the whole crop
+    cast_strength: float      # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
@@ -75,6 +78,7 @@ class ReportSection(Section):
     min_wbc: int
     target_halfwidth_pct: float
     gallery_per_class: int
+    signoff_requires_review: bool
 
 
 class Guard(Section):

@@ -45,7 +45,7 @@ from smear.classify.lab_cells import Cells, read_cells, wide_geometry
 from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
 from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import warmup_cosine
-from smear.devices import resolve_device
+from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
 from smear.types import FINE_CLASSES, SmearError
 
@@ -238,6 +238,7 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     if tuple(meta["classes"]) != FINE_CLASSES:
         raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
     size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
+    set_threads()
     torch.manual_seed(recipe.seed)
     net, norm = _load(source, meta, dev)
 

@@ -43,6 +43,9 @@ def to_group_norm(module, groups: int = GROUPS):
         if isinstance(child, torch.nn.BatchNorm2d):
             c = child.num_features
             gn = torch.nn.GroupNorm(math.gcd(c, groups), c)
+            if child.affine:  # keep a loaded (e.g. ImageNet) scale and shift; fresh ones are 1 and 0 in both
+                gn.weight.data.copy_(child.weight.data)
+                gn.bias.data.copy_(child.bias.data)
             act = getattr(child, "act", None)
             setattr(module, name, torch.nn.Sequential(gn, child.drop, act) if act is not None else gn)
         else:
@@ -79,6 +82,9 @@ class CnnClassifier:
         self.tta = int(meta.get("tta", 1) if tta is None else tta)
         if not 1 <= self.tta <= 8:
             raise ModelError(f"tta {self.tta}: must be 1 to 8")
+        # selective TTA: the extra views only for crops whose one-view top probability is under this
+        # margin (the unsure ones, where views change answers); None or 0: every crop gets every view
+        self.tta_margin = float(meta.get("tta_margin") or 0.0)
         self.batch = int(batch)
         norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
         self.mean = np.asarray(norm["mean"], np.float32).reshape(1, 3, 1, 1)
@@ -153,37 +159,55 @@ class CnnClassifier:
         x = out.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         return (x - self.mean) / self.std
 
-    def _outputs_numpy(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Mean network output over the TTA views, N x outputs (numpy path, no torch)."""
+    def _views_numpy(self, crops: Sequence[np.ndarray], n_views: int) -> np.ndarray:
+        """The network's raw output rows, mean over ``n_views`` views (numpy path, no torch)."""
         outs = []
         for i in range(0, len(crops), self.batch):
             x = self.inputs(crops[i:i + self.batch])
-            views = [_dihedral_np(x, v) for v in range(self.tta)]
+            views = [_dihedral_np(x, v) for v in range(n_views)]
             y = self.model.run(np.concatenate(views)).astype(np.float32)
             outs.append(y.reshape(len(views), len(x), -1).mean(0))
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
-    def outputs(self, crops: Sequence[np.ndarray]):
-        """Raw logits (before temperature), N x classes, on the CPU, and the pre-logit features when
-        the network gives them (None otherwise); with ``tta`` > 1 both are the mean over that many
-        of the crop's 8 rotations and flips (test-time augmentation)."""
+    def _views(self, crops: Sequence[np.ndarray], n_views: int) -> np.ndarray:
+        """The network's raw output rows (logits, then features if any), mean over ``n_views`` views."""
+        if self.numpy_only:
+            return self._views_numpy(crops, n_views)
         import torch
 
-        k = len(self.classes)
-        if self.numpy_only:
-            out = torch.from_numpy(self._outputs_numpy(crops))
-            return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
         from smear.nn.tensors import crops_to_tensor, dihedral
 
         outs: list[torch.Tensor] = []
         with torch.no_grad():
             for i in range(0, len(crops), self.batch):
                 x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
-                views = [dihedral(x, v) for v in range(self.tta)]
+                views = [dihedral(x, v) for v in range(n_views)]
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
                     y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
                 outs.append(y.view(len(views), len(x), -1).mean(0))
-        out = torch.cat(outs) if outs else torch.zeros(0, k)
+        return (torch.cat(outs) if outs else torch.zeros(0, len(self.classes))).numpy()
+
+    def _raw(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw output rows (logits, then features if any), N x outputs, with the TTA the model asks for:
+        every view for every crop, or with ``tta_margin`` the extra views only for the unsure crops."""
+        k = len(self.classes)
+        if self.tta > 1 and self.tta_margin > 0 and len(crops):
+            out = self._views(crops, 1)
+            top = _softmax(out[:, :k] / np.float32(self.temperature)).max(1)
+            unsure = np.flatnonzero(top < self.tta_margin).tolist()
+            if unsure:
+                out[unsure] = self._views([crops[i] for i in unsure], self.tta)
+            return out
+        return self._views(crops, self.tta)
+
+    def outputs(self, crops: Sequence[np.ndarray]):
+        """Raw logits (before temperature), N x classes, on the CPU, and the pre-logit features when
+        the network gives them (None otherwise), as torch tensors; with ``tta`` > 1 both are the mean
+        over that many of the crop's 8 rotations and flips (test-time augmentation)."""
+        import torch
+
+        k = len(self.classes)
+        out = torch.from_numpy(self._raw(crops))
         return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
 
     def logits(self, crops: Sequence[np.ndarray]):
@@ -193,16 +217,10 @@ class CnnClassifier:
     def predict(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities (N x classes) and, with a novelty score in the model, each
         crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
-        if self.numpy_only:
-            k = len(self.classes)
-            out = self._outputs_numpy(crops)
-            logits, feats = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
-        else:
-            t_logits, t_feats = self.outputs(crops)
-            logits, feats = t_logits.numpy(), (None if t_feats is None else t_feats.numpy())
-        z = logits / np.float32(self.temperature)
-        e = np.exp(z - z.max(1, keepdims=True))
-        probs = (e / e.sum(1, keepdims=True)).astype(np.float64)
+        k = len(self.classes)
+        out = self._raw(crops)
+        logits, feats = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+        probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
         if not self.has_novelty or feats is None:
             return probs, None
         from smear.classify.novelty import distances
@@ -217,6 +235,11 @@ class CnnClassifier:
         """Calibrated probability of each fine class for each crop."""
         probs = self.predict_proba(crops)
         return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def _dihedral_np(x: np.ndarray, k: int) -> np.ndarray:

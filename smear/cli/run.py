@@ -45,7 +45,7 @@ def run(
     resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
                       ] = False,
     engine: Annotated[EngineName, typer.Option(help="local (this process) | ray (Ray actors; pip install "
-                                                    "\"smear[ray]\").")] = EngineName.local,
+                                                    "\"smear\\[ray]\").")] = EngineName.local,
     address: Annotated[Optional[str], typer.Option(help="ray: auto (this node's cluster) | HOST:PORT; default: a "
                                                         "local Ray instance, or $RAY_ADDRESS.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="ray: worker actors (default: one per GPU, "
@@ -148,9 +148,10 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
     from smear.report import tables as rep
 
     n_fields = sum(len(s.fields) for s in slides)
-    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None,
-                             slide_coords=bool(whole)) if cells is not None else None
+    writer = None
     try:
+        if cells is not None:
+            writer = rep.CellsWriter(cells, masks=stages.segmenter is not None, slide_coords=bool(whole))
         with progress(err_console, total=None if whole else n_fields) as advance:
             def on_field(slide_name, item):
                 if hasattr(item, "reason"):
@@ -166,9 +167,10 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
         if writer is not None:
             writer.close()
     except OSError as exc:
-        if writer is None:
+        if cells is None:
             raise
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
                          hint=_KEPT_HINT if cache is not None else "") from exc
     except BaseException:

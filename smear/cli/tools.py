@@ -58,7 +58,7 @@ def config_show(
 
 @data_app.command("convert")
 def data_convert(
-    sources: Annotated[list[str], typer.Argument(help="VOC folder, YOLO data.yaml[:split], COCO .json or images folder.")],
+    sources: Annotated[list[str], typer.Argument(help="VOC folder, YOLO data.yaml\\[:split], COCO .json or images folder.")],
     out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")],
     val_fraction: Annotated[float, typer.Option(help="Fixed, seeded part held out as 'val'.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,

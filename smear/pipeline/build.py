@@ -194,7 +194,13 @@ def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
 
 def build_stages(cfg: PipelineConfig) -> Stages:
     """Stages for a resolved pipeline config."""
+    from smear.devices import resolve_device
+
     _runtime(cfg)
+    if cfg.runtime == "torch" or str(cfg.device) not in ("auto", "cpu"):
+        # a device that is not there is said before any stage loads (the other runtimes run on the
+        # CPU: auto or cpu needs no check, and no torch import, a second of start-up)
+        resolve_device(str(cfg.device))
     classifier, warned = None, set()  # a fallback's warning said once for all three stages
     if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
