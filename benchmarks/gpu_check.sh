@@ -19,6 +19,8 @@ DATA=${DATA:-../shared/data}
 DEVICE=${DEVICE:-cuda}
 N=${N:-640}
 SECONDS_EACH=${SECONDS_EACH:-12}
+COMPARE_N=${COMPARE_N:-60}
+CAP=${CAP:-1}
 export YOLO_OFFLINE=1 HF_HUB_OFFLINE=1
 step() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
@@ -34,21 +36,21 @@ fi
 
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
   step "install smear (pip install -e .[test]; a CUDA torch already installed is kept)"
-  timeout 120 "$PYTHON" -m pip install --progress-bar off -q -e ".[test]"
+  timeout $((120 * CAP)) "$PYTHON" -m pip install --progress-bar off -q -e ".[test]"
 fi
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   step "GPU-relevant tests"
-  timeout 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_classify_model.py \
+  timeout $((150 * CAP)) "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_devices.py tests/test_classify_model.py \
     tests/test_pipeline.py tests/test_int8.py tests/test_onnx.py -k "not imports_neither"
 fi
 
-step "CPU vs $DEVICE reports, demo slide and 60 BCCD test fields"
-timeout 90 "$PYTHON" benchmarks/gpu_speed.py --device "$DEVICE" --data "$DATA/bccd/test/images" --no-speed \
-  --compare-n 60
+step "CPU vs $DEVICE reports, demo slide and $COMPARE_N BCCD test fields"
+timeout $((90 * CAP)) "$PYTHON" benchmarks/gpu_speed.py --device "$DEVICE" --data "$DATA/bccd/test/images" --no-speed \
+  --compare-n "$COMPARE_N"
 
 step "fields/s, fp16 and fp32, batch 8 / 32 / 64"
-timeout 115 "$PYTHON" benchmarks/gpu_speed.py --device "$DEVICE" --data "$DATA/bccd/test/images" --no-compare \
+timeout $((115 * CAP)) "$PYTHON" benchmarks/gpu_speed.py --device "$DEVICE" --data "$DATA/bccd/test/images" --no-compare \
   --n "$N" --seconds "$SECONDS_EACH"
 
 step "done in $(( $(date +%s) - start )) s"

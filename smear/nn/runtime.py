@@ -259,10 +259,16 @@ def to_openvino(src: Path, dest_xml: Path, batches: Iterable[np.ndarray] | None 
             import nncf
         except ImportError as exc:
             raise RuntimeUnavailable('nncf is not installed (pip install "smear[openvino]")') from exc
+        import contextlib
+        import logging
+        import sys
+
         data = [np.ascontiguousarray(x, np.float32) for x in batches]
-        model = nncf.quantize(model, nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
-                              subset_size=min(subset, len(data)),
-                              ignored_scope=nncf.IgnoredScope(**(ignored or {}), validate=False))
+        logging.getLogger("nncf").setLevel(logging.WARNING)  # not a line per node it leaves fp32
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout carries the reports
+            model = nncf.quantize(model, nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
+                                  subset_size=min(subset, len(data)),
+                                  ignored_scope=nncf.IgnoredScope(**(ignored or {}), validate=False))
     ov.save_model(model, str(dest_xml), compress_to_fp16=False)
 
 
