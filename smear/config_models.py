@@ -307,10 +307,19 @@ class ClassifyTrain(Section):
     augment: Augment
 
 
+class ClassifyAdapt(Section):
+    min_cells: Annotated[int, Field(ge=2)]
+    min_per_class: Annotated[int, Field(ge=1)]
+    max_rows: Annotated[int, Field(gt=0)]
+    heldout: Annotated[float, Field(gt=0, lt=1)]
+    source_per_class: Annotated[int, Field(gt=0)]
+
+
 class ClassifyConfig(Section):
     model: ClassifyModel
     data: ClassifyData
     train: ClassifyTrain
+    adapt: ClassifyAdapt
 
 
 MODELS: dict[str, type[Section]] = {"pipeline": PipelineConfig, "detect": DetectConfig,

@@ -77,10 +77,14 @@ def run(
         raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
     from smear.cli.wsi import check_whole_slides
 
-    whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles)
+    whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles, recursive)
     slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     stages = build_stages(cfg)
+    if stages.classifier is not None and not getattr(stages.classifier, "has_novelty", True):
+        warn(f"{cfg.classifier_model}: the classifier model folder has no novelty score, so the domain guard "
+             "is off (novel_share stays empty); refit it with `smear train novelty`, or adapt again with "
+             "`smear adapt` (it keeps the source's guard)")
     cache = build_cache(cfg, stages.version, warn=warn)
     with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
         reports = _run_slides(slides, stages, cfg, cache, resume, cells,
