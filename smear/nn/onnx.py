@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from smear.artifacts import cache_dir, load_meta, model_version
-from smear.devices import available_cores
+from smear.devices import default_threads
 from smear.io import atomic_path
 from smear.nn.runtime import RUNTIMES, check_runtime  # noqa: F401 - also public here
 
@@ -92,7 +92,7 @@ class OnnxNet:
         from smear.nn.runtime import open_net
 
         try:
-            self.net = open_net(Path(path), runtime, threads or available_cores())
+            self.net = open_net(Path(path), runtime, threads or default_threads())
         except Exception as exc:  # noqa: BLE001 - onnxruntime/OpenVINO raise their own exception types
             raise OnnxLoadError(f"{path}: cannot load the model ({_first_line(exc)})") from exc
         self.path, self.runtime = Path(path), runtime

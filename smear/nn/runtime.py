@@ -132,11 +132,11 @@ class OrtNet:
     """An onnxruntime session: N x 3 x H x W float32 in, the first output (float32) out."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        from smear.devices import available_cores
+        from smear.devices import default_threads
 
         ort = quiet_onnxruntime()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or available_cores())
+        opts.intra_op_num_threads = int(threads or default_threads())
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
@@ -155,11 +155,11 @@ class OvNet:
     """An OpenVINO model compiled for the CPU: N x 3 x H x W float32 in, the first output out."""
 
     def __init__(self, xml: str | Path, threads: int | None = None):
-        from smear.devices import available_cores
+        from smear.devices import default_threads
 
         ov = openvino()
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": int(threads or available_cores()), "PERFORMANCE_HINT": "LATENCY",
+        config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "f32"}  # no bf16/fp16 on CPUs that have it: fp32 as exported
         try:
             self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
