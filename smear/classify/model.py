@@ -73,6 +73,7 @@ class CnnClassifier:
         self.device, self.normalize, self.model = place(model, meta, device)
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
         self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
+        self.guard = None  # the slide guard's statistics (smear.classify.guard.SlideGuard), set by from_dir
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
@@ -98,6 +99,9 @@ class CnnClassifier:
             from smear.classify import novelty as nov
 
             clf.novelty_stats = nov.load(model_dir)
+            from smear.classify.guard import SlideGuard
+
+            clf.guard = SlideGuard.from_dir(model_dir, meta)
         return clf
 
     @property
@@ -134,6 +138,19 @@ class CnnClassifier:
         from smear.classify.novelty import distances
 
         return probs, distances(feats.numpy(), self.novelty_stats) / self.novelty_threshold
+
+    def predict_cells(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``predict`` plus each crop's slide-guard vector (None without a fitted guard)."""
+        logits, feats = self.outputs(crops)
+        probs = torch.softmax(logits / self.temperature, dim=1).double().numpy()
+        if not self.has_novelty or feats is None:
+            return probs, None, None
+        from smear.classify.novelty import distances
+
+        f = feats.numpy()
+        ratio = distances(f, self.novelty_stats) / self.novelty_threshold
+        vectors = self.guard.cell_vectors(f, self.novelty_stats, crops) if self.guard is not None else None
+        return probs, ratio, vectors
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""

@@ -58,7 +58,7 @@ def run(
     from smear.config import load_config
     from smear.io import check_outputs, find_slides, write_text_atomic
     from smear.cli.render import render_summary
-    from smear.pipeline.build import build_cache, build_stages
+    from smear.pipeline.build import build_cache, build_stages, guard_notice
     from smear.report import tables as rep
 
     if engine == EngineName.local and (address is not None or workers is not None or gpus_per_worker is not None):
@@ -74,6 +74,9 @@ def run(
     slides = find_slides(paths, recursive=recursive, warn=warn)
     check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
     stages = build_stages(cfg)
+    notice = guard_notice(cfg, stages)
+    if notice:
+        warn(notice)
     cache = build_cache(cfg, stages.version, warn=warn)
     with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
         reports = _run_slides(slides, stages, cfg, cache, resume, cells,

@@ -145,6 +145,21 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
                   classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
 
 
+def guard_notice(cfg: dict[str, Any], stages: Stages) -> str | None:
+    """One line when the classifier's model folder lacks what the slide guard needs (it then judges
+    a slide by what it has), else None."""
+    clf = stages.classifier
+    if clf is None or getattr(clf, "guard", None) is not None:
+        return None
+    folder = cfg["classifier_model"]
+    if not getattr(clf, "has_novelty", False):
+        return (f"classifier {folder}: no novelty score and no slide guard statistics; the domain guard judges "
+                f"the differential only (fit them: smear train novelty RUN --model DIR, then smear train guard RUN "
+                f"--model DIR)")
+    return (f"classifier {folder}: no slide guard statistics; the domain guard judges the novel share and the "
+            f"differential only (fit them: smear train guard RUN --model DIR)")
+
+
 def build_cache(cfg: dict[str, Any], version: str, warn=None):
     """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""

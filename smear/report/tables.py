@@ -40,7 +40,8 @@ def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
     table = []
     for row in rows:
-        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings")}
+        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings",
+                                                         "domain_evidence")}
         out["flags"] = "; ".join(row["flags"])
         table.append(out)
     return pd.DataFrame(table)

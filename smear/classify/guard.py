@@ -1,0 +1,392 @@
+"""The slide guard's statistics: evidence that a whole slide is being misread, fitted per classifier.
+
+Per-cell novelty (``smear.classify.novelty``) holds back a cell unlike every training class. It
+cannot see a shift that moves cells, confidently, into a wrong *known* class (another lab's
+neutrophils called EO at 0.95 with novelty 0.4-0.8). Over a slide's hundred cells such a shift
+leaves traces that one cell does not, and this module measures them against the training data:
+
+- ``features``: the slide's mean feature residual (each cell's pre-logit features, whitened as the
+  novelty score whitens them, minus its nearest training class mean), projected on the K
+  directions along which acquisition shifts (stain, tint, pallor, blur) move the features of the
+  validation cells, in units of the per-cell spread of clean validation cells. Debiased for the
+  slide's size: 0 on average for a slide like the training data, whatever its cell count.
+- ``novelty_mean``: the mean per-cell novelty ratio (a drift of every cell, below the per-cell
+  threshold).
+- ``confidence``: one minus the mean calibrated top probability.
+- ``colour``: the slide's mean colour and texture statistics of its crops (background and nucleus
+  optical density, contrast, sharpness) as a Mahalanobis distance to the nearest training lab.
+
+Each is divided by a threshold fitted on synthetic slides of *validation* cells (clean, and
+through random acquisition shifts of several strengths): the 99th percentile of the evidence over
+the synthetic slides the classifier still reads at >= 0.90 5-type accuracy. A ratio over 1 fires.
+The report adds the evidence that needs no fit (the novel share, an implausible differential;
+``smear.report.summary``), and ``domain_score`` is the largest ratio.
+
+Stored in the model folder as ``guard.safetensors`` (the projection, the null statistics, each
+lab's colour statistics) plus ``meta["guard"]`` (thresholds, what they were fitted on, the fit's own
+figures). Per cell the classifier emits one short vector (``cell_vectors``: K projected residuals
+then the colour statistics); the pipeline sums them per slide and ``SlideGuard.evidence`` turns the
+sums into ratios, so streaming runs need no per-cell memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from smear.types import GuardSums
+
+GUARD_FILE = "guard.safetensors"
+COLOUR_NAMES = ("background_od_r", "background_od_g", "background_od_b", "nucleus_od_r", "nucleus_od_g",
+                "nucleus_od_b", "contrast", "sharpness")
+FITTED = ("features", "novelty_mean", "confidence", "colour")
+EVIDENCE_NAMES = {
+    "features": "the cells' features drift from the training data along the directions a stain or scanner moves them",
+    "novelty_mean": "the cells as a whole sit further from the training classes than training-lab cells do",
+    "confidence": "the classifier is less sure of this slide's cells than of training-lab cells",
+    "colour": "the crops' colour and texture are unlike the training labs'",
+}
+
+
+# ---------------------------------------------------------------- per-cell statistics
+
+
+def colour_stats(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """Colour and texture statistics of each crop (N x 8, ``COLOUR_NAMES``): the background's
+    median optical density per channel (the crop's border), the nucleus's (the densest 15% of the
+    central disc), the grey-level s.d. and the mean absolute Laplacian in the central disc."""
+    import cv2
+
+    out = np.zeros((len(crops), len(COLOUR_NAMES)), np.float32)
+    masks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for i, crop in enumerate(crops):
+        img = np.asarray(crop)
+        h, w = img.shape[:2]
+        if (h, w) not in masks:
+            yy, xx = np.mgrid[:h, :w]
+            b = max(1, min(h, w) // 20)
+            ring = (yy < b) | (yy >= h - b) | (xx < b) | (xx >= w - b)
+            disc = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 <= (0.35 * min(h, w)) ** 2
+            masks[(h, w)] = ring, disc
+        ring, disc = masks[(h, w)]
+        od = -np.log((img.astype(np.float32) + 1.0) / 256.0)
+        out[i, :3] = np.median(od[ring], axis=0)
+        centre = od[disc]
+        dense = centre.sum(1)
+        out[i, 3:6] = centre[dense >= np.quantile(dense, 0.85)].mean(0)
+        grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        out[i, 6] = grey[disc].std()
+        out[i, 7] = np.abs(cv2.Laplacian(grey, cv2.CV_32F))[disc].mean()
+    return out
+
+
+def residuals(feats: np.ndarray, novelty_stats: dict[str, Any]) -> np.ndarray:
+    """Each feature row, whitened as the novelty score does, minus its nearest whitened class mean."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(feats, np.float32)) @ torch.as_tensor(novelty_stats["whiten"])
+    means = torch.as_tensor(novelty_stats["means"])
+    nearest = torch.cdist(z, means).argmin(1)
+    return (z - means[nearest]).numpy()
+
+
+# ---------------------------------------------------------------- the guard
+
+
+class SlideGuard:
+    """A classifier's fitted slide statistics: per-cell vectors in, evidence ratios per slide out."""
+
+    def __init__(self, stats: dict[str, np.ndarray], meta: dict[str, Any]):
+        self.projection = np.asarray(stats["projection"], np.float32)  # D x K
+        self.null_mean = np.asarray(stats["null_mean"], np.float32)      # K
+        self.null_whiten = np.asarray(stats["null_whiten"], np.float32)  # K x K
+        self.lab_means = np.asarray(stats["lab_means"], np.float64)      # labs x C
+        self.lab_whiten = np.asarray(stats["lab_whiten"], np.float64)    # labs x C x C
+        self.meta = meta
+        self.thresholds = {k: float(v) for k, v in meta["thresholds"].items()}
+        self.k = self.projection.shape[1]
+        self.min_cells = int(meta.get("min_cells", 20))
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, meta: dict[str, Any] | None = None) -> SlideGuard | None:
+        """The guard of a classifier model folder, or None when it has none."""
+        model_dir = Path(model_dir)
+        if meta is None:
+            from smear.artifacts import META
+
+            meta = json.loads((model_dir / META).read_text(encoding="utf-8"))
+        gmeta = meta.get("guard")
+        if not gmeta:
+            return None
+        from safetensors.numpy import load_file
+
+        from smear.types import ModelError
+
+        path = model_dir / gmeta.get("file", GUARD_FILE)
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (meta.json names a slide guard)",
+                             hint="refit it with smear train guard, or drop 'guard' from meta.json")
+        return cls(load_file(str(path)), gmeta)
+
+    def cell_vectors(self, feats: np.ndarray, novelty_stats: dict[str, Any], crops: Sequence[np.ndarray]
+                     ) -> np.ndarray:
+        """Each cell's guard vector: K null-whitened projected residuals, then its colour statistics."""
+        u = (residuals(feats, novelty_stats) @ self.projection - self.null_mean) @ self.null_whiten
+        return np.concatenate([u, colour_stats(crops)], axis=1).astype(np.float32)
+
+    def evidence(self, sums: GuardSums) -> dict[str, float]:
+        """The fitted evidence of one slide, each as a ratio to its threshold (over 1 fires); empty
+        when the slide has fewer than ``min_cells`` cells with a guard vector."""
+        if sums.n < self.min_cells or sums.vector is None:
+            return {}
+        raw = raw_evidence(sums, self.k, self.lab_means, self.lab_whiten)
+        return {k: round(raw[k] / self.thresholds[k], 4) for k in FITTED if k in raw and self.thresholds.get(k)}
+
+
+def raw_evidence(sums: GuardSums, k: int, lab_means: np.ndarray, lab_whiten: np.ndarray) -> dict[str, float]:
+    """The four fitted statistics of a slide from its sums, before division by their thresholds."""
+    mean = sums.vector / sums.n
+    u = mean[:k]
+    out = {"features": math.sqrt(max(0.0, float(u @ u) - k / sums.n))}
+    colour = mean[k:]
+    d = [float(np.linalg.norm((colour - m) @ w)) for m, w in zip(lab_means, lab_whiten)]
+    out["colour"] = min(d) if d else 0.0
+    if sums.n_scored:
+        out["novelty_mean"] = sums.novelty / sums.n_scored
+    if sums.n_prob:
+        out["confidence"] = 1.0 - sums.prob / sums.n_prob
+    return out
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def random_shift(rng: np.random.Generator, strength: float) -> Callable[[np.ndarray], np.ndarray]:
+    """One random acquisition shift, the same for every crop of a synthetic slide: stain mixing and
+    a background tint in optical density, sometimes a pale (over-exposed) field and a blur."""
+    import cv2
+
+    s = float(strength)
+    mix = np.diag(rng.uniform(1 - 0.5 * s, 1 + 0.5 * s, 3)) + rng.normal(0, 0.12 * s, (3, 3)) * (1 - np.eye(3))
+    tint = rng.uniform(-0.03 * s, 0.3 * s, 3)
+    pale = rng.uniform(1 - 0.4 * s, 1.0) if rng.random() < 0.3 else 1.0
+    sigma = rng.uniform(0, 2.0 * s) if rng.random() < 0.4 else 0.0
+
+    def apply(crop: np.ndarray) -> np.ndarray:
+        od = -np.log((crop.astype(np.float32) + 1.0) / 256.0) @ mix.T.astype(np.float32) + tint.astype(np.float32)
+        img = np.clip(256.0 * np.exp(-np.maximum(od, 0.0)) - 1.0, 0, 255)
+        img = 255 - (255 - img) * pale
+        if sigma > 0.3:
+            img = cv2.GaussianBlur(img, (0, 0), sigma)
+        return np.clip(img, 0, 255).round().astype(np.uint8)
+
+    return apply
+
+
+def type5_accuracy(probs: np.ndarray, labels: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    """Per cell: 1.0 if the pooled 5-type prediction matches the label's type, 0.0 if not, NaN
+    for cells whose label has no 5-type (IG, ERB, platelets)."""
+    from smear.taxonomy import FINE_TO_TYPE5, TYPES5, type5_of
+
+    pooled = np.zeros((len(probs), len(TYPES5)))
+    for j, c in enumerate(classes):
+        t = FINE_TO_TYPE5.get(c)
+        if t is not None:
+            pooled[:, TYPES5.index(t)] += probs[:, j]
+    pred = pooled.argmax(1)
+    truth = [type5_of(lb) if lb else None for lb in labels]
+    return np.array([np.nan if t is None else float(TYPES5.index(t) == p) for t, p in zip(truth, pred)])
+
+
+def _whiten(cov: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    d = cov.shape[0]
+    cov = cov + ridge * (np.trace(cov) / d + 1e-12) * np.eye(d)
+    return np.linalg.cholesky(np.linalg.inv(cov))
+
+
+def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops: dict[str, np.ndarray], *,
+        k: int = 8, draws: int = 24, draw_cells: int = 125, slide_cells: int = 100, quantile: float = 0.99,
+        good_accuracy: float = 0.90, seed: int = 0, log: Callable[[str], None] = print
+        ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
+    """Fit the slide guard of a classifier (``CnnClassifier`` with a novelty score) on validation
+    crops and each training lab's crops (colour statistics only). Returns the tensors to store,
+    the meta entry, and the outputs of the synthetic slides (logits and labels, for calibration)."""
+    import torch
+
+    from smear.classify import novelty as nov
+
+    if not clf.has_novelty:
+        raise ValueError("the slide guard needs the classifier's novelty score (smear train novelty first)")
+    if not isinstance(clf.model, nov.WithFeatures):
+        clf.model = nov.WithFeatures(clf.model).eval()
+    rng = np.random.default_rng(seed)
+    val_labels = list(val_labels)
+    log(f"guard: clean validation cells ({len(val_crops)})")
+    logits0, feats0 = clf.outputs(list(val_crops))
+    r0 = residuals(feats0.numpy(), clf.novelty_stats)
+    shifted = []
+    for d in range(draws):
+        strength = float(rng.uniform(0.0, 1.6))
+        idx = rng.choice(len(val_crops), min(draw_cells, len(val_crops)), replace=False)
+        shift = random_shift(rng, strength)
+        crops = [shift(c) for c in val_crops[idx]]
+        logits, feats = clf.outputs(crops)
+        shifted.append({"idx": idx, "strength": strength, "logits": logits, "feats": feats.numpy(),
+                        "crops": crops})
+        log(f"guard: synthetic shift {d + 1}/{draws} (strength {strength:.2f})")
+    deltas = np.stack([(residuals(s["feats"], clf.novelty_stats) - r0[s["idx"]]).mean(0) for s in shifted])
+    _, _, vt = np.linalg.svd(deltas, full_matrices=False)
+    k = int(min(k, len(deltas)))
+    projection = vt[:k].T.astype(np.float32)  # D x K, orthonormal columns
+    p0 = r0 @ projection
+    null_mean = p0.mean(0)
+    null_whiten = _whiten(np.cov(p0, rowvar=False).reshape(k, k))
+    lab_names = sorted(lab_crops)
+    lab_stats = [colour_stats(list(lab_crops[n])) for n in lab_names]
+    lab_means = np.stack([s.mean(0) for s in lab_stats])
+    lab_whiten = np.stack([_whiten(np.cov(s, rowvar=False)) for s in lab_stats])
+    stats = {"projection": projection, "null_mean": null_mean.astype(np.float32),
+             "null_whiten": null_whiten.astype(np.float32), "lab_means": lab_means.astype(np.float32),
+             "lab_whiten": lab_whiten.astype(np.float32)}
+    guard = SlideGuard(stats, {"thresholds": {}})
+
+    def cell_table(logits, feats, crops, labels):
+        probs = torch.softmax(torch.as_tensor(logits) / clf.temperature, 1).numpy()
+        nov_ratio = nov.distances(feats, clf.novelty_stats) / clf.novelty_threshold
+        vec = guard.cell_vectors(feats, clf.novelty_stats, crops)
+        return vec, nov_ratio, probs.max(1), type5_accuracy(probs, labels, clf.classes)
+
+    pools = [cell_table(logits0.numpy(), feats0.numpy(), list(val_crops), val_labels) + (0.0,)]
+    for s in shifted:
+        pools.append(cell_table(s["logits"].numpy(), s["feats"], s["crops"], [val_labels[i] for i in s["idx"]])
+                     + (s["strength"],))
+    rows = []
+    for p, (vec, nr, top, acc, strength) in enumerate(pools):
+        for _ in range(200 if p == 0 else 8):
+            pick = rng.choice(len(vec), min(slide_cells, len(vec)), replace=p > 0)
+            sums = GuardSums(n=len(pick), vector=vec[pick].astype(np.float64).sum(0), n_scored=len(pick),
+                             novelty=float(nr[pick].sum()), n_prob=len(pick), prob=float(top[pick].sum()))
+            raw = raw_evidence(sums, k, lab_means, lab_whiten)
+            rows.append({**raw, "accuracy": float(np.nanmean(acc[pick])), "strength": strength})
+    good = [r for r in rows if r["accuracy"] >= good_accuracy]
+    bad = [r for r in rows if r["accuracy"] < 0.75]
+    thresholds = {e: round(float(np.quantile([r[e] for r in good], quantile)), 6) for e in FITTED}
+    thresholds = {e: max(v, 1e-6) for e, v in thresholds.items()}
+    fires = [any(r[e] > thresholds[e] for e in FITTED) for r in bad]
+    false = [any(r[e] > thresholds[e] for e in FITTED) for r in good]
+    meta = {
+        "method": "slide evidence against validation slides (smear.classify.guard)",
+        "file": GUARD_FILE, "thresholds": thresholds, "quantile": quantile, "k": k, "min_cells": 20,
+        "colour_names": list(COLOUR_NAMES), "labs": lab_names,
+        "n_val": len(val_crops), "draws": draws, "draw_cells": draw_cells, "slide_cells": slide_cells,
+        "fit": {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad),
+                "recall_bad": round(float(np.mean(fires)), 4) if fires else None,
+                "false_alarms_good": round(float(np.mean(false)), 4) if false else None,
+                "good": f"5-type accuracy >= {good_accuracy}", "bad": "5-type accuracy < 0.75"},
+    }
+    log(f"guard: thresholds {thresholds}; on its own synthetic slides: recall {meta['fit']['recall_bad']} "
+        f"({len(bad)} read < 0.75), false alarms {meta['fit']['false_alarms_good']} ({len(good)} read >= 0.90)")
+    outputs = {"logits": torch.cat([logits0] + [s["logits"] for s in shifted]).numpy(),
+               "labels": np.array([str(x) for x in val_labels] + [str(val_labels[i]) for s in shifted
+                                                                  for i in s["idx"]])}
+    return stats, meta, outputs
+
+
+def save(model_dir: str | Path, stats: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    from smear.io import atomic_path
+
+    path = Path(model_dir) / GUARD_FILE
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in stats.items()}, str(tmp))
+    return path
+
+
+def fit_shift_temperature(logits: np.ndarray, labels: Sequence[str | None], classes: Sequence[str]) -> float:
+    """The temperature minimising the 5-type negative log-likelihood over clean and shifted cells
+    (a grid over 0.25-4, log-spaced): the per-cell probabilities made honest under shift."""
+    nlls = {t: type5_nll(logits, labels, classes, t) for t in np.exp(np.linspace(np.log(0.25), np.log(4.0), 57))}
+    return float(min(nlls, key=nlls.get))
+
+
+def type5_probs(logits: np.ndarray, classes: Sequence[str], temperature: float) -> np.ndarray:
+    """Softmax(logits / T) pooled into the 5 types and renormalised (cells x 5)."""
+    from smear.taxonomy import FINE_TO_TYPE5, TYPES5
+
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    pooled = np.zeros((len(p), len(TYPES5)))
+    for j, c in enumerate(classes):
+        t = FINE_TO_TYPE5.get(c)
+        if t is not None:
+            pooled[:, TYPES5.index(t)] += p[:, j]
+    return pooled / np.clip(pooled.sum(1, keepdims=True), 1e-12, None)
+
+
+def type5_nll(logits: np.ndarray, labels: Sequence[str | None], classes: Sequence[str], temperature: float) -> float:
+    from smear.taxonomy import TYPES5, type5_of
+
+    truth = [type5_of(lb) if lb else None for lb in labels]
+    keep = [i for i, t in enumerate(truth) if t is not None]
+    if not keep:
+        return float("nan")
+    p = type5_probs(np.asarray(logits)[keep], classes, temperature)
+    y = np.array([TYPES5.index(truth[i]) for i in keep])
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+
+def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: int = 1000, max_lab: int = 2000,
+                draws: int = 24, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit the slide guard of a classifier model folder from its run folder (config.yaml and split
+    files, as ``smear train novelty`` reads them) and write ``guard.safetensors`` and
+    ``meta["guard"]`` into the model folder. Returns the meta entry."""
+    import yaml
+
+    from smear.artifacts import META
+    from smear.classify import data as cdata
+    from smear.classify.cache import readable_crops
+    from smear.classify.model import CnnClassifier
+    from smear.classify.train import _splits
+    from smear.io import write_text_atomic
+    from smear.types import ModelError, SmearError
+
+    run = Path(run)
+    model_dir = Path(model_dir or run / "model")
+    if not (run / "config.yaml").is_file():
+        raise SmearError(f"{run}: not a classifier run folder (no config.yaml)",
+                         hint="pass the folder smear train classify wrote (or one holding its config.yaml)")
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    _, train_items, val_items, _, src_of_train, specs = _splits(cfg, run, log)
+    m, d = cfg["model"], cfg["data"]
+    size, margin = int(m["input_size"]), float(m["crop_margin"])
+    clf = CnnClassifier.from_dir(model_dir, device="cpu")
+    if not clf.has_novelty:
+        raise ModelError(f"{model_dir}: the slide guard needs the model's novelty score",
+                         hint=f"smear train novelty {run} --model {model_dir} first")
+    val = cdata.subsample(val_items, max_val, int(d["split_seed"]))
+    val, val_crops, _ = readable_crops(val, margin, size, d["cache_dir"], d["workers"], log)
+    labs = {}
+    for k, spec in enumerate(specs):
+        items = cdata.subsample([it for it, s in zip(train_items, src_of_train) if s == k], max_lab,
+                                int(d["split_seed"]))
+        if items:
+            labs[str(spec["name"])] = readable_crops(items, margin, size, d["cache_dir"], d["workers"], log)[1]
+    stats, gmeta, outputs = fit(clf, val_crops, [it.fine or it.group for it in val], labs, draws=draws, log=log)
+    t_shift = fit_shift_temperature(outputs["logits"], list(outputs["labels"]), clf.classes)
+    gmeta["temperature_shift"] = round(t_shift, 4)
+    gmeta["temperature_shift_note"] = ("temperature minimising the 5-type NLL over the clean and shifted "
+                                       "validation cells of the fit; measured, not applied")
+    names = ", ".join(f"{s['name']} ({s['root']})" for s in specs)
+    gmeta["fitted_on"] = (f"validation part of {names} ({len(val)} cells, clean and through {draws} random "
+                          f"acquisition shifts); colour per training lab from up to {max_lab} training cells each")
+    save(model_dir, stats)
+    meta = json.loads((model_dir / META).read_text(encoding="utf-8"))
+    meta["guard"] = gmeta
+    write_text_atomic(model_dir / META, json.dumps(meta, indent=2) + "\n")
+    return gmeta
