@@ -52,8 +52,8 @@ from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardS
 
 #: the other-labs benchmark's stain shifts, plus a pink-red Wright-like cast
 SHIFTS = {**stain.SHIFTS, "pink": functools.partial(stain._blend, colour=(235, 130, 165), t=0.4)}
-SET_CELLS = {"raabin-test-A": 1200, "pbc-test": 1200}  # a seeded sample of the larger sets
-SHIFT_CELLS = 800
+SET_CELLS = {"raabin-test-A": 600, "pbc-test": 600}  # a seeded sample of the larger sets
+SHIFT_CELLS = 400
 
 
 def set_outputs(clf, name: str, items: list, shift: str | None, n: int | None, cache: Path) -> dict:

@@ -210,3 +210,54 @@ def test_pipeline_guard_fires_on_a_shift_that_keeps_novelty_low(tmp_path):
     fr = reports["pink"].fields[0]
     back = field_from_dict(json.loads(json.dumps(field_to_dict(fr))), fr.slide, fr.field, fr.path)
     assert [c.guard for c in back.cells] == [c.guard for c in fr.cells] and fr.cells[0].guard is not None
+
+
+# ---------------------------------------------------------------- fitting from a run folder
+
+
+@pytest.mark.slow
+def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path):
+    """``smear train guard RUN`` on a tiny run: guard.safetensors, meta["guard"] and the card section
+    are written; the loaded classifier emits guard vectors; without the statistics it still runs and
+    the pipeline says so once; a model without a novelty score is refused with the command to fit it."""
+    from test_classify_data import make_pbc
+    from typer.testing import CliRunner
+
+    from smear.classify.guard import GUARD_FILE
+    from smear.classify.model import CnnClassifier
+    from smear.cli import app
+    from smear.pipeline.build import guard_notice
+    from smear.pipeline.run import Stages
+
+    pbc = make_pbc(tmp_path / "pbc", {p: 14 for p in ("SNE", "LY", "MO")}, size=40)
+    run = tmp_path / "run"
+    args = ["train", "classify", "--out", str(run)]
+    for s in ("model.arch=test_efficientnet", "model.input_size=32", f"data.root={pbc}", "model.tta=1",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch=8", "train.device=cpu",
+              "train.patience=0", "model.novelty_quantile=null"):
+        args += ["--set", s]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    model = run / "model"
+    refused = CliRunner().invoke(app, ["train", "guard", str(run), "--draws", "4"])
+    assert refused.exit_code != 0 and "needs the model's novelty score" in refused.stderr
+    assert f"smear train novelty {run}" in refused.stderr
+    assert CliRunner().invoke(app, ["train", "novelty", str(run), "--quantile", "0.9"]).exit_code == 0
+    res = CliRunner().invoke(app, ["train", "guard", str(run), "--draws", "4"])
+    assert res.exit_code == 0, res.output
+    assert "slide guard thresholds" in res.stdout
+    meta = json.loads((model / "meta.json").read_text())
+    g = meta["guard"]
+    assert (model / GUARD_FILE).is_file() and set(g["thresholds"]) == {"features", "novelty_mean", "confidence", "colour"}
+    assert all(v > 0 for v in g["thresholds"].values()) and g["k"] == 4 and g["temperature_shift"] > 0
+    assert "## Slide guard" in (model / "MODEL_CARD.md").read_text()
+    clf = CnnClassifier.from_dir(model, device="cpu")
+    crops = [np.full((32, 32, 3), 200, np.uint8)] * 3
+    probs, ratio, vectors = clf.predict_cells(crops)
+    assert vectors.shape == (3, 4 + len(COLOUR_NAMES)) and np.isfinite(vectors).all()
+    assert guard_notice({"classifier_model": str(model)}, Stages(detector=None, classifier=clf)) is None
+    del meta["guard"]
+    (model / "meta.json").write_text(json.dumps(meta))
+    bare = CnnClassifier.from_dir(model, device="cpu")
+    assert bare.guard is None and bare.predict_cells(crops)[2] is None
+    notice = guard_notice({"classifier_model": str(model)}, Stages(detector=None, classifier=bare))
+    assert "no slide guard statistics" in notice and "smear train guard" in notice

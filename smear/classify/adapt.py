@@ -262,8 +262,10 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
         torch.manual_seed(recipe.seed)
         _train(net, norm, cells, recipe, meta, config, dev, log)
     keep_novelty = recipe.train_blocks == 0 and meta.get("novelty")
+    # the slide guard's statistics (meta "guard" + guard.safetensors) are not carried over: refit them
+    # on the adapted model (smear.classify.guard)
     new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
-                                                            "smear_version")}
+                                                            "smear_version", "guard")}
     new_meta.update({
         "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
         "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),

@@ -94,8 +94,8 @@ def train_novelty(
 def train_guard(
     run: Annotated[Path, typer.Argument(help="A finished classifier run folder (config.yaml, split files).")],
     model: Annotated[Optional[Path], typer.Option(help="Model folder to fit (default RUN/model).")] = None,
-    max_val: Annotated[int, typer.Option(help="Validation cells the statistics are fitted on.", min=100)] = 1000,
-    draws: Annotated[int, typer.Option(help="Random acquisition shifts the thresholds are fitted on.", min=4)] = 24,
+    max_val: Annotated[int, typer.Option(help="Validation cells the statistics are fitted on.", min=100)] = 500,
+    draws: Annotated[int, typer.Option(help="Random acquisition shifts the thresholds are fitted on.", min=4)] = 16,
 ) -> None:
     """Fit the slide guard of a trained classifier (slide-level evidence of a misread slide) on its
     validation crops and its training labs' colours; needs its novelty score."""
