@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=40, help="slides per set")
     ap.add_argument("--left-out", default=None, help="a class the model was trained without (leukaemic slides)")
     ap.add_argument("--set", action="append", default=[], help="pipeline config override, e.g. guard.max_domain_score=1.2")
+    ap.add_argument("--only", action="append", default=[], help="score only these sets (e.g. jtsc, pbc-test+pink)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/smear-guard"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -180,6 +181,8 @@ def main() -> None:
     rows, outputs = [], {}
     for name, shift, n in plan:
         tag = name + (f"+{shift}" if shift else "")
+        if args.only and tag not in args.only:
+            continue
         out = set_outputs(clf, name, sets[name], shift, n, args.cache)
         outputs[tag] = out
         cells = cell_predictions(clf, out, float(cfg["review_threshold"]))

@@ -43,12 +43,15 @@ def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None], l
     """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio
     and (with a fitted slide guard) its guard vector."""
     none = [None] * len(crops)
-    if hasattr(clf, "predict_cells") and getattr(clf, "has_novelty", False):
+    if not getattr(clf, "has_novelty", False):
+        return clf.classify(crops), none, none
+    if hasattr(clf, "predict_cells"):
         probs, ratio, vectors = clf.predict_cells(crops)
-        return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
-                [float(r) for r in ratio] if ratio is not None else none,
-                [tuple(float(x) for x in v) for v in vectors] if vectors is not None else none)
-    return clf.classify(crops), none, none
+    else:
+        (probs, ratio), vectors = clf.predict(crops), None
+    return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
+            [float(r) for r in ratio] if ratio is not None else none,
+            [tuple(float(x) for x in v) for v in vectors] if vectors is not None else none)
 
 
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
