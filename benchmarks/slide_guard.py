@@ -45,7 +45,7 @@ import other_labs  # noqa: E402
 from smear.artifacts import model_version, resolve_model_dir  # noqa: E402
 from smear.classify.cache import cached_crops  # noqa: E402
 from smear.classify.evaluate import expected_calibration_error  # noqa: E402
-from smear.classify.guard import type5_accuracy, type5_probs  # noqa: E402
+from smear.classify.guard_fit import type5_accuracy, type5_probs  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 from smear.detect import stain  # noqa: E402
 from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardSums, SlideReport  # noqa: E402
@@ -113,13 +113,13 @@ def score_slide(clf, cells: list[CellPrediction], cfg: dict, name: str):
     evidence = clf.guard.evidence(sums) if clf.guard is not None else {}
     report = SlideReport(name, (FieldResult(name, "f", 100, 100, tuple(c.detection for c in cells), tuple(cells)),),
                          classified=True, evidence=evidence)
-    return differential(report, cfg["report"], cfg["flags"], cfg["guard"])
+    return differential(report, cfg.report, cfg.flags, cfg.guard)
 
 
 def slides_of(clf, name: str, out: dict, cells: list[CellPrediction], acc: np.ndarray, n_slides: int,
               cfg: dict, rng: np.random.Generator, pick=None) -> list[dict]:
     rows = []
-    limit = cfg["guard"]["max_domain_score"]
+    limit = cfg.guard.max_domain_score
     for s in range(n_slides):
         idx = pick(rng) if pick is not None else rng.choice(len(cells), 100, replace=True)
         d = score_slide(clf, [cells[i] for i in idx], cfg, f"{name}#{s}")
@@ -185,7 +185,7 @@ def main() -> None:
             continue
         out = set_outputs(clf, name, sets[name], shift, n, args.cache)
         outputs[tag] = out
-        cells = cell_predictions(clf, out, float(cfg["review_threshold"]))
+        cells = cell_predictions(clf, out, float(cfg.review_threshold))
         acc = type5_accuracy(np.array([list(c.probs.values()) for c in cells]), list(out["labels"]), clf.classes)
         rows += slides_of(clf, tag, out, cells, acc, args.slides, cfg, rng)
     leuk = leukaemic_rows(clf, args, outputs.get("pbc-test"), cfg, rng)
@@ -198,7 +198,7 @@ def leukaemic_rows(clf, args, out: dict | None, cfg: dict, rng) -> list[dict]:
     if out is None:
         return []
     odd = {args.left_out} if args.left_out else {"PMY", "MY"}
-    cells = cell_predictions(clf, out, float(cfg["review_threshold"]))
+    cells = cell_predictions(clf, out, float(cfg.review_threshold))
     labels = list(out["labels"])
     acc = type5_accuracy(np.array([list(c.probs.values()) for c in cells]), labels, clf.classes)
     blast = np.array([lb in odd for lb in labels])
@@ -222,11 +222,11 @@ def report(rows: list[dict], leuk: list[dict], ece: dict, args, cfg: dict) -> No
         by_set[r["set"]].append(r)
     names = sorted({k for r in rows + leuk for k in r["evidence"]})
     print(f"\n### slide guard: {args.model}, {args.slides} slides of 100 cells per set "
-          f"(drawn with replacement, seed 0), guard.max_domain_score {cfg['guard']['max_domain_score']}\n")
+          f"(drawn with replacement, seed 0), guard.max_domain_score {cfg.guard.max_domain_score}\n")
     print("| set | slides | mean 5-type acc | read < 0.75 | read > 0.90 | guard fired | " +
           " | ".join(f"{n} fired" for n in names) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(names))
-    limit = cfg["guard"]["max_domain_score"]
+    limit = cfg.guard.max_domain_score
     for name, rs in list(by_set.items()) + list(_group(leuk).items()):
         acc = [r["accuracy"] for r in rs if r["accuracy"] is not None]
         fired = np.mean([r["fired"] for r in rs])

@@ -158,7 +158,7 @@ def model_version(model_dir: str | Path) -> str:
     return file_sha256(Path(model_dir) / meta["weights"])[:12]
 
 
-def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str, Any],
+def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: Any,
                    card: str | None = None) -> Path:
     """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir``."""
     model_dir = Path(model_dir)
@@ -168,7 +168,9 @@ def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str
     if missing:
         raise ModelError(f"{model_dir}: meta lacks {', '.join(missing)}")
     write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    write_text_atomic(model_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    from smear.config import dump_config
+
+    write_text_atomic(model_dir / CONFIG, dump_config(config))
     if card is not None:
         write_text_atomic(model_dir / CARD, card)
     return model_dir

@@ -20,11 +20,22 @@ def available_cores() -> int:
     return max(1, min(cores, int(share))) if share.isdigit() else cores
 
 
+def default_threads() -> int:
+    """torch's CPU threads when nothing else is asked: $SMEAR_THREADS when it is set, else the
+    available cores."""
+    value = os.environ.get("SMEAR_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise SmearError(f"SMEAR_THREADS={value!r}: not a positive whole number of threads")
+        return int(value)
+    return available_cores()
+
+
 def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads to ``n`` (default: the available cores); returns the count."""
+    """Set torch's intra-op threads to ``n`` (default: ``default_threads()``); returns the count."""
     import torch
 
-    n = n or available_cores()
+    n = n or default_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

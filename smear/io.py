@@ -253,6 +253,13 @@ def check_outputs(outputs: dict[str, Path | None], slides: list[Slide]) -> None:
             raise SmearError(f"{target}: {option} is a folder, not a file")
         taken[real] = option
         check_writable_folder(target.parent, option)
+        try:  # a file can be made there (a folder of /proc or a read-only mount says so only when asked)
+            fd, probe = tempfile.mkstemp(prefix=temp_name(target), suffix=".probe", dir=target.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SmearError(f"{target}: {option} cannot be written there ({exc.strerror or exc})",
+                             hint="name a file in a folder you can write to") from exc
         sweep_stale_temps(target)
 
 

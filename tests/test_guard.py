@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from smear.classify.guard import COLOUR_NAMES, SlideGuard, colour_stats, random_shift
+from smear.classify.guard import COLOUR_NAMES, SlideGuard, colour_stats
+from smear.classify.guard_fit import random_shift
 from smear.config import default_config
-from smear.report.summary import differential, summarize
+from smear.report.summary import differential
 from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardSums, SlideReport
 
 CFG = default_config("pipeline")
-GCFG = CFG["guard"]
+GCFG = CFG.guard
 
 
 def _slide(labels: list[str], novelty: float = 0.4, prob: float = 0.95, evidence=None, name="s") -> SlideReport:
@@ -34,11 +35,11 @@ NORMAL = ["SNE"] * 60 + ["LY"] * 30 + ["MO"] * 6 + ["EO"] * 3 + ["BA"]
 def test_a_normal_differential_passes_and_a_confident_wrong_class_fires():
     """Neutrophils moved into EO at 0.95 with low novelty (the issue's slide): novel share 0, and the
     guard still fires on the differential, first among the warnings, saying which evidence and how much."""
-    quiet = summarize(_slide(NORMAL), CFG["report"], CFG["flags"], GCFG)
+    quiet = differential(_slide(NORMAL), CFG.report, CFG.flags, GCFG).row()
     assert quiet["domain_warnings"] == [] and quiet["domain_score"] < 1.0
     assert quiet["novel_share"] == 0.0 and set(quiet["domain_evidence"]) == {"novel_share", "differential"}
     moved = ["EO"] * 64 + ["LY"] * 30 + ["MO"] * 6  # every neutrophil called EO
-    row = summarize(_slide(moved), CFG["report"], CFG["flags"], GCFG)
+    row = differential(_slide(moved), CFG.report, CFG.flags, GCFG).row()
     assert row["novel_share"] == 0.0
     assert row["domain_score"] == pytest.approx(64.0 / 40.0)
     first = row["domain_warnings"][0]
@@ -54,25 +55,25 @@ def test_a_normal_differential_passes_and_a_confident_wrong_class_fires():
     (["ERB"] * 60 + ["SNE"] * 100, "60 NRBC per 100 WBC with lymphocytes 0.0%"),
 ])
 def test_implausible_differential_rules(labels, seen):
-    row = summarize(_slide(labels), CFG["report"], CFG["flags"], GCFG)
+    row = differential(_slide(labels), CFG.report, CFG.flags, GCFG).row()
     assert row["domain_evidence"]["differential"] > 1.0 and seen in row["domain_warnings"][0]
 
 
 def test_differential_rules_wait_for_enough_cells_and_follow_the_config():
-    few = summarize(_slide(["EO"] * 10), CFG["report"], CFG["flags"], GCFG)
+    few = differential(_slide(["EO"] * 10), CFG.report, CFG.flags, GCFG).row()
     assert "differential" not in few["domain_evidence"] and few["domain_warnings"] == []
-    strict = {**GCFG, "implausible": {**GCFG["implausible"], "monocyte_pct": 5.0}}
-    assert summarize(_slide(NORMAL), CFG["report"], CFG["flags"], strict)["domain_evidence"]["differential"] == 1.2
-    lenient = {**GCFG, "max_domain_score": 2.0}
+    strict = GCFG.model_copy(update={"implausible": GCFG.implausible.model_copy(update={"monocyte_pct": 5.0})})
+    assert differential(_slide(NORMAL), CFG.report, CFG.flags, strict).row()["domain_evidence"]["differential"] == 1.2
+    lenient = GCFG.model_copy(update={"max_domain_score": 2.0})
     moved = ["EO"] * 64 + ["LY"] * 36
-    assert summarize(_slide(moved), CFG["report"], CFG["flags"], lenient)["domain_warnings"] == []
+    assert differential(_slide(moved), CFG.report, CFG.flags, lenient).row()["domain_warnings"] == []
 
 
 def test_fitted_evidence_enters_the_score_csv_and_json():
     from smear.report.tables import summary_frame, to_csv, to_json
 
     rep = _slide(NORMAL, evidence={"features": 2.5, "colour": 1.3, "confidence": 0.4})
-    d = differential(rep, CFG["report"], CFG["flags"], GCFG)
+    d = differential(rep, CFG.report, CFG.flags, GCFG)
     assert d.domain_score == 2.5 and d.domain_evidence["features"] == 2.5
     w = d.domain_warnings[0]
     assert "features 2.50" in w and "colour 1.30" in w and "confidence" not in w
@@ -200,7 +201,7 @@ def test_pipeline_guard_fires_on_a_shift_that_keeps_novelty_low(tmp_path):
         streamed = run_slide(slide, stages, keep_fields=False)
         assert streamed.evidence == reports[name].evidence
         # drawn fields have few red cells per white cell: that check is not what this test is about
-        rows[name] = summarize(reports[name], CFG["report"], CFG["flags"], {**GCFG, "max_wbc_per_rbc": 10.0})
+        rows[name] = differential(reports[name], CFG.report, CFG.flags, GCFG.model_copy(update={"max_wbc_per_rbc": 10.0})).row()
     assert rows["plain"]["domain_warnings"] == [] and rows["plain"]["domain_score"] < 1.0
     pink = rows["pink"]
     assert pink["novel_share"] == 0.0 and pink["EO_pct"] == 100.0
@@ -254,10 +255,11 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
     crops = [np.full((32, 32, 3), 200, np.uint8)] * 3
     probs, ratio, vectors = clf.predict_cells(crops)
     assert vectors.shape == (3, 4 + len(COLOUR_NAMES)) and np.isfinite(vectors).all()
-    assert guard_notice({"classifier_model": str(model)}, Stages(detector=None, classifier=clf)) is None
+    cfg = CFG.model_copy(update={"classifier_model": str(model)})
+    assert guard_notice(cfg, Stages(detector=None, classifier=clf)) is None
     del meta["guard"]
     (model / "meta.json").write_text(json.dumps(meta))
     bare = CnnClassifier.from_dir(model, device="cpu")
     assert bare.guard is None and bare.predict_cells(crops)[2] is None
-    notice = guard_notice({"classifier_model": str(model)}, Stages(detector=None, classifier=bare))
+    notice = guard_notice(cfg, Stages(detector=None, classifier=bare))
     assert "no slide guard statistics" in notice and "smear train guard" in notice

@@ -238,13 +238,13 @@ def test_8_cache_key_changes_with_a_detector_meta(tmp_path):
 
     copy = tmp_path / "det"
     shutil.copytree(shipped_dir("detector"), copy)
-    cfg = {**default_config("pipeline"), "detector_model": str(copy)}
+    cfg = default_config("pipeline").model_copy(update={"detector_model": str(copy)})
     before = stages_version(cfg)
     meta = json.loads((copy / "meta.json").read_text())
     meta.setdefault("infer", {})["per_class_conf"] = {"wbc": 0.9, "rbc": 0.9, "platelet": 0.9}
     (copy / "meta.json").write_text(json.dumps(meta))
     assert stages_version(cfg) != before
-    assert stages_version({**cfg, "device": "cuda:0"}) != stages_version(cfg)
+    assert stages_version(cfg.model_copy(update={"device": "cuda:0"})) != stages_version(cfg)
 
 
 # ------------------------------------------------------------------ 9. names are not markup
@@ -730,7 +730,8 @@ def test_19_a_truncated_onnx_in_a_model_folder_falls_back_to_torch(tmp_path):
     folder = tmp_path / "clf"
     shutil.copytree(shipped_dir("classifier"), folder)
     _truncate(folder / "model.onnx", folder / "model.safetensors")
-    cfg = {**default_config("pipeline"), "detector": "classical", "classifier_model": str(folder), "runtime": "onnx"}
+    cfg = default_config("pipeline").model_copy(update={"detector": "classical", "classifier_model": str(folder),
+                                                        "runtime": "onnx"})
     with pytest.warns(UserWarning, match="cannot load the ONNX model"):
         stages = build_stages(cfg)
     assert stages.classifier is not None
