@@ -4,7 +4,9 @@ Builds many 100-cell "slides" (cells drawn with replacement, seeded) from every 
 jtsc and cellavision (``../shared/data/wbc-seg``), Raabin-WBC Test-A (``--raabin``), the PBC test
 split (stratified, seed 0, 0.7/0.15/0.15), and the PBC test split through fixed stain shifts
 (``smear.detect.stain.SHIFTS``, as ``benchmarks/other_labs.py --stain``, plus ``pink``, a red
-Wright-like cast). Each slide goes through the report's own code (``smear.report.summary``) with
+Wright-like cast). PBC slides are drawn with an adult differential around ``BLOOD_MIX`` (the split
+holds every class in similar numbers, which no blood has; ``--pbc-mix split`` keeps the split's
+own mix); the other sets' slides keep their own mix. Each slide goes through the report's own code (``smear.report.summary``) with
 the guard the model folder holds; per slide it records the 5-type accuracy and whether the guard
 fired, then prints the recall on slides read below 0.75, the false alarms on slides read above
 0.90 (targets: >= 0.90 and <= 0.05), and the ECE of each set before and after the shift-fitted
@@ -54,6 +56,10 @@ from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardS
 SHIFTS = {**stain.SHIFTS, "pink": functools.partial(stain._blend, colour=(235, 130, 165), t=0.4)}
 SET_CELLS = {"raabin-test-A": 600, "pbc-test": 600}  # a seeded sample of the larger sets
 SHIFT_CELLS = 400
+#: an adult differential (neutrophils, eosinophils, basophils, lymphocytes, monocytes; mid reference
+#: ranges), the mean of the mixes PBC slides are drawn with: the PBC split holds every class in
+#: similar numbers, which no blood has
+BLOOD_MIX = {"neutrophil": 0.58, "eosinophil": 0.035, "basophil": 0.01, "lymphocyte": 0.30, "monocyte": 0.075}
 
 
 def set_outputs(clf, name: str, items: list, shift: str | None, n: int | None, cache: Path) -> dict:
@@ -160,6 +166,8 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=40, help="slides per set")
     ap.add_argument("--left-out", default=None, help="a class the model was trained without (leukaemic slides)")
     ap.add_argument("--set", action="append", default=[], help="pipeline config override, e.g. guard.max_domain_score=1.2")
+    ap.add_argument("--pbc-mix", choices=("blood", "split"), default="blood",
+                    help="PBC slides: an adult differential (blood) or the test split's own class mix (split)")
     ap.add_argument("--only", action="append", default=[], help="score only these sets (e.g. jtsc, pbc-test+pink)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/smear-guard"))
     ap.add_argument("--json", type=Path, default=None)
@@ -187,9 +195,26 @@ def main() -> None:
         outputs[tag] = out
         cells = cell_predictions(clf, out, float(cfg.review_threshold))
         acc = type5_accuracy(np.array([list(c.probs.values()) for c in cells]), list(out["labels"]), clf.classes)
-        rows += slides_of(clf, tag, out, cells, acc, args.slides, cfg, rng)
+        pick = blood_like(list(out["labels"])) if name == "pbc-test" and args.pbc_mix == "blood" else None
+        rows += slides_of(clf, tag, out, cells, acc, args.slides, cfg, rng, pick)
     leuk = leukaemic_rows(clf, args, outputs.get("pbc-test"), cfg, rng)
     report(rows, leuk, ece_rows(clf, outputs), args, cfg)
+
+
+def blood_like(labels: list[str]):
+    """A slide drawer: 100 mature white cells in a mix drawn around ``BLOOD_MIX`` (Dirichlet, 50
+    pseudo-cells), each type's cells drawn with replacement from the set."""
+    from smear.taxonomy import type5_of
+
+    types = [type5_of(lb) for lb in labels]
+    pools = {t: np.flatnonzero([x == t for x in types]) for t in BLOOD_MIX}
+
+    def pick(rng: np.random.Generator) -> np.ndarray:
+        mix = rng.dirichlet([50 * v for v in BLOOD_MIX.values()])
+        counts = rng.multinomial(100, mix)
+        return np.concatenate([rng.choice(pools[t], k, replace=True) for t, k in zip(BLOOD_MIX, counts) if k])
+
+    return pick
 
 
 def leukaemic_rows(clf, args, out: dict | None, cfg: dict, rng) -> list[dict]:
@@ -222,7 +247,8 @@ def report(rows: list[dict], leuk: list[dict], ece: dict, args, cfg: dict) -> No
         by_set[r["set"]].append(r)
     names = sorted({k for r in rows + leuk for k in r["evidence"]})
     print(f"\n### slide guard: {args.model}, {args.slides} slides of 100 cells per set "
-          f"(drawn with replacement, seed 0), guard.max_domain_score {cfg.guard.max_domain_score}\n")
+          f"(drawn with replacement, seed 0; PBC slides: {args.pbc_mix} mix), "
+          f"guard.max_domain_score {cfg.guard.max_domain_score}\n")
     print("| set | slides | mean 5-type acc | read < 0.75 | read > 0.90 | guard fired | " +
           " | ".join(f"{n} fired" for n in names) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(names))
