@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--pbc", default=str(SHARED / "pbc"), help="source data for the --source-data run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 10, 30, 50])
+    ap.add_argument("--only", nargs="+", help="run only these scenarios (e.g. 'k=30')")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt_brakes"))
     args = ap.parse_args()
     root = SHARED / "wbc-seg" / "jtsc"
@@ -99,6 +100,8 @@ def main() -> None:
                                                           ("k=30 rows x3", 30, {}, 3)]
     if Path(args.pbc).is_dir():
         scenarios.append(("k=30 --source-data pbc", 30, {"source_data": [args.pbc]}, 1))
+    if args.only:
+        scenarios = [sc for sc in scenarios if sc[0] in args.only]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, k, kwargs, repeat in scenarios:
@@ -116,6 +119,13 @@ def main() -> None:
                     adapt([path], out, source, seed=seed, log=logs.append, limits=Limits(), **kwargs)
                 except SmearError as exc:
                     entry.update(refused=str(exc), hint=exc.hint)
+                    if "worse than its source" in str(exc):  # what the refused model would have done
+                        kept = out.with_name(out.name + "_allowed")
+                        adapt([path], kept, source, seed=seed, log=logs.append, limits=Limits(), allow_worse=True,
+                              **kwargs)
+                        entry["rest_if_written"] = scores(CnnClassifier.from_dir(kept, device="cpu"),
+                                                          [crops[i] for i in rest], [labels[i] for i in rest])
+                        entry["rest_source"] = scores(src, [crops[i] for i in rest], [labels[i] for i in rest])
                 else:
                     m = json.loads((out / "meta.json").read_text())
                     ad = CnnClassifier.from_dir(out, device="cpu")
@@ -138,7 +148,9 @@ def main() -> None:
              "source -> adapted | rest novel share source -> adapted | s |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r["refused"]:
-            lines.append(f"| {r['scenario']} | {r['seed']} | {r['refused']} | | | | | {r['seconds']} |")
+            would = (f"({r['n_rest']}) {r['rest_source']['type5_accuracy']} -> "
+                     f"{r['rest_if_written']['type5_accuracy']} if written" if "rest_if_written" in r else "")
+            lines.append(f"| {r['scenario']} | {r['seed']} | {r['refused']} | | | {would} | | {r['seconds']} |")
             continue
         h = r["heldout"]
         lines.append(f"| {r['scenario']} | {r['seed']} | no | {r['cells']} ({r['n_heldout']}) | "

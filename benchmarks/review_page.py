@@ -2,6 +2,10 @@
 N WBCs (synthetic 640x480 fields, the page made exactly as `smear run --report html` makes it).
 
     python benchmarks/review_page.py --cells 2000 --per-field 6
+    python benchmarks/review_page.py --cells 2000 --fields ../shared/data/bccd/test/images
+
+With ``--fields`` the fields are those images in turn (real stain and scanner noise, which sets the
+JPEG sizes), each with ``--per-field`` WBC boxes drawn at random places.
 
 Prints the file size, the time to render it in Python, and in Chromium (Debian's chromium and
 chromium-driver, through selenium): the load event, "Show every cell", and one reclassification
@@ -23,22 +27,40 @@ from smear.config import default_config
 from smear.report.html import render_html
 from smear.report.tables import summary_rows
 from smear.synth import make_field
-from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, FieldResult, SlideReport
+from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, SlideReport
 
 #: labels drawn for the cells: a normal adult differential with 5% left for review
 MIX = {"SNE": 0.55, "LY": 0.28, "MO": 0.06, "EO": 0.03, "BA": 0.01, "BNE": 0.02, UNIDENTIFIED: 0.05}
 
 
-def slide(folder: Path, n_cells: int, per_field: int, seed: int = 0) -> SlideReport:
+def _real(image_rgb: np.ndarray, n: int, rng) -> list[Detection]:
+    h, w = image_rgb.shape[:2]
+    out = []
+    for _ in range(n):
+        side = float(rng.uniform(60, 90))
+        x0, y0 = float(rng.uniform(0, w - side)), float(rng.uniform(0, h - side))
+        out.append(Detection((x0, y0, x0 + side, y0 + side), CellKind.WBC, 0.9))
+    return out
+
+
+def slide(folder: Path, n_cells: int, per_field: int, seed: int = 0, real: list[Path] | None = None
+          ) -> SlideReport:
     rng = np.random.default_rng(seed)
     labels = list(MIX)
     fields = []
     for k in range(-(-n_cells // per_field)):
         n = min(per_field, n_cells - k * per_field)
-        synth = make_field(seed + k, n_wbc=n)
         path = folder / f"field_{k:04d}.jpg"
-        Image.fromarray(synth.image_rgb).save(path, quality=90)
-        dets, cells = list(synth.detections), []
+        if real:
+            shutil.copy(real[k % len(real)], path)
+            image = np.asarray(Image.open(path).convert("RGB"))
+            dets = _real(image, n, rng)
+        else:
+            synth = make_field(seed + k, n_wbc=n)
+            image = synth.image_rgb
+            Image.fromarray(image).save(path, quality=90)
+            dets = list(synth.detections)
+        cells = []
         for d in dets:
             if d.kind is not CellKind.WBC:
                 continue
@@ -47,7 +69,7 @@ def slide(folder: Path, n_cells: int, per_field: int, seed: int = 0) -> SlideRep
             p = 0.4 if label == UNIDENTIFIED else 0.9
             probs = {c: (p if c == top else (1 - p) / (len(FINE_CLASSES) - 1)) for c in FINE_CLASSES}
             cells.append(CellPrediction(d, label, p, probs))
-        fields.append(FieldResult("slide", path.name, synth.image_rgb.shape[1], synth.image_rgb.shape[0], tuple(dets),
+        fields.append(FieldResult("slide", path.name, image.shape[1], image.shape[0], tuple(dets),
                                   tuple(cells), str(path)))
     return SlideReport("slide", tuple(fields), classified=True)
 
@@ -92,13 +114,16 @@ def main() -> None:
     ap.add_argument("--cells", type=int, nargs="+", default=[2000])
     ap.add_argument("--per-field", type=int, default=6)
     ap.add_argument("--keep", type=Path, help="also copy each page here")
+    ap.add_argument("--fields", type=Path, help="a folder of real field images to use in turn")
     args = ap.parse_args()
     cfg = default_config("pipeline")
     for n in args.cells:
         with tempfile.TemporaryDirectory(prefix="smear-review-") as tmp:
             tmp = Path(tmp)
             (tmp / "slide").mkdir()
-            rep = slide(tmp / "slide", n, args.per_field)
+            real = sorted(p for p in args.fields.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                          ) if args.fields else None
+            rep = slide(tmp / "slide", n, args.per_field, real=real)
             t0 = time.perf_counter()
             html = render_html([rep], summary_rows([rep], cfg), cfg=cfg)
             render_s = time.perf_counter() - t0

@@ -134,8 +134,13 @@ class Slide:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name, hidden files skipped: the one image lister."""
-    return sorted((p for p in Path(folder).iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """Image files directly in ``folder``, sorted by name, hidden files skipped: the one image lister.
+    A pyramidal TIFF is a whole slide, not a field: it is left out (smear run counts it as its own slide)."""
+    from smear.wsi.slide import TIFF_SUFFIXES, is_whole_slide
+
+    return sorted((p for p in Path(folder).iterdir()
+                   if is_image_file(p) and not (p.suffix.lower() in TIFF_SUFFIXES and is_whole_slide(p))),
+                  key=lambda p: p.name)
 
 
 list_fields = list_images  # a slide's fields are the images of its folder

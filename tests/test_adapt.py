@@ -304,9 +304,10 @@ def _with_novelty(source, extra_guard=True):
     nov.save(source, nov.fit(rng.normal(size=(40, dim)), rng.integers(0, 11, 40)))
     meta = json.loads((source / "meta.json").read_text())
     meta["novelty"] = {"threshold": 5.0, "quantile": 0.97, "file": nov.NOVELTY_FILE, "method": "mahalanobis"}
-    (source / "meta.json").write_text(json.dumps(meta))
-    if extra_guard:
+    if extra_guard:  # a slide guard's statistics, as smear.classify.guard stores them
+        meta["guard"] = {"file": "slide_guard.json", "thresholds": {"features": 1.0}}
         (source / "slide_guard.json").write_text('{"stats": [1, 2, 3]}')
+    (source / "meta.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.slow
@@ -320,6 +321,8 @@ def test_adapting_without_source_data_keeps_the_source_guard(tmp_path, source):
     assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
     assert (out / "novelty.safetensors").read_bytes() == (source / "novelty.safetensors").read_bytes()
     assert (out / "slide_guard.json").read_text() == '{"stats": [1, 2, 3]}'
+    assert json.loads((out / "meta.json").read_text())["guard"] == {"file": "slide_guard.json",
+                                                                    "thresholds": {"features": 1.0}}
     assert any("classifier layer only" in m for m in logs)
     clf = CnnClassifier.from_dir(out, device="cpu")
     probs, novelty = clf.predict([draw_cell(32, seed=i) for i in range(3)])
@@ -342,7 +345,8 @@ def test_adapting_with_source_data_refits_the_novelty_score(tmp_path, source):
     assert "smear adapt" in nv["fitted_on"] and nv["threshold"] > 0 and nv["threshold"] != 5.0
     assert nv["n_fit"] == 30 + meta["adaptation"]["n_train"]  # 8 - round(8 x 0.2) of each source class + the lab
     assert (out / "novelty.safetensors").read_bytes() != (source / "novelty.safetensors").read_bytes()
-    assert (out / "slide_guard.json").is_file() and "refitted" in meta["adaptation"]["novelty"]
+    assert "refitted" in meta["adaptation"]["novelty"]
+    assert not (out / "slide_guard.json").exists() and "guard" not in meta  # fitted on the source's features
     clf = CnnClassifier.from_dir(out, device="cpu")
     _, novelty = clf.predict([draw_cell(32, seed=i) for i in range(4)])
     assert clf.has_novelty and np.isfinite(novelty).all()

@@ -219,6 +219,9 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
     data = json.loads((out / "r.json").read_text())["slides"][0]
     assert data["whole_slide"]["target_wbc"] is None and data["whole_slide"]["tiles_counted"] == 15
     assert data["fields"][0]["region"]["scale"] == pytest.approx(1.0)
+    res = _run([str(slide), "--target-wbc", "3", *TEST_SET], tmp_path)  # the table on stdout
+    assert res.exit_code == 0 and "whole slide 5632x1536 px at 0.08 um/px (file)" in res.output
+    assert "target 3 WBC reached" in res.output and "2 blurred" in res.output
 
 
 @pytest.mark.slow
@@ -253,3 +256,22 @@ def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
     res = _run([str(path)], tmp_path)
     assert res.exit_code != 0
     assert 'pip install "smear[wsi]"' in res.output
+
+
+def test_a_folder_of_slide_files_and_fields(tmp_path):
+    from PIL import Image
+
+    from smear.cli.wsi import check_whole_slides
+    from smear.io import find_slides
+
+    scans = tmp_path / "scans"
+    (scans / "more").mkdir(parents=True)
+    a = write_pyramid(scans / "a.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
+    b = write_pyramid(scans / "more" / "b.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
+    whole, rest = check_whole_slides([scans], False, None, False, recursive=True)
+    assert whole.paths == [a, b] and rest == []  # a folder of slide files only: no field slide
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(scans / "field.png")
+    whole, rest = check_whole_slides([scans], False, None, False, recursive=False)
+    assert whole.paths == [a] and rest == [scans]
+    [fields] = find_slides(rest)
+    assert [p.name for p in fields.fields] == ["field.png"]  # the pyramid is not read as a field

@@ -298,10 +298,11 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     else:
         why = ("dropped: the trained layers change the features its statistics were fitted on" if has_novelty
                else "none in the source model")
-    # the slide guard's statistics (meta "guard", smear.classify.guard) hold while the features are
-    # untouched; with trained layers they would describe other features, so they go (refit: smear train guard)
-    new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
-                                                            "smear_version", "guard")}
+    # the source's other guard statistics (the slide guard: meta "guard" and its file) hold while the
+    # features are the source's, i.e. when only the classifier layer trained; else they are not carried
+    dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if keep_novelty
+                                                                                       else GUARD_META)
+    new_meta = {k: v for k, v in meta.items() if k not in dropped}
     new_meta.update({
         "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
         "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),
@@ -320,24 +321,27 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     })
     if novelty is not None:
         new_meta["novelty"] = novelty
-    if keep_novelty and meta.get("guard"):
-        new_meta["guard"] = meta["guard"]
     new_config = {**config, "adapt": {"source": str(source), **asdict(recipe)}}
     clf = CnnClassifier(net, new_meta, device=device, batch=recipe.batch)
     log(f"held out ({len(held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
         f"{_f(figures['after'].get('type5_accuracy'))}; T {t_source:.3f} -> {temperature:.3f} ({calibrated})")
-    carried = guard_files(source, meta) if keep_novelty or novelty is not None else ()
+    carried = guard_files(source, meta) if keep_novelty else ()
+    if not keep_novelty and guard_files(source, meta):
+        log(f"not carried (fitted on the source's features, which the trained layers changed): "
+            f"{', '.join(p.name for p in guard_files(source, meta))}")
     return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None,
                    stats, carried)
 
 
+#: meta.json keys of guard statistics besides the novelty score (the slide guard, smear.classify.guard)
+GUARD_META = ("guard",)
 #: files of a model folder that are not part of its guard
 MODEL_FILES = frozenset({WEIGHTS, META, CONFIG, CARD, "model.onnx"})
 
 
 def guard_files(source: Path, meta: dict[str, Any]) -> tuple[Path, ...]:
-    """The source folder's guard files other than the novelty statistics (e.g. slide-level guard
-    statistics): every regular file that is not the weights, meta, config, card or ONNX graph."""
+    """The source folder's guard files other than the novelty statistics (e.g. the slide guard's
+    ``guard.safetensors``): every regular file that is not the weights, meta, config, card or ONNX graph."""
     skip = MODEL_FILES | {meta.get("weights", WEIGHTS), (meta.get("novelty") or {}).get("file", "")}
     return tuple(sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink() and p.name not in skip
                         and not p.name.startswith(".")))

@@ -73,14 +73,43 @@ class WholeSlideRun:
         return reread(slide, fr)
 
 
-def check_whole_slides(paths: list[Path], ray: bool, target_wbc: Optional[int],
-                       all_tiles: bool) -> tuple[WholeSlideRun, list[Path]]:
-    """(the whole-slide files among ``paths``, the other paths); the extra is checked here, before
+def _whole_in(folder: Path, recursive: bool) -> tuple[list[Path], bool]:
+    """(the whole-slide files in ``folder`` (and its subfolders with ``recursive``), whether it also
+    holds field images)."""
+    from smear.io import _walk_folders, is_image_file
+    from smear.wsi.slide import is_whole_slide
+
+    found, fields = [], False
+    for sub in [folder] + (_walk_folders(folder) if recursive else []):
+        for p in sorted(sub.iterdir()):
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            if is_whole_slide(p):
+                found.append(p)
+            elif is_image_file(p):
+                fields = True
+    return found, fields
+
+
+def check_whole_slides(paths: list[Path], ray: bool, target_wbc: Optional[int], all_tiles: bool,
+                       recursive: bool = False) -> tuple[WholeSlideRun, list[Path]]:
+    """(the whole-slide files among ``paths`` and in the folders among them, the paths left for
+    the field reader: files and folders that hold field images); the extra is checked here, before
     any model loads."""
     from smear.wsi.slide import is_whole_slide, require_openslide
 
-    whole = [Path(p) for p in paths if is_whole_slide(p)]
-    rest = [p for p in paths if not is_whole_slide(p)]
+    whole: list[Path] = []
+    rest: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found, fields = _whole_in(p, recursive)
+            whole += found
+            if fields or not found:
+                rest.append(p)  # a folder of fields is a slide (one without anything is find_slides' error)
+        elif is_whole_slide(p):
+            whole.append(p)
+        else:
+            rest.append(p)
     if target_wbc is not None and all_tiles:
         raise SmearError("--target-wbc and --all exclude each other")
     if whole:
