@@ -86,12 +86,10 @@ def colour_stats(crops: Sequence[np.ndarray]) -> np.ndarray:
 
 def residuals(feats: np.ndarray, novelty_stats: dict[str, Any]) -> np.ndarray:
     """Each feature row, whitened as the novelty score does, minus its nearest whitened class mean."""
-    import torch
-
-    z = torch.as_tensor(np.asarray(feats, np.float32)) @ torch.as_tensor(novelty_stats["whiten"])
-    means = torch.as_tensor(novelty_stats["means"])
-    nearest = torch.cdist(z, means).argmin(1)
-    return (z - means[nearest]).numpy()
+    z = np.asarray(feats, np.float32) @ np.asarray(novelty_stats["whiten"], np.float32)
+    means = np.asarray(novelty_stats["means"], np.float32)
+    nearest = ((z[:, None, :] - means[None, :, :]) ** 2).sum(-1).argmin(1)
+    return z - means[nearest]
 
 
 # ---------------------------------------------------------------- the guard

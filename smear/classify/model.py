@@ -233,13 +233,14 @@ class CnnClassifier:
 
     def predict_cells(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """``predict`` plus each crop's slide-guard vector (None without a fitted guard)."""
-        logits, feats = self.outputs(crops)
-        probs = torch.softmax(logits / self.temperature, dim=1).double().numpy()
-        if not self.has_novelty or feats is None:
+        k = len(self.classes)
+        out = self._raw(crops)
+        logits, f = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+        probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
+        if not self.has_novelty or f is None:
             return probs, None, None
         from smear.classify.novelty import distances
 
-        f = feats.numpy()
         ratio = distances(f, self.novelty_stats) / self.novelty_threshold
         vectors = self.guard.cell_vectors(f, self.novelty_stats, crops) if self.guard is not None else None
         return probs, ratio, vectors
