@@ -100,6 +100,7 @@ class CnnClassifier:
         self.half = self.device is not None and self.device.type == "cuda"  # autocast to fp16 on CUDA
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
         self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
+        self.guard = None  # the slide guard's statistics (smear.classify.guard.SlideGuard), set by from_dir
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
@@ -137,6 +138,9 @@ class CnnClassifier:
             from smear.classify import novelty as nov
 
             clf.novelty_stats = nov.load(model_dir)
+            from smear.classify.guard import SlideGuard
+
+            clf.guard = SlideGuard.from_dir(model_dir, meta)
         return clf
 
     @property
@@ -226,6 +230,20 @@ class CnnClassifier:
         from smear.classify.novelty import distances
 
         return probs, distances(feats, self.novelty_stats) / self.novelty_threshold
+
+    def predict_cells(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``predict`` plus each crop's slide-guard vector (None without a fitted guard)."""
+        k = len(self.classes)
+        out = self._raw(crops)
+        logits, f = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+        probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
+        if not self.has_novelty or f is None:
+            return probs, None, None
+        from smear.classify.novelty import distances
+
+        ratio = distances(f, self.novelty_stats) / self.novelty_threshold
+        vectors = self.guard.cell_vectors(f, self.novelty_stats, crops) if self.guard is not None else None
+        return probs, ratio, vectors
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""

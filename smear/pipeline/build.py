@@ -214,6 +214,22 @@ def build_stages(cfg: PipelineConfig) -> Stages:
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg))
 
 
+def guard_notice(cfg: PipelineConfig, stages: Stages) -> str | None:
+    """One line when the classifier's model folder lacks what the slide guard needs (it then judges
+    a slide by what it has), else None."""
+    clf = stages.classifier
+    if clf is None or getattr(clf, "guard", None) is not None:
+        return None
+    folder = cfg.classifier_model
+    if not getattr(clf, "has_novelty", False):
+        return (f"{folder}: the classifier model folder has no novelty score and no slide guard statistics, so "
+                f"the domain guard judges the differential only (novel_share stays empty); fit them with "
+                f"`smear train novelty RUN --model DIR` then `smear train guard RUN --model DIR`, or adapt again "
+                f"with `smear adapt` (it keeps the source's guard)")
+    return (f"{folder}: the classifier model folder has no slide guard statistics, so the domain guard judges the "
+            f"novel share and the differential only; fit them with `smear train guard RUN --model DIR`")
+
+
 def build_cache(cfg: PipelineConfig, version: str, warn=None):
     """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""
