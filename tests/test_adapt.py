@@ -307,12 +307,10 @@ def _with_novelty(source, extra_guard=True):
     if extra_guard:  # a slide guard's statistics, as smear.classify.guard stores them
         from smear.classify import guard
 
-        c = len(guard.COLOUR_NAMES)
-        guard.save(source, {"projection": np.eye(dim, 2, dtype=np.float32), "null_mean": np.zeros(2, np.float32),
-                            "null_whiten": np.eye(2, dtype=np.float32), "lab_means": np.zeros((1, c), np.float32),
-                            "lab_whiten": np.eye(c, dtype=np.float32)[None]})
-        meta["guard"] = {"file": guard.GUARD_FILE, "thresholds": {"features": 1.0, "novelty_mean": 1.0,
-                                                                  "confidence": 1.0, "colour": 1.0}}
+        k, c = 2, len(guard.COLOUR_NAMES)
+        guard.save(source, {"projection": rng.normal(size=(dim, k)), "null_mean": np.zeros(k),
+                            "null_whiten": np.eye(k), "lab_means": np.zeros((1, c)), "lab_whiten": np.eye(c)[None]})
+        meta["guard"] = {"file": guard.GUARD_FILE, "thresholds": {"features": 1.0}}
     (source / "meta.json").write_text(json.dumps(meta))
 
 
@@ -327,11 +325,12 @@ def test_adapting_without_source_data_keeps_the_source_guard(tmp_path, source):
     assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
     assert (out / "novelty.safetensors").read_bytes() == (source / "novelty.safetensors").read_bytes()
     assert (out / "guard.safetensors").read_bytes() == (source / "guard.safetensors").read_bytes()
-    assert json.loads((out / "meta.json").read_text())["guard"] == json.loads((source / "meta.json").read_text())["guard"]
+    assert json.loads((out / "meta.json").read_text())["guard"] == {"file": "guard.safetensors",
+                                                                    "thresholds": {"features": 1.0}}
     assert any("classifier layer only" in m for m in logs)
     clf = CnnClassifier.from_dir(out, device="cpu")
     probs, novelty = clf.predict([draw_cell(32, seed=i) for i in range(3)])
-    assert clf.has_novelty and novelty is not None and np.isfinite(novelty).all()
+    assert clf.has_novelty and novelty is not None and np.isfinite(novelty).all() and clf.guard is not None
     assert "kept" in (out / "MODEL_CARD.md").read_text().split("## Guard")[1]
 
 
