@@ -55,7 +55,7 @@ def naive(paths: list[Path]) -> float:
     from smear.detect.ultra import yolo
 
     det_dir = resolve_model_dir("shipped", "detector")
-    model = yolo(det_dir / "detector.pt")
+    model = yolo(det_dir / load_meta(det_dir)["weights"])
     imgsz = int(load_meta(det_dir)["infer"]["imgsz"])
     clf = CnnClassifier.from_dir(resolve_model_dir("shipped", "classifier"), device="cpu")
     mean = torch.tensor(clf.meta["normalize"]["mean"]).view(1, 3, 1, 1)

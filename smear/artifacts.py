@@ -152,21 +152,87 @@ def data_fingerprint(paths: Iterable[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
+HEAD_HASH = "head_hash"
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, read from its JSON header (no tensor is loaded);
+    ModelError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header size {size}")
+            header = json.loads(fh.read(size))
+        return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
+
+
+def head_hash(meta: Mapping[str, Any], model_dir: str | Path) -> str:
+    """A short hash of the contract a network was trained with: its class names in order, its input
+    size and the shape of every tensor (the head's among them). Kept in meta.json as ``head_hash``;
+    a meta whose classes were reordered or renamed, or whose input size was edited, no longer matches."""
+    shapes = safetensors_shapes(Path(model_dir) / str(meta["weights"]))
+    contract = {"classes": [str(c) for c in meta["classes"]], "input_size": meta.get("input_size"),
+                "tensors": sorted([k, v] for k, v in shapes.items())}
+    return hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_head_hash(model_dir: str | Path) -> str:
+    """Write ``head_hash`` into a model folder's meta.json (other keys and the weights untouched)."""
+    path = Path(model_dir) / META
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta[HEAD_HASH] = head_hash(meta, model_dir)
+    write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return meta[HEAD_HASH]
+
+
 def model_version(model_dir: str | Path) -> str:
-    """A short id of a model folder's weights, used to key caches and reports."""
+    """A short id of a model folder's weights file (what the audit calls its weights hash)."""
     meta = load_meta(model_dir)
     return file_sha256(Path(model_dir) / meta["weights"])[:12]
 
 
+ONNX_FILE = "model.onnx"
+
+
+def runtime_files(model_dir: str | Path) -> list[Path]:
+    """Every file of a model folder that decides what it computes: meta.json, the weights, the
+    detector's network YAML, the novelty statistics and ``model.onnx`` (which ``runtime: onnx`` runs
+    instead of the weights), those that exist."""
+    model_dir = Path(model_dir)
+    meta = load_meta(model_dir)
+    names = [META, str(meta["weights"]), str(meta.get("network") or ""), ONNX_FILE]
+    novelty = meta.get("novelty")
+    if isinstance(novelty, Mapping) and novelty.get("file"):
+        names.append(str(novelty["file"]))
+    return [model_dir / n for n in dict.fromkeys(names) if n and (model_dir / n).is_file()]
+
+
+def files_version(model_dir: str | Path) -> str:
+    """A short id of everything in a model folder that runs (``runtime_files``: a swapped model.onnx
+    or an edited meta.json gives another id); keys the result cache and the ONNX cache."""
+    h = hashlib.sha256()
+    for path in runtime_files(model_dir):
+        h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return h.hexdigest()[:12]
+
+
 def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str, Any],
                    card: str | None = None) -> Path:
-    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir``."""
+    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir`` (meta
+    gets the ``head_hash`` of safetensors weights: the class order the head was trained with)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     meta = {"smear_version": __version__, **meta}
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ModelError(f"{model_dir}: meta lacks {', '.join(missing)}")
+    weights = model_dir / str(meta["weights"])
+    if weights.suffix == ".safetensors" and weights.is_file():
+        meta[HEAD_HASH] = head_hash(meta, model_dir)
     write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     write_text_atomic(model_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
     if card is not None:

@@ -328,7 +328,6 @@ class _Payload:
 
 
 def _evil_detector(tmp_path: Path) -> tuple[Path, Path]:
-    import shutil
 
     import torch
 
@@ -336,7 +335,8 @@ def _evil_detector(tmp_path: Path) -> tuple[Path, Path]:
 
     folder, marker = tmp_path / "evil_detector", tmp_path / "PWNED"
     folder.mkdir()
-    shutil.copyfile(shipped_dir("detector") / "meta.json", folder / "meta.json")
+    meta = json.loads((shipped_dir("detector") / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "weights": "detector.pt"}))
     torch.save({"model": _Payload(marker), "train_args": {}}, folder / "detector.pt")
     return folder, marker
 
@@ -356,12 +356,12 @@ def test_6_a_detector_pt_with_a_pickle_payload_is_refused_unrun(tmp_path, comman
     assert not marker.exists()
 
 
-def test_6_the_shipped_detector_passes_the_pickle_check():
-    from smear.artifacts import check_torch_file, shipped_dir
-    from smear.detect.ultra import allowed_global, ultralytics
+def test_6_a_training_runs_pt_passes_the_pickle_check(tmp_path):
+    from smear.artifacts import check_torch_file
+    from smear.detect.ultra import allowed_global, yolo
 
-    ultralytics()
-    check_torch_file(shipped_dir("detector") / "detector.pt", allowed_global)
+    yolo("yolo11n.yaml").save(str(tmp_path / "best.pt"))
+    check_torch_file(tmp_path / "best.pt", allowed_global)
     assert not allowed_global("ultralytics.nn.tasks", "torch_safe_load")  # a function, not a layer
     assert not allowed_global("torch", "load") and not allowed_global("builtins", "eval")
 
@@ -375,7 +375,7 @@ def test_6_a_detector_in_a_format_that_runs_code_is_refused(tmp_path):
     folder.mkdir()
     meta = json.loads((shipped_dir("detector") / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "weights": "detector.torchscript"}))
-    shutil.copyfile(shipped_dir("detector") / "detector.pt", folder / "detector.torchscript")
+    shutil.copyfile(shipped_dir("detector") / "detector.safetensors", folder / "detector.torchscript")
     res = runner.invoke(app, ["eval", "detect", "--model", str(folder), "--data", str(folder)])
     assert res.exit_code != 0
     res = runner.invoke(app, ["run", str(folder), "--set", f"detector_model={folder}", "--set", "runtime=torch"])

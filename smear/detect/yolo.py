@@ -24,7 +24,7 @@ def infer_defaults() -> dict[str, Any]:
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
-    from smear.artifacts import model_version
+    from smear.artifacts import files_version
     from smear.detect.ultra import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
@@ -32,9 +32,10 @@ def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     if own.is_file():
         return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    weights = Path(model_dir) / load_meta(model_dir)["weights"]
-    return cached_onnx(onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx",
-                       lambda path: export_onnx(weights, path, imgsz, batch))
+    meta = load_meta(model_dir)
+    weights = Path(model_dir) / meta["weights"]
+    return cached_onnx(onnx_cache_dir() / f"detect-{files_version(model_dir)}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(weights, path, imgsz, batch, classes=meta["classes"]))
 
 
 class YoloDetector:
@@ -51,7 +52,7 @@ class YoloDetector:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             set_threads()
-        self.model = yolo(weights)
+        self.model = yolo(weights, classes=tuple(names))
         self.kinds = [CellKind(n) for n in names]
         self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
         self.conf = float(d["conf"] if conf is None else conf)
@@ -73,6 +74,13 @@ class YoloDetector:
         """Load a detector model folder (weights + meta.json with classes and thresholds);
         ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
         meta = load_model(model_dir, "detect")
+        if meta.weights_path.suffix.lower() != ".safetensors":
+            from smear.errors import ModelError
+
+            raise ModelError(f"{model_dir}/meta.json: key weights: {meta.weights!r} is not a .safetensors file; "
+                             "refusing it",
+                             hint="a detector folder holds detector.safetensors + network.yaml (an ultralytics "
+                                  ".pt is a pickle); convert it once: python -m smear.detect.network FOLDER")
         infer = infer_defaults() | dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")

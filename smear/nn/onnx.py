@@ -2,7 +2,7 @@
 
 A model folder may hold ``model.onnx`` beside its torch weights (``smear export`` writes one). When
 it does not, the ONNX file is made on first use from the torch weights into the cache
-(``~/.cache/smear/onnx/<stage>-<weights hash>.onnx``) and reused from there: nothing is
+(``~/.cache/smear/onnx/<stage>-<hash of weights and meta>.onnx``) and reused from there: nothing is
 downloaded, and the shipped package stays within its size budget.
 """
 
@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from smear.artifacts import cache_dir, load_meta, model_version
+from smear.artifacts import ONNX_FILE, cache_dir, files_version, load_meta
 from smear.devices import available_cores
 from smear.io import atomic_path
 from smear.errors import ConfigError
 
-ONNX_NAME = "model.onnx"
+ONNX_NAME = ONNX_FILE
 RUNTIMES = ("torch", "onnx")
 
 
@@ -118,7 +118,8 @@ def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
     if own.is_file():
         return own
     meta = load_meta(model_dir)
-    return cached_onnx(onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx",
+    # keyed by the weights and meta.json: a new input size or class count is a new export, not a stale graph
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{files_version(model_dir)}.onnx",
                        lambda path: export_module(build_torch(), path, int(meta["input_size"])))
 
 
