@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,6 +18,7 @@ import yaml
 from smear import __version__
 from smear.errors import ModelError
 from smear.io import read_json, write_text_atomic
+from smear.taxonomy import FINE_CLASSES, CellKind
 
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -105,7 +108,50 @@ def load_model(model_dir: str | Path, stage: str, required: Iterable[str] = ()) 
     missing = [k for k in required if k not in meta]
     if missing:
         raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
+    check_contract(meta, Path(model_dir), stage)
     return ModelMeta(Path(model_dir), meta["stage"], meta["weights"], tuple(meta["classes"]), meta)
+
+
+#: the classes each stage's network must be trained on (any order; the order is checked by head_hash)
+STAGE_CLASSES = {"detect": tuple(k.value for k in CellKind), "classify": FINE_CLASSES,
+                 "segment": ("background", "cytoplasm", "nucleus")}
+SEAL_HINT = "python -m smear.artifacts FOLDER writes it, once you know the folder's classes are in the trained order"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_contract(meta: Mapping[str, Any], model_dir: Path, stage: str) -> None:
+    """Refuse a meta.json that does not fit its weights or smear: weights that are not safetensors,
+    classes other than the stage's own, a class order, class count or input size other than the
+    network was trained with (``head_hash``), a temperature or input size that is not positive.
+    ModelError names meta.json and the key."""
+    where = model_dir / META
+    weights = str(meta["weights"])
+    if not weights.endswith(".safetensors"):
+        raise ModelError(f"{where}: key weights: {weights!r} is not a .safetensors file; refusing it",
+                         hint="model folders hold safetensors weights (a pickle can run code); a detector "
+                              ".pt converts once with python -m smear.detect.network FOLDER")
+    classes = meta["classes"]
+    expected = STAGE_CLASSES.get(stage)
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ModelError(f"{where}: key classes: not a list of class names")
+    if expected is not None and (sorted(classes) != sorted(expected)):
+        raise ModelError(f"{where}: key classes: {', '.join(classes)[:200]} are not smear's {stage} classes "
+                         f"({', '.join(expected)})")
+    for key in ("temperature", "input_size"):
+        if key in meta and not _positive(meta[key]):
+            raise ModelError(f"{where}: key {key}: {meta[key]!r} must be a number over 0")
+    if "input_size" in meta and not isinstance(meta["input_size"], int):
+        raise ModelError(f"{where}: key input_size: {meta['input_size']!r} must be a whole number of pixels")
+    stored = meta.get(HEAD_HASH)
+    if not stored:
+        raise ModelError(f"{where}: key {HEAD_HASH}: missing, so the class order of the weights cannot be checked",
+                         hint=SEAL_HINT)
+    if stored != head_hash(meta, model_dir):
+        raise ModelError(f"{where}: key {HEAD_HASH}: the weights were trained with another class order, class "
+                         "count, input size or network than meta.json names (classes, input_size); refusing it")
 
 
 def cache_dir(name: str) -> Path:
@@ -308,3 +354,21 @@ def check_torch_file(path: str | Path, allowed: Callable[[str, str], bool]) -> N
                                          hint="model folders are loaded without running code they hold")
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelError(f"{path}: not a torch zip file ({exc}); refusing to unpickle it") from exc
+
+
+def main(argv: list[str]) -> int:
+    """``python -m smear.artifacts FOLDER...``: write each model folder's ``head_hash`` (its meta's
+    class order, input size and the weights' tensor shapes), after checking the rest of its contract."""
+    if not argv:
+        print("usage: python -m smear.artifacts MODEL_FOLDER...", file=sys.stderr)
+        return 2
+    for arg in argv:
+        add_head_hash(arg)
+        meta = load_meta(arg)
+        load_model(arg, str(meta["stage"]))
+        print(f"{arg}: head_hash {meta[HEAD_HASH]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -74,13 +74,6 @@ class YoloDetector:
         """Load a detector model folder (weights + meta.json with classes and thresholds);
         ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
         meta = load_model(model_dir, "detect")
-        if meta.weights_path.suffix.lower() != ".safetensors":
-            from smear.errors import ModelError
-
-            raise ModelError(f"{model_dir}/meta.json: key weights: {meta.weights!r} is not a .safetensors file; "
-                             "refusing it",
-                             hint="a detector folder holds detector.safetensors + network.yaml (an ultralytics "
-                                  ".pt is a pickle); convert it once: python -m smear.detect.network FOLDER")
         infer = infer_defaults() | dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
