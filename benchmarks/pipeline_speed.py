@@ -52,7 +52,7 @@ def naive(paths: list[Path]) -> float:
     """Ultralytics one image at a time, PIL crops, one crop at a time through the classifier."""
     from PIL import Image
 
-    from smear.detect.ultra import yolo
+    from smear.detect.network import yolo
 
     det_dir = resolve_model_dir("shipped", "detector")
     model = yolo(det_dir / load_meta(det_dir)["weights"])

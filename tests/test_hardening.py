@@ -358,7 +358,8 @@ def test_6_a_detector_pt_with_a_pickle_payload_is_refused_unrun(tmp_path, comman
 
 def test_6_a_training_runs_pt_passes_the_pickle_check(tmp_path):
     from smear.artifacts import check_torch_file
-    from smear.detect.ultra import allowed_global, yolo
+    from smear.detect.network import yolo
+    from smear.detect.ultra import allowed_global
 
     yolo("yolo11n.yaml").save(str(tmp_path / "best.pt"))
     check_torch_file(tmp_path / "best.pt", allowed_global)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from smear.detect.ultra import yolo
+    from smear.detect.network import yolo
 
     from smear.detect.network import NETWORK, WEIGHTS, build_network, save_network
 

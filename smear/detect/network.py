@@ -1,4 +1,4 @@
-"""Detector weights without a pickle: a safetensors state dict plus the network's YAML, both written
+"""The detector network: ultralytics YOLO objects from smear's model files, and weights without a pickle: a safetensors state dict plus the network's YAML, both written
 by smear. Loading one builds the network from the checked YAML (plain layer names and literal
 arguments, no ``activation`` string for ultralytics to eval) and copies the tensors in: nothing in the
 model folder is ever run. ``python -m smear.detect.network FOLDER`` converts a folder holding an
@@ -7,6 +7,7 @@ ultralytics ``.pt`` once (restricted unpickling, after the pickle check)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,69 @@ def convert_folder(folder: str | Path) -> Path:
         pt.unlink()
     add_head_hash(folder)
     return folder
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".onnx", ".yaml", ".yml")
+
+
+def _wrapped(ul, network, task: str):
+    """An ultralytics YOLO object around a network built by smear (``smear.detect.network``)."""
+
+    class _Built(ul.YOLO):
+        def _new(self, cfg, task=None, verbose=False):
+            from ultralytics.cfg import DEFAULT_CFG_DICT
+
+            self.cfg, self.task, self.model, self.model_name = cfg, task or "detect", network, cfg
+            self.overrides.update(model=cfg, task=self.task)
+            self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}
+            self.model.task = self.task
+
+    return _Built(str(Path(network.pt_path).with_suffix(".yaml")), task=task)
+
+
+def yolo(model: str | Path, task: str = "detect", classes=("wbc", "rbc", "platelet")):
+    """An ultralytics YOLO model from a model YAML (no download), from smear's safetensors weights and
+    their network YAML (no pickle), from a training run's .pt (pickle-checked, then unpickled with
+    torch's weights_only loader) or from an ONNX file."""
+    from smear.artifacts import check_torch_file
+    from smear.detect.ultra import allowed_global, ultralytics
+    from smear.devices import set_threads
+
+    path = Path(model)
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: detector weights must be a .safetensors, .pt, .onnx or model .yaml file",
+                         hint="other formats ultralytics reads (TorchScript, ...) can run code")
+    if suffix in (".safetensors", ".pt", ".onnx") and not path.is_file():
+        raise ModelError(f"{path}: detector weights not found")  # ultralytics would try to download it
+    ul = ultralytics()
+    if suffix == ".safetensors":
+        m = _wrapped(ul, load_network(path, path.with_name(NETWORK), list(classes)), task)
+    else:
+        if suffix == ".pt":
+            check_torch_file(path, allowed_global)
+        m = ul.YOLO(str(model), task=task)
+    set_threads()
+    return m
+
+
+def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 8,
+                classes=("wbc", "rbc", "platelet")) -> Path:
+    """ONNX of a detector's weights (dynamic batch and shape, simplified), written to ``dest``; the
+    export runs in a scratch folder beside ``dest`` so the model folder itself is never written to."""
+    import tempfile
+
+    from smear.devices import set_threads
+
+    dest = Path(dest)
+    model = yolo(weights, classes=classes)  # checked and built from the model folder's own files
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        model.model.pt_path = str(Path(tmp) / "model.pt")  # ultralytics writes the export beside this name
+        out = model.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, batch=batch, verbose=False)
+        set_threads()
+        os.replace(out, dest)  # atomic: the scratch folder is beside dest
+    return dest
 
 
 def main(argv: list[str]) -> int:

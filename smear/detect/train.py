@@ -143,7 +143,8 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
 
 def _train(cfg: dict[str, Any], out: Path, resume: bool, log: Callable[[str], None],
            on_batch: Callable[[int, int, int], None] | None) -> Path:
-    from smear.detect.ultra import training_log, yolo
+    from smear.detect.network import yolo
+    from smear.detect.ultra import training_log
     from smear.devices import resolve_device, set_threads
 
     last = out / LAST

@@ -25,7 +25,7 @@ def infer_defaults() -> dict[str, Any]:
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
     from smear.artifacts import files_version
-    from smear.detect.ultra import export_onnx
+    from smear.detect.network import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
     own = Path(model_dir) / ONNX_NAME
@@ -45,7 +45,7 @@ class YoloDetector:
                  imgsz: int | None = None, conf: float | None = None, iou: float | None = None,
                  max_det: int | None = None, batch: int | None = None, device: str = "auto",
                  per_class_conf: dict[str, float] | None = None, border: float = 0.0):
-        from smear.detect.ultra import yolo
+        from smear.detect.network import yolo
         from smear.devices import resolve_device, set_threads
 
         d = infer_defaults()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from smear.io import pixel_budget
 from smear.artifacts import META, ONNX_FILE, file_sha256, files_version, model_version, resolve_model_dir
 from smear.pipeline.run import Stages
 from smear.types import ConfigError, Detector, ModelError, Segmenter
@@ -148,7 +149,8 @@ def build_stages(cfg: dict[str, Any]) -> Stages:
             batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta")))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
                   review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
-                  classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg))
+                  classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg),
+                  pixel_budget=pixel_budget(cfg["io"].get("max_pixels_in_flight", "auto"), cfg["io"]["max_pixels"]))
 
 
 def build_cache(cfg: dict[str, Any], version: str, warn=None):

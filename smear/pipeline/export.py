@@ -39,7 +39,7 @@ def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: 
             shutil.copyfile(src, dest)
     meta = load_meta(out)
     if stage == "detector":
-        from smear.detect.ultra import export_onnx
+        from smear.detect.network import export_onnx
 
         from smear.detect.yolo import infer_defaults
 
