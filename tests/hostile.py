@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,3 +56,13 @@ def copy_model(name: str, dest: Path, **meta_changes) -> Path:
         meta.update(meta_changes)
         (dest / "meta.json").write_text(json.dumps(meta))
     return dest
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -1,5 +1,6 @@
-"""Hardening of model folders (smear/artifacts.py): a meta.json that lies about its weights is refused
-when the folder loads, in one error line naming the file and the key."""
+"""Hardening of model folders and checkpoints (smear/artifacts.py): a meta.json that lies about its
+weights is refused when the folder loads, in one error line naming the file and the key; a pickle
+payload in a training checkpoint is refused unrun."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from hostile import copy_model, one_line_error, runner, slide
+from hostile import Payload, copy_model, one_line_error, runner, slide
 from smear.cli import app
 from smear.taxonomy import FINE_CLASSES
 
@@ -68,3 +69,20 @@ def test_a_meta_without_head_hash_is_refused_and_sealing_names_it(tmp_path):
         load_model(folder, "classify")
     assert main([str(folder)]) == 0
     assert load_model(folder, "classify")["head_hash"]
+
+
+# ------------------------------------------------------------------ from issue 16's probe
+
+
+def test_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path):
+    import torch
+
+    from smear.classify.train import load_checkpoint
+    from smear.types import ModelError
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "epoch": Payload(marker)}, ckpt)
+    with pytest.raises(ModelError, match="checkpoint.pt: refusing to load"):
+        load_checkpoint(ckpt, None, None, None, None)
+    assert not marker.exists()

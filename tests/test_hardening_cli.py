@@ -1,4 +1,5 @@
-"""Hardening of `smear run`'s outputs and messages (smear/cli/run.py, smear/io.check_outputs)."""
+"""Hardening of the command line (smear/cli): outputs that are not regular files, the --resume hint
+after a failed write, file names printed as they are, explain's overlays kept off its inputs."""
 
 from __future__ import annotations
 
@@ -44,3 +45,28 @@ def test_a_cells_write_failing_partway_says_how_many_fields_are_cached(tmp_path,
     one_line_error(res, "c.csv")
     assert "every field" not in res.stderr
     assert "2 of 3 fields" in res.stderr, res.stderr  # the second field's result was cached before its row failed
+
+
+# ------------------------------------------------------------------ from issue 16's probe
+
+
+def test_explain_refuses_to_write_overlays_among_its_input_images(tmp_path):
+    fields = slide(tmp_path / "cells", seeds=(1,))
+    res = runner.invoke(app, ["explain", str(fields[0]), "--out", str(tmp_path / "cells")])
+    one_line_error(res, "folder of input images")
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["field_01.png"]
+
+
+def test_markup_like_file_names_are_printed_as_they_are(tmp_path):
+    folder = tmp_path / "q["  # the path of its field "]x.png" reads "q[/]x.png": a closing tag
+    slide(folder, seeds=(1,))
+    (folder / "]x.png").write_text("not a png")
+    res = runner.invoke(app, ["run", str(folder), *CLASSICAL])
+    assert res.exit_code == 0, res.output
+    assert "q[/]x.png" in res.stderr and "q[: 1 fields" in res.stdout
+    res = runner.invoke(app, ["run", str(folder / "]x.png"), *CLASSICAL])
+    one_line_error(res, "q[/]x.png")
+    bold = tmp_path / "[bold]slide"
+    slide(bold, seeds=(1,))
+    res = runner.invoke(app, ["run", str(bold), *CLASSICAL])
+    assert res.exit_code == 0 and "[bold]slide: 1 fields" in res.stdout
