@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/wbc-seg")
     ap.add_argument("--n", type=int, default=120)
     args = ap.parse_args()
-    d = {**load_config("segment", None, [])["data"], "root": args.data}
+    d = load_config("segment", None, []).data.model_copy(update={"root": args.data})
     items = load_parts(d, 1.3, 128)["test"][: args.n]
     print(f"{len(items)} test crops (128 px) from {args.data}; {platform.processor() or platform.machine()}, "
           f"{available_cores()} cores")

@@ -266,7 +266,7 @@ def files_version(model_dir: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str, Any],
+def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: Any,
                    card: str | None = None) -> Path:
     """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir`` (meta
     gets the ``head_hash`` of safetensors weights: the class order the head was trained with)."""
@@ -280,7 +280,9 @@ def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: dict[str
     if weights.suffix == ".safetensors" and weights.is_file():
         meta[HEAD_HASH] = head_hash(meta, model_dir)
     write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    write_text_atomic(model_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    from smear.config import dump_config
+
+    write_text_atomic(model_dir / CONFIG, dump_config(config))
     if card is not None:
         write_text_atomic(model_dir / CARD, card)
     return model_dir

@@ -2,29 +2,41 @@
 
 The types and choices of every key are the pydantic models of smear.config_models; a wrong one is
 a one-line ConfigError naming the key, what it must be and where it came from (a file or a --set),
-raised before any model loads."""
+raised before any model loads. ``load_config`` returns the typed model (``PipelineConfig``,
+``DetectConfig``, ...); the stages read its attributes. The defaults are the shipped YAML files."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
-from smear.types import ConfigError
+from smear.errors import ConfigError
+
+if TYPE_CHECKING:
+    from smear.config_models import Section
 
 STAGES = ("pipeline", "detect", "segment", "classify")
 
 
-def default_config(stage: str) -> dict[str, Any]:
-    """The shipped default config of a stage (pipeline, detect, segment, classify)."""
+def _shipped(stage: str) -> dict[str, Any]:
+    """The shipped YAML of a stage as written (a plain mapping)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown config stage {stage!r}", hint=f"one of {', '.join(STAGES)}")
     text = resources.files("smear.configs").joinpath(f"{stage}.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text) or {}
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(stage: str) -> Section:
+    """The shipped default config of a stage (pipeline, detect, segment, classify), typed; frozen,
+    so one copy serves every caller (``model_copy(update=...)`` makes a changed one)."""
+    return load_config(stage)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str) -> dict[str, Any]:
@@ -102,11 +114,13 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
 def load_config(
     stage: str, path: str | Path | None = None, overrides: Iterable[str] = (),
     options: Mapping[str, tuple[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Defaults of ``stage`` updated by a YAML file, then by ``a.b=value`` overrides, then by
-    ``options``: ``{"--epochs": ("train.epochs", 3)}``, a command's own options (None: not given),
-    each error naming the option."""
-    cfg = _check_types(stage, default_config(stage), f"the shipped {stage}.yaml")
+) -> Section:
+    """The typed config of ``stage``: its defaults updated by a YAML file, then by ``a.b=value``
+    overrides, then by ``options``: ``{"--epochs": ("train.epochs", 3)}``, a command's own options
+    (None: not given), each error naming the option."""
+    from smear.config_models import MODELS
+
+    cfg = _check_types(stage, _shipped(stage), f"the shipped {stage}.yaml")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -125,12 +139,19 @@ def load_config(
         if value is not None:
             where = f"{option} {value}"
             cfg = _check_types(stage, _merge(cfg, _nest(key.split("."), value), "", where), where)
-    return cfg
+    return MODELS[stage].model_validate(cfg)
 
 
-def dump_config(cfg: dict[str, Any]) -> str:
+def as_dict(cfg: Section | Mapping[str, Any]) -> dict[str, Any]:
+    """A typed config (or a plain mapping) as plain data: the keys of the YAML, in order."""
+    if hasattr(cfg, "model_dump"):
+        return cfg.model_dump(exclude_unset=True)
+    return dict(cfg)
+
+
+def dump_config(cfg: Section | Mapping[str, Any]) -> str:
     """The config as YAML text, keys in their original order."""
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(as_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<rest>.*)$")
@@ -153,11 +174,11 @@ def _flow(value: Any) -> str:
     return text[:-4].rstrip() if text.endswith("\n...") else text
 
 
-def show_config(stage: str, cfg: dict[str, Any]) -> str:
+def show_config(stage: str, cfg: Section | Mapping[str, Any]) -> str:
     """The resolved config as the shipped YAML of ``stage``, comments kept: each value that differs
     from the shipped default is written in place of it."""
     text = resources.files("smear.configs").joinpath(f"{stage}.yaml").read_text(encoding="utf-8")
-    default = default_config(stage)
+    default, cfg = _shipped(stage), as_dict(cfg)
     out, stack = [], []  # stack: (indent, key) of the open mappings
     for line in text.splitlines():
         m = _KEY_LINE.match(line)

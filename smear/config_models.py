@@ -3,7 +3,8 @@
 The defaults are written once, in the YAML (with their comments); here every key is required, so a
 key added to one and not the other fails the tests. Every section forbids unknown keys; choices are
 ``Literal``s, so a wrong value is refused with the key and what it must be before any model loads.
-``load_config`` (smear.config) validates with these and hands the stages plain dicts.
+``load_config`` (smear.config) returns these, frozen, and the stages read their attributes; the
+stages' parameter objects (the WBC check, the stain jitter, the batch augmentation) are built from them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------- shared
@@ -45,12 +46,14 @@ class Augment(Section):
     shift: float
     rotate_deg: float
     dihedral: bool
-    # the scale and camera keys may be left out (the U-Net's config does): then smear.nn.augment.DEFAULTS
-    downres_p: Fraction = 0.0
-    downres_min: float = 0.4
-    jpeg_p: Fraction = 0.0
-    jpeg_quality: int = 40
-    gray_p: Fraction = 0.0
+    downres_p: Fraction
+    downres_min: float
+    jpeg_p: Fraction
+    jpeg_quality: int
+    gray_p: Fraction
+    shuffle_p: Fraction       # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction          # pink/red Wright-like cast over the whole crop
+    cast_strength: float      # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
@@ -76,6 +79,7 @@ class ReportSection(Section):
     min_wbc: int
     target_halfwidth_pct: float
     gallery_per_class: int
+    signoff_requires_review: bool
 
 
 class Guard(Section):
@@ -95,6 +99,28 @@ class Flags(Section):
     monocytosis_pct: float
     lymphocytosis_pct: float
     lymphopenia_pct: float
+
+
+class WsiSection(Section):
+    """Whole-slide files: pixel size, reading tiles, the monolayer finder, the platelet estimate."""
+
+    target_wbc: Annotated[int, Field(gt=0)]
+    mpp: Optional[Annotated[float, Field(gt=0.0)]]
+    detector_mpp: Annotated[float, Field(gt=0.0)]
+    rbc_diameter_um: Annotated[float, Field(gt=0.0)]
+    tile_px: Annotated[int, Field(ge=64)]
+    margin_px: Annotated[int, Field(ge=0)]
+    finder_mpp: Annotated[float, Field(gt=0.0)]
+    probe_px: Annotated[int, Field(ge=32)]
+    min_density: float
+    max_density: float
+    max_overlap: Fraction
+    empty_density: float
+    overlap_od: float
+    min_focus: float
+    hpf_diameter_um: Annotated[float, Field(gt=0.0)]
+    platelet_factor: Annotated[float, Field(gt=0.0)]
+    quality_map: Annotated[str, BeforeValidator(_word)]  # auto | off | a folder
 
 
 class PipelineConfig(Section):
@@ -118,6 +144,7 @@ class PipelineConfig(Section):
     report: ReportSection
     guard: Guard
     flags: Flags
+    wsi: WsiSection
 
 
 # ---------------------------------------------------------------- detect
@@ -280,10 +307,19 @@ class ClassifyTrain(Section):
     augment: Augment
 
 
+class ClassifyAdapt(Section):
+    min_cells: Annotated[int, Field(ge=2)]
+    min_per_class: Annotated[int, Field(ge=1)]
+    max_rows: Annotated[int, Field(gt=0)]
+    heldout: Annotated[float, Field(gt=0, lt=1)]
+    source_per_class: Annotated[int, Field(gt=0)]
+
+
 class ClassifyConfig(Section):
     model: ClassifyModel
     data: ClassifyData
     train: ClassifyTrain
+    adapt: ClassifyAdapt
 
 
 MODELS: dict[str, type[Section]] = {"pipeline": PipelineConfig, "detect": DetectConfig,

@@ -10,8 +10,10 @@ from smear.types import ConfigError
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_defaults_load_and_roundtrip(stage, tmp_path):
+    from smear.config_models import MODELS
+
     cfg = default_config(stage)
-    assert isinstance(cfg, dict) and cfg
+    assert isinstance(cfg, MODELS[stage])
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(stage, path) == cfg
@@ -19,9 +21,9 @@ def test_defaults_load_and_roundtrip(stage, tmp_path):
 
 def test_override_types_and_nesting():
     cfg = load_config("detect", overrides=["train.epochs=3", "train.cos_lr=false", "infer.conf=0.4"])
-    assert cfg["train"]["epochs"] == 3
-    assert cfg["train"]["cos_lr"] is False
-    assert cfg["infer"]["conf"] == 0.4
+    assert cfg.train.epochs == 3
+    assert cfg.train.cos_lr is False
+    assert cfg.infer.conf == 0.4
     assert parse_override("a.b=hello world") == (["a", "b"], "hello world")
 
 
@@ -57,8 +59,8 @@ def test_bare_off_stays_the_word_off():
     from smear.config import load_config
 
     cfg = load_config("pipeline", None, ["classifier=off", "segment=off"])
-    assert cfg["classifier"] == "off" and cfg["segment"] == "off"
-    assert load_config("pipeline", None, ["mask_background=true"])["mask_background"] is True
+    assert cfg.classifier == "off" and cfg.segment == "off"
+    assert load_config("pipeline", None, ["mask_background=true"]).mask_background is True
 
 
 @pytest.mark.parametrize("override, words", [
@@ -90,10 +92,23 @@ def test_wrong_type_is_refused_before_any_model_loads(monkeypatch):
 @pytest.mark.parametrize("stage", STAGES)
 def test_typed_models_cover_the_shipped_yaml_exactly(stage):
     """Every key of the shipped YAML has a type, and every typed key a default in the YAML."""
-    from smear.config_models import MODELS
+    import yaml
+    from importlib import resources
 
-    cfg = default_config(stage)
-    assert MODELS[stage].model_validate(cfg).model_dump(exclude_unset=True) == cfg
+    from smear.config import as_dict
+
+    shipped = yaml.safe_load(resources.files("smear.configs").joinpath(f"{stage}.yaml").read_text(encoding="utf-8"))
+    assert as_dict(default_config(stage)) == shipped
+
+
+def test_a_typed_config_is_frozen_and_read_by_attribute():
+    from pydantic import ValidationError
+
+    cfg = default_config("pipeline")
+    assert cfg.report.confidence == 0.95 and cfg.wbc_check.enabled is True
+    with pytest.raises(ValidationError):
+        cfg.device = "cpu"
+    assert cfg.model_copy(update={"device": "cpu"}).device == "cpu" and cfg.device == "auto"
 
 
 def test_config_show_keeps_the_comments_of_the_shipped_yaml():
@@ -106,7 +121,11 @@ def test_config_show_keeps_the_comments_of_the_shipped_yaml():
     shown = show_config("detect", load_config("detect", overrides=["train.epochs=2", "infer.conf=0.3"]))
     assert "  epochs: 2\n" in shown and "# shipped confidence threshold" in shown
     assert next(ln for ln in shown.splitlines() if ln.startswith("  conf:")).startswith("  conf: 0.3   ")
-    assert yaml_load(shown) == load_config("detect", overrides=["train.epochs=2", "infer.conf=0.3"])
+    assert yaml_load(shown) == dump_load(load_config("detect", overrides=["train.epochs=2", "infer.conf=0.3"]))
+
+
+def dump_load(cfg):
+    return yaml_load(dump_config(cfg))
 
 
 def yaml_load(text):

@@ -95,12 +95,15 @@ def test_stain_jitter_tints_the_background_and_keeps_the_image_shape():
     img = np.full((20, 30, 3), 250, np.uint8)
     img[5:10, 5:10] = (60, 30, 120)  # a nucleus
     rng = np.random.default_rng(1)
-    outs = [StainJitter(tint=0.4).apply(img, rng) for _ in range(20)]
+    from smear.config import default_config
+
+    shipped = default_config("detect").stain.model_dump()
+    outs = [StainJitter(**{**shipped, "tint": 0.4}).apply(img, rng) for _ in range(20)]
     assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
     backgrounds = np.array([o[0, 0] for o in outs], float)
     assert backgrounds.std(axis=0).min() > 5  # each channel of the background moves
     assert all(o[7, 7].mean() < o[0, 0].mean() for o in outs)  # the nucleus stays darker than glass
-    assert StainJitter(p=0.0)({"img": img})["img"] is img
+    assert StainJitter(**{**shipped, "p": 0.0})({"img": img})["img"] is img
     for name in SHIFTS:
         assert shift(img, name).shape == img.shape
     with pytest.raises(ValueError, match="unknown stain shift"):

@@ -140,13 +140,13 @@ def test_cache_key_changes_with_a_detector_meta(tmp_path):
 
     copy = tmp_path / "det"
     shutil.copytree(shipped_dir("detector"), copy)
-    cfg = {**default_config("pipeline"), "detector_model": str(copy)}
+    cfg = default_config("pipeline").model_copy(update={"detector_model": str(copy)})
     before = stages_version(cfg)
     meta = json.loads((copy / "meta.json").read_text())
     meta.setdefault("infer", {})["per_class_conf"] = {"wbc": 0.9, "rbc": 0.9, "platelet": 0.9}
     (copy / "meta.json").write_text(json.dumps(meta))
     assert stages_version(cfg) != before
-    assert stages_version({**cfg, "device": "cuda:0"}) != stages_version(cfg)
+    assert stages_version(cfg.model_copy(update={"device": "cuda:0"})) != stages_version(cfg)
 
 
 def test_an_unwritable_cache_folder_warns_once(tmp_path):

@@ -52,7 +52,8 @@ def test_a_truncated_onnx_in_a_model_folder_falls_back_to_torch(tmp_path):
     folder = tmp_path / "clf"
     shutil.copytree(shipped_dir("classifier"), folder)
     _truncate(folder / "model.onnx", folder / "model.safetensors")
-    cfg = {**default_config("pipeline"), "detector": "classical", "classifier_model": str(folder), "runtime": "onnx"}
+    cfg = default_config("pipeline").model_copy(update={"detector": "classical", "classifier_model": str(folder),
+                                                        "runtime": "onnx"})
     with pytest.warns(UserWarning, match="cannot load the ONNX model"):
         stages = build_stages(cfg)
     assert stages.classifier is not None

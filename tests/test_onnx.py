@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from smear.cli import app
+from smear.config import default_config
 
 runner = CliRunner()
 PROB_TOL = 1e-4  # max abs difference of calibrated class probabilities, ONNX vs torch (float32)
@@ -116,7 +117,7 @@ def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
         return "torch model"
 
     with pytest.warns(UserWarning, match="exporter broke"):
-        assert _with_fallback({"runtime": "onnx"}, load) == "torch model"
+        assert _with_fallback(default_config("pipeline").model_copy(update={"runtime": "onnx"}), load) == "torch model"
     assert calls == ["onnx", "torch"]
     from smear.types import ModelError
 
@@ -124,7 +125,7 @@ def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
         raise ModelError("model folder not found")
 
     with pytest.raises(ModelError):  # a missing model is not hidden by the fallback
-        _with_fallback({"runtime": "onnx"}, missing)
+        _with_fallback(default_config("pipeline").model_copy(update={"runtime": "onnx"}), missing)
 
 
 def test_classify_tta_override(tmp_path):

@@ -19,7 +19,7 @@ from smear.classify.model import adapt_batchnorm, build_model
 from smear.classify.train import epoch_order, source_specs
 from smear.cli import app
 from smear.config import default_config
-from smear.report.summary import summarize
+from smear.report.summary import differential
 from smear.types import (FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, ConfigError, Detection, FieldResult,
                          SlideReport)
 
@@ -66,14 +66,14 @@ def test_stage_raabin_reads_files_from_the_commit_not_the_tree(tmp_path):
 
 
 def test_source_specs_fill_defaults_and_reject_unknown_keys():
-    d = default_config("classify")["data"]
-    assert source_specs(d)[0]["root"] == d["root"]
-    specs = source_specs({**d, "sources": [{"root": "/a/pbc"}, {"name": "lab", "root": "/b", "weight": 3}]})
+    d = default_config("classify").data
+    assert source_specs(d)[0]["root"] == d.root
+    specs = source_specs(d.model_copy(update={"sources": [{"root": "/a/pbc"}, {"name": "lab", "root": "/b", "weight": 3}]}))
     assert [(s["name"], s["weight"], s["layout"]) for s in specs] == [("pbc", 1.0, "auto"), ("lab", 3.0, "auto")]
     with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) wieght"):
-        source_specs({**d, "sources": [{"root": "/a", "wieght": 2}]})
+        source_specs(d.model_copy(update={"sources": [{"root": "/a", "wieght": 2}]}))
     with pytest.raises(ConfigError, match="given twice"):
-        source_specs({**d, "sources": [{"root": "/a/x"}, {"root": "/b/x"}]})
+        source_specs(d.model_copy(update={"sources": [{"root": "/a/x"}, {"root": "/b/x"}]}))
 
 
 def test_epoch_order_draws_each_source_by_its_weight():
@@ -240,16 +240,16 @@ def _report(n_wbc: int, novel: int, n_rbc: int = 100, erb: int = 0) -> SlideRepo
 
 
 def test_guard_fires_on_novel_slides_and_implausible_counts():
-    g = CFG["guard"]
-    quiet = summarize(_report(40, 2), CFG["report"], CFG["flags"], g)
+    g = CFG.guard
+    quiet = differential(_report(40, 2), CFG.report, CFG.flags, g).row()
     assert quiet["domain_warnings"] == [] and quiet["novel_share"] == pytest.approx(0.05)
-    novel = summarize(_report(40, 30), CFG["report"], CFG["flags"], g)
+    novel = differential(_report(40, 30), CFG.report, CFG.flags, g).row()
     assert novel["novel_share"] == pytest.approx(0.75)
     assert "unlike the training data: 30 of 40 WBCs (75%)" in novel["domain_warning"]
     assert "adapt the classifier" in novel["domain_warning"]
-    nrbc = summarize(_report(20, 0, erb=15), CFG["report"], CFG["flags"], g)
+    nrbc = differential(_report(20, 0, erb=15), CFG.report, CFG.flags, g).row()
     assert any("NRBC per 100 WBC" in w for w in nrbc["domain_warnings"])  # 15 ERB to 5 WBC: 300 per 100
-    crowded = summarize(_report(80, 0, n_rbc=60), CFG["report"], CFG["flags"], g)
+    crowded = differential(_report(80, 0, n_rbc=60), CFG.report, CFG.flags, g).row()
     assert any("80 WBC boxes to 60 RBCs" in w for w in crowded["domain_warnings"])
 
 
@@ -304,8 +304,8 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
             truth[image.tobytes()[:4096]] = list(f.detections)
             paths.append(write_image_atomic(tmp_path / name / f"{k:02d}.png", image))
         rep = run_slide(Slide(name, tuple(sorted(paths))), Stages(detector=TruthDetector(), classifier=clf))
-        rows[name] = summarize(rep, CFG["report"], CFG["flags"], {**CFG["guard"], "min_scored": 3})
-    assert rows["plain"]["novel_share"] < CFG["guard"]["max_novel_share"] < rows["shifted"]["novel_share"]
+        rows[name] = differential(rep, CFG.report, CFG.flags, CFG.guard.model_copy(update={"min_scored": 3})).row()
+    assert rows["plain"]["novel_share"] < CFG.guard.max_novel_share < rows["shifted"]["novel_share"]
     assert rows["plain"]["domain_warnings"] == []
     assert "unlike the training data" in rows["shifted"]["domain_warnings"][0]
     csv_text = to_csv(summary_frame([rows["plain"], rows["shifted"]]))
@@ -327,7 +327,7 @@ def test_wbc_check_drops_a_red_cell_sized_box_without_nucleus():
     fake = Detection((200.0, 40.0, 224.0, 64.0), CellKind.WBC, 0.2)  # a red cell called WBC
     img[40:64, 200:224] = (215, 150, 150)
     boxes = [real, fake] + [Detection(tuple(map(float, b)), CellKind.RBC, 0.9) for b in rbcs]
-    check = WbcCheck()
+    check = WbcCheck(**CFG.wbc_check.model_dump(exclude={"enabled"}))
     assert check.implausible(img, boxes)[:2] == [False, True]
 
     class Fixed:

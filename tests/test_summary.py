@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smear.config import default_config
-from smear.report.summary import cells_needed, proportion_ci, summarize
+from smear.report.summary import cells_needed, differential, proportion_ci
 from smear.types import FINE_CLASSES, CellKind, CellPrediction, Detection, FieldResult, SlideReport
 
 CFG = default_config("pipeline")
@@ -25,7 +25,7 @@ def _report(labels: dict[str, int], n_rbc: int = 0, n_plt: int = 0) -> SlideRepo
 
 
 def _row(labels, **kw):
-    return summarize(_report(labels, **kw), CFG["report"], CFG["flags"])
+    return differential(_report(labels, **kw), CFG.report, CFG.flags).row()
 
 
 def test_percentages_sum_to_100_and_ci_contains_each():
@@ -80,7 +80,7 @@ def test_cells_needed_formula():
 def test_unclassified_report_counts_kinds_only():
     dets = (Detection((0, 0, 5, 5), CellKind.WBC), Detection((0, 0, 5, 5), CellKind.RBC))
     rep = SlideReport("s", (FieldResult("s", "f", 10, 10, dets),), classified=False)
-    row = summarize(rep, CFG["report"], CFG["flags"])
+    row = differential(rep, CFG.report, CFG.flags).row()
     assert row["n_wbc"] == 1 and row["n_unidentified"] is None and row["SNE_pct"] is None
     assert row["flags"] == [] and len(FINE_CLASSES) == 11
 
@@ -92,11 +92,11 @@ def test_differential_is_typed_and_frozen_and_its_row_is_the_summary():
     from smear.types import Differential, Share
 
     rep = _report({"SNE": 6, "LY": 3, "ERB": 1}, n_rbc=20)
-    d = differential(rep, CFG["report"], CFG["flags"], CFG["guard"])
+    d = differential(rep, CFG.report, CFG.flags, CFG.guard)
     assert isinstance(d, Differential) and isinstance(d.fine["SNE"], Share)
     assert d.n_wbc == 9 and d.fine["SNE"].n == 6 and d.fine["SNE"].pct == pytest.approx(66.67)
     assert d.fine["ERB"].pct is None and d.groups["neutrophil"].n == 6 and d.types["lymphocyte"].n == 3
     assert list(d.fine) == list(FINE_CLASSES)
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.n_wbc = 0  # type: ignore[misc]
-    assert d.row() == summarize(rep, CFG["report"], CFG["flags"], CFG["guard"])
+    assert d.row() == differential(rep, CFG.report, CFG.flags, CFG.guard).row()

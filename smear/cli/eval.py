@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,12 +13,33 @@ from smear.cli.app import ConfigOpt, SetOpt, eval_app, out_console, show, warn
 from smear.errors import SmearError
 
 
+class DetectorName(str, Enum):
+    yolo = "yolo"
+    classical = "classical"
+
+
+class SegmenterName(str, Enum):
+    off = "off"
+    unet = "unet"
+    kmeans = "kmeans"
+    grabcut = "grabcut"
+
+
+def _pipeline(segment: str, segmenter_model: str, device: str):
+    """The pipeline config of a segmenter given by options (checked as `smear run` checks it)."""
+    from smear.config import load_config
+
+    return load_config("pipeline", None, options={"--segment": ("segment", segment),
+                                                  "--segmenter-model": ("segmenter_model", segmenter_model),
+                                                  "--device": ("device", device)})
+
+
 @eval_app.command("detect")
 def eval_detect(
     data: Annotated[Path, typer.Option(help="VOC folder, YOLO data.yaml, COCO .json or images folder.")],
     model: Annotated[str, typer.Option(help="Detector model folder, or 'shipped'.")] = "shipped",
     split: Annotated[str, typer.Option(help="Split of a data.yaml.")] = "test",
-    detector: Annotated[str, typer.Option(help="yolo | classical")] = "yolo",
+    detector: Annotated[DetectorName, typer.Option(help="yolo | classical")] = DetectorName.yolo,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -27,15 +49,16 @@ def eval_detect(
     from smear.artifacts import resolve_model_dir
     from smear.detect.data import DET_CLASSES, load_dataset
     from smear.detect.evaluate import evaluate_detector
-    from smear.pipeline.build import build_detector
     from smear.cli.render import render_detect_metrics
+    from smear.config import load_config
+    from smear.pipeline.build import build_detector
 
     samples, problems = load_dataset(data, split=split)
     for p in problems:
         warn(str(p))  # on stderr: the truth boxes scored against are the cleaned ones
     if not samples:
         raise SmearError(f"{data}: no labelled images found")
-    if detector == "yolo":
+    if detector == DetectorName.yolo:
         from smear.detect.yolo import YoloDetector
 
         det = YoloDetector.from_dir(resolve_model_dir(model, "detector"), device=device)
@@ -43,7 +66,7 @@ def eval_detect(
         det.conf, det.per_class_conf = 0.001, {}  # score every box for AP; P/R use the shipped conf
         det = det.tiled()  # large fields are tiled as `smear run` tiles them
     else:
-        det = build_detector({"detector": detector, "classical": {}, "device": device})
+        det = build_detector(load_config("pipeline", None, ["detector=classical", f"device={device}"]))
         conf = {k: 0.0 for k in DET_CLASSES}
     metrics = evaluate_detector(det, samples, conf)
     for reason in metrics["skipped"]:
@@ -63,8 +86,8 @@ def eval_classify(
     layout: Annotated[str, typer.Option(help="auto | pbc | folders | csv")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Write metrics JSON and confusion-matrix PNGs here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    segment: Annotated[str, typer.Option(help="off | unet | kmeans | grabcut: paint each crop's background "
-                                              "out before classifying it.")] = "off",
+    segment: Annotated[SegmenterName, typer.Option(help="off | unet | kmeans | grabcut: paint each crop's "
+                                                        "background out before classifying it.")] = SegmenterName.off,
     segmenter_model: Annotated[str, typer.Option(help="U-Net model folder for --segment unet, or 'shipped'.")
                                ] = "shipped",
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -76,7 +99,7 @@ def eval_classify(
     from smear.classify.evaluate import evaluate
     from smear.pipeline.build import build_segmenter
 
-    seg = build_segmenter({"segment": segment, "segmenter_model": segmenter_model, "device": device})
+    seg = build_segmenter(_pipeline(segment.value, segmenter_model, device))
     m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
                  device=device, log=None if json_ else show, segmenter=seg,
                  warn=warn)
@@ -90,7 +113,7 @@ def eval_classify(
 def eval_segment(
     data: Annotated[Path, typer.Option(help="A folder with images/ and masks/, or a folder of such folders.")],
     model: Annotated[str, typer.Option(help="U-Net model folder, or 'shipped'.")] = "shipped",
-    method: Annotated[str, typer.Option(help="unet | kmeans | grabcut")] = "unet",
+    method: Annotated[SegmenterName, typer.Option(help="unet | kmeans | grabcut")] = SegmenterName.unet,
     part: Annotated[str, typer.Option(help="all, or train | val | test of the split in the segment config.")
                     ] = "all",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -106,11 +129,11 @@ def eval_segment(
     from smear.segment.evaluate import evaluate_path
 
     cfg = load_config("segment", config, set_ or [])
-    seg = build_segmenter({"segment": method, "segmenter_model": model, "device": device})
+    seg = build_segmenter(_pipeline(method.value, model, device))
     if seg is None:
         raise SmearError("--method off: nothing to evaluate", hint="unet | kmeans | grabcut")
-    margin = float(getattr(seg, "crop_margin", cfg["model"]["crop_margin"]))
-    m = evaluate_path(seg, data, cfg["data"], part, margin,
+    margin = float(seg.crop_margin)  # the geometry the segmenter states (the U-Net: its meta)
+    m = evaluate_path(seg, data, cfg.data, part, margin,
                       log=None if json_ else show)
     if json_:
-        sys.stdout.write(json.dumps({"method": method, **m}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"method": method.value, **m}, indent=2) + "\n")

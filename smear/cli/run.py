@@ -32,7 +32,8 @@ class ReportFormat(str, Enum):
                      "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume  |  "
                      "smear run /shared/slides --recursive --engine ray --address auto --report csv --out /shared/out.csv")
 def run(
-    paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
+    paths: Annotated[list[Path], typer.Argument(help="Field images, folders (a folder is one slide) or whole-slide "
+                                                     "files (.svs .ndpi .mrxs .dcm, pyramidal .tif).")],
     report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")
                       ] = ReportFormat.table,
     out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
@@ -44,13 +45,16 @@ def run(
     resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
                       ] = False,
     engine: Annotated[EngineName, typer.Option(help="local (this process) | ray (Ray actors; pip install "
-                                                    "\"smear[ray]\").")] = EngineName.local,
+                                                    "\"smear\\[ray]\").")] = EngineName.local,
     address: Annotated[Optional[str], typer.Option(help="ray: auto (this node's cluster) | HOST:PORT; default: a "
                                                         "local Ray instance, or $RAY_ADDRESS.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="ray: worker actors (default: one per GPU, "
                                                                "or one per node).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0.0, help="ray: GPUs each worker holds (default: 1 "
                                                                            "when the cluster has GPUs, else 0).")] = None,
+    target_wbc: Annotated[Optional[int], typer.Option(min=1, help="Whole slides: stop once N white cells are "
+                                                                  "classified (default wsi.target_wbc, 200).")] = None,
+    all_tiles: Annotated[bool, typer.Option("--all", help="Whole slides: count every monolayer tile.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -71,13 +75,21 @@ def run(
     cfg = load_config("pipeline", config, overrides)
     if report == ReportFormat.html and out is None and _stdout_is_terminal():
         raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
-    slides = find_slides(paths, recursive=recursive, warn=warn)
-    check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
+    from smear.cli.wsi import check_whole_slides
+
+    whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles, recursive)
+    slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
+    check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     stages = build_stages(cfg)
+    if stages.classifier is not None and not getattr(stages.classifier, "has_novelty", True):
+        warn(f"{cfg.classifier_model}: the classifier model folder has no novelty score, so the domain guard "
+             "is off (novel_share stays empty); refit it with `smear train novelty`, or adapt again with "
+             "`smear adapt` (it keeps the source's guard)")
     cache = build_cache(cfg, stages.version, warn=warn)
     with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
         reports, finished = _run_slides(slides, stages, cfg, cache, resume, cells,
-                              keep=report in (ReportFormat.json, ReportFormat.html), engine=eng)
+                                        keep=report in (ReportFormat.json, ReportFormat.html), engine=eng,
+                                        whole=whole.options(cfg, target_wbc, all_tiles, out, cells))
     diffs = rep.differentials(reports, cfg)
     rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
     for d in diffs:
@@ -95,9 +107,10 @@ def run(
 
         geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
         margin = geometry.crop_margin if geometry is not None else 1.2
-        text = render_html(reports, rows, cfg["report"]["gallery_per_class"], margin, cfg=cfg,
+        text = render_html(reports, rows, cfg.report.gallery_per_class, margin, cfg=cfg,
                            audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
-                           segment_size=int(geometry.input_size) if geometry is not None else 96)
+                           segment_size=int(geometry.input_size) if geometry is not None else 96,
+                           read_field=whole.read_field)
     else:
         console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
         render_summary(diffs, console)
@@ -134,19 +147,22 @@ def _engine(name: EngineName, cfg, stages, cache, address, workers, gpus_per_wor
                      workers=workers, gpus_per_worker=gpus_per_worker, warn=warn, worker_logs=verbose())
 
 
-def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool,
-                engine=None) -> tuple[list, int]:
-    """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish; the reports
-    and the number of fields whose result was made."""
+def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool, engine=None,
+                whole=None) -> tuple[list, int]:
+    """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish; then the
+    whole-slide files (``whole``: smear.cli.wsi.WholeSlideRun), tile by tile. The reports, and the
+    number of fields whose result was made (and cached)."""
     from smear.cli.render import progress
     from smear.pipeline.run import run_slides
     from smear.report import tables as rep
 
     n_fields = sum(len(s.fields) for s in slides)
     finished = [0]  # fields whose result is made (and cached): what a --resume after a failure skips
-    writer = rep.CellsWriter(cells, masks=stages.segmenter is not None) if cells is not None else None
+    writer = None
     try:
-        with progress(err_console, total=n_fields) as advance:
+        if cells is not None:
+            writer = rep.CellsWriter(cells, masks=stages.segmenter is not None, slide_coords=bool(whole))
+        with progress(err_console, total=None if whole else n_fields) as advance:
             def on_field(slide_name, item):
                 if hasattr(item, "reason"):
                     if n_fields > 1:
@@ -156,14 +172,17 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
                     if writer is not None:
                         writer.write(slide_name, item)
                 advance()
-            reports = run_slides(slides, stages, cfg["io"]["max_pixels"], on_field, cache, resume, keep_fields=keep,
-                                 engine=engine)
+            reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields=keep,
+                                 engine=engine) if slides else []
+            if whole:
+                reports += whole.run(stages, cache, resume, on_field, keep, warn)
         if writer is not None:
             writer.close()
     except OSError as exc:
-        if writer is None:
+        if cells is None:
             raise
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
                          hint=_kept_hint(finished[0], n_fields) if cache is not None else "") from exc
     except BaseException:

@@ -46,7 +46,7 @@ def _train(stage: str, out: Path, resume: bool, config: Optional[Path], set_: Op
     with epoch_progress(err_console) as on_batch:
         run_dir = module.train(cfg, out, resume=resume, on_batch=on_batch)
     if stage == "detect":  # ultralytics trains; its run is then packaged with tuned thresholds
-        return module.package(run_dir, cfg, run_dir / "model", device=cfg["train"]["device"], log=show)
+        return module.package(run_dir, cfg, run_dir / "model", device=cfg.train.device, log=show)
     return run_dir
 
 
@@ -74,7 +74,7 @@ _stage_command("detect", "Train the YOLO detector (offline, from the model YAML)
                "(--data: the --out of smear data convert; continue a run: --resume)")
 _stage_command("classify", "Train the leukocyte classifier from scratch, calibrate it on validation, score it on test.",
                "smear train classify --data ../shared/data/pbc --out runs/clf --epochs 30  "
-               "(fine-tune: --set model.init=smear/weights/classifier)")
+               "(fine-tune: --set model.init=shipped)")
 
 
 @train_app.command("novelty", epilog="Example: smear train novelty runs/clf --quantile 0.97")

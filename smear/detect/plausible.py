@@ -29,13 +29,14 @@ WORK_SIDE = 320  # the stain map is computed on a copy of the field this many pi
 
 @dataclass
 class WbcCheck:
-    """Drops implausible WBC boxes from a detector's output (see the module doc)."""
+    """Drops implausible WBC boxes from a detector's output (see the module doc); built from the
+    pipeline config's ``wbc_check`` section, where its defaults are written."""
 
-    max_rbc_area_ratio: float = 2.0
-    min_nucleus_fraction: float = 0.08
-    nucleus_level: float = 0.45
-    min_stain: float = 20.0
-    min_rbcs: int = 3
+    max_rbc_area_ratio: float
+    min_nucleus_fraction: float
+    nucleus_level: float
+    min_stain: float
+    min_rbcs: int
 
     def nucleus_fractions(self, image: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]
                           ) -> list[float]:

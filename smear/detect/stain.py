@@ -37,12 +37,13 @@ class StainJitter:
     ``scale``: each channel's OD gain is drawn from [1 - scale, 1 + scale]; ``mix``: the s.d. of the
     off-diagonal terms (one channel's stain leaking into another); ``tint``: the background OD offset
     per channel is drawn from [-tint / 4, tint] (mostly darker: a lighter-than-white background
-    clips). Channel order does not matter (BGR as ultralytics holds it, or RGB)."""
+    clips). Channel order does not matter (BGR as ultralytics holds it, or RGB). Built from the
+    detect config's ``stain:`` section, where its defaults are written."""
 
-    p: float = 0.5
-    scale: float = 0.3
-    mix: float = 0.08
-    tint: float = 0.25
+    p: float
+    scale: float
+    mix: float
+    tint: float
 
     def apply(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         m = np.diag(rng.uniform(1 - self.scale, 1 + self.scale, 3)).astype(np.float32)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from smear.config import dump_config
+from smear.config_models import DetectConfig, DetectData
 from smear.detect.data import load_dataset, read_voc, split_holdout, write_yolo_dataset, clean_boxes
 from smear.io import removed_on_failure, write_text_atomic
 from smear.errors import RESUME_HINT, SmearError
@@ -14,9 +15,9 @@ from smear.errors import RESUME_HINT, SmearError
 _log = logging.getLogger(__name__)
 
 
-def data_dir(cfg: dict[str, Any], run_dir: str | Path) -> Path:
+def data_dir(cfg: DetectConfig, run_dir: str | Path) -> Path:
     """Where a run's merged YOLO dataset goes: ``data.workdir`` when set, else RUN/detect-data."""
-    workdir = cfg["data"].get("workdir")
+    workdir = cfg.data.workdir
     return Path(workdir) if workdir else Path(run_dir) / "detect-data"
 
 
@@ -36,32 +37,32 @@ def _has_val(data_yaml: Path) -> bool:
     return "val" in (yaml.safe_load(data_yaml.read_text()) or {})
 
 
-def _own_dataset(dcfg: dict[str, Any]) -> tuple[list, list, list]:
+def _own_dataset(dcfg: DetectData) -> tuple[list, list, list]:
     """Train and val samples and box problems of ``data.yolo``: its val split, or (without one) a
     fixed, seeded ``val_fraction`` of its train split."""
-    data_yaml = yolo_data_yaml(dcfg["yolo"])
+    data_yaml = yolo_data_yaml(dcfg.yolo)
     train, problems = load_dataset(data_yaml, split="train")
     if _has_val(data_yaml):
         val, more = load_dataset(data_yaml, split="val")
         return list(train), list(val), problems + more
-    fit, val = split_holdout(train, dcfg["val_fraction"], dcfg["seed"])
+    fit, val = split_holdout(train, dcfg.val_fraction, dcfg.seed)
     return fit, val, problems
 
 
-def _bccd_txl(dcfg: dict[str, Any]) -> tuple[list, list, list]:
+def _bccd_txl(dcfg: DetectData) -> tuple[list, list, list]:
     """bccd/train (minus a fixed validation part) and txl-pbc train/val, with their box problems."""
-    bccd = Path(dcfg["bccd"] or "")
-    if not dcfg["bccd"] or not (bccd / "train").is_dir():
+    bccd = Path(dcfg.bccd or "")
+    if not dcfg.bccd or not (bccd / "train").is_dir():
         raise SmearError(f"{bccd}: BCCD folder with train/ not found",
                          hint="pass --data (a YOLO data.yaml or converted folder) or set data.bccd")
     bccd_train, problems = read_voc(bccd / "train", source="bccd")
     bccd_train, more = clean_boxes(bccd_train)
     problems += more
-    bccd_fit, bccd_val = split_holdout(bccd_train, dcfg["bccd_val_fraction"], dcfg["seed"])
+    bccd_fit, bccd_val = split_holdout(bccd_train, dcfg.bccd_val_fraction, dcfg.seed)
     train, val = list(bccd_fit), list(bccd_val)
-    if dcfg.get("txl"):
+    if dcfg.txl:
         for split, bucket in (("train", train), ("val", val)):
-            samples, more = load_dataset(dcfg["txl"], split=split)
+            samples, more = load_dataset(dcfg.txl, split=split)
             for s in samples:
                 s.source = f"txl-{s.source}" if s.source else "txl"
             bucket += samples
@@ -69,12 +70,12 @@ def _bccd_txl(dcfg: dict[str, Any]) -> tuple[list, list, list]:
     return train, val, problems
 
 
-def build_training_data(cfg: dict[str, Any], workdir: str | Path, log: Callable[[str], None] = _log.info
+def build_training_data(cfg: DetectConfig, workdir: str | Path, log: Callable[[str], None] = _log.info
                         ) -> Path:
     """Write the training fields into one YOLO folder ``workdir``: ``data.yolo`` when set, else
     bccd/train (minus a fixed validation part) and txl-pbc train/val; returns its data.yaml."""
-    dcfg = cfg["data"]
-    train, val, problems = _own_dataset(dcfg) if dcfg.get("yolo") else _bccd_txl(dcfg)
+    dcfg = cfg.data
+    train, val, problems = _own_dataset(dcfg) if dcfg.yolo else _bccd_txl(dcfg)
     for p in problems:
         log(f"warning: {p}")
     log(f"detector data: {len(train)} train fields, {len(val)} val fields, {len(problems)} box problems")
@@ -84,20 +85,20 @@ def build_training_data(cfg: dict[str, Any], workdir: str | Path, log: Callable[
     return write_yolo_dataset({"train": train, "val": val}, Path(workdir))
 
 
-def val_split_name(dcfg: dict[str, Any]) -> str:
+def val_split_name(dcfg: DetectData) -> str:
     """What the packaged validation figures were measured on, in words."""
-    if dcfg.get("yolo"):
-        data_yaml = yolo_data_yaml(dcfg["yolo"]).resolve()
+    if dcfg.yolo:
+        data_yaml = yolo_data_yaml(dcfg.yolo).resolve()
         if _has_val(data_yaml):
             return f"{data_yaml} val"
-        return f"{data_yaml} train holdout {dcfg['val_fraction']:.0%} seed {dcfg['seed']}"
-    name = f"bccd/train holdout {dcfg['bccd_val_fraction']:.0%} seed {dcfg['seed']}"
-    return name + (" + txl-pbc/val" if dcfg.get("txl") else "")
+        return f"{data_yaml} train holdout {dcfg.val_fraction:.0%} seed {dcfg.seed}"
+    name = f"bccd/train holdout {dcfg.bccd_val_fraction:.0%} seed {dcfg.seed}"
+    return name + (" + txl-pbc/val" if dcfg.txl else "")
 
 
-def fine_tunes(cfg: dict[str, Any]) -> bool:
+def fine_tunes(cfg: DetectConfig) -> bool:
     """Whether the run starts from weights of ours (a .pt) rather than a model YAML."""
-    return str(cfg["model"]).endswith(".pt")
+    return str(cfg.model).endswith(".pt")
 
 
 def _keep_threads(model) -> None:
@@ -107,27 +108,27 @@ def _keep_threads(model) -> None:
     model.add_callback("on_train_start", lambda trainer: set_threads())
 
 
-def _saved_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def _saved_config(path: Path, cfg: DetectConfig) -> DetectConfig:
+    """The run's own config (a run from before the stain jitter has no ``stain:``: none)."""
     import yaml
 
-    return yaml.safe_load(path.read_text()) if path.exists() else cfg
+    return DetectConfig.model_validate(yaml.safe_load(path.read_text())) if path.exists() else cfg
 
 
-def _trainer(cfg: dict[str, Any]):
+def _trainer(cfg: DetectConfig):
     """The ultralytics trainer class for a config: with our stain jitter unless ``stain.p`` is 0."""
     from smear.detect.stain import StainJitter
     from smear.detect.ultra import stain_trainer
 
-    stain = dict(cfg.get("stain") or {})
-    if float(stain.get("p", 0.0)) <= 0:
+    if cfg.stain is None or cfg.stain.p <= 0:
         return None
-    return stain_trainer(StainJitter(**{k: float(v) for k, v in stain.items()}))
+    return stain_trainer(StainJitter(**cfg.stain.model_dump()))
 
 
 LAST = "weights/last.pt"  # ultralytics' checkpoint, written after every epoch
 
 
-def train(cfg: dict[str, Any], out: Path, resume: bool = False,
+def train(cfg: DetectConfig, out: Path, resume: bool = False,
           log: Callable[[str], None] = _log.info, on_batch: Callable[[int, int, int], None] | None = None
           ) -> Path:
     """Train (or resume) a detector run in ``out``; returns the run folder with weights/best.pt.
@@ -141,7 +142,7 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False,
         return _train(cfg, out, resume, log, on_batch)
 
 
-def _train(cfg: dict[str, Any], out: Path, resume: bool, log: Callable[[str], None],
+def _train(cfg: DetectConfig, out: Path, resume: bool, log: Callable[[str], None],
            on_batch: Callable[[int, int, int], None] | None) -> Path:
     from smear.detect.network import yolo
     from smear.detect.ultra import training_log
@@ -158,15 +159,15 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, log: Callable[[str], No
             model.train(resume=True, trainer=_trainer(_saved_config(saved, cfg)))
         set_threads()
         return out
-    if fine_tunes(cfg) and not Path(cfg["model"]).is_file():
-        raise SmearError(f"{cfg['model']}: weights to fine-tune from not found",
+    if fine_tunes(cfg) and not Path(cfg.model).is_file():
+        raise SmearError(f"{cfg.model}: weights to fine-tune from not found",
                          hint="set model to a run's weights/best.pt or to a model YAML")
     data_yaml = build_training_data(cfg, data_dir(cfg, out), log)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "smear_config.yaml", dump_config(cfg))
-    t = dict(cfg["train"])
+    t = cfg.train.model_dump()
     device = resolve_device(t.pop("device"))
-    model = yolo(cfg["model"])
+    model = yolo(cfg.model)
     _keep_threads(model)
     with training_log(model, log, on_batch):
         model.train(
@@ -179,7 +180,7 @@ def _train(cfg: dict[str, Any], out: Path, resume: bool, log: Callable[[str], No
     return out
 
 
-def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "auto",
+def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "auto",
             log: Callable[[str], None] = _log.info) -> Path:
     """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
     from datetime import date
@@ -197,11 +198,11 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     from smear.detect.network import NETWORK, WEIGHTS, read_pt, save_network
 
     save_network(read_pt(best), model_dir)  # the folder holds no pickle: safetensors + network.yaml
-    infer = dict(cfg["infer"])
+    infer = cfg.infer.model_dump()
     data_yaml = data_dir(cfg, run_dir) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
     det = YoloDetector(model_dir / WEIGHTS, imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
-                       max_det=infer["max_det"], device=device, border=infer.get("border", 0.0))
+                       max_det=infer["max_det"], device=device, border=infer["border"])
     preds = predict_samples(det, val)
     conf = tune_conf(val, preds)
     metrics = evaluate_predictions(val, preds, conf)
@@ -210,13 +211,13 @@ def package(run_dir: Path, cfg: dict[str, Any], model_dir: Path, device: str = "
     infer["conf"] = min(conf.values())
     meta = {
         "stage": "detect", "weights": WEIGHTS, "network": NETWORK, "classes": ["wbc", "rbc", "platelet"],
-        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg["model"])).name,
+        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
         "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
         "infer": infer, "trained": date.today().isoformat(),
-        "metrics": {"val": {"split": val_split_name(cfg["data"]), **metrics}},
+        "metrics": {"val": {"split": val_split_name(cfg.data), **metrics}},
         "data_fingerprint": data_fingerprint(s.image for s in val),
     }
     if fine_tunes(cfg):
-        meta["fine_tuned_from"] = str(cfg["model"])
+        meta["fine_tuned_from"] = str(cfg.model)
     save_model_dir(model_dir, meta, cfg)
     return model_dir

@@ -17,7 +17,7 @@ def infer_defaults() -> dict[str, Any]:
     the shipped detect.yaml, the one place they are written."""
     from smear.config import default_config
 
-    infer = dict(default_config("detect")["infer"])
+    infer = default_config("detect").infer.model_dump()
     infer.pop("border")  # what a model is trained with (meta's infer.border); one whose meta names none has none
     return infer
 

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from smear.config_models import Augment
 
 #: Stain optical-density vectors (rows: haematoxylin, eosin, DAB), Ruifrok & Johnston 2001, as
 #: used by scikit-image's ``rgb2hed``.
@@ -34,12 +37,24 @@ HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 
-DEFAULTS: dict[str, Any] = {
-    "hed": 0.05, "hue": 0.03, "saturation": 0.25, "brightness": 0.15, "contrast": 0.2,
-    "blur_p": 0.3, "blur_sigma": 1.2, "noise": 0.03, "scale": 0.15, "shift": 0.05,
-    "rotate_deg": 15.0, "dihedral": True,
-    "downres_p": 0.0, "downres_min": 0.4, "jpeg_p": 0.0, "jpeg_quality": 40, "gray_p": 0.0,
-}
+def strengths_of(strengths: Augment | Mapping[str, Any] | None = None) -> Augment:
+    """The augmentation settings: an ``Augment`` as it is, or the keys of a mapping over the
+    classifier's default ``train.augment`` (smear/configs/classify.yaml, the one place they are written)."""
+    from smear.config import default_config
+    from smear.config_models import Augment
+
+    if isinstance(strengths, Augment):
+        return strengths
+    unknown = set(strengths or {}) - set(Augment.model_fields)
+    if unknown:
+        raise ValueError(f"unknown augmentation keys: {', '.join(sorted(unknown))}")
+    base = default_config("classify").train.augment
+    return Augment.model_validate({**base.model_dump(), **(strengths or {})})
+
+#: Optical-density directions of a Wright-like cast: eosin's pink (absorbs green) and a red one
+#: (absorbs green and blue), unit vectors; a cast draws a direction between the two.
+PINK_OD = np.array([0.07, 0.99, 0.11]) / np.linalg.norm([0.07, 0.99, 0.11])
+RED_OD = np.array([0.05, 0.70, 0.70]) / np.linalg.norm([0.05, 0.70, 0.70])
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -222,21 +237,52 @@ def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator | None = No
     return torch.where(on, luma.expand_as(x), x)
 
 
+def channel_shuffle(x: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Permute the RGB channels of a random fraction ``p`` of the images (one of the 5 other orders):
+    the same morphology in colours no stain gives, so that colour alone cannot decide a class."""
+    if p <= 0:
+        return x
+    b = x.shape[0]
+    on = torch.rand(b, generator=gen) < p
+    if not bool(on.any()):
+        return x
+    orders = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    pick = orders[torch.randint(0, len(orders), (b,), generator=gen)]
+    out = x.clone()
+    idx = torch.nonzero(on).flatten()
+    out[idx] = torch.stack([x[i, pick[i]] for i in idx.tolist()])
+    return out
+
+
+def wright_cast(x: torch.Tensor, p: float, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Add a pink-to-red optical density U(0.1, 1) x ``strength`` to a random fraction ``p`` of the
+    images, everywhere (background, red cells and cytoplasm alike), as a Wright stain or a warm
+    white balance does: a neutrophil on a pink background must still read as a neutrophil."""
+    if p <= 0 or strength <= 0:
+        return x
+    b = x.shape[0]
+    on = (torch.rand(b, generator=gen) < p).to(x.dtype)
+    t = torch.rand(b, generator=gen, dtype=torch.float64).view(b, 1)
+    direction = (1 - t) * torch.as_tensor(PINK_OD)[None] + t * torch.as_tensor(RED_OD)[None]
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    amount = _uniform(b, 0.1 * strength, strength, gen).to(x.dtype) * on
+    od = -torch.log(x.clamp(min=1.0 / 255.0))
+    od = od + (direction.to(x.dtype) * amount.view(b, 1)).view(b, 3, 1, 1)
+    return torch.exp(-od).clamp_(0.0, 1.0)
+
+
 class BatchAugment:
     """Training augmentation: uint8 B x S x S x 3 crops -> float B x 3 x size x size in [0, 1]."""
 
-    def __init__(self, size: int, strengths: Mapping[str, Any] | None = None, seed: int = 0):
-        unknown = set(strengths or {}) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown augmentation keys: {', '.join(sorted(unknown))}")
+    def __init__(self, size: int, strengths: Augment | Mapping[str, Any] | None = None, seed: int = 0):
         self.size = size
-        self.s = {**DEFAULTS, **(strengths or {})}
+        self.s = strengths_of(strengths)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch_u8: torch.Tensor) -> torch.Tensor:
         s, g = self.s, self.gen
-        x = affine_warp(to_float(batch_u8), self.size, s["scale"], s["shift"], s["rotate_deg"],
-                        bool(s["dihedral"]), g)
+        x = affine_warp(to_float(batch_u8), self.size, s.scale, s.shift, s.rotate_deg,
+                        bool(s.dihedral), g)
         return self._photometric(x)
 
     def pairs(self, batch_u8: torch.Tensor, masks_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,20 +290,22 @@ class BatchAugment:
         sampled nearest), then photometric jitter of the images only."""
         s, g = self.s, self.gen
         b, h, w = masks_u8.shape
-        theta = affine_theta(b, h, w, self.size, s["scale"], s["shift"], s["rotate_deg"], bool(s["dihedral"]), g)
+        theta = affine_theta(b, h, w, self.size, s.scale, s.shift, s.rotate_deg, bool(s.dihedral), g)
         x = warp(to_float(batch_u8), theta, self.size)
         m = warp(masks_u8[:, None].float(), theta, self.size, mode="nearest")[:, 0].round().to(torch.uint8)
         return self._photometric(x), m
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
         s, g = self.s, self.gen
-        x = hed_jitter(x.clamp(0.0, 1.0), s["hed"], g)
-        x = colour_jitter(x, s["hue"], s["saturation"], s["brightness"], s["contrast"], g)
-        x = random_grayscale(x, s["gray_p"], g)
-        x = down_resolution(x, s["downres_p"], s["downres_min"], g)
-        x = gaussian_blur(x, s["blur_p"], s["blur_sigma"], g)
-        x = gaussian_noise(x, s["noise"], g)
-        return jpeg_artefacts(x, s["jpeg_p"], s["jpeg_quality"], g)
+        x = hed_jitter(x.clamp(0.0, 1.0), s.hed, g)
+        x = colour_jitter(x, s.hue, s.saturation, s.brightness, s.contrast, g)
+        x = wright_cast(x, s.cast_p, s.cast_strength, g)
+        x = channel_shuffle(x, s.shuffle_p, g)
+        x = random_grayscale(x, s.gray_p, g)
+        x = down_resolution(x, s.downres_p, s.downres_min, g)
+        x = gaussian_blur(x, s.blur_p, s.blur_sigma, g)
+        x = gaussian_noise(x, s.noise, g)
+        return jpeg_artefacts(x, s.jpeg_p, s.jpeg_quality, g)
 
     def state(self) -> torch.Tensor:
         """The random generator's state (saved in checkpoints so a resumed run draws the same)."""

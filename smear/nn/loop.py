@@ -182,7 +182,7 @@ def removes_failed_run(train: Callable[..., Path]) -> Callable[..., Path]:
     """Decorates a stage's ``train(cfg, out, ...)``: a run folder the call made is removed again
     when it fails before its first checkpoint, so that a retry does not find it in its way."""
     @functools.wraps(train)
-    def wrapper(cfg: dict[str, Any], out: str | Path, *args: Any, **kwargs: Any) -> Path:
+    def wrapper(cfg: Any, out: str | Path, *args: Any, **kwargs: Any) -> Path:
         with removed_on_failure(out, CHECKPOINT):
             return train(cfg, out, *args, **kwargs)
 
@@ -198,7 +198,7 @@ class RunFolder:
     log_fields: tuple[str, ...]
 
     @classmethod
-    def start(cls, out: str | Path, cfg: dict[str, Any], resume: bool, log_fields: tuple[str, ...],
+    def start(cls, out: str | Path, cfg: Any, resume: bool, log_fields: tuple[str, ...],
               hint: str = RESUME_HINT) -> RunFolder:
         """Open ``out`` for a run and write its config. A folder with more than an earlier attempt's
         ``BEFORE_CHECKPOINT`` files (which are then cleared) is refused unless ``resume``."""
@@ -214,11 +214,11 @@ class RunFolder:
         return cls(out, log_fields)
 
     @staticmethod
-    def setup(t: dict[str, Any]) -> tuple[torch.device, int]:
+    def setup(t: Any) -> tuple[torch.device, int]:
         """Threads, device and seed from a ``train:`` section; returns (device, threads)."""
-        threads = set_threads(t["threads"])
-        device = resolve_device(t["device"])
-        torch.manual_seed(int(t["seed"]))
+        threads = set_threads(t.threads)
+        device = resolve_device(t.device)
+        torch.manual_seed(int(t.seed))
         return device, threads
 
     @property
@@ -248,15 +248,15 @@ class RunFolder:
             raise SmearError(f"{self.path}: no epoch finished, nothing to save")
 
 
-def clock(t: dict[str, Any], wall0: float = 0.0) -> tuple[float, float]:
+def clock(t: Any, wall0: float = 0.0) -> tuple[float, float]:
     """(start time, wall-time limit in seconds) of a run resumed after ``wall0`` seconds."""
-    return time.perf_counter() - wall0, float(t["max_minutes"]) * 60 if t["max_minutes"] else math.inf
+    return time.perf_counter() - wall0, float(t.max_minutes) * 60 if t.max_minutes else math.inf
 
 
-def out_of_time(t0: float, max_s: float, t: dict[str, Any], say: Callable[[str], None]) -> bool:
+def out_of_time(t0: float, max_s: float, t: Any, say: Callable[[str], None]) -> bool:
     """True (and said) once the run's wall time is over ``train.max_minutes``."""
     if time.perf_counter() - t0 > max_s:
-        say(f"time limit: {t['max_minutes']} min reached")
+        say(f"time limit: {t.max_minutes} min reached")
         return True
     return False
 

@@ -7,23 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.io import pixel_budget
 from smear.artifacts import META, ONNX_FILE, file_sha256, files_version, model_version, resolve_model_dir
+from smear.config_models import PipelineConfig
+from smear.io import pixel_budget
 from smear.pipeline.run import Stages
-from smear.types import ConfigError, Detector, ModelError, Segmenter
-
-DETECTORS = ("yolo", "classical")
-CLASSIFIERS = ("off", "cnn")
-SEGMENTERS = ("off", "unet", "kmeans", "grabcut")
+from smear.types import Detector, ModelError, Segmenter
 
 
-def _runtime(cfg: dict[str, Any]) -> str:
+def _runtime(cfg: PipelineConfig) -> str:
     from smear.nn.onnx import check_runtime
 
-    return check_runtime(str(cfg.get("runtime", "torch")))
+    return check_runtime(cfg.runtime)
 
 
-def _with_fallback(cfg: dict[str, Any], load):
+def _with_fallback(cfg: PipelineConfig, load):
     """``load(runtime)`` with the configured runtime; if ONNX cannot be made or loaded, a warning and
     the torch runtime (a missing or broken model folder is still an error)."""
     runtime = _runtime(cfg)
@@ -40,51 +37,40 @@ def _with_fallback(cfg: dict[str, Any], load):
         return load("torch")
 
 
-def build_detector(cfg: dict[str, Any]) -> Detector:
-    """The detector named by ``cfg['detector']``."""
-    kind = str(cfg["detector"])
-    if kind == "classical":
+def build_detector(cfg: PipelineConfig) -> Detector:
+    """The detector named by ``cfg.detector``."""
+    if cfg.detector == "classical":
         from smear.detect.classical import ClassicalDetector
 
-        return ClassicalDetector(**(cfg.get("classical") or {}))
-    if kind == "yolo":
-        from smear.detect.yolo import YoloDetector
+        return ClassicalDetector(**cfg.classical)
+    from smear.detect.yolo import YoloDetector
 
-        det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
-            resolve_model_dir(cfg["detector_model"], "detector"), device=cfg["device"], runtime=rt))
-        return _checked(det.tiled(), cfg)
-    raise ConfigError(f"unknown detector {kind!r}", hint=f"one of {', '.join(DETECTORS)}")
+    det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
+        resolve_model_dir(cfg.detector_model, "detector"), device=cfg.device, runtime=rt))
+    return _checked(det.tiled(), cfg)
 
 
-def _checked(det: Detector, cfg: dict[str, Any]) -> Detector:
+def _checked(det: Detector, cfg: PipelineConfig) -> Detector:
     """The detector behind the WBC plausibility check (``wbc_check`` in the pipeline config)."""
-    check = dict(cfg.get("wbc_check") or {})
-    if not check.pop("enabled", False):
+    if not cfg.wbc_check.enabled:
         return det
     from smear.detect.plausible import CheckedDetector, WbcCheck
 
-    try:
-        return CheckedDetector(det, WbcCheck(**check))
-    except TypeError as exc:
-        raise ConfigError(f"wbc_check: {exc}", hint="keys: enabled, max_rbc_area_ratio, min_nucleus_fraction, "
-                          "nucleus_level, min_stain, min_rbcs") from exc
+    return CheckedDetector(det, WbcCheck(**cfg.wbc_check.model_dump(exclude={"enabled"})))
 
 
-def build_segmenter(cfg: dict[str, Any]) -> Segmenter | None:
-    """The segmenter named by ``cfg['segment']`` (None for off)."""
-    kind = str(cfg["segment"])
-    if kind == "off":
+def build_segmenter(cfg: PipelineConfig) -> Segmenter | None:
+    """The segmenter named by ``cfg.segment`` (None for off)."""
+    if cfg.segment == "off":
         return None
-    if kind == "unet":
+    if cfg.segment == "unet":
         from smear.segment.model import UnetSegmenter
 
         return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
-            resolve_model_dir(cfg["segmenter_model"], "segmenter"), device=cfg["device"], runtime=rt))
-    if kind in ("kmeans", "grabcut"):
-        from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
+            resolve_model_dir(cfg.segmenter_model, "segmenter"), device=cfg.device, runtime=rt))
+    from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
-        return KMeansSegmenter() if kind == "kmeans" else GrabCutSegmenter()
-    raise ConfigError(f"unknown segmenter {kind!r}", hint=f"one of {', '.join(SEGMENTERS)}")
+    return KMeansSegmenter() if cfg.segment == "kmeans" else GrabCutSegmenter()
 
 
 #: pipeline settings that change a field's result (with the model folders in use)
@@ -92,31 +78,37 @@ RESULT_SETTINGS = ("detector", "classical", "wbc_check", "segment", "classifier"
                    "mask_background", "runtime", "classify_tta", "device")
 
 
-def models_in_use(cfg: dict[str, Any]) -> list[tuple[str, str, Path]]:
+def result_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``RESULT_SETTINGS`` of a config as plain data."""
+    dumped = cfg.model_dump(include=set(RESULT_SETTINGS))
+    return {k: dumped[k] for k in RESULT_SETTINGS}
+
+
+def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
     """(config key, stage name, model folder) of each model folder the config runs."""
     out = []
-    for key, name, on in (("detector_model", "detector", cfg["detector"] == "yolo"),
-                          ("classifier_model", "classifier", cfg["classifier"] != "off"),
-                          ("segmenter_model", "segmenter", cfg["segment"] == "unet")):
+    for key, name, on in (("detector_model", "detector", cfg.detector == "yolo"),
+                          ("classifier_model", "classifier", cfg.classifier != "off"),
+                          ("segmenter_model", "segmenter", cfg.segment == "unet")):
         if on:
-            out.append((key, name, resolve_model_dir(cfg[key], name)))
+            out.append((key, name, resolve_model_dir(getattr(cfg, key), name)))
     return out
 
 
-def stages_version(cfg: dict[str, Any]) -> str:
+def stages_version(cfg: PipelineConfig) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
     each model folder's files that run (weights, model.onnx, network YAML, novelty statistics, and
     meta.json: its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
-    parts: dict[str, Any] = {k: cfg.get(k) for k in RESULT_SETTINGS}
+    parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
     for key, _name, model_dir in models_in_use(cfg):
         parts[key] = files_version(model_dir)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
+def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
     hash, model.onnx hash where it has one, and the hash of all its files that run), the settings
     that change results and the run id (the page adds smear's version and the date)."""
@@ -127,37 +119,35 @@ def audit_info(cfg: dict[str, Any], run_id: str) -> dict[str, Any]:
                        "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12],
                        "onnx": file_sha256(onnx)[:12] if onnx.is_file() else "",
                        "files": files_version(model_dir)})
-    settings = {k: cfg.get(k) for k in RESULT_SETTINGS}
-    report = cfg.get("report") or {}
-    settings.update({f"report.{k}": v for k, v in report.items() if k != "gallery_per_class"})
+    settings = result_settings(cfg)
+    settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
 
 
-def build_stages(cfg: dict[str, Any]) -> Stages:
+def build_stages(cfg: PipelineConfig) -> Stages:
     """Stages for a resolved pipeline config."""
+    from smear.devices import resolve_device
+
     _runtime(cfg)
-    for key, allowed in (("classifier", CLASSIFIERS), ("segment", SEGMENTERS)):
-        if str(cfg[key]) not in allowed:
-            raise ConfigError(f"{key}: {cfg[key]!r} is not available in this version",
-                              hint=f"one of {', '.join(allowed)}")
+    resolve_device(str(cfg.device))  # a device that is not there is said before any stage loads
     classifier = None
-    if cfg["classifier"] == "cnn":
+    if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
-            resolve_model_dir(cfg["classifier_model"], "classifier"), device=cfg["device"],
-            batch=int(cfg["classify_batch"]), runtime=rt, tta=cfg.get("classify_tta")))
+            resolve_model_dir(cfg.classifier_model, "classifier"), device=cfg.device,
+            batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta))
     return Stages(detector=build_detector(cfg), classifier=classifier, segmenter=build_segmenter(cfg),
-                  review_threshold=float(cfg["review_threshold"]), mask_background=bool(cfg["mask_background"]),
-                  classify_batch=int(cfg["classify_batch"]), field_batch=int(cfg["field_batch"]), version=stages_version(cfg),
-                  pixel_budget=pixel_budget(cfg["io"].get("max_pixels_in_flight", "auto"), cfg["io"]["max_pixels"]))
+                  review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
+                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg),
+                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
 
 
-def build_cache(cfg: dict[str, Any], version: str, warn=None):
-    """The per-field result cache named by ``cfg['cache_dir']`` ('auto', 'off' or a folder);
+def build_cache(cfg: PipelineConfig, version: str, warn=None):
+    """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""
     from smear.artifacts import cache_setting
     from smear.pipeline.cache import FieldCache
 
-    folder = cache_setting(cfg["cache_dir"], "fields")
+    folder = cache_setting(cfg.cache_dir, "fields")
     return None if folder is None else FieldCache(folder, version, warn=warn)

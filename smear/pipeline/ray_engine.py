@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Sequence
 
+from smear.config_models import PipelineConfig
 from smear.errors import SmearError
 from smear.io import Slide
 from smear.pipeline.cache import FieldCache
@@ -67,16 +68,16 @@ class BuildFromConfig:
     """Builds a worker's stages from the resolved pipeline config; ``device: auto`` means the GPU Ray
     gave the worker, and the CPU when it gave none (a GPU node's other workers leave its GPUs alone)."""
 
-    cfg: dict[str, Any]
+    cfg: PipelineConfig
 
     def __call__(self) -> Stages:
         import ray
 
         from smear.pipeline.build import build_stages
 
-        cfg = dict(self.cfg)
-        if str(cfg.get("device", "auto")) == "auto" and not ray.get_gpu_ids():
-            cfg["device"] = "cpu"
+        cfg = self.cfg
+        if cfg.device.strip().lower() == "auto" and not ray.get_gpu_ids():
+            cfg = cfg.model_copy(update={"device": "cpu"})
         return build_stages(cfg)
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 from scipy.stats import binomtest, norm
+
+from smear.config_models import Flags, Guard, ReportSection
 
 from smear.types import (
     FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
     Differential, Share, SlideReport,
 )
 
-DEFAULT_REPORT = {"confidence": 0.95, "ci_method": "wilson", "min_wbc": 100, "target_halfwidth_pct": 5.0}
 APART = ("ERB", "PLATELET")  # counted, but outside the WBC percentages
 GROUPS_APART = ("erythroblast", "platelet")
 
@@ -34,7 +33,7 @@ def cells_needed(pcts: list[float], halfwidth_pct: float, confidence: float) -> 
 
 
 def _shares(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ...], n: int,
-            rcfg: dict[str, Any]) -> dict[str, Share]:
+            rcfg: ReportSection) -> dict[str, Share]:
     """Each name's Share of ``n`` WBCs (no counts: the slide was not classified)."""
     out: dict[str, Share] = {}
     for name in names:
@@ -42,12 +41,12 @@ def _shares(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ..
         if name in apart or n == 0 or k is None:
             out[name] = Share(k)
             continue
-        low, high = proportion_ci(k, n, rcfg["confidence"], rcfg["ci_method"])
+        low, high = proportion_ci(k, n, rcfg.confidence, rcfg.ci_method)
         out[name] = Share(k, round(100.0 * k / n, 2), round(low, 2), round(high, 2))
     return out
 
 
-def evaluate_flags(d: Differential, fcfg: dict[str, float], min_wbc: int) -> list[str]:
+def evaluate_flags(d: Differential, fcfg: Flags, min_wbc: int) -> list[str]:
     """Review prompts from a slide's differential and the flag thresholds."""
     if not d.classified:
         return []
@@ -60,47 +59,49 @@ def evaluate_flags(d: Differential, fcfg: dict[str, float], min_wbc: int) -> lis
     if n == 0:
         return flags
     checks = [
-        (ig > fcfg["ig_present_pct"], f"immature granulocytes present ({ig:.1f}%)"),
-        (pct("BNE") + ig > fcfg["left_shift_pct"], f"left shift (bands + IG {pct('BNE') + ig:.1f}%)"),
-        ((d.nrbc_per_100_wbc or 0) > fcfg["nrbc_present_per_100_wbc"],
+        (ig > fcfg.ig_present_pct, f"immature granulocytes present ({ig:.1f}%)"),
+        (pct("BNE") + ig > fcfg.left_shift_pct, f"left shift (bands + IG {pct('BNE') + ig:.1f}%)"),
+        ((d.nrbc_per_100_wbc or 0) > fcfg.nrbc_present_per_100_wbc,
          f"NRBC present ({d.nrbc_per_100_wbc} per 100 WBC)"),
-        (pct("EO") > fcfg["eosinophilia_pct"], f"eosinophilia ({pct('EO'):.1f}%)"),
-        (pct("BA") > fcfg["basophilia_pct"], f"basophilia ({pct('BA'):.1f}%)"),
-        (pct("MO") > fcfg["monocytosis_pct"], f"monocytosis ({pct('MO'):.1f}%)"),
-        (pct("LY") > fcfg["lymphocytosis_pct"], f"lymphocytosis ({pct('LY'):.1f}%)"),
-        (pct("LY") < fcfg["lymphopenia_pct"], f"lymphopenia ({pct('LY'):.1f}%)"),
+        (pct("EO") > fcfg.eosinophilia_pct, f"eosinophilia ({pct('EO'):.1f}%)"),
+        (pct("BA") > fcfg.basophilia_pct, f"basophilia ({pct('BA'):.1f}%)"),
+        (pct("MO") > fcfg.monocytosis_pct, f"monocytosis ({pct('MO'):.1f}%)"),
+        (pct("LY") > fcfg.lymphocytosis_pct, f"lymphocytosis ({pct('LY'):.1f}%)"),
+        (pct("LY") < fcfg.lymphopenia_pct, f"lymphopenia ({pct('LY'):.1f}%)"),
     ]
     return flags + [text + ": review" for hit, text in checks if hit]
 
 
-DEFAULT_GUARD = {"max_novel_share": 0.25, "min_scored": 10, "max_nrbc_per_100_wbc": 200.0,
-                 "max_wbc_per_rbc": 0.5, "min_rbc": 50}
 ADVICE = ("results are unreliable for this stain or scanner: review every cell, and adapt the "
           "classifier on this lab's own labelled cells (smear train classify --set model.init=<model folder>)")
 
 
-def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: dict[str, Any]) -> list[str]:
+def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: Guard) -> list[str]:
     """The domain guard: warnings that the slide is unlike the training data, or that its counts
     are ones a smear cannot have (red cells taken for white cells, most often)."""
     out = []
-    if n_scored >= gcfg["min_scored"] and n_novel / n_scored > gcfg["max_novel_share"]:
+    if n_scored >= gcfg.min_scored and n_novel / n_scored > gcfg.max_novel_share:
         out.append(f"unlike the training data: {n_novel} of {n_scored} WBCs ({100.0 * n_novel / n_scored:.0f}%) are "
                    f"unlike every class the classifier was trained on; {ADVICE}")
     nrbc = d.nrbc_per_100_wbc
-    if nrbc is not None and nrbc > gcfg["max_nrbc_per_100_wbc"]:
-        out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg['max_nrbc_per_100_wbc']:g}); red cells "
+    if nrbc is not None and nrbc > gcfg.max_nrbc_per_100_wbc:
+        out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg.max_nrbc_per_100_wbc:g}); red cells "
                    f"are likely being counted as nucleated cells; {ADVICE}")
     n_rbc, n_wbc = d.n_rbc or 0, d.n_wbc_detected or 0
-    if n_rbc >= gcfg["min_rbc"] and n_wbc / n_rbc > gcfg["max_wbc_per_rbc"]:
+    if n_rbc >= gcfg.min_rbc and n_wbc / n_rbc > gcfg.max_wbc_per_rbc:
         out.append(f"implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
                    f"the detector is likely taking red cells for white cells on this stain; {ADVICE}")
     return out
 
 
-def differential(report: SlideReport, rcfg: dict[str, Any] | None = None,
-                 fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> Differential:
-    """The slide's Differential under the report, flag and guard settings of the pipeline config."""
-    rcfg = {**DEFAULT_REPORT, **(rcfg or {})}
+def differential(report: SlideReport, rcfg: ReportSection | None = None,
+                 fcfg: Flags | None = None, gcfg: Guard | None = None) -> Differential:
+    """The slide's Differential under the report, flag and guard settings of the pipeline config
+    (None: the shipped report and guard settings, and no flags)."""
+    from smear.config import default_config
+
+    shipped = default_config("pipeline")
+    rcfg, gcfg = rcfg or shipped.report, gcfg or shipped.guard
     n_rbc, n_plt = report.count(CellKind.RBC), report.count(CellKind.PLATELET)
     n_fields = report.n_fields
     counts = report.label_counts() if report.classified else {}
@@ -111,7 +112,7 @@ def differential(report: SlideReport, rcfg: dict[str, Any] | None = None,
     fine = _shares(counts, FINE_CLASSES, APART, n_for_pct, rcfg)
     n_platelet = n_plt + counts.get("PLATELET", 0)
     pcts = [fine[c].pct for c in WBC_CLASSES if fine[c].pct is not None]
-    needed = cells_needed(pcts, rcfg["target_halfwidth_pct"], rcfg["confidence"])
+    needed = cells_needed(pcts, rcfg.target_halfwidth_pct, rcfg.confidence)
     n_scored, n_novel = report.novelty_counts()
     d = Differential(
         slide=report.slide, n_fields=n_fields, n_wbc=n_wbc,
@@ -124,19 +125,15 @@ def differential(report: SlideReport, rcfg: dict[str, Any] | None = None,
         platelets_per_100_rbc=round(100.0 * n_platelet / n_rbc, 2) if n_rbc else None,
         n_skipped=len(report.skipped), n_wbc_detected=report.count(CellKind.WBC),
         wbc_needed=needed if report.classified else None,
-        novel_share=round(n_novel / n_scored, 4) if n_scored else None, classified=report.classified)
+        novel_share=round(n_novel / n_scored, 4) if n_scored else None, classified=report.classified,
+        whole_slide=report.whole_slide)
     warnings = []
-    if report.classified and n_wbc < rcfg["min_wbc"]:
-        warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg['min_wbc']}); "
-                        f"+/-{rcfg['target_halfwidth_pct']:g} points at {rcfg['confidence']:.0%} needs about"
+    if report.classified and n_wbc < rcfg.min_wbc:
+        warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg.min_wbc}); "
+                        f"+/-{rcfg.target_halfwidth_pct:g} points at {rcfg.confidence:.0%} needs about"
                         f" {needed} WBCs")
     return dataclasses.replace(
-        d, domain_warnings=tuple(domain_warnings(d, n_scored, n_novel, {**DEFAULT_GUARD, **(gcfg or {})})),
-        warnings=tuple(warnings), flags=tuple(evaluate_flags(d, fcfg, rcfg["min_wbc"]) if fcfg else ()))
+        d, domain_warnings=tuple(domain_warnings(d, n_scored, n_novel, gcfg)),
+        warnings=tuple(warnings), flags=tuple(evaluate_flags(d, fcfg, rcfg.min_wbc) if fcfg else ()))
 
 
-def summarize(report: SlideReport, rcfg: dict[str, Any] | None = None,
-              fcfg: dict[str, float] | None = None, gcfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The slide's summary row (``differential(...).row()``): the CSV columns, in order, plus
-    'classified', 'flags', 'warnings' and 'domain_warnings' (the guard's, shown first by every report)."""
-    return differential(report, rcfg, fcfg, gcfg).row()

@@ -19,11 +19,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
+from smear.config_models import SegmentData
 from smear.crops import cut_crop, pad_value
 from smear.io import image_pixels, list_images, read_image, read_voc_xml
 from smear.types import DataError, ImageReadError
@@ -213,38 +213,38 @@ def names_in(folder: str | Path | None) -> set[str] | None:
     return {p.stem for p in list_images(folder)}
 
 
-def load_parts(d: dict[str, Any], margin: float, size: int | None, log: Callable[[str], None] | None = None,
+def load_parts(d: SegmentData, margin: float, size: int | None, log: Callable[[str], None] | None = None,
                skipped: list[str] | None = None) -> dict[str, list[SegItem]]:
     """train / val / test items of every source named by a ``data:`` config section (the holdout
     source: all in test), cut ``margin`` x the cell box at ``size`` px (``None``: native). Images
     that cannot be read are skipped, logged and added to ``skipped``."""
     log = log or (lambda _m: None)
     skipped = [] if skipped is None else skipped
-    root = Path(os.path.expanduser(str(d["root"])))
+    root = Path(os.path.expanduser(str(d.root)))
     sources = find_sources(root)
-    if d["sources"]:
-        wanted = set(d["sources"]) | ({d["holdout"]} if d["holdout"] else set())
+    if d.sources:
+        wanted = set(d.sources) | ({d.holdout} if d.holdout else set())
         unknown = wanted - {s.name for s in sources}
         if unknown:
             raise DataError(f"{root}: no source {', '.join(sorted(unknown))}",
                             hint=f"sources here: {', '.join(s.name for s in sources)}")
         sources = [s for s in sources if s.name in wanted]
-    if d["holdout"] and d["holdout"] not in {s.name for s in sources}:
-        raise DataError(f"{root}: holdout source {d['holdout']!r} not found")
-    test_fields = names_in(os.path.expanduser(str(d["test_fields"]))) if d["test_fields"] else None
-    boxes = os.path.expanduser(str(d["boxes_root"])) if d["boxes_root"] else None
+    if d.holdout and d.holdout not in {s.name for s in sources}:
+        raise DataError(f"{root}: holdout source {d.holdout!r} not found")
+    test_fields = names_in(os.path.expanduser(str(d.test_fields))) if d.test_fields else None
+    boxes = os.path.expanduser(str(d.boxes_root)) if d.boxes_root else None
     parts: dict[str, list[SegItem]] = {"train": [], "val": [], "test": []}
     for src in sources:
         before = len(skipped)
         items = load_source(src, margin, size, boxes, skipped=skipped)
         for reason in skipped[before:]:
             log(f"warning: skipped {reason}")
-        if src.name == d["holdout"]:
+        if src.name == d.holdout:
             parts["test"] += items
             log(f"data: {src.name}: {len(items)} crops, all held out for test")
             continue
         nucleus_only = not items[0].has_cell_labels
-        split = assign_parts(items, float(d["val_fraction"]), float(d["test_fraction"]), int(d["split_seed"]),
+        split = assign_parts(items, float(d.val_fraction), float(d.test_fraction), int(d.split_seed),
                              test_fields if nucleus_only else None)
         for k in parts:
             parts[k] += split[k]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from smear.config_models import SegmentData
 from smear.segment.data import IGNORE, NUCLEUS, SegItem, load_parts
 from smear.types import DataError, Segmenter
 
@@ -84,16 +85,15 @@ def summary_line(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def evaluate_path(segmenter: Segmenter, data: str | Path, data_cfg: dict[str, Any], part: str = "all",
+def evaluate_path(segmenter: Segmenter, data: str | Path, data_cfg: SegmentData, part: str = "all",
                   margin: float = 1.3, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score a segmenter on a source folder (or a folder of sources): crops cut ``margin`` x each
     cell's box at native size. ``part``: all, or train / val / test of the split ``data_cfg`` defines
     (seeded fractions; nucleus-only sources: the ``test_fields`` list)."""
     if part not in ("all", "train", "val", "test"):
         raise ValueError(f"part must be all, train, val or test, not {part!r}")
-    d = {**data_cfg, "root": str(data), "sources": None, "holdout": None}
-    if part == "all":
-        d["test_fields"] = None
+    d = data_cfg.model_copy(update={"root": str(data), "sources": None, "holdout": None,
+                                    **({"test_fields": None} if part == "all" else {})})
     skipped: list[str] = []
     parts = load_parts(d, margin, None, log, skipped)
     items = [*parts["train"], *parts["val"], *parts["test"]] if part == "all" else parts[part]

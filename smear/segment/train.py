@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smear.config_models import SegmentConfig
 from smear.artifacts import save_model_dir
 from smear.io import write_text_atomic
 from smear.nn import loop
@@ -85,35 +85,35 @@ def _centre(a: np.ndarray, size: int) -> np.ndarray:
 
 
 @loop.removes_failed_run
-def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info,
+def train(cfg: SegmentConfig, out: str | Path, resume: bool = False, log: Callable[[str], None] = _log.info,
           on_batch: loop.OnBatch | None = None) -> Path:
     """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it.
     ``on_batch(epoch, done, total)`` follows each epoch."""
-    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    m, d, t = cfg.model, cfg.data, cfg.train
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
     device, threads = run.setup(t)
-    size, margin, pad = int(m["input_size"]), float(m["crop_margin"]), float(d["cache_pad"])
+    size, margin, pad = int(m.input_size), float(m.crop_margin), float(d.cache_pad)
     if size % 32:
         raise SmearError(f"model.input_size {size} is not a multiple of 32 (the U-Net's stride)")
     wide = int(round(size * pad / 2)) * 2  # even, so the central size square is exact
-    log(f"segment: {m['arch']} / {m['encoder']} at {size} px on {device} ({threads} threads)")
+    log(f"segment: {m.arch} / {m.encoder} at {size} px on {device} ({threads} threads)")
     parts = sdata.load_parts(d, margin * wide / size, wide, log)
     train_items, val_items = parts["train"], parts["val"]
     if not train_items or not val_items:
-        raise SmearError(f"{d['root']}: {len(train_items)} training and {len(val_items)} validation crops")
+        raise SmearError(f"{d.root}: {len(train_items)} training and {len(val_items)} validation crops")
     x_train = np.stack([it.image for it in train_items])
     y_train = np.stack([it.mask for it in train_items])
     x_val = np.stack([it.image for it in val_items])
     y_val = _centre(np.stack([it.mask for it in val_items]), size)
     mean, std = channel_stats(_centre(x_train, size))
-    model = build_unet(m["encoder"], m["decoder_channels"], m["arch"]).to(device)
+    model = build_unet(m.encoder, m.decoder_channels, m.arch).to(device)
     norm = Normalize(mean, std).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
-    batch = int(t["batch"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
+    batch = int(t.batch)
     steps = max(1, len(train_items) // batch)
-    scheduler = warmup_cosine(optimizer, int(round(float(t["warmup_epochs"]) * steps)), int(t["epochs"]) * steps)
-    augment = BatchAugment(size, t["augment"], seed=int(t["seed"]))
+    scheduler = warmup_cosine(optimizer, int(round(float(t.warmup_epochs) * steps)), int(t.epochs) * steps)
+    augment = BatchAugment(size, t.augment, seed=int(t.seed))
     start, best, best_epoch, wall0 = 1, -1.0, 0, 0.0
     ck = run.resume(model, optimizer, scheduler, augment) if resume else None
     if ck is not None:
@@ -121,7 +121,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
         log(f"resume: from epoch {ck['epoch']} (best val score {best:.4f} at epoch {best_epoch})")
     t0, max_s = loop.clock(t, wall0)
     has_cell = [it.has_cell_labels for it in val_items]
-    dice_weight = float(t["dice_weight"])
+    dice_weight = float(t.dice_weight)
 
     def make(idx: np.ndarray):
         return augment.pairs(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
@@ -130,10 +130,10 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
         x, y = item
         return seg_loss(model(norm(x.to(device))), y.to(device), dice_weight)
 
-    for epoch in range(start, int(t["epochs"]) + 1):
+    for epoch in range(start, int(t.epochs) + 1):
         if loop.out_of_time(t0, max_s, t, log):
             break
-        order = np.random.default_rng([int(t["seed"]), epoch]).permutation(len(train_items))
+        order = np.random.default_rng([int(t.seed), epoch]).permutation(len(train_items))
         stats = loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
                                      epoch, on_batch=on_batch)
         pred = _predict(model, norm, x_val, size, batch, device)
@@ -159,13 +159,13 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
     save_weights(model, model_dir / WEIGHTS)
     meta = {
         "stage": "segment", "weights": WEIGHTS, "trained": date.today().isoformat(), "classes": list(LABELS),
-        "arch": m["arch"], "encoder": m["encoder"],
-        "decoder_channels": list(m["decoder_channels"]), "input_size": size, "crop_margin": margin,
+        "arch": m.arch, "encoder": m.encoder,
+        "decoder_channels": list(m.decoder_channels), "input_size": size, "crop_margin": margin,
         "crop": "square of side = long side of the WBC box x crop_margin (smear.crops.cut_crop), resized to "
                 "input_size; the mask comes back at the crop's size",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
         "training": {"best_epoch": best_epoch, "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
-                     "n_train": len(train_items), "n_val": len(val_items), "holdout": d["holdout"]},
+                     "n_train": len(train_items), "n_val": len(val_items), "holdout": d.holdout},
     }
     save_model_dir(model_dir, meta, cfg)
     seg = UnetSegmenter.from_dir(model_dir, device=str(device))
@@ -173,7 +173,7 @@ def train(cfg: dict[str, Any], out: str | Path, resume: bool = False, log: Calla
     metrics = evaluate_segmenter(seg, test_items) if test_items else {}
     if metrics:
         log(f"test (native-size crops): {summary_line(metrics)}")
-    meta["metrics"] = {"split": "test" + (f" (holdout source {d['holdout']})" if d["holdout"] else ""),
+    meta["metrics"] = {"split": "test" + (f" (holdout source {d.holdout})" if d.holdout else ""),
                        "test": metrics}
     save_model_dir(model_dir, meta, cfg)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
