@@ -81,7 +81,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except (UnidentifiedImageError, ImportError) as exc:
         # ImportError: ultralytics patches Image.open to try an optional HEIF plugin on unknown files
-        raise ImageReadError(f"{path}: not an image in a format smear reads (JPEG, PNG, BMP, TIFF, WebP)") from exc
+        raise ImageReadError(f"{path}: not a readable image file (smear reads JPEG, PNG, BMP, TIFF and WebP only)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: image is over the limit of {max_pixels} pixels ({exc})",
                              hint="raise io.max_pixels in the pipeline config") from exc

@@ -17,15 +17,15 @@ def _truncate(path: Path, source: Path) -> None:
 
 @pytest.mark.slow
 def test_truncated_cached_onnx_files_are_made_again(tmp_path, monkeypatch):
-    from smear.artifacts import load_meta, model_version, shipped_dir
+    from smear.artifacts import files_version, load_meta, shipped_dir
     from smear.nn.onnx import check_onnx, onnx_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     slide(tmp_path / "s", seeds=(1,))
     det, clf = shipped_dir("detector"), shipped_dir("classifier")
     infer = load_meta(det)["infer"]
-    cut = [onnx_cache_dir() / f"detect-{model_version(det)}-{infer['imgsz']}px-b{infer['batch']}.onnx"]
-    cut += [onnx_cache_dir() / f"{stage}-{model_version(clf)}.onnx" for stage in ("classify", "classify-feat")]
+    cut = [onnx_cache_dir() / f"detect-{files_version(det)}-{infer['imgsz']}px-b{infer['batch']}.onnx"]
+    cut += [onnx_cache_dir() / f"{stage}-{files_version(clf)}.onnx" for stage in ("classify", "classify-feat")]
     for path in cut:
         _truncate(path, clf / "model.safetensors")
     res = runner.invoke(app, ["run", str(tmp_path / "s"), "--report", "csv", "--set", "runtime=onnx",

@@ -23,7 +23,7 @@ def infer_defaults() -> dict[str, Any]:
 
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
-    """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
+    """The folder's ``model.onnx``, or one exported from its weights into the cache on first use."""
     from smear.artifacts import files_version
     from smear.detect.network import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
