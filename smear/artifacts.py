@@ -246,14 +246,15 @@ ONNX_FILE = "model.onnx"
 
 def runtime_files(model_dir: str | Path) -> list[Path]:
     """Every file of a model folder that decides what it computes: meta.json, the weights, the
-    detector's network YAML, the novelty statistics and ``model.onnx`` (which ``runtime: onnx`` runs
+    detector's network YAML, the novelty and slide-guard statistics and ``model.onnx`` (which ``runtime: onnx`` runs
     instead of the weights), those that exist."""
     model_dir = Path(model_dir)
     meta = load_meta(model_dir)
     names = [META, str(meta["weights"]), str(meta.get("network") or ""), ONNX_FILE]
-    novelty = meta.get("novelty")
-    if isinstance(novelty, Mapping) and novelty.get("file"):
-        names.append(str(novelty["file"]))
+    for key in ("novelty", "guard"):  # the novelty statistics and the slide guard's
+        part = meta.get(key)
+        if isinstance(part, Mapping) and part.get("file"):
+            names.append(str(part["file"]))
     return [model_dir / n for n in dict.fromkeys(names) if n and (model_dir / n).is_file()]
 
 

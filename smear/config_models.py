@@ -82,7 +82,22 @@ class ReportSection(Section):
     signoff_requires_review: bool
 
 
+class Implausible(Section):
+    """A differential almost no blood has (smear.report.summary.implausible_differential)."""
+
+    eosinophil_pct: float
+    eosinophil_neutrophil_max_pct: float
+    basophil_pct: float
+    promyelocyte_pct: float
+    monocyte_pct: float
+    nrbc_per_100_wbc: float
+    nrbc_lymphocyte_max_pct: float
+
+
 class Guard(Section):
+    max_domain_score: Annotated[float, Field(gt=0.0)]
+    min_cells: int
+    implausible: Implausible
     max_novel_share: float
     min_scored: int
     max_nrbc_per_100_wbc: float
@@ -134,7 +149,8 @@ class PipelineConfig(Section):
     classifier: Annotated[Literal["off", "cnn"], BeforeValidator(_word)]
     classifier_model: str
     device: Device
-    runtime: Literal["onnx", "torch"]
+    runtime: Literal["onnx", "onnx-int8", "openvino", "openvino-int8", "torch"]
+    calibration_data: str  # auto | a folder laid out as ../shared/data (the INT8 runtimes' training data)
     review_threshold: Fraction
     classify_batch: Annotated[int, Field(gt=0)]
     classify_tta: Optional[Annotated[int, Field(ge=1, le=8)]]

@@ -62,7 +62,7 @@ def run(
     from smear.config import load_config
     from smear.io import check_outputs, find_slides, write_text_atomic
     from smear.cli.render import render_summary
-    from smear.pipeline.build import build_cache, build_stages
+    from smear.pipeline.build import build_cache, build_stages, guard_notice
     from smear.report import tables as rep
 
     if engine == EngineName.local and (address is not None or workers is not None or gpus_per_worker is not None):
@@ -81,10 +81,9 @@ def run(
     slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     stages = build_stages(cfg)
-    if stages.classifier is not None and not getattr(stages.classifier, "has_novelty", True):
-        warn(f"{cfg.classifier_model}: the classifier model folder has no novelty score, so the domain guard "
-             "is off (novel_share stays empty); refit it with `smear train novelty`, or adapt again with "
-             "`smear adapt` (it keeps the source's guard)")
+    notice = guard_notice(cfg, stages)
+    if notice:
+        warn(notice)
     cache = build_cache(cfg, stages.version, warn=warn)
     with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
         reports, finished = _run_slides(slides, stages, cfg, cache, resume, cells,

@@ -15,7 +15,7 @@ from smear.pipeline.cache import FieldCache
 from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
-    MaskStats, Segmenter, SkippedField, SlideReport, SmearError, Tally,
+    GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, SmearError, Tally,
 )
 
 
@@ -41,13 +41,19 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
-def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None]]:
-    """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio."""
-    if hasattr(clf, "predict") and getattr(clf, "has_novelty", False):
-        probs, ratio = clf.predict(crops)
-        return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
-                [float(r) for r in ratio] if ratio is not None else [None] * len(crops))
-    return clf.classify(crops), [None] * len(crops)
+def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None], list[tuple[float, ...] | None]]:
+    """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio
+    and (with a fitted slide guard) its guard vector."""
+    none = [None] * len(crops)
+    if not getattr(clf, "has_novelty", False):
+        return clf.classify(crops), none, none
+    if hasattr(clf, "predict_cells"):
+        probs, ratio, vectors = clf.predict_cells(crops)
+    else:
+        (probs, ratio), vectors = clf.predict(crops), None
+    return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
+            [float(r) for r in ratio] if ratio is not None else none,
+            [tuple(float(x) for x in v) for v in vectors] if vectors is not None else none)
 
 
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
@@ -86,20 +92,21 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
         inputs = crops
         if stages.mask_background and seg is not None:
             inputs = [paint_background(c, m, f) for c, m, f in zip(crops, masks, fills)]
-        probs, novelty = [], []
+        probs, novelty, guard = [], [], []
         for i in range(0, len(inputs), stages.classify_batch):
-            got, nov = _classify(clf, inputs[i:i + stages.classify_batch])
+            got, nov, gv = _classify(clf, inputs[i:i + stages.classify_batch])
             probs += got
             novelty += nov
+            guard += gv
     else:
-        novelty = [None] * len(crops)
+        novelty = guard = [None] * len(crops)
     cells: list[list[CellPrediction]] = [[] for _ in images]
-    for k, det, p, m, side, nv in zip(owners, wbcs, probs, masks, sides, novelty):
+    for k, det, p, m, side, nv, gv in zip(owners, wbcs, probs, masks, sides, novelty, guard):
         label, top = _label(p, stages.review_threshold) if p is not None else ("", 0.0)
         if nv is not None and nv > 1.0:
             label = UNIDENTIFIED  # unlike every class the model was trained on: a person looks
         stats = _mask_stats(m, side) if m is not None else None
-        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv))
+        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv, gv))
     return [tuple(c) for c in cells]
 
 
@@ -178,21 +185,26 @@ def iter_field_results(
         emitted += 1
 
 
-def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool,
+def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classifier,
             on_field: Callable[[FieldResult | SkippedField], None] | None, keep_fields: bool) -> SlideReport:
-    """A slide's field results, in order, aggregated into its SlideReport."""
-    fields, skipped, tally = [], [], Tally()
+    """A slide's field results, in order, aggregated into its SlideReport, with the slide guard's
+    evidence when the classifier has a fitted guard."""
+    fields, skipped, tally, sums = [], [], Tally(), GuardSums()
     for item in items:
         if isinstance(item, SkippedField):
             skipped.append(item)
         else:
             tally.add(item)
+            for cell in item.cells:
+                sums.add(cell)
             if keep_fields:
                 fields.append(item)
         if on_field:
             on_field(item)
-    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classified,
-                       tally=None if keep_fields else tally)
+    guard = getattr(classifier, "guard", None)
+    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classifier is not None,
+                       tally=None if keep_fields else tally,
+                       evidence=guard.evidence(sums) if guard is not None else {})
 
 
 def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
@@ -201,7 +213,7 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
     """All fields of one slide through the stages, aggregated into a SlideReport. With
     ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
     ``on_field`` still sees every result as it is made."""
-    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume), stages.classifier is not None,
+    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume), stages.classifier,
                    on_field, keep_fields)
 
 
@@ -231,7 +243,7 @@ def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_00
                     on_field(_name, item)
             items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
                      else itertools.islice(stream, len(slide.fields)))
-            reports.append(_gather(slide, items, stages.classifier is not None, each, keep_fields))
+            reports.append(_gather(slide, items, stages.classifier, each, keep_fields))
     finally:
         if stream is not None:
             stream.close()  # a run stopped early stops the engine's work too

@@ -59,7 +59,7 @@ class UnetSegmenter:
             return load_weights(model, meta.weights_path)
 
         net = load_network(model_dir, "segment", torch_model, runtime)
-        return cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch)
+        return cls(net, meta, device="cpu" if runtime != "torch" else device, batch=batch)
 
     @torch.no_grad()
     def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
