@@ -86,9 +86,9 @@ def run(
         warn(notice)
     cache = build_cache(cfg, stages.version, warn=warn)
     with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
-        reports = _run_slides(slides, stages, cfg, cache, resume, cells,
-                              keep=report in (ReportFormat.json, ReportFormat.html), engine=eng,
-                              whole=whole.options(cfg, target_wbc, all_tiles, out, cells))
+        reports, finished = _run_slides(slides, stages, cfg, cache, resume, cells,
+                                        keep=report in (ReportFormat.json, ReportFormat.html), engine=eng,
+                                        whole=whole.options(cfg, target_wbc, all_tiles, out, cells))
     diffs = rep.differentials(reports, cfg)
     rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
     for d in diffs:
@@ -118,8 +118,9 @@ def run(
         try:
             write_text_atomic(out, text)
         except OSError as exc:
+            total = sum(len(sl.fields) for sl in slides)
             raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})",
-                             hint=_KEPT_HINT if cache is not None else "") from exc
+                             hint=_kept_hint(finished, total) if cache is not None else "") from exc
     elif text is not None:
         sys.stdout.write(text)
 
@@ -128,7 +129,10 @@ def _stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-_KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"
+def _kept_hint(finished: int, total: int) -> str:
+    """The --resume hint after a failed write: how many fields' results the cache holds."""
+    return (f"{finished} of {total} fields finished and their results are in the cache: fix the cause and "
+            "rerun with --resume to skip them")
 
 
 def _engine(name: EngineName, cfg, stages, cache, address, workers, gpus_per_worker):
@@ -143,14 +147,16 @@ def _engine(name: EngineName, cfg, stages, cache, address, workers, gpus_per_wor
 
 
 def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool, engine=None,
-                whole=None) -> list:
+                whole=None) -> tuple[list, int]:
     """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish; then the
-    whole-slide files (``whole``: smear.cli.wsi.WholeSlideRun), tile by tile."""
+    whole-slide files (``whole``: smear.cli.wsi.WholeSlideRun), tile by tile. The reports, and the
+    number of fields whose result was made (and cached)."""
     from smear.cli.render import progress
     from smear.pipeline.run import run_slides
     from smear.report import tables as rep
 
     n_fields = sum(len(s.fields) for s in slides)
+    finished = [0]  # fields whose result is made (and cached): what a --resume after a failure skips
     writer = None
     try:
         if cells is not None:
@@ -160,8 +166,10 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
                 if hasattr(item, "reason"):
                     if n_fields > 1:
                         warn(f"skipped {item.reason}")
-                elif writer is not None:
-                    writer.write(slide_name, item)
+                else:
+                    finished[0] += 1
+                    if writer is not None:
+                        writer.write(slide_name, item)
                 advance()
             reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields=keep,
                                  engine=engine) if slides else []
@@ -175,9 +183,9 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
         if writer is not None:
             writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
-                         hint=_KEPT_HINT if cache is not None else "") from exc
+                         hint=_kept_hint(finished[0], n_fields) if cache is not None else "") from exc
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    return reports
+    return reports, finished[0]

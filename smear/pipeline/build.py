@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.artifacts import META, file_sha256, model_version, resolve_model_dir
+from smear.artifacts import META, ONNX_FILE, file_sha256, files_version, model_version, resolve_model_dir
 from smear.config_models import PipelineConfig
+from smear.io import pixel_budget
 from smear.pipeline.run import Stages
 from smear.types import Detector, ModelError, Segmenter
 
@@ -171,22 +172,28 @@ def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
 
 def stages_version(cfg: PipelineConfig) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
-    each model folder's weights and meta.json (its thresholds, temperature, crop geometry)."""
+    each model folder's files that run (weights, model.onnx, network YAML, novelty statistics, and
+    meta.json: its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
     parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
     for key, _name, model_dir in models_in_use(cfg):
-        parts[key] = [model_version(model_dir), file_sha256(Path(model_dir) / META)[:12]]
+        parts[key] = files_version(model_dir)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
-    hash), the settings that change results and the run id (the page adds smear's version and the date)."""
-    models = [{"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
-               "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12]}
-              for _key, name, model_dir in models_in_use(cfg)]
+    hash, model.onnx hash where it has one, and the hash of all its files that run), the settings
+    that change results and the run id (the page adds smear's version and the date)."""
+    models = []
+    for _key, name, model_dir in models_in_use(cfg):
+        onnx = Path(model_dir) / ONNX_FILE
+        models.append({"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
+                       "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12],
+                       "onnx": file_sha256(onnx)[:12] if onnx.is_file() else "",
+                       "files": files_version(model_dir)})
     settings = result_settings(cfg)
     settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
@@ -211,7 +218,8 @@ def build_stages(cfg: PipelineConfig) -> Stages:
             calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
     return Stages(detector=build_detector(cfg, warned), classifier=classifier, segmenter=build_segmenter(cfg, warned),
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
-                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg))
+                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg),
+                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
 
 
 def guard_notice(cfg: PipelineConfig, stages: Stages) -> str | None:

@@ -39,12 +39,13 @@ def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: 
             shutil.copyfile(src, dest)
     meta = load_meta(out)
     if stage == "detector":
-        from smear.detect.ultra import export_onnx
+        from smear.detect.network import export_onnx
 
         from smear.detect.yolo import infer_defaults
 
         infer = infer_defaults() | meta.get("infer", {})
-        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]))
+        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]),
+                    classes=meta["classes"])
     elif stage == "classifier":
         from smear.classify.model import CnnClassifier
 
