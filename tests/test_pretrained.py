@@ -112,3 +112,25 @@ def test_colour_breaking_keys_are_augment_settings():
     out = aug(batch)
     assert out.shape == (4, 3, 16, 16) and torch.isfinite(out).all()
     assert to_float(batch).shape == (4, 3, 20, 20)
+
+
+def test_shipped_weights_stay_within_the_package_budget():
+    from smear.artifacts import shipped_dir
+
+    total = sum(p.stat().st_size for p in shipped_dir("").rglob("*") if p.is_file())
+    assert total <= 40 * 1024 * 1024, f"shipped weights {total / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_shipped_lite0_runs_alike_under_torch_and_onnx(tmp_path, monkeypatch):
+    from smear.artifacts import shipped_dir
+    from smear.classify.model import CnnClassifier
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 255, (100, 100, 3), dtype=np.uint8) for _ in range(4)]
+    folder = shipped_dir("classifier_lite0")
+    p_t, n_t = CnnClassifier.from_dir(folder, device="cpu", runtime="torch").predict(crops)
+    p_o, n_o = CnnClassifier.from_dir(folder, device="cpu", runtime="onnx").predict(crops)
+    assert p_t.shape == (4, 11) and n_t is not None
+    assert np.allclose(p_t, p_o, atol=1e-3) and np.allclose(n_t, n_o, rtol=1e-3, atol=1e-3)
