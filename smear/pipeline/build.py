@@ -208,14 +208,15 @@ def build_stages(cfg: PipelineConfig) -> Stages:
         # a device that is not there is said before any stage loads (the other runtimes run on the
         # CPU: auto or cpu needs no check, and no torch import, a second of start-up)
         resolve_device(str(cfg.device))
+    # the INT8 runtimes quantise the detector only: an INT8 classifier failed its gates (ECE, the
+    # novelty score held every cell) and ran no faster (README, Runtimes); it runs fp32 on the same engine
     classifier, warned = None, set()  # a fallback's warning said once for all three stages
     if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
             resolve_model_dir(cfg.classifier_model, "classifier"), device=cfg.device,
-            batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta,
-            calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
+            batch=cfg.classify_batch, runtime=rt.removesuffix("-int8"), tta=cfg.classify_tta), warned)
     return Stages(detector=build_detector(cfg, warned), classifier=classifier, segmenter=build_segmenter(cfg, warned),
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg),
