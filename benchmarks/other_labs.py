@@ -71,7 +71,8 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
 
             clf.model.load_state_dict(state)
             adapt_batchnorm(clf, list(crops))
-        probs, ratio = clf.predict(list(crops))
+        scores = clf.classify(list(crops))
+        probs, ratio = scores.probs, scores.novelty
         held = None if ratio is None else ratio > 1.0
         rows[name] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     clf.model.load_state_dict(state)

@@ -58,8 +58,8 @@ def naive(paths: list[Path]) -> float:
     model = yolo(det_dir / "detector.pt")
     imgsz = int(load_meta(det_dir)["infer"]["imgsz"])
     clf = CnnClassifier.from_dir(resolve_model_dir("shipped", "classifier"), device="cpu")
-    mean = torch.tensor(clf.meta["normalize"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(clf.meta["normalize"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(clf.meta.normalize["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(clf.meta.normalize["std"]).view(1, 3, 1, 1)
     model.predict(str(paths[0]), imgsz=imgsz, verbose=False)  # warm-up
     set_threads()
     start = time.perf_counter()

@@ -63,49 +63,81 @@ def load_meta(model_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ModelMeta(Mapping):
-    """A model folder's meta.json, checked and frozen (as timm's ``PretrainedCfg``): the stage, the
-    weights file, the class names in order, and every other key (input size, normalisation, crop
-    geometry, thresholds, metrics) read like a mapping, ``meta["input_size"]``."""
+class ModelMeta:
+    """A model folder's meta.json, read and checked once (as timm's ``PretrainedCfg``): the stage,
+    the weights file, the class names in order, the input and crop geometry, the normalisation, the
+    tuned thresholds and temperature, and the hashes that identify the folder. ``raw`` is meta.json
+    as written (metrics, data, training), for what shows or edits it."""
 
     folder: Path
     stage: str
     weights: str
     classes: tuple[str, ...]
+    version: str = ""    # SHA-256 of the weights, first 12 hex digits: keys caches and reports ("": not saved)
+    meta_hash: str = ""  # SHA-256 of meta.json, first 12 hex digits: its thresholds and temperature count too
+    input_size: int | None = None
+    crop_margin: float | None = None
+    normalize: Mapping[str, Any] | None = None  # {"mean": [...], "std": [...]} of RGB in [0, 1]
+    colour_norm: Mapping[str, Any] | None = None
+    arch: str | None = None
+    norm: str = "batch"
+    encoder: str | None = None
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
+    temperature: float = 1.0
+    tta: int = 1
+    novelty: Mapping[str, Any] | None = None
+    infer: Mapping[str, Any] = field(default_factory=dict)
+    trained: str | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.raw[key]
-
-    def __iter__(self):
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
 
     @property
     def weights_path(self) -> Path:
         return self.folder / self.weights
 
-    def as_dict(self) -> dict[str, Any]:
-        """A plain (deep) copy of meta.json's content, to edit and save."""
-        return json.loads(json.dumps(self.raw))
+    @classmethod
+    def of(cls, meta: Mapping[str, Any] | ModelMeta, folder: str | Path = ".", version: str = "",
+           meta_hash: str = "") -> ModelMeta:
+        """The typed meta of a meta.json mapping (a ModelMeta as it is): one in memory, or one read
+        from ``folder`` with its hashes."""
+        if isinstance(meta, ModelMeta):
+            return meta
+
+        def opt(key: str, kind):
+            return None if meta.get(key) is None else kind(meta[key])
+
+        return cls(
+            folder=Path(folder), stage=str(meta.get("stage", "")), weights=str(meta.get("weights", "")),
+            classes=tuple(meta.get("classes", ())), version=version, meta_hash=meta_hash,
+            input_size=opt("input_size", int), crop_margin=opt("crop_margin", float),
+            normalize=meta.get("normalize"), colour_norm=meta.get("colour_norm") or None, arch=meta.get("arch"),
+            norm=str(meta.get("norm", "batch")), encoder=meta.get("encoder"),
+            decoder_channels=tuple(meta.get("decoder_channels", cls.decoder_channels)),
+            temperature=float(meta.get("temperature", 1.0)), tta=int(meta.get("tta", 1)),
+            novelty=meta.get("novelty") or None, infer=dict(meta.get("infer") or {}), trained=meta.get("trained"),
+            raw=meta)
 
 
 _STAGE_WORDS = {"detect": "detector", "segment": "segmenter", "classify": "classifier"}
 
 
-def load_model(model_dir: str | Path, stage: str, required: Iterable[str] = ()) -> ModelMeta:
-    """The checked meta of a model folder of ``stage`` (detect | segment | classify): ModelError
-    naming the folder when it is another stage's or lacks one of the ``required`` keys."""
-    meta = load_meta(model_dir)
+def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable[str] = ()) -> ModelMeta:
+    """The checked, typed meta of a model folder of ``stage`` (detect | segment | classify), read once
+    (a ModelMeta given is checked and returned): ModelError naming the folder when it is another
+    stage's or lacks one of the ``required`` keys."""
+    if isinstance(model_dir, ModelMeta):
+        meta, folder, raw_hash = model_dir.raw, model_dir.folder, model_dir.meta_hash
+    else:
+        meta = load_meta(model_dir)
+        folder, raw_hash = Path(model_dir), file_sha256(Path(model_dir) / META)[:12]
     if meta.get("stage") != stage:
-        raise ModelError(f"{model_dir}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
+        raise ModelError(f"{folder}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
                          f"(stage {meta.get('stage')!r})")
     missing = [k for k in required if k not in meta]
     if missing:
-        raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
-    return ModelMeta(Path(model_dir), meta["stage"], meta["weights"], tuple(meta["classes"]), meta)
+        raise ModelError(f"{folder}/meta.json: missing keys {', '.join(missing)}")
+    if isinstance(model_dir, ModelMeta):
+        return model_dir
+    return ModelMeta.of(meta, folder, version=file_sha256(folder / meta["weights"])[:12], meta_hash=raw_hash)
 
 
 def cache_dir(name: str) -> Path:

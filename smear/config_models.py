@@ -101,7 +101,7 @@ class PipelineConfig(Section):
     detector_model: str
     classical: dict[str, Any]
     wbc_check: WbcCheck
-    segment: Annotated[Literal["off", "unet", "kmeans", "grabcut"], BeforeValidator(_word)]
+    segmenter: Annotated[Literal["off", "unet", "kmeans", "grabcut"], BeforeValidator(_word)]
     segmenter_model: str
     mask_background: bool
     classifier: Annotated[Literal["off", "cnn"], BeforeValidator(_word)]

@@ -335,13 +335,6 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
-def write_bytes_atomic(target: str | Path, data: bytes) -> Path:
-    """Write bytes to ``target`` atomically (temp file + rename)."""
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    return Path(target)
-
-
 def write_image_atomic(target: str | Path, image_rgb: np.ndarray, **save_kwargs) -> Path:
     """Save an RGB uint8 array as an image file atomically; format from the suffix."""
     target = Path(target)

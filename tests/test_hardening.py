@@ -385,7 +385,7 @@ def test_6_a_detector_in_a_format_that_runs_code_is_refused(tmp_path):
 def test_6_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path):
     import torch
 
-    from smear.classify.train import load_checkpoint
+    from smear.nn.loop import load_checkpoint
     from smear.types import ModelError
 
     marker = tmp_path / "PWNED"

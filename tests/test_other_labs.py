@@ -125,7 +125,8 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
 
     clf = CnnClassifier.from_dir(run / "model", device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())
-    probs, ratio = clf.predict([np.full((40, 40, 3), 180, np.uint8)] * 2)
+    scores = clf.classify([np.full((40, 40, 3), 180, np.uint8)] * 2)
+    probs, ratio = scores.probs, scores.novelty
     assert probs.shape == (2, len(FINE_CLASSES)) and ratio is not None and ratio.shape == (2,)
 
 
@@ -208,14 +209,15 @@ def test_novel_cells_go_to_unidentified_in_the_pipeline(tmp_path):
     from smear.io import Slide, write_image_atomic
     from smear.pipeline.run import Stages, run_slide
 
-    class NoveltyClassifier:
-        crop_margin, input_size, has_novelty = 1.2, 16, True
-        classes = FINE_CLASSES
+    from smear.types import ClassScores
 
-        def predict(self, crops):
+    class NoveltyClassifier:
+        crop_margin, input_size = 1.2, 16
+
+        def classify(self, crops):
             probs = np.full((len(crops), len(FINE_CLASSES)), 0.001)
             probs[:, FINE_CLASSES.index("PMY")] = 0.99
-            return probs, np.array([0.5, 3.0][: len(crops)])
+            return ClassScores(tuple(FINE_CLASSES), probs, np.array([0.5, 3.0][: len(crops)]))
 
     path = tmp_path / "f.png"
     write_image_atomic(path, np.full((40, 80, 3), 220, np.uint8))

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from smear.artifacts import load_model
+from smear.artifacts import ModelMeta, load_model
 from smear.nn.onnx import load_network
-from smear.nn.tensors import Normalize, crops_to_tensor, dihedral, place  # noqa: F401 - also public here
-from smear.nn.weights import load_weights, save_weights  # noqa: F401 - also public here
-from smear.types import FINE_CLASSES, ModelError
+from smear.nn.tensors import crops_to_tensor, dihedral, place
+from smear.nn.weights import load_weights
+from smear.types import FINE_CLASSES, ClassScores, ModelError
 
 WEIGHTS = "model.safetensors"
 
@@ -58,33 +58,32 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 64,
-                 tta: int | None = None):
-        self.meta = meta
-        self.classes: tuple[str, ...] = tuple(meta["classes"])
-        self.crop_margin = float(meta["crop_margin"])
-        self.input_size = int(meta["input_size"])
-        self.temperature = float(meta.get("temperature", 1.0))
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta | Mapping[str, Any], device: str = "auto",
+                 batch: int = 64, tta: int | None = None):
+        self.meta = meta = ModelMeta.of(meta)
+        self.classes: tuple[str, ...] = meta.classes
+        self.crop_margin = float(meta.crop_margin)
+        self.input_size = int(meta.input_size)
+        self.temperature = meta.temperature
         # views averaged per crop (1-8); the temperature was fitted with the meta's own
-        self.tta = int(meta.get("tta", 1) if tta is None else tta)
+        self.tta = int(meta.tta if tta is None else tta)
         if not 1 <= self.tta <= 8:
             raise ModelError(f"tta {self.tta}: must be 1 to 8")
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
-        self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
+        self.novelty_threshold = float((meta.novelty or {}).get("threshold", 0.0))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
+    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", batch: int = 64,
                  runtime: str = "torch", tta: int | None = None) -> CnnClassifier:
-        """Load a classifier model folder (meta.json + safetensors weights); ``runtime='onnx'`` runs
-        the network with onnxruntime (see smear.nn.onnx)."""
+        """Load a classifier model folder (meta.json + safetensors weights; or its ModelMeta, read
+        already); ``runtime='onnx'`` runs the network with onnxruntime (see smear.nn.onnx)."""
         meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
-
-        novelty = meta.get("novelty")
+        novelty = meta.novelty
 
         def torch_model() -> torch.nn.Module:
-            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
+            model = build_model(meta.arch, num_classes=len(meta.classes), norm=meta.norm)
             model = load_weights(model, meta.weights_path)
             if novelty:
                 from smear.classify.novelty import WithFeatures
@@ -92,12 +91,12 @@ class CnnClassifier:
                 return WithFeatures(model)  # logits and features in one pass
             return model
 
-        net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime)
+        net = load_network(meta, "classify-feat" if novelty else "classify", torch_model, runtime)
         clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch, tta=tta)
         if novelty:
             from smear.classify import novelty as nov
 
-            clf.novelty_stats = nov.load(model_dir)
+            clf.novelty_stats = nov.load(meta.folder)
         return clf
 
     @property
@@ -120,29 +119,16 @@ class CnnClassifier:
         out = torch.cat(outs) if outs else torch.zeros(0, k)
         return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
 
-    def logits(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """Raw logits (before temperature), N x classes (see ``outputs``)."""
-        return self.outputs(crops)[0]
-
-    def predict(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Calibrated probabilities (N x classes) and, with a novelty score in the model, each
-        crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
+    def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
+        """Calibrated probabilities (N x classes, in ``self.classes`` order) and, with a novelty score
+        in the model, each crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
         logits, feats = self.outputs(crops)
         probs = torch.softmax(logits / self.temperature, dim=1).double().numpy()
         if not self.has_novelty or feats is None:
-            return probs, None
+            return ClassScores(self.classes, probs)
         from smear.classify.novelty import distances
 
-        return probs, distances(feats.numpy(), self.novelty_stats) / self.novelty_threshold
-
-    def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""
-        return self.predict(crops)[0]
-
-    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        """Calibrated probability of each fine class for each crop."""
-        probs = self.predict_proba(crops)
-        return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+        return ClassScores(self.classes, probs, distances(feats.numpy(), self.novelty_stats) / self.novelty_threshold)
 
 
 @torch.no_grad()

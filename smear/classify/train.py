@@ -41,9 +41,7 @@ from smear.classify.model import WEIGHTS, build_model
 from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch, to_uint8
-from smear.nn.loop import (  # noqa: F401 - public here before the move to smear.nn.loop
-    append_log, load_checkpoint, optimize_step, save_checkpoint, warmup_cosine,
-)
+from smear.nn.loop import warmup_cosine
 from smear.nn.tensors import Normalize, channel_stats, dihedral
 from smear.nn.weights import load_weights, save_weights
 from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, ConfigError, SmearError

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from smear.artifacts import load_meta, load_model
+from smear.artifacts import ModelMeta, load_model
 from smear.types import CellKind, Detection
 
 
@@ -22,19 +22,17 @@ def infer_defaults() -> dict[str, Any]:
     return infer
 
 
-def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
+def onnx_weights(meta: ModelMeta, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
-    from smear.artifacts import model_version
     from smear.detect.ultra import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
-    own = Path(model_dir) / ONNX_NAME
+    own = meta.folder / ONNX_NAME
     if own.is_file():
         return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    weights = Path(model_dir) / load_meta(model_dir)["weights"]
-    return cached_onnx(onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx",
-                       lambda path: export_onnx(weights, path, imgsz, batch))
+    return cached_onnx(onnx_cache_dir() / f"detect-{meta.version}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(meta.weights_path, path, imgsz, batch))
 
 
 class YoloDetector:
@@ -68,21 +66,22 @@ class YoloDetector:
                                                                 float(d["tile_overlap"]))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
+    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", runtime: str = "torch",
                  **overrides: Any) -> "YoloDetector":
-        """Load a detector model folder (weights + meta.json with classes and thresholds);
-        ``runtime='onnx'`` predicts through ultralytics' onnxruntime backend (same pre/post-processing)."""
+        """Load a detector model folder (weights + meta.json with classes and thresholds; or its
+        ModelMeta, read already); ``runtime='onnx'`` predicts through ultralytics' onnxruntime
+        backend (same pre/post-processing)."""
         meta = load_model(model_dir, "detect")
-        infer = infer_defaults() | dict(meta.get("infer", {}))
+        infer = infer_defaults() | dict(meta.infer)
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
         weights = meta.weights_path
         if runtime == "onnx":
-            weights = onnx_weights(model_dir, int(infer["imgsz"]), int(infer["batch"]))
+            weights = onnx_weights(meta, int(infer["imgsz"]), int(infer["batch"]))
             device = "cpu" if device == "auto" else device
-        det = cls(weights, names=meta["classes"], device=device,
+        det = cls(weights, names=meta.classes, device=device,
                   **{k: infer[k] for k in keys if k in infer})
         det.field_scale = int(infer["field_scale"])
         det.tile_above = float(infer["tile_above"])

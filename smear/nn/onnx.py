@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smear.artifacts import cache_dir, load_meta, model_version
+from smear.artifacts import ModelMeta, cache_dir
 from smear.devices import available_cores
 from smear.io import atomic_path
 from smear.errors import ConfigError
@@ -110,23 +110,21 @@ class OnnxNet:
         return self
 
 
-def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
+def onnx_for(meta: ModelMeta, stage: str, build_torch) -> Path:
     """The ONNX file of a model folder: its own ``model.onnx``, or one exported into the cache from
     ``build_torch()`` (a loaded torch network) on first use."""
-    model_dir = Path(model_dir)
-    own = model_dir / ONNX_NAME
+    own = meta.folder / ONNX_NAME
     if own.is_file():
         return own
-    meta = load_meta(model_dir)
-    return cached_onnx(onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx",
-                       lambda path: export_module(build_torch(), path, int(meta["input_size"])))
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{meta.version}.onnx",
+                       lambda path: export_module(build_torch(), path, int(meta.input_size or 0)))
 
 
-def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = "torch"):
+def load_network(meta: ModelMeta, stage: str, build_torch, runtime: str = "torch"):
     """The stage's network: ``build_torch()`` (torch weights loaded), or with ``runtime='onnx'`` an
     ``OnnxNet`` on the folder's ONNX file (exported from ``build_torch()`` on first use)."""
     if check_runtime(runtime) == "onnx":
-        return OnnxNet(onnx_for(model_dir, stage, build_torch))
+        return OnnxNet(onnx_for(meta, stage, build_torch))
     return build_torch()
 
 

@@ -32,6 +32,13 @@ class Stages:
     classify_batch: int = 64
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
 
+    @property
+    def crop_geometry(self) -> tuple[float, int] | None:
+        """(margin, size) of the crops ``classify_cells`` cuts: the classifier's geometry, the
+        segmenter's when there is no classifier, None when neither runs."""
+        geometry = self.classifier if self.classifier is not None else self.segmenter
+        return None if geometry is None else (float(geometry.crop_margin), int(geometry.input_size))
+
 
 def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     best = max(FINE_CLASSES, key=lambda c: probs.get(c, 0.0))
@@ -39,13 +46,10 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
-def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None]]:
-    """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio."""
-    if hasattr(clf, "predict") and getattr(clf, "has_novelty", False):
-        probs, ratio = clf.predict(crops)
-        return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
-                [float(r) for r in ratio] if ratio is not None else [None] * len(crops))
-    return clf.classify(crops), [None] * len(crops)
+def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[float | None]]:
+    """Probabilities of each crop and its novelty ratio (None when the classifier has no novelty score)."""
+    scores = clf.classify(crops)
+    return [scores.probs_of(i) for i in range(len(scores))], [scores.novelty_of(i) for i in range(len(scores))]
 
 
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
@@ -63,8 +67,7 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     clf, seg = stages.classifier, stages.segmenter
     if clf is None and seg is None:
         return [() for _ in images]
-    geometry = clf if clf is not None else seg
-    margin, size = float(geometry.crop_margin), int(geometry.input_size)
+    margin, size = stages.crop_geometry
     owners, wbcs, crops, fills, sides = [], [], [], [], []
     for k, (image, dets) in enumerate(zip(images, detections)):
         fill = pad_value(image) if any(d.kind == CellKind.WBC for d in dets) else None
@@ -179,8 +182,15 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
                    on_field, keep_fields)
 
 
+FieldCallback = Callable[[str, FieldResult | SkippedField], None]
+
+
 class Engine(Protocol):
-    """Runs the fields of many slides somewhere else (``smear.pipeline.ray_engine``)."""
+    """Runs the fields of many slides somewhere else (``smear.pipeline.ray_engine``) on stages it
+    builds there: ``classified`` says whether they classify, ``crop_geometry`` is theirs."""
+
+    classified: bool
+    crop_geometry: tuple[float, int] | None
 
     def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool
                 ) -> Generator[FieldResult | SkippedField, None, None]:
@@ -188,15 +198,17 @@ class Engine(Protocol):
         ...
 
 
-def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_000_000,
-               on_field: Callable[[str, FieldResult | SkippedField], None] | None = None,
-               cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True,
-               engine: Engine | None = None) -> list[SlideReport]:
+def run_slides(slides: Sequence[Slide], stages: Stages | None, max_pixels: int = 200_000_000,
+               on_field: FieldCallback | None = None, cache: FieldCache | None = None, resume: bool = False,
+               keep_fields: bool = True, engine: Engine | None = None) -> list[SlideReport]:
     """Every slide through ``run_slide``, in order; ``on_field(slide_name, item)`` sees each field's
-    result as it is made. With an ``engine`` the fields run there (it holds its own stages and cache)
-    and come back in the same order into the same reports. A run where no field could be read at
-    all is a SmearError."""
+    result as it is made. With an ``engine`` the fields run there (it holds its own stages and cache;
+    ``stages`` may be None) and come back in the same order into the same reports. A run where no
+    field could be read at all is a SmearError."""
+    if engine is None and stages is None:
+        raise ValueError("run_slides needs stages or an engine")
     stream = engine.results(slides, max_pixels, resume) if engine is not None else None
+    classified = engine.classified if engine is not None else stages.classifier is not None
     reports = []
     try:
         for slide in slides:
@@ -205,7 +217,7 @@ def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_00
                     on_field(_name, item)
             items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
                      else itertools.islice(stream, len(slide.fields)))
-            reports.append(_gather(slide, items, stages.classifier is not None, each, keep_fields))
+            reports.append(_gather(slide, items, classified, each, keep_fields))
     finally:
         if stream is not None:
             stream.close()  # a run stopped early stops the engine's work too

@@ -1,0 +1,57 @@
+"""One run of `smear run` as a library call: slides and a pipeline config in, a RunResult out.
+
+``run_job`` builds the stages (or, with Ray, starts workers that build their own: the driver loads
+no model), runs every slide's fields through them with the result cache, and returns the slides'
+reports with their differentials and what a report states to be traced. Writing the result is the
+report layer's job (``smear.report.write``); progress and warnings go to the callbacks given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from smear.config_models import PipelineConfig
+from smear.io import Slide
+from smear.pipeline.run import FieldCallback, run_slides
+from smear.types import CropGeometry, RunResult
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how ``--engine ray`` runs (``smear.pipeline.ray_engine.RayEngine``)."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    worker_logs: bool = False
+
+
+def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, keep_fields: bool = True,
+            ray: RayOptions | None = None, on_field: FieldCallback | None = None,
+            warn: Callable[[str], None] | None = None) -> RunResult:
+    """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``);
+    ``on_field(slide_name, item)`` sees each field's result as it is made, ``warn`` hears of refused
+    cache entries. With ``keep_fields=False`` only the slides' counts are kept."""
+    from smear.pipeline.build import audit_info, build_cache, build_stages, model_metas, stages_version
+    from smear.report.tables import differentials
+
+    metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
+    version = stages_version(cfg, metas)
+    cache = build_cache(cfg, version, warn=warn)
+    stages, engine = None, contextlib.nullcontext(None)
+    if ray is None:
+        stages = build_stages(cfg, metas)
+    else:
+        from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
+
+        engine = RayEngine(BuildFromConfig(cfg), field_batch=cfg.field_batch, cache=cache, address=ray.address,
+                           workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
+                           worker_logs=ray.worker_logs, classified=cfg.classifier != "off")
+    with engine as eng:
+        reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields, engine=eng)
+        geometry = (stages or eng).crop_geometry
+    return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
+                     None if geometry is None else CropGeometry(*geometry),
+                     segmenter=stages.segmenter if stages is not None else None)
