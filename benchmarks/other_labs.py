@@ -62,10 +62,14 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
     clf = CnnClassifier.from_dir(resolve_model_dir(model_dir, "classifier"), device="cpu")
     if args.tta:
         clf.tta = args.tta
+    if args.tta_margin is not None:
+        clf.tta_margin = args.tta_margin
     state = {k: v.clone() for k, v in clf.model.state_dict().items()}
     rows = {}
     for name, items in class_sets(args):
         crops = cached_crops(items, clf.crop_margin, clf.input_size, args.cache_dir)
+        if args.shift and name == "pbc-test":
+            rows.update(_shifted_rows(clf, crops, items, args))
         if args.adabn:
             from smear.classify.model import adapt_batchnorm
 
@@ -76,6 +80,20 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
         held = None if ratio is None else ratio > 1.0
         rows[name] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     clf.model.load_state_dict(state)
+    return rows
+
+
+def _shifted_rows(clf, crops, items, args) -> dict[str, dict]:
+    """The PBC test crops again through each fixed stain shift (``--shift``): a lab whose stain
+    none of the sources has, with the PBC labels."""
+    from smear.detect.stain import shift
+
+    rows = {}
+    for name in args.shift:
+        scores = clf.classify([shift(c, name) for c in crops])
+        probs, ratio = scores.probs, scores.novelty
+        held = None if ratio is None else ratio > 1.0
+        rows[f"pbc-test+{name}"] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     return rows
 
 
@@ -121,13 +139,14 @@ def _f(v) -> str:
 
 def print_classifier(name: str, rows: dict[str, dict]) -> None:
     print(f"\n### classifier {name}\n")
-    print("| set | n | 5-type acc | balanced acc | macro-F1 | majority | unidentified | ECE (5-type) | 11-class acc |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| set | n | 5-type acc | balanced acc | macro-F1 | majority | unidentified | ECE (5-type) | 11-class acc "
+          "| neutrophils called EO |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for set_name, r in rows.items():
         fine = _f(r["accuracy"]) if r["n_fine"] else "-"
         print(f"| {set_name} | {r['n']} | {_f(r['type5_accuracy'])} | {_f(r['type5_balanced_accuracy'])} | "
               f"{_f(r['type5_macro_f1'])} | {_f(r['majority_baseline'])} | {_f(r['unidentified'])} | "
-              f"{_f(r['type5_ece'])} | {fine} |")
+              f"{_f(r['type5_ece'])} | {fine} | {_f(r.get('neutrophil_as_eo'))} |")
 
 
 def print_detector(name: str, rows: dict[str, dict]) -> None:
@@ -149,6 +168,10 @@ def main() -> None:
     ap.add_argument("--pbc", default=str(SHARED / "pbc"))
     ap.add_argument("--review-threshold", type=float, default=0.5)
     ap.add_argument("--tta", type=int, default=0, help="override the model's test-time views")
+    ap.add_argument("--shift", action="append", default=[], help="also score the classifier on the PBC test "
+                    "crops through this fixed stain shift (smear.detect.stain.SHIFTS)")
+    ap.add_argument("--tta-margin", type=float, default=None, help="selective TTA: the extra views only for "
+                    "crops whose one-view top probability is under this (0: every crop)")
     ap.add_argument("--adabn", action="store_true", help="re-estimate BatchNorm statistics per set")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--set", action="append", default=[], help="pipeline config override for the detector, "

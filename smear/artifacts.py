@@ -85,6 +85,7 @@ class ModelMeta:
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
     temperature: float = 1.0
     tta: int = 1
+    tta_margin: float = 0.0  # selective TTA: the extra views only for crops under this top probability
     novelty: Mapping[str, Any] | None = None
     infer: Mapping[str, Any] = field(default_factory=dict)
     trained: str | None = None
@@ -113,6 +114,7 @@ class ModelMeta:
             norm=str(meta.get("norm", "batch")), encoder=meta.get("encoder"),
             decoder_channels=tuple(meta.get("decoder_channels", cls.decoder_channels)),
             temperature=float(meta.get("temperature", 1.0)), tta=int(meta.get("tta", 1)),
+            tta_margin=float(meta.get("tta_margin") or 0.0),
             novelty=meta.get("novelty") or None, infer=dict(meta.get("infer") or {}), trained=meta.get("trained"),
             raw=meta)
 

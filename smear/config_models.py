@@ -51,6 +51,9 @@ class Augment(Section):
     jpeg_p: Fraction
     jpeg_quality: int
     gray_p: Fraction
+    shuffle_p: Fraction       # RGB channel orders shuffled: colour alone cannot decide a class
+    cast_p: Fraction          # pink/red Wright-like cast over the whole crop
+    cast_strength: float      # its largest optical density
 
 
 # ---------------------------------------------------------------- pipeline
@@ -75,6 +78,7 @@ class ReportSection(Section):
     min_wbc: int
     target_halfwidth_pct: float
     gallery_per_class: int
+    signoff_requires_review: bool
 
 
 class Guard(Section):
@@ -94,6 +98,28 @@ class Flags(Section):
     monocytosis_pct: float
     lymphocytosis_pct: float
     lymphopenia_pct: float
+
+
+class WsiSection(Section):
+    """Whole-slide files: pixel size, reading tiles, the monolayer finder, the platelet estimate."""
+
+    target_wbc: Annotated[int, Field(gt=0)]
+    mpp: Optional[Annotated[float, Field(gt=0.0)]]
+    detector_mpp: Annotated[float, Field(gt=0.0)]
+    rbc_diameter_um: Annotated[float, Field(gt=0.0)]
+    tile_px: Annotated[int, Field(ge=64)]
+    margin_px: Annotated[int, Field(ge=0)]
+    finder_mpp: Annotated[float, Field(gt=0.0)]
+    probe_px: Annotated[int, Field(ge=32)]
+    min_density: float
+    max_density: float
+    max_overlap: Fraction
+    empty_density: float
+    overlap_od: float
+    min_focus: float
+    hpf_diameter_um: Annotated[float, Field(gt=0.0)]
+    platelet_factor: Annotated[float, Field(gt=0.0)]
+    quality_map: Annotated[str, BeforeValidator(_word)]  # auto | off | a folder
 
 
 class PipelineConfig(Section):
@@ -117,6 +143,7 @@ class PipelineConfig(Section):
     report: ReportSection
     guard: Guard
     flags: Flags
+    wsi: WsiSection
 
 
 # ---------------------------------------------------------------- detect
@@ -279,10 +306,19 @@ class ClassifyTrain(Section):
     augment: Augment
 
 
+class ClassifyAdapt(Section):
+    min_cells: Annotated[int, Field(ge=2)]
+    min_per_class: Annotated[int, Field(ge=1)]
+    max_rows: Annotated[int, Field(gt=0)]
+    heldout: Annotated[float, Field(gt=0, lt=1)]
+    source_per_class: Annotated[int, Field(gt=0)]
+
+
 class ClassifyConfig(Section):
     model: ClassifyModel
     data: ClassifyData
     train: ClassifyTrain
+    adapt: ClassifyAdapt
 
 
 MODELS: dict[str, type[Section]] = {"pipeline": PipelineConfig, "detect": DetectConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -20,11 +21,34 @@ def available_cores() -> int:
     return max(1, min(cores, int(share))) if share.isdigit() else cores
 
 
+@functools.cache
+def default_threads() -> int:
+    """torch's CPU threads when nothing else is asked, decided once per process: $SMEAR_THREADS when
+    it is set; $OMP_NUM_THREADS when set (a Ray worker's share); else the cores other programs leave
+    free (the available cores less the 1-minute load average, rounded), at least 1. On a busy 2-core
+    PC two threads ran adapt many times slower than one (benchmarks/threads.py): a thread that waits
+    for a core its partner's barrier needs stalls both."""
+    value = os.environ.get("SMEAR_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise SmearError(f"SMEAR_THREADS={value!r}: not a positive whole number of threads",
+                             hint="unset it, or give a number such as SMEAR_THREADS=1")
+        return int(value)
+    cores = available_cores()
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return cores
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):  # not available on this system
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads to ``n`` (default: the available cores); returns the count."""
+    """Set torch's intra-op threads to ``n`` (default: ``default_threads()``); returns the count."""
     import torch
 
-    n = n or available_cores()
+    n = n or default_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -32,8 +56,8 @@ def set_threads(n: int | None = None) -> int:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None = None) -> Iterator[int]:
-    """Inside the block torch uses ``n`` threads (default: the available cores); on leaving it, the
-    available cores again, whatever the code inside set (ultralytics lowers them)."""
+    """Inside the block torch uses ``n`` threads (default: ``default_threads()``); on leaving it, the
+    default again, whatever the code inside set (ultralytics lowers them)."""
     try:
         yield set_threads(n)
     finally:

@@ -134,8 +134,13 @@ class Slide:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name, hidden files skipped: the one image lister."""
-    return sorted((p for p in Path(folder).iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """Image files directly in ``folder``, sorted by name, hidden files skipped: the one image lister.
+    A pyramidal TIFF is a whole slide, not a field: it is left out (smear run counts it as its own slide)."""
+    from smear.wsi.slide import TIFF_SUFFIXES, is_whole_slide
+
+    return sorted((p for p in Path(folder).iterdir()
+                   if is_image_file(p) and not (p.suffix.lower() in TIFF_SUFFIXES and is_whole_slide(p))),
+                  key=lambda p: p.name)
 
 
 list_fields = list_images  # a slide's fields are the images of its folder
@@ -253,6 +258,13 @@ def check_outputs(outputs: dict[str, Path | None], slides: list[Slide]) -> None:
             raise SmearError(f"{target}: {option} is a folder, not a file")
         taken[real] = option
         check_writable_folder(target.parent, option)
+        try:  # a file can be made there (a folder of /proc or a read-only mount says so only when asked)
+            fd, probe = tempfile.mkstemp(prefix=temp_name(target), suffix=".probe", dir=target.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SmearError(f"{target}: {option} cannot be written there ({exc.strerror or exc})",
+                             hint="name a file in a folder you can write to") from exc
         sweep_stale_temps(target)
 
 
@@ -332,6 +344,13 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     """Write text to ``target`` atomically (temp file + rename)."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> Path:
+    """Write bytes to ``target`` atomically (temp file + rename)."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
     return Path(target)
 
 

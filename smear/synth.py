@@ -212,9 +212,11 @@ def _place(rng, w, h, radius, taken, gap, margin=0.0, tries=40):
 
 def make_field(seed: int, width: int = 640, height: int = 480, n_wbc: int | None = None,
                n_rbc: int | None = None, n_platelets: int | None = None,
-               wbc_kinds: Sequence[str] | None = None) -> SynthField:
+               wbc_kinds: Sequence[str] | None = None, flat: bool = False) -> SynthField:
     """A seeded synthetic field and its ground-truth boxes (clipped to the image).
 
+    ``flat`` leaves out the vignette and the illumination drift, as a slide scanner's flat-field
+    correction does (tiles of a whole slide then meet without steps).
     Counts left as None are drawn at BCCD density for the field's area. White-cell kinds cycle
     through ``wbc_kinds`` in order; by default each is drawn uniformly from WBC_KINDS.
     """
@@ -250,12 +252,12 @@ def make_field(seed: int, width: int = 640, height: int = 480, n_wbc: int | None
     boxes = [(CellKind.WBC, b) for _, b in wbc_boxes]
     boxes += [(CellKind.RBC, _draw_rbc(cv, rng, cx, cy, rng.normal(45.0, 2.5), stain)) for cx, cy in rbcs]
     boxes += [(CellKind.PLATELET, _draw_platelet(cv, rng, cx, cy, stain)) for cx, cy in plts]
-    image = _render(cv.od, rng)
+    image = _render(cv.od, rng, flat)
     dets = tuple(Detection(b, k, 1.0) for k, b in boxes if b is not None)
     return SynthField(image, dets, tuple(kind for kind, b in wbc_boxes if b is not None), cv.labels)
 
 
-def _render(od: np.ndarray, rng) -> np.ndarray:
+def _render(od: np.ndarray, rng, flat: bool = False) -> np.ndarray:
     """Optical density -> RGB: background colour, uneven illumination, defocus, sensor noise."""
     h, w = od.shape[:2]
     bg = np.asarray(BACKGROUND_RGB, np.float32) * rng.normal(1.0, 0.015) + rng.normal(0, 1.5, 3).astype(np.float32)
@@ -264,6 +266,8 @@ def _render(od: np.ndarray, rng) -> np.ndarray:
     cy, cx = rng.uniform(-0.3, 0.3, 2)
     # vignette, slow illumination drift and luminance noise (~2 grey levels), all as density
     extra = 0.07 * ((xx - cx) ** 2 + (yy - cy) ** 2) + 0.012 * _smooth_noise(rng, h, w, 160.0)
+    if flat:
+        extra = np.zeros((h, w), np.float32)
     extra += rng.standard_normal((h, w), dtype=np.float32) * 0.01
     od = cv2.GaussianBlur(od, (0, 0), rng.uniform(1.0, 1.6))
     od += extra[..., None]

@@ -81,6 +81,23 @@ class CellPrediction:
 
 
 @dataclass(frozen=True)
+class SlideRegion:
+    """Where a field cut from a whole-slide file lies on it: its top-left in level-0 pixels, level-0
+    pixels per field pixel, and micrometres per level-0 pixel (None when unknown)."""
+
+    x0: float
+    y0: float
+    scale: float
+    mpp: float | None = None
+
+    def level0(self, box_xyxy: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A field box in level-0 pixels of the slide."""
+        x0, y0, x1, y1 = box_xyxy
+        return (self.x0 + x0 * self.scale, self.y0 + y0 * self.scale, self.x0 + x1 * self.scale,
+                self.y0 + y1 * self.scale)
+
+
+@dataclass(frozen=True)
 class FieldResult:
     """Everything found on one field."""
 
@@ -90,7 +107,8 @@ class FieldResult:
     height: int
     detections: tuple[Detection, ...]
     cells: tuple[CellPrediction, ...] = ()
-    path: str = ""  # the field's image file, for reports that show it
+    path: str = ""  # the field's image file (a whole slide's file), for reports that show it
+    region: SlideRegion | None = None  # a tile of a whole slide: where it lies
 
     def count(self, kind: CellKind) -> int:
         return sum(1 for d in self.detections if d.kind == kind)
@@ -133,6 +151,51 @@ def novelty_counts(cells: Sequence[CellPrediction]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class WholeSlideInfo:
+    """What a whole-slide run read, skipped and found besides the cells (smear.pipeline.wsi_run)."""
+
+    path: str
+    width: int                 # level 0, px
+    height: int
+    mpp: float | None          # um per level-0 px
+    mpp_source: str            # file | config | estimated (median red-cell diameter)
+    level: int                 # pyramid level read
+    scale: float               # level-0 px per detector px
+    tile_px: int               # side of a reading tile's core, level-0 px
+    tiles_total: int
+    tiles_read: int            # looked at: read from the slide or found in the result cache
+    tiles_counted: int
+    skipped: dict[str, int]    # empty, thick, edge, blurred (finder), blurred_on_read, not_reached
+    area_mm2: float | None     # the counted tiles' cores
+    target_wbc: int | None     # None: --all
+    reached_target: bool
+    n_platelet: int
+    platelets_per_hpf: float | None
+    platelets_1e9_per_l: float | None   # only with the pixel size from the file or the config
+    hpf_diameter_um: float
+    platelet_factor: float
+    platelet_formula: str = ""
+    quality_map: str = ""      # the PNG written, if any
+    quality_map_png: bytes = field(default=b"", repr=False)
+    finder_s: float = 0.0
+    read_s: float = 0.0
+    detect_s: float = 0.0
+    tiles_from_cache: int = 0  # of tiles_read (not in the report rows: a resumed run reports as a whole one)
+
+    def row(self) -> dict[str, Any]:
+        """The report columns of a whole slide (``wsi_`` names)."""
+        out = {"wsi_mpp": self.mpp, "wsi_mpp_source": self.mpp_source, "wsi_level": self.level,
+               "wsi_tiles_total": self.tiles_total, "wsi_tiles_read": self.tiles_read,
+               "wsi_tiles_counted": self.tiles_counted}
+        for kind in ("empty", "thick", "edge", "blurred", "blurred_on_read", "not_reached"):
+            out[f"wsi_skipped_{kind}"] = self.skipped.get(kind, 0)
+        out.update({"wsi_area_mm2": self.area_mm2, "wsi_target_wbc": self.target_wbc,
+                    "wsi_reached_target": self.reached_target, "platelets_per_hpf": self.platelets_per_hpf,
+                    "platelets_1e9_per_l": self.platelets_1e9_per_l, "wsi_quality_map": self.quality_map})
+        return out
+
+
+@dataclass(frozen=True)
 class SlideReport:
     """A slide's aggregated counts; built from its field results by the pipeline.
 
@@ -144,6 +207,7 @@ class SlideReport:
     skipped: tuple[SkippedField, ...] = ()
     classified: bool = False
     tally: Tally | None = None
+    whole_slide: WholeSlideInfo | None = None
 
     @property
     def n_fields(self) -> int:
@@ -212,6 +276,7 @@ class Differential:
     domain_warnings: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
+    whole_slide: WholeSlideInfo | None = None
 
     def row(self) -> dict[str, Any]:
         """The flat summary row: the CSV columns in order (``SNE_pct``, ``group_ig_n``, ...), then
@@ -225,6 +290,8 @@ class Differential:
         for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
                     "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share"):
             out[key] = getattr(self, key)
+        if self.whole_slide is not None:
+            out.update(self.whole_slide.row())
         out["domain_warning"] = " | ".join(self.domain_warnings)
         out.update({"classified": self.classified, "domain_warnings": list(self.domain_warnings),
                     "warnings": list(self.warnings), "flags": list(self.flags)})
@@ -253,6 +320,7 @@ class RunResult:
     audit: dict[str, Any]
     geometry: CropGeometry | None = None
     segmenter: Segmenter | None = None  # the run's segmenter when it ran here (the page outlines its masks)
+    read_field: Any = None  # reads a whole-slide tile again for the page (None: fields are files)
 
     @property
     def masks(self) -> bool:

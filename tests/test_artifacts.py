@@ -67,7 +67,7 @@ def test_a_build_reads_and_hashes_each_model_folder_once(monkeypatch):
     real_read, real_hash = artifacts.load_meta, artifacts.file_sha256
     monkeypatch.setattr(artifacts, "load_meta", lambda d: reads.append(str(d)) or real_read(d))
     monkeypatch.setattr(artifacts, "file_sha256", lambda p: hashes.append(str(p)) or real_hash(p))
-    stages = build_stages(load_config("pipeline", None, ["runtime=torch", "device=cpu", "segment=unet"]))
+    stages = build_stages(load_config("pipeline", None, ["runtime=torch", "device=cpu", "segmenter=unet"]))
     assert stages.classifier is not None and stages.segmenter is not None
     assert len(reads) == len(set(reads)) == 3
     assert len(hashes) == len(set(hashes)) == 6

@@ -179,6 +179,24 @@ def test_split_json_round_trip_with_relative_paths(tmp_path):
         load_split(path, root)
 
 
+def test_class_folders_that_are_symlinks_are_accepted(tmp_path):
+    """A dataset assembled from links to class folders kept elsewhere splits and reads back."""
+    store = make_folders(tmp_path / "store", {"Lymphocyte": 4, "Eosinophil": 4})
+    root = tmp_path / "ds"
+    root.mkdir()
+    for name in ("Lymphocyte", "Eosinophil"):
+        (root / name).symlink_to(store / name, target_is_directory=True)
+    items = load_folders(root)
+    assert Counter(it.fine for it in items) == {"LY": 4, "EO": 4}
+    parts = stratified_split(items, (0.5, 0.25, 0.25), seed=0)
+    path = save_split(tmp_path / "split.json", parts, root, seed=0)
+    assert {row[0].split("/")[0] for row in json.loads(path.read_text())["train"]} == {"Lymphocyte", "Eosinophil"}
+    assert load_split(path, root) == parts
+    outside = make_folders(tmp_path / "other", {"Monocyte": 1})
+    with pytest.raises(SmearError, match="not under the data root"):
+        save_split(tmp_path / "bad.json", ([Item(outside / "Monocyte" / "000.png", "MO", "monocyte")], [], []), root)
+
+
 def test_subsample_keeps_class_shares():
     items = _many({"LY": 100, "EO": 50})
     sub = subsample(items, 30, seed=0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smear.devices import available_cores, resolve_device, set_threads
+from smear.devices import available_cores, default_threads, resolve_device, set_threads
 from smear.types import SmearError
 
 
 def test_cpu_and_auto():
+    set_threads()
     assert resolve_device("cpu").type == "cpu"
-    assert torch.get_num_threads() == available_cores()
+    assert torch.get_num_threads() == default_threads()
     auto = resolve_device("auto")
     assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -45,7 +46,7 @@ def test_resolve_device_sets_nothing_and_torch_threads_restores():
         with torch_threads(1) as n:
             assert n == 1
             torch.set_num_threads(1)  # as ultralytics does while it predicts
-        assert torch.get_num_threads() == available_cores()
+        assert torch.get_num_threads() == default_threads()
     finally:
         set_threads(before)
 
@@ -77,3 +78,38 @@ def test_importing_ultralytics_leaves_the_thread_count_to_smear(monkeypatch):
     ultralytics()
     assert "OMP_NUM_THREADS" not in os.environ
     assert available_cores() == cores
+
+
+@pytest.mark.parametrize("env, load, want", [
+    ({}, 0.2, "cores"),  # a quiet machine: every core
+    ({}, 1.0, "cores-1"),  # one core busy elsewhere: one fewer
+    ({}, 40.0, 1),  # a busy machine: one thread
+    ({"SMEAR_THREADS": "3"}, 40.0, 3),  # the user's word
+    ({"OMP_NUM_THREADS": "1"}, 0.0, 1),  # a Ray worker's share, whatever the load
+])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, env, load, want):
+    import os
+
+    for key in ("SMEAR_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    default_threads.cache_clear()
+    try:
+        cores = available_cores()
+        expect = {"cores": cores, "cores-1": max(1, cores - 1)}.get(want, want)
+        assert default_threads() == expect
+    finally:
+        default_threads.cache_clear()
+
+
+def test_a_bad_thread_count_is_one_error(monkeypatch):
+    monkeypatch.setenv("SMEAR_THREADS", "two")
+    default_threads.cache_clear()
+    try:
+        with pytest.raises(SmearError, match="SMEAR_THREADS='two': not a positive whole number"):
+            default_threads()
+    finally:
+        monkeypatch.delenv("SMEAR_THREADS")
+        default_threads.cache_clear()

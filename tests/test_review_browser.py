@@ -8,6 +8,7 @@ import csv
 import io
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,13 +224,23 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     browser.find_element("id", "reviewer").send_keys("Dr <Q>")
     css(".signoff")[0].send_keys(Keys.ENTER)  # Enter on a button presses it, it does not confirm a cell
     assert css(".signed")[0].text.startswith("Signed off by Dr <Q> at 20")
+    assert css(".signed")[0].text.endswith("4 of 9 cells reviewed, 3 changed; 0 never shown, 5 never reviewed")
 
     css(".dl-reviewed")[0].click()
     css(".dl-corrections")[0].click()
     reviewed = _wait_for(lambda: [p for p in downloads.glob("slideA_reviewed.csv")])[0]
     corrections = _wait_for(lambda: [p for p in downloads.glob("slideA_corrections.csv")])[0]
     _wait_for(lambda: not list(downloads.glob("*.crdownload")))
-    assert reviewed.read_text(encoding="utf-8") == want_csv
+    got_header, got_row = reviewed.read_text(encoding="utf-8").splitlines()
+    want_header, want_row = want_csv.splitlines()
+    assert got_header.startswith(want_header + ",") and got_row.startswith(want_row + ",")  # the CSV report first
+    [audit] = list(csv.DictReader(io.StringIO(reviewed.read_text(encoding="utf-8"))))
+    assert audit["reviewer"] == "Dr <Q>" and audit["signed_off_utc"].endswith("Z")
+    assert (audit["cells_total"], audit["cells_reviewed"], audit["cells_changed"], audit["cells_never_shown"],
+            audit["cells_never_reviewed"]) == ("9", "4", "3", "0", "5")
+    from smear import __version__
+
+    assert audit["smear_version"] == __version__
     rows = list(csv.DictReader(io.StringIO(corrections.read_text(encoding="utf-8"))))
     assert [(r["predicted_label"], r["corrected_label"]) for r in rows] == [
         ("UNIDENTIFIED", "LY"), ("UNIDENTIFIED", "BNE"), ("SNE", "ARTEFACT"), ("SNE", "SNE")]
@@ -261,3 +272,117 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     captions = css(".cell figcaption .fname")
     assert any(c.text == FIELD_NAMES[0] for c in captions)  # the field name stayed text
     assert not browser.find_elements("css selector", "figcaption b")
+
+
+def _big_page(tmp_path) -> tuple[SlideReport, Path]:
+    """A slide of 80 WBCs: 5 unidentified, 5 EO and 70 SNE (more than the 60 a class shows at first);
+    the page made with report.signoff_requires_review on."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    by_width = {}
+    for i in range(4):
+        img = np.full((40, 220 + i, 3), 215, np.uint8)
+        img[2:10, :, 0] = np.arange(220 + i) % 200  # every crop its own
+        Image.fromarray(img).save(folder / f"f{i}.png")
+        by_width[220 + i] = dets(20, 0, 0)
+    [slide] = find_slides([folder])
+    labels = [("LY", 0.3)] * 5 + [("EO", 0.9)] * 5 + [("SNE", 0.9)] * 70
+    rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5))
+    cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"signoff_requires_review": True})})
+    path = tmp_path / "big.html"
+    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    return rep, path
+
+
+def test_every_cell_reachable_and_sign_off_counts(browser, tmp_path, downloads):
+    """More than 60 cells of one class: the rest a click away, the last one reclassified, j/k in screen
+    order, the tooltip beside the crop, sign-off held until the required cells are reviewed, its counts
+    in the reviewed CSV, and the saved state refused when it does not fit the page."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    rep, path = _big_page(tmp_path)
+    browser.get(path.as_uri())
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    css = lambda sel: browser.find_elements("css selector", sel)  # noqa: E731
+    keys = lambda *k: ActionChains(browser).send_keys(*k).perform()  # noqa: E731
+    active = lambda: browser.switch_to.active_element.get_attribute("data-id")  # noqa: E731
+    sne = browser.find_element("css selector", '.group[data-label="SNE"]')
+    assert sne.find_element("css selector", "h4").text.endswith("60 of 70 shown show all")
+    assert css(".n-hidden")[0].text == "10" and css(".n-left")[0].text == "80"
+    queue = browser.execute_script("return smearReview.slides[0].cells.map(c => c.id)")
+    last = queue[74]  # unidentified first, then SNE, then EO: the 70th SNE cell
+    assert not css(f'.cell[data-id="{last}"]')  # not on the page yet
+
+    # the top-3 tooltip does not cover the crop it describes
+    first = css(".cell")[0]
+    first.click()
+    keys(Keys.ESCAPE)
+    img, tip = first.find_element("css selector", "img").rect, first.find_element("css selector", ".tip").rect
+    assert tip["height"] > 0 and tip["y"] >= img["y"] + img["height"]
+
+    # sign-off held: 5 unidentified and 5 EO (eosinophilia) cells not reviewed
+    browser.find_element("id", "reviewer").send_keys("@Dr Q")
+    css(".signoff")[0].click()
+    assert css(".signed")[0].text.startswith("Not signed off") and "(10 left: 5 UNIDENTIFIED, 5 EO)" in css(".signed")[0].text
+
+    # show all: the 70th SNE cell, reclassified as LY with its key
+    sne.find_element("css selector", ".show-all").click()
+    assert sne.find_element("css selector", "h4").text.endswith("70 of 70 shown")
+    assert css(".n-hidden")[0].text == "0" and not css(".show-every")[0].is_displayed()
+    browser.find_element("css selector", f'.cell[data-id="{last}"]').click()
+    keys(Keys.ESCAPE, "l")
+    assert _table(browser)["SNE"][0] == "69" and _table(browser)["LY"][0] == "1"
+    moved = browser.find_element("css selector", f'.cell[data-id="{last}"]')
+    assert moved.find_element("xpath", "ancestor::div[@data-label]").get_attribute("data-label") == "LY"
+    # j/k follow the screen: from the cell after it (the first EO), k goes to the SNE now last on screen
+    eo_ids = [c.get_attribute("data-id") for c in css('.group[data-label="EO"] .cell')]
+    assert active() == eo_ids[0]
+    keys("k")
+    assert active() == queue[73]
+    keys("j", "j", "j", "j", "j", "j")
+    assert active() == last  # past the 5 EO cells: the LY group, below EO on screen
+
+    # review the required cells: Enter confirms each and goes on to the next on screen
+    css(".cell")[0].click()
+    keys(Keys.ESCAPE, *[Keys.ENTER] * 5)
+    browser.find_element("css selector", f'.cell[data-id="{eo_ids[0]}"]').click()
+    keys(Keys.ESCAPE, *[Keys.ENTER] * 5)
+    css(".signoff")[0].click()
+    signed = css(".signed")[0].text
+    assert signed.startswith("Signed off by @Dr Q at 20")
+    assert signed.endswith("11 of 80 cells reviewed, 1 changed; 0 never shown, 69 never reviewed")
+
+    css(".dl-reviewed")[0].click()
+    css(".dl-corrections")[0].click()
+    reviewed = _wait_for(lambda: list(downloads.glob("big_reviewed.csv")))[0]
+    corrections = _wait_for(lambda: list(downloads.glob("big_corrections.csv")))[0]
+    _wait_for(lambda: not list(downloads.glob("*.crdownload")))
+    [row] = list(csv.DictReader(io.StringIO(reviewed.read_text(encoding="utf-8"))))
+    assert (row["SNE_n"], row["LY_n"], row["reviewer"]) == ("69", "1", "'@Dr Q")  # text cells formula-quoted
+    assert (row["cells_total"], row["cells_reviewed"], row["cells_changed"], row["cells_never_shown"],
+            row["cells_never_reviewed"]) == ("80", "11", "1", "0", "69")
+    fixes = list(csv.DictReader(io.StringIO(corrections.read_text(encoding="utf-8"))))
+    assert len(fixes) == 11 and {r["reviewer"] for r in fixes} == {"'@Dr Q"}
+    assert [(r["predicted_label"], r["corrected_label"]) for r in fixes if r["corrected_label"] == "LY"] == [
+        ("SNE", "LY")]
+
+    # the work survives a reload (the expanded class included); a forged or foreign state is refused
+    browser.refresh()
+    assert css(".signed")[0].text == signed and css(".n-hidden")[0].text == "0"
+    key = browser.execute_script("return smearReview.slides[0].storage_key")
+    state = browser.execute_script("return JSON.parse(localStorage.getItem(arguments[0]))", key)
+    assert browser.execute_script("return smearReview.validState(0, arguments[0])", state)
+    forged = [{**state, "page": "smear-review:another-slide"},
+              {**state, "labels": {**state["labels"], "s0f9c9": "LY"}},
+              {**state, "labels": {**state["labels"], queue[0]: "<img>"}},
+              {**state, "reviewed": {**state["reviewed"], queue[20]: "=cmd()"}},
+              {**state, "signoff": {**state["signoff"], "never_reviewed": 0}},
+              {**state, "labels": {}}]  # a sign-off whose corrections were taken out
+    assert [browser.execute_script("return smearReview.validState(0, arguments[0])", f) for f in forged] == [
+        False] * len(forged)
+    browser.execute_script("localStorage.setItem(arguments[0], JSON.stringify(arguments[1]))", key, forged[1])
+    browser.refresh()
+    assert css(".signed")[0].text == "" and css(".n-left")[0].text == "80" and _table(browser)["LY"][0] == "0"
+    assert "was not restored" in browser.find_element("id", "refused").text

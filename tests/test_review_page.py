@@ -26,11 +26,11 @@ CFG = default_config("pipeline")
 NASTY = "<script>alert(1)</script>"
 
 
-def _page(tmp_path, slide_name="s1", field_name="f0.png", **kw):
+def _page(tmp_path, slide_name="s1", field_name="f0.png", tint=(100, 60, 150), **kw):
     folder = tmp_path / "s1"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     img = np.full((80, 120, 3), 210, np.uint8)
-    img[10:30, 10:30] = (100, 60, 150)
+    img[10:30, 10:30] = tint
     Image.fromarray(img).save(folder / field_name)
     [slide] = find_slides([folder])
     stages = Stages(FakeDetector({120: dets(2, 3, 1)}), FakeClassifier([("SNE", 0.9), ("LY", 0.2)]), **kw)
@@ -117,3 +117,29 @@ def test_html_to_a_terminal_is_refused(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli.app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_text(encoding="utf-8").startswith("<!doctype html>")
+
+
+def _data(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="smear-data">(.*?)</script>', page, re.DOTALL)[1])
+
+
+def test_saved_state_is_keyed_by_the_fields_content(tmp_path):
+    """Two slides with one name, field count and cell count but other images get other storage keys."""
+    rep_a, page_a = _page(tmp_path / "a")
+    rep_b, page_b = _page(tmp_path / "b", tint=(90, 70, 160))
+    assert len(rep_a.cells()) == len(rep_b.cells()) and rep_a.slide == rep_b.slide
+    key_a, key_b = (_data(p)["slides"][0]["storage_key"] for p in (page_a, page_b))
+    assert key_a != key_b
+    assert _data(_page(tmp_path / "c")[1])["slides"][0]["storage_key"] == key_a  # the same content: the same key
+
+
+def test_every_cell_is_on_the_page_once(tmp_path):
+    """Cells past gallery_per_class are data the page shows on demand; each crop is in the file once."""
+    rep, _ = _page(tmp_path)
+    page = render_html([rep], summary_rows([rep], CFG), gallery_per_class=0, cfg=CFG)
+    data = _data(page)["slides"][0]
+    assert len(data["cells"]) == len(rep.cells()) == 2
+    figures = re.findall(r'<figure class="cell"[^>]*data-id="([^"]+)"', page)
+    assert not figures and set(data["more"]) == {c["id"] for c in data["cells"]} - set(figures)
+    assert all(v["src"].startswith("data:image/jpeg;base64,") for v in data["more"].values())
+    assert page.count("data:image/jpeg;base64,") == 2 + len(rep.fields)  # two crops and the field

@@ -195,3 +195,28 @@ def test_detect_data_without_a_val_split_holds_out_a_fixed_part_of_train(tmp_pat
     assert val_split_name(cfg.data) == f"{tmp_path / 'mine' / 'data.yaml'} train holdout 34% seed 0"
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"workdir": str(tmp_path / "elsewhere")})})  # set explicitly: used as it is
     assert data_dir(cfg, tmp_path / "run") == tmp_path / "elsewhere"
+
+
+@pytest.mark.slow
+def test_model_init_takes_shipped_names_and_paths_from_any_folder(tmp_path, monkeypatch):
+    from smear.artifacts import shipped_dir
+    from smear.classify.train import init_folder
+    from smear.errors import ConfigError
+
+    shipped = shipped_dir("classifier").resolve()
+    assert init_folder("shipped") == init_folder("shipped:classifier") == shipped
+    monkeypatch.chdir(shipped.parent)
+    assert init_folder("classifier") == shipped  # a relative path, made absolute
+    with pytest.raises(ConfigError, match=r"model.init nowhere: no such model folder \(relative paths start at"):
+        init_folder("nowhere")
+    data = make_folders(tmp_path / "lab", {"LY": 6, "MO": 6})
+    for spec, error in (("nowhere", "error: model.init nowhere: no such model folder"),
+                        ("shipped:nothing", "error: shipped:nothing: no shipped model folder of that name"),
+                        ("shipped", "error: model.init shipped: its arch is 'mobilenetv3_small_100', the config's "
+                                    "'test_efficientnet'")):  # found and read: only the tiny arch differs
+        out = tmp_path / f"run-{spec.replace(':', '-')}"
+        res = runner.invoke(app, ["train", "classify", "--data", str(data), "--out", str(out), *TINY_CLASSIFY,
+                                  "--set", f"model.init={spec}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        [line] = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(error), line

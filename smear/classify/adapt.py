@@ -47,9 +47,9 @@ from smear.nn.tensors import Normalize
 from smear.nn.weights import load_weights, save_weights
 from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import warmup_cosine
-from smear.devices import resolve_device
+from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
-from smear.types import FINE_CLASSES, SmearError
+from smear.types import FINE_CLASSES, DataError, SmearError
 
 MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
 
@@ -61,6 +61,7 @@ class Recipe:
     epochs: int = 60             # passes over the training cells (each at least one batch)
     batch: int = 32
     lr: float = 1e-3
+    lr_head_only: float = 1e-2   # the learning rate when only the classifier layer trains (train_blocks 0)
     weight_decay: float = 0.01
     train_blocks: int = 2        # last blocks of the network trained with the head; 0: the classifier
                                  # layer only (keeps the novelty score); -1: the whole network
@@ -76,20 +77,33 @@ class Recipe:
 # ---------------------------------------------------------------- the recipe
 
 
-def heldout_split(strata: Sequence[str], share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out indices, ``share`` of each stratum held out (rounded; a stratum of
-    one cell trains), after a seeded shuffle."""
+def heldout_split(strata: Sequence[str], share: float, seed: int,
+                  groups: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out indices after a seeded shuffle: ``share`` of each stratum's cells held
+    out (rounded; a stratum keeps at least one training cell), and always at least one held out when
+    there are two or more. With ``groups`` (``Cells.groups``) whole groups move together, so two
+    copies of one cell are never on both sides; a group's stratum is its first cell's."""
+    groups = list(range(len(strata))) if groups is None else list(groups)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
     by: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(strata):
-        by[s].append(i)
+    for g in sorted(members):
+        by[strata[members[g][0]]].append(g)
     rng = np.random.default_rng(seed)
     train, held = [], []
     for s in sorted(by):
-        idx = rng.permutation(by[s])
-        n = min(len(idx) - 1, round(len(idx) * share))
-        held += list(idx[:n])
-        train += list(idx[n:])
-    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+        gs = [int(g) for g in rng.permutation(by[s])]
+        n = min(len(gs) - 1, round(len(gs) * share))
+        held += gs[:n]
+        train += gs[n:]
+    if not held and len(train) > 1:  # always hold something out: one group of the largest stratum
+        largest = max(sorted(by), key=lambda s: len(by[s]))
+        pick = next(g for g in train if g in set(by[largest]))
+        train.remove(pick)
+        held.append(pick)
+    cells = lambda gs: np.sort(np.array([i for g in gs for i in members[g]], dtype=np.int64))  # noqa: E731
+    return cells(train), cells(held)
 
 
 def stratum_weights(cells: Cells, power: float) -> tuple[torch.Tensor, float]:
@@ -166,6 +180,13 @@ class Adapted:
     meta: dict[str, Any]
     config: dict[str, Any]
     novelty_file: Path | None  # the source's novelty statistics, still valid (features untouched)
+    novelty_stats: dict[str, np.ndarray] | None = None  # refitted novelty statistics (features trained)
+    guard_files: tuple[Path, ...] = ()  # the source folder's other guard files, carried as they are
+
+    @property
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """``{"before": ..., "after": ...}`` on the held-out cells."""
+        return self.meta["metrics"]["heldout"]
 
 
 def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
@@ -205,7 +226,8 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     weights, group_w = stratum_weights(train, recipe.class_weight_power)
     per_epoch = -(-max(len(train), recipe.batch) // recipe.batch) * recipe.batch  # whole batches
     steps = recipe.epochs * per_epoch // recipe.batch
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    lr = recipe.lr_head_only if recipe.train_blocks == 0 else recipe.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
     scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
     if recipe.augment not in ("source", "mild"):
         raise SmearError(f"adapt augment {recipe.augment!r}: use source or mild")
@@ -229,9 +251,11 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
 
 
 def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
-              log: Callable[[str], None] = print) -> Adapted:
+              log: Callable[[str], None] = print, source_cells: Cells | None = None) -> Adapted:
     """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
-    and refit its temperature on their held-out part; nothing is written."""
+    and refit its temperature on their held-out part; nothing is written. The source's novelty
+    score is carried when only the classifier layer trains, refitted on ``source_cells`` (a sample
+    of the source's training data) plus the lab's training cells when more trains, else dropped."""
     t0 = time.perf_counter()
     source = Path(source)
     meta, config = load_meta(source), load_model_config(source)
@@ -240,10 +264,11 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     if tuple(meta["classes"]) != FINE_CLASSES:
         raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
     size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
+    set_threads()
     torch.manual_seed(recipe.seed)
     net, norm = _load(source, meta, dev)
 
-    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed)
+    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed, cells.groups)
     train, held = cells.subset(tr_idx), cells.subset(ho_idx)
     before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
     t_source = float(meta.get("temperature", 1.0))
@@ -263,9 +288,23 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
         net, _ = _load(source, meta, dev)
         torch.manual_seed(recipe.seed)
         _train(net, norm, cells, recipe, meta, config, dev, log)
-    keep_novelty = recipe.train_blocks == 0 and meta.get("novelty")
-    new_meta = {k: v for k, v in meta.items() if k not in ("metrics", "novelty", "training", "fine_tuned_from",
-                                                            "smear_version")}
+    has_novelty = bool(meta.get("novelty"))
+    keep_novelty = recipe.train_blocks == 0 and has_novelty
+    novelty, stats = (dict(meta["novelty"]), None) if keep_novelty else (None, None)
+    if has_novelty and not keep_novelty and source_cells is not None:
+        novelty, stats = refit_novelty(net, meta, source_cells, train, held, recipe, dev, log)
+    if keep_novelty:
+        why = "kept: the features were not trained"
+    elif novelty is not None:
+        why = f"refitted: {novelty['fitted_on']}"
+    else:
+        why = ("dropped: the trained layers change the features its statistics were fitted on" if has_novelty
+               else "none in the source model")
+    # the source's other guard statistics (the slide guard: meta "guard" and its file) hold while the
+    # features are the source's, i.e. when only the classifier layer trained; else they are not carried
+    dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if keep_novelty
+                                                                                       else GUARD_META)
+    new_meta = {k: v for k, v in meta.items() if k not in dropped}
     new_meta.update({
         "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
         "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),
@@ -275,21 +314,87 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
             "n_heldout": len(held),
             "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
             "data": cells.origin, "recipe": asdict(recipe), "temperature_from": calibrated,
-            "novelty": "kept: the features were not trained" if keep_novelty else
-                       "dropped: the trained layers change the features its statistics were fitted on",
-            "wall_seconds": round(time.perf_counter() - t0, 1)},
-        "metrics": {"split": "held-out part of the lab's cells (stratified, seed "
-                             f"{recipe.seed}, share {recipe.heldout})", "heldout": figures},
+            "novelty": why, "wall_seconds": round(time.perf_counter() - t0, 1)},
+        "metrics": {"split": f"held-out part of the lab's cells ({len(held)} of {len(cells)}: stratified by class, "
+                             f"copies of one cell kept together, seed {recipe.seed}, share {recipe.heldout})",
+                    "heldout": figures},
         "data": {"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
         "data_fingerprint": data_fingerprint(set(cells.files)),
     })
-    if keep_novelty:
-        new_meta["novelty"] = meta["novelty"]
+    if novelty is not None:
+        new_meta["novelty"] = novelty
     new_config = {**config, "adapt": {"source": str(source), **asdict(recipe)}}
     clf = CnnClassifier(net, new_meta, device=device, batch=recipe.batch)
     log(f"held out ({len(held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
         f"{_f(figures['after'].get('type5_accuracy'))}; T {t_source:.3f} -> {temperature:.3f} ({calibrated})")
-    return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None)
+    carried = guard_files(source, meta) if keep_novelty else ()
+    if not keep_novelty and guard_files(source, meta):
+        log(f"not carried (fitted on the source's features, which the trained layers changed): "
+            f"{', '.join(p.name for p in guard_files(source, meta))}")
+    return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None,
+                   stats, carried)
+
+
+#: meta.json keys of guard statistics besides the novelty score (the slide guard, smear.classify.guard)
+GUARD_META = ("guard",)
+#: files of a model folder that are not part of its guard
+MODEL_FILES = frozenset({WEIGHTS, META, CONFIG, CARD, "model.onnx"})
+
+
+def guard_files(source: Path, meta: dict[str, Any]) -> tuple[Path, ...]:
+    """The source folder's guard files other than the novelty statistics (e.g. the slide guard's
+    ``guard.safetensors``): every regular file that is not the weights, meta, config, card or ONNX graph."""
+    skip = MODEL_FILES | {meta.get("weights", WEIGHTS), (meta.get("novelty") or {}).get("file", "")}
+    return tuple(sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink() and p.name not in skip
+                        and not p.name.startswith(".")))
+
+
+@torch.no_grad()
+def refit_novelty(net: torch.nn.Module, meta: dict[str, Any], source_cells: Cells, train: Cells, held: Cells,
+                  recipe: Recipe, dev, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The novelty score of the adapted network (``smear.classify.novelty``), fitted on the features of
+    four fifths of ``source_cells`` and the lab's training cells; its threshold is the source's
+    quantile of the scores of the rest: the other fifth and the lab's held-out cells."""
+    from smear.classify import novelty as nov
+    from smear.classify.train import GROUP_MASK
+    from smear.nn.augment import eval_batch, to_uint8
+    from smear.types import GROUPS8
+
+    quantile = float(meta["novelty"].get("quantile", 0.97))
+    src_fit, src_val = heldout_split(source_cells.strata, 0.2, recipe.seed, source_cells.groups)
+    fit_cells = [source_cells.subset(src_fit), train]
+    val_cells = [source_cells.subset(src_val), held]
+    clf = CnnClassifier(nov.WithFeatures(net).eval(), {**meta, "novelty": {}}, device=str(dev), batch=recipe.batch)
+    size = int(meta["input_size"])
+
+    def features(part: Cells) -> tuple[torch.Tensor, torch.Tensor]:
+        centre = to_uint8(eval_batch(torch.from_numpy(part.crops), size))
+        return clf.outputs(list(centre))
+
+    fit_feats, labels = [], []
+    for part in (c for c in fit_cells if len(c)):
+        logits, feats = features(part)
+        mask = GROUP_MASK[[GROUPS8.index(g) for g in part.group]]
+        within = logits.masked_fill(~mask, -torch.inf).argmax(1).numpy()  # group-only cells: best class inside
+        labels += [FINE_CLASSES.index(f) if f else int(within[i]) for i, f in enumerate(part.fine)]
+        fit_feats.append(feats)
+    feats = torch.cat(fit_feats).numpy()
+    stats = nov.fit(feats, np.array(labels))
+    fit_d = nov.distances(feats, stats)
+    val = [features(part)[1] for part in val_cells if len(part)]
+    val_d = nov.distances(torch.cat(val).numpy(), stats) if val else fit_d
+    threshold = float(np.quantile(val_d, quantile))
+    n_src, n_lab = len(src_fit), len(train)
+    log(f"novelty refitted on {n_src} source and {n_lab} lab cells: threshold {threshold:.3f} "
+        f"(quantile {quantile} of {len(val_d)} held-out cells)")
+    return {"method": meta["novelty"].get("method", "mahalanobis, shared covariance, pre-logit features "
+                                                    "(smear.classify.novelty)"),
+            "threshold": round(threshold, 4), "quantile": quantile, "n_fit": n_src + n_lab, "n_val": len(val_d),
+            "fitted_on": f"smear adapt: {n_src} cells of the source's data ({source_cells.origin}) and the lab's "
+                         f"{n_lab} training cells; threshold at the {quantile} quantile of {len(val_d)} held-out "
+                         "cells of both",
+            "train_held": round(float((fit_d > threshold).mean()), 4),
+            "val_held": round(float((val_d > threshold).mean()), 4), "file": nov.NOVELTY_FILE}, stats
 
 
 def source_name(source: Path) -> str:
@@ -316,6 +421,13 @@ def model_card(meta: dict[str, Any]) -> str:
     rows = "\n".join(f"| {name} | {_f(fig['before'].get(key))} | {_f(fig['after'].get(key))} |"
                      for key, name in names.items())
     r = a["recipe"]
+    b = a.get("brakes") or {}
+    brakes = ""
+    if b.get("forced"):
+        brakes += (f"\nAdapted with `--force`: fewer cells than the limits ({b['limits']['min_cells']} in all, "
+                   f"{b['limits']['min_per_class']} per corrected class) were overridden.")
+    if b.get("allow_worse"):
+        brakes += "\nWritten with `--allow-worse`: it was not refused if worse than its source on these cells."
     bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
     refit = (f" The folder's model was then trained again, on all {a['cells']} cells, with the same recipe and "
              "that temperature." if r.get("refit_all") and a["n_heldout"] else "")
@@ -332,9 +444,12 @@ source's {src['temperature']:.3f}), {a['temperature_from']}.
 (stratified by class, seed {r['seed']}) for the figures below and the temperature.{refit}
 
 ## Before and after, on the {fig['after']['n']} held-out cells
+Split: {meta['metrics']['split']}.
+
 | figure | source model | adapted |
 |---|---|---|
 {rows}
+{brakes}
 
 Few held-out cells give wide intervals: with 20 cells one cell is 5 points. The measured curve of
 accuracy against the number of cells is in the shipped classifier's card (`benchmarks/adapt_curve.py`).
@@ -344,7 +459,11 @@ accuracy against the number of cells is in the shipped classifier's card (`bench
 label smoothing {r['label_smoothing']}, class weights (mean/count)^{r['class_weight_power']};
 trained: {'the whole network' if r['train_blocks'] < 0 else 'the classifier layer only' if r['train_blocks'] == 0
           else f"the last {r['train_blocks']} blocks and the head"}, BatchNorm statistics {bn};
-{"the source model's training augmentation" if r.get("augment", "source") == "source" else "mild augmentation"}. Novelty score: {a['novelty']}. {a['wall_seconds']} s.
+{"the source model's training augmentation" if r.get("augment", "source") == "source" else "mild augmentation"}. {a['wall_seconds']} s.
+
+## Guard
+Novelty score (cells unlike every training class go to UNIDENTIFIED; the domain guard counts
+them): {a['novelty']}.
 
 ## Limits
 Figures are for this lab's held-out cells only. Not a medical device: cells under the review
@@ -372,6 +491,12 @@ def write_model(adapted: Adapted, out: str | Path) -> Path:
         save_weights(net, tmp / WEIGHTS)
         if adapted.novelty_file is not None:
             shutil.copy2(adapted.novelty_file, tmp / adapted.novelty_file.name)
+        if adapted.novelty_stats is not None:
+            from smear.classify import novelty as nov
+
+            nov.save(tmp, adapted.novelty_stats)
+        for path in adapted.guard_files:
+            shutil.copy2(path, tmp / path.name)
         from smear import __version__
 
         meta = {"smear_version": __version__, **adapted.meta}
@@ -394,24 +519,117 @@ def run_line(model_dir: str | Path) -> str:
     return f"smear run SLIDE_FOLDER --set classifier_model={model_dir}"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What ``adapt`` refuses (the ``adapt`` section of the classify config)."""
+
+    min_cells: int = 20
+    min_per_class: int = 2
+    max_rows: int = 5000
+    heldout: float = 0.2
+    source_per_class: int = 60
+
+
+def check_enough(cells: Cells, limits: Limits) -> None:
+    """Refuse too few cells: under ``min_cells`` in all, or under ``min_per_class`` of a class the
+    reviewer corrected cells to (cells whose model call was changed); the error gives the counts."""
+    counts = Counter(cells.labels())
+    corrected = sorted({lab for lab, c in zip(cells.labels(), cells.corrected or []) if c})
+    short = [f"{lab} {counts[lab]}" for lab in corrected if counts[lab] < limits.min_per_class]
+    if len(cells) >= limits.min_cells and not short:
+        return
+    have = ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+    why = (f"{len(cells)} usable cells ({have}); adapting needs at least {limits.min_cells}" if len(cells) <
+           limits.min_cells else f"too few cells of a corrected class ({', '.join(short)}); adapting needs at "
+           f"least {limits.min_per_class} of each class cells were corrected to")
+    skipped = ", ".join(f"{n} {w}" for w, n in sorted(cells.skipped.items()))
+    raise DataError(f"{cells.origin}: {why}" + (f" (skipped: {skipped})" if skipped else ""),
+                    hint="review more cells, or pass --force to adapt on these anyway (held-out figures "
+                         "from a handful of cells mean little)")
+
+
+def check_not_worse(adapted: Adapted) -> None:
+    """Refuse an adapted model whose 5-type accuracy on the held-out cells is below its source's."""
+    before, after = adapted.figures["before"], adapted.figures["after"]
+    b, a = before.get("type5_accuracy"), after.get("type5_accuracy")
+    if b is not None and a is not None and a < b:
+        raise SmearError(f"the adapted model is worse than its source on the {after['n']} held-out cells: "
+                         f"5-type accuracy {b:.3f} -> {a:.3f}; nothing written",
+                         hint="review more cells (or check the labels); --allow-worse writes it anyway")
+
+
+def read_source_cells(roots: Sequence[str | Path], margin: float, size: int, per_class: int, seed: int,
+                      cache_dir: str | Path | None, log: Callable[[str], None]) -> Cells:
+    """A sample of the source model's training data (datasets ``smear eval classify --data`` reads),
+    at most ``per_class`` cells of each class, for refitting the novelty score."""
+    from smear.classify.data import load_items
+    from smear.classify.lab_cells import read_items
+
+    picked = []
+    rng = np.random.default_rng(seed)
+    for root in roots:
+        by: dict[str, list] = defaultdict(list)
+        for it in load_items(root):
+            by[it.stratum].append(it)
+        for s_ in sorted(by):
+            idx = rng.permutation(len(by[s_]))[:per_class]
+            picked += [by[s_][i] for i in sorted(idx)]
+    cells = read_items(picked, margin, size, cache_dir, log, origin=", ".join(map(str, roots)))
+    log(f"source data: {len(cells)} cells ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
+    return cells
+
+
 def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
           seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
           recipe: Recipe | None = None, log: Callable[[str], None] = print,
-          fields: str | Path | None = None) -> Path:
+          fields: str | Path | None = None, limits: Limits = Limits(), force: bool = False,
+          allow_worse: bool = False, source_data: Sequence[str | Path] = ()) -> Path:
     """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
     write the adapted model folder ``out`` (refused if it holds files); returns ``out``. ``fields``:
-    where the fields that corrections CSVs name are (a slide folder, or the folder of slides)."""
+    where the fields that corrections CSVs name are (a slide folder, or the folder of slides).
+
+    Brakes: under ``limits`` cells is refused (``force``: adapt anyway); an adapted model worse than
+    its source on the held-out cells is not written (``allow_worse``: written anyway). The adapted
+    model keeps a guard: with ``source_data`` (the source's training data) the last blocks train and
+    the novelty score is refitted; without it only the classifier layer trains and the source's
+    guard is carried."""
     from dataclasses import replace
 
-    from smear.artifacts import resolve_model_dir
+    from smear.artifacts import load_model, resolve_model_dir
 
     out = Path(out)
     _check_out(out)
     source = resolve_model_dir(source, "classifier")
-    meta, config = load_meta(source), load_model_config(source)
-    recipe = replace(recipe or Recipe(), seed=seed, **({"epochs": int(epochs)} if epochs else {}))
+    meta = load_model(source, "classify", required=("arch", "input_size", "crop_margin", "normalize")).as_dict()
+    config = load_model_config(source)
+    recipe = replace(recipe or Recipe(), seed=seed, heldout=limits.heldout, **({"epochs": int(epochs)} if epochs else {}))
     margin, wide = wide_geometry(meta, config)
-    cells = read_cells(data, margin, wide, layout, cache_dir, log, fields)
+    cells = read_cells(data, margin, wide, layout, cache_dir, log, fields, limits.max_rows)
     log(f"cells: {len(cells)} ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
-    adapted = fine_tune(cells, source, recipe, device, log)
+    if force:
+        try:
+            check_enough(cells, limits)
+        except DataError as exc:
+            log(f"--force: adapting anyway ({exc.args[0]})")
+    else:
+        check_enough(cells, limits)
+    source_cells = None
+    if meta.get("novelty") and recipe.train_blocks != 0:
+        if source_data:
+            source_cells = read_source_cells(source_data, margin, wide, limits.source_per_class, seed, cache_dir, log)
+        else:
+            recipe = replace(recipe, train_blocks=0)
+            log("adapt: training the classifier layer only, so that the source's novelty score stays valid "
+                "(--source-data with the source's training data trains the last blocks too and refits it)")
+    adapted = fine_tune(cells, source, recipe, device, log, source_cells)
+    adapted.meta["adaptation"]["brakes"] = {
+        "limits": asdict(limits), "forced": bool(force), "allow_worse": bool(allow_worse),
+        "source_data": [str(p) for p in source_data]}
+    if allow_worse:
+        try:
+            check_not_worse(adapted)
+        except SmearError as exc:
+            log(f"--allow-worse: writing it anyway ({exc.args[0]})")
+    else:
+        check_not_worse(adapted)
     return write_model(adapted, out)

@@ -11,6 +11,7 @@ they teach "neutrophil, stage unknown" without pretending to know the stage.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -187,10 +188,14 @@ def stratified_split(items: Sequence[Item], fractions: Sequence[float] = (0.7, 0
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError as exc:
-        raise SmearError(f"{path}: not under the data root {root}") from exc
+    """``path`` relative to ``root``: as written first (a class folder may be a symbolic link to
+    elsewhere), else with links resolved."""
+    for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (Path(path).resolve(), Path(root).resolve())):
+        try:
+            return p.relative_to(r).as_posix()
+        except ValueError:
+            continue
+    raise SmearError(f"{path}: not under the data root {root}")
 
 
 def split_to_json(splits: Sequence[Sequence[Item]], root: str | Path, **info) -> str:

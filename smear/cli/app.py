@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,11 @@ from typer.core import TyperGroup
 from smear.errors import SmearError
 
 _state = {"verbose": False}
+try:  # typer >= 0.29 carries its own click inside it
+    from typer._click.exceptions import UsageError as _TyperUsageError
+except ImportError:
+    _TyperUsageError = click.UsageError
+_USAGE_ERRORS = tuple({click.UsageError, _TyperUsageError})
 
 
 class _ErrorBoundary(TyperGroup):
@@ -45,7 +51,58 @@ class _ErrorBoundary(TyperGroup):
             if _state["verbose"]:
                 raise
             fail(str(exc), exc.hint)
+        except _USAGE_ERRORS as exc:  # a wrong option or value: the same one line, not click's box
+            if _state["verbose"]:
+                raise
+            message = " ".join(exc.format_message().replace("Value error, ", "").split())
+            where = exc.ctx.command_path if exc.ctx is not None else "smear"
+            fail(message, f"{where} --help", code=exc.exit_code)
 
+
+def _tidy_help() -> None:
+    """Help in the usual style whatever typer's version: a flag shows no value placeholder
+    (typer 0.29 prints ``<bool>``), a repeatable option its element (``<path>``, not
+    ``<list[Path]>``), and the usage line ``PATHS...`` (not ``{paths}...``)."""
+    import typing
+
+    core = typer.core
+    option, argument = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
+    if option is None or argument is None or not hasattr(option, "display_type_rich"):
+        return  # an older typer: click's own metavars
+
+    def element(param) -> str | None:
+        desc = getattr(param, "type_descriptor", None)
+        if desc is None or not desc.is_list or desc.is_choice:
+            return None
+        inner = (typing.get_args(desc.annotation) or (str,))[0]
+        return "<path>" if inner is Path else f"<{getattr(inner, '__name__', 'value').lower()}>"
+
+    plain_option = option.display_type_rich
+
+    def option_type(self, ctx):
+        if self.metavar is None and self.is_flag:
+            return None
+        if self.metavar is None and element(self):
+            return element(self)
+        return plain_option(self, ctx)
+
+    plain_argument = argument.display_type_rich
+
+    def argument_type(self, ctx):
+        return element(self) if self.metavar is None and element(self) else plain_argument(self, ctx)
+
+    def usage_name(self) -> str:
+        name = self.display_name_raw.upper() if self.metavar is None else self.display_name_raw
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    option.display_type_rich = option_type
+    argument.display_type_rich = argument_type
+    if hasattr(argument, "_usage_display_name"):
+        argument._usage_display_name = usage_name
+
+
+_tidy_help()
 
 app = typer.Typer(cls=_ErrorBoundary, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="smear: blood-smear fields to a leukocyte differential.")
@@ -148,7 +205,15 @@ def _root(ctx: typer.Context,
     _state["verbose"] = verbose
     setup_logging(verbose)
     logging.captureWarnings(True)  # warnings.warn of the library: one yellow line, not a source dump
-    ctx.call_on_close(lambda: logging.captureWarnings(False))
+    plain = warnings.formatwarning
+    if not verbose:  # the message alone; its file, line and category with --verbose
+        warnings.formatwarning = lambda message, category, filename, lineno, line=None: str(message)
+
+    def restore() -> None:
+        logging.captureWarnings(False)
+        warnings.formatwarning = plain
+
+    ctx.call_on_close(restore)
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ def render_summary(diffs: Sequence[Differential], console: Console) -> None:
         for w in d.domain_warnings:
             console.print(f"[bold red]WARNING:[/] {escape(w)}", markup=True)
         console.print(head, markup=True)
+        if d.whole_slide is not None:
+            console.print(escape(whole_slide_line(d.whole_slide)), markup=True)
         if d.classified:
             table = Table(show_edge=False, pad_edge=False)
             for col, just in (("class", "left"), ("", "left"), ("n", "right"), ("%", "right"),
@@ -41,6 +43,20 @@ def render_summary(diffs: Sequence[Differential], console: Console) -> None:
         for flag in d.flags:
             console.print(f"[yellow]flag:[/] {escape(flag)}", markup=True)
         console.print()
+
+
+def whole_slide_line(w) -> str:
+    """What a whole-slide run read and skipped, its area and its platelet estimate, in one line."""
+    skipped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in w.skipped.items() if n)
+    target = (f"target {w.target_wbc} WBC {'reached' if w.reached_target else 'NOT reached'}"
+              if w.target_wbc else "every monolayer tile")
+    plt = "" if w.platelets_per_hpf is None else f"; platelets {w.platelets_per_hpf} per HPF"
+    if w.platelets_1e9_per_l is not None:
+        plt += f", about {w.platelets_1e9_per_l:g} x 10^9/L"
+    qmap = f"; quality map {w.quality_map}" if w.quality_map else ""
+    return (f"whole slide {w.width}x{w.height} px at {w.mpp} um/px ({w.mpp_source}), level {w.level}: "
+            f"{w.tiles_counted} of {w.tiles_total} tiles counted ({w.area_mm2:g} mm^2), {target}; "
+            f"skipped {skipped or 'none'}{plt}{qmap}")
 
 
 def _bar(console: Console, label: str) -> Progress:

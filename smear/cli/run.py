@@ -31,7 +31,8 @@ class ReportFormat(str, Enum):
                      "--report html --out report.html --cells cells.csv  |  smear run slide/ --segment unet --resume  |  "
                      "smear run /shared/slides --recursive --engine ray --address auto --report csv --out /shared/out.csv")
 def run(
-    paths: Annotated[list[Path], typer.Argument(help="Field images or folders (a folder is one slide).")],
+    paths: Annotated[list[Path], typer.Argument(help="Field images, folders (a folder is one slide) or whole-slide "
+                                                     "files (.svs .ndpi .mrxs .dcm, pyramidal .tif).")],
     report: Annotated[ReportFormat, typer.Option(help="table | csv | json | html (one self-contained file).")
                       ] = ReportFormat.table,
     out: Annotated[Optional[Path], typer.Option(help="Write the report here (default: stdout).")] = None,
@@ -43,13 +44,16 @@ def run(
     resume: Annotated[bool, typer.Option(help="Reuse results of fields already done (same file, same models).")
                       ] = False,
     engine: Annotated[EngineName, typer.Option(help="local (this process) | ray (Ray actors; pip install "
-                                                    "\"smear[ray]\").")] = EngineName.local,
+                                                    "\"smear\\[ray]\").")] = EngineName.local,
     address: Annotated[Optional[str], typer.Option(help="ray: auto (this node's cluster) | HOST:PORT; default: a "
                                                         "local Ray instance, or $RAY_ADDRESS.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="ray: worker actors (default: one per GPU, "
                                                                "or one per node).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0.0, help="ray: GPUs each worker holds (default: 1 "
                                                                            "when the cluster has GPUs, else 0).")] = None,
+    target_wbc: Annotated[Optional[int], typer.Option(min=1, help="Whole slides: stop once N white cells are "
+                                                                  "classified (default wsi.target_wbc, 200).")] = None,
+    all_tiles: Annotated[bool, typer.Option("--all", help="Whole slides: count every monolayer tile.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -66,8 +70,11 @@ def run(
     cfg = load_config("pipeline", config, set_ or [], {"--device": ("device", device), "--segment": ("segmenter", segment)})
     if report == ReportFormat.html and out is None and _stdout_is_terminal():
         raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
-    slides = find_slides(paths, recursive=recursive, warn=warn)
-    check_outputs({"--out": out, "--cells": cells}, slides)  # before any model loads
+    from smear.cli.wsi import check_whole_slides
+
+    whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles, recursive)
+    slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
+    check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     ray = None
     if engine == EngineName.ray:
         from smear.cli.app import verbose
@@ -75,7 +82,8 @@ def run(
 
         ray = RayOptions(address, workers, gpus_per_worker, worker_logs=verbose())
     with terminate_cleanly():
-        result = _run_job(slides, cfg, resume, cells, report in (ReportFormat.json, ReportFormat.html), ray)
+        result = _run_job(slides, cfg, resume, cells, report in (ReportFormat.json, ReportFormat.html), ray,
+                          whole.options(cfg, target_wbc, all_tiles, out, cells))
     _render(result, report, out)
 
 
@@ -105,8 +113,9 @@ def _render(result, report: ReportFormat, out: Optional[Path]) -> None:
         save(console.export_text(), out, result.cfg)
 
 
-def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray):
-    """``pipeline.run_job`` with a progress bar, writing --cells rows as fields finish."""
+def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, whole):
+    """``pipeline.run_job`` with a progress bar, writing --cells rows as fields finish (the whole-slide
+    files, ``whole``: smear.cli.wsi.WholeSlideRun, tile by tile)."""
     from smear.cli.render import progress
     from smear.pipeline.job import run_job
     from smear.report import tables as rep
@@ -114,9 +123,11 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray):
     from smear.types import SkippedField
 
     n_fields = sum(len(s.fields) for s in slides)
-    writer = rep.CellsWriter(cells, masks=cfg.segmenter != "off") if cells is not None else None
+    writer = None
     try:
-        with progress(err_console, total=n_fields) as advance:
+        if cells is not None:
+            writer = rep.CellsWriter(cells, masks=cfg.segmenter != "off", slide_coords=bool(whole))
+        with progress(err_console, total=None if whole else n_fields) as advance:
             def on_field(slide_name, item):
                 if isinstance(item, SkippedField):
                     if n_fields > 1:
@@ -124,13 +135,15 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray):
                 elif writer is not None:
                     writer.write(slide_name, item)
                 advance()
-            result = run_job(slides, cfg, resume, keep_fields=keep, ray=ray, on_field=on_field, warn=warn)
+            result = run_job(slides, cfg, resume, keep_fields=keep, ray=ray, on_field=on_field, warn=warn,
+                             whole=whole or None)
         if writer is not None:
             writer.close()
     except OSError as exc:
-        if writer is None:
+        if cells is None:
             raise
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
                          hint=kept_hint(cfg)) from exc
     except BaseException:

@@ -57,7 +57,7 @@ def config_show(
 
 @data_app.command("convert")
 def data_convert(
-    sources: Annotated[list[str], typer.Argument(help="VOC folder, YOLO data.yaml[:split], COCO .json or images folder.")],
+    sources: Annotated[list[str], typer.Argument(help="VOC folder, YOLO data.yaml\\[:split], COCO .json or images folder.")],
     out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")],
     val_fraction: Annotated[float, typer.Option(help="Fixed, seeded part held out as 'val'.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -107,13 +107,26 @@ def adapt(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
     fields: Annotated[Optional[Path], typer.Option(help="Where the fields named in corrections CSVs are: "
                                                    "the slide folder, or the folder holding the slides.")] = None,
+    source_data: Annotated[Optional[list[Path]], typer.Option(
+        help="The source model's training data (datasets as `smear eval classify --data` reads): the last "
+             "blocks then train too and the novelty score is refitted on a sample of it plus the lab's cells. "
+             "Without it only the classifier layer trains and the source's guard is kept.")] = None,
+    force: Annotated[bool, typer.Option(help="Adapt on fewer cells than adapt.min_cells / adapt.min_per_class.")
+                     ] = False,
+    allow_worse: Annotated[bool, typer.Option(help="Write the model even if it is worse than its source on the "
+                                                   "held-out cells.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Fine-tune a classifier on a lab's labelled cells; refit its temperature on a held-out part."""
+    """Fine-tune a classifier on a lab's labelled cells; refuses too few cells and a worse model."""
+    from smear.classify.adapt import Limits, run_line
     from smear.classify.adapt import adapt as adapt_model
-    from smear.classify.adapt import run_line
+    from smear.config import load_config
 
+    limits = Limits(**load_config("classify", config, set_ or []).adapt.model_dump())
     model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
-                            log=lambda m: err_console.print(m, markup=False), fields=fields)
+                            log=lambda m: err_console.print(m, markup=False), fields=fields, limits=limits,
+                            force=force, allow_worse=allow_worse, source_data=source_data or ())
     out_console.print(f"model folder: {model_dir}\nuse it with:\n  {run_line(model_dir)}")
 
 

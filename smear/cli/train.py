@@ -74,7 +74,7 @@ _stage_command("detect", "Train the YOLO detector (offline, from the model YAML)
                "(--data: the --out of smear data convert; continue a run: --resume)")
 _stage_command("classify", "Train the leukocyte classifier from scratch, calibrate it on validation, score it on test.",
                "smear train classify --data ../shared/data/pbc --out runs/clf --epochs 30  "
-               "(fine-tune: --set model.init=smear/weights/classifier)")
+               "(fine-tune: --set model.init=shipped)")
 
 
 @train_app.command("novelty", epilog="Example: smear train novelty runs/clf --quantile 0.97")

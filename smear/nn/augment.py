@@ -51,6 +51,11 @@ def strengths_of(strengths: Augment | Mapping[str, Any] | None = None) -> Augmen
     base = default_config("classify").train.augment
     return Augment.model_validate({**base.model_dump(), **(strengths or {})})
 
+#: Optical-density directions of a Wright-like cast: eosin's pink (absorbs green) and a red one
+#: (absorbs green and blue), unit vectors; a cast draws a direction between the two.
+PINK_OD = np.array([0.07, 0.99, 0.11]) / np.linalg.norm([0.07, 0.99, 0.11])
+RED_OD = np.array([0.05, 0.70, 0.70]) / np.linalg.norm([0.05, 0.70, 0.70])
+
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen)
@@ -232,6 +237,40 @@ def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator | None = No
     return torch.where(on, luma.expand_as(x), x)
 
 
+def channel_shuffle(x: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Permute the RGB channels of a random fraction ``p`` of the images (one of the 5 other orders):
+    the same morphology in colours no stain gives, so that colour alone cannot decide a class."""
+    if p <= 0:
+        return x
+    b = x.shape[0]
+    on = torch.rand(b, generator=gen) < p
+    if not bool(on.any()):
+        return x
+    orders = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    pick = orders[torch.randint(0, len(orders), (b,), generator=gen)]
+    out = x.clone()
+    idx = torch.nonzero(on).flatten()
+    out[idx] = torch.stack([x[i, pick[i]] for i in idx.tolist()])
+    return out
+
+
+def wright_cast(x: torch.Tensor, p: float, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Add a pink-to-red optical density U(0.1, 1) x ``strength`` to a random fraction ``p`` of the
+    images, everywhere (background, red cells and cytoplasm alike), as a Wright stain or a warm
+    white balance does: a neutrophil on a pink background must still read as a neutrophil."""
+    if p <= 0 or strength <= 0:
+        return x
+    b = x.shape[0]
+    on = (torch.rand(b, generator=gen) < p).to(x.dtype)
+    t = torch.rand(b, generator=gen, dtype=torch.float64).view(b, 1)
+    direction = (1 - t) * torch.as_tensor(PINK_OD)[None] + t * torch.as_tensor(RED_OD)[None]
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    amount = _uniform(b, 0.1 * strength, strength, gen).to(x.dtype) * on
+    od = -torch.log(x.clamp(min=1.0 / 255.0))
+    od = od + (direction.to(x.dtype) * amount.view(b, 1)).view(b, 3, 1, 1)
+    return torch.exp(-od).clamp_(0.0, 1.0)
+
+
 class BatchAugment:
     """Training augmentation: uint8 B x S x S x 3 crops -> float B x 3 x size x size in [0, 1]."""
 
@@ -260,6 +299,8 @@ class BatchAugment:
         s, g = self.s, self.gen
         x = hed_jitter(x.clamp(0.0, 1.0), s.hed, g)
         x = colour_jitter(x, s.hue, s.saturation, s.brightness, s.contrast, g)
+        x = wright_cast(x, s.cast_p, s.cast_strength, g)
+        x = channel_shuffle(x, s.shuffle_p, g)
         x = random_grayscale(x, s.gray_p, g)
         x = down_resolution(x, s.downres_p, s.downres_min, g)
         x = gaussian_blur(x, s.blur_p, s.blur_sigma, g)

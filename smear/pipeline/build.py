@@ -135,7 +135,10 @@ def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> 
 
 def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
     """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already)."""
+    from smear.devices import resolve_device
+
     _runtime(cfg)
+    resolve_device(str(cfg.device))  # a device that is not there is said before any stage loads
     metas = model_metas(cfg) if metas is None else metas
     classifier = None
     if cfg.classifier == "cnn":

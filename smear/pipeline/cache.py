@@ -125,14 +125,16 @@ class FieldCache:
         self.warn = warn
         self._write_warned = False
 
-    def _entry(self, path: Path) -> Path:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    def _entry(self, path: Path, key: str | None = None) -> Path:
+        digest = hashlib.sha256(key.encode() if key is not None else Path(path).read_bytes()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.json"
 
-    def get(self, path: Path, slide: str) -> FieldResult | None:
-        """The cached result for this file's content, or None (also for an entry that fails its check)."""
+    def get(self, path: Path, slide: str, key: str | None = None, field: str | None = None) -> FieldResult | None:
+        """The cached result for this file's content, or None (also for an entry that fails its check).
+        With ``key`` (a whole slide's tile: the slide's fingerprint and the tile's place) the entry is
+        found by the key instead of the file's bytes, and the result is named ``field``."""
         try:
-            entry = self._entry(path)
+            entry = self._entry(path, key)
             if not entry.is_file():
                 return None
             stored = json.loads(entry.read_text(encoding="utf-8"))
@@ -143,17 +145,17 @@ class FieldCache:
         try:
             if stored.get("sha256") != _checksum(stored.get("result")):
                 raise BadEntry("checksum mismatch")
-            return field_from_dict(stored["result"], slide, Path(path).name, str(path))
+            return field_from_dict(stored["result"], slide, field or Path(path).name, str(path))
         except (BadEntry, LookupError, TypeError, AttributeError) as exc:
             if self.warn is not None:
                 self.warn(f"{path}: cached result refused ({exc}); the field is run again")
             return None
 
-    def put(self, path: Path, result: FieldResult) -> None:
-        """Store a field's result with its checksum (atomic write)."""
+    def put(self, path: Path, result: FieldResult, key: str | None = None) -> None:
+        """Store a field's result with its checksum (atomic write), under ``key`` when given."""
         data = field_to_dict(result)
         try:
-            write_text_atomic(self._entry(path), json.dumps({"format": ENTRY_FORMAT, "sha256": _checksum(data),
+            write_text_atomic(self._entry(path, key), json.dumps({"format": ENTRY_FORMAT, "sha256": _checksum(data),
                                                              "result": data}))
         except OSError as exc:  # a cache that cannot be written only costs speed, but --resume is off
             if self.warn is not None and not self._write_warned:

