@@ -95,6 +95,10 @@ class ModelMeta:
     def weights_path(self) -> Path:
         return self.folder / self.weights
 
+    def as_dict(self) -> dict[str, Any]:
+        """A plain (deep) copy of meta.json's content, to edit and save."""
+        return json.loads(json.dumps(self.raw))
+
     @classmethod
     def of(cls, meta: Mapping[str, Any] | ModelMeta, folder: str | Path = ".", version: str = "",
            meta_hash: str = "") -> ModelMeta:
