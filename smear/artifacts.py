@@ -95,6 +95,17 @@ class ModelMeta:
     def weights_path(self) -> Path:
         return self.folder / self.weights
 
+    def __getitem__(self, key: str) -> Any:
+        """meta.json's ``key`` as written (for the runtimes that still read it by name; the typed
+        attributes above are the contract)."""
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
     def as_dict(self) -> dict[str, Any]:
         """A plain (deep) copy of meta.json's content, to edit and save."""
         return json.loads(json.dumps(self.raw))

@@ -133,7 +133,8 @@ class PipelineConfig(Section):
     classifier: Annotated[Literal["off", "cnn"], BeforeValidator(_word)]
     classifier_model: str
     device: Device
-    runtime: Literal["onnx", "torch"]
+    runtime: Literal["onnx", "onnx-int8", "openvino", "openvino-int8", "torch"]
+    calibration_data: str  # auto | a folder laid out as ../shared/data (the INT8 runtimes' training data)
     review_threshold: Fraction
     classify_batch: Annotated[int, Field(gt=0)]
     classify_tta: Optional[Annotated[int, Field(ge=1, le=8)]]

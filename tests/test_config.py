@@ -67,7 +67,7 @@ def test_bare_off_stays_the_word_off():
     ("review_threshold=abc", "config key 'review_threshold' must be a number (got 'abc')"),
     ("segmenter=unett", "config key 'segmenter' must be one of off, unet, kmeans or grabcut"),
     ("device=gpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
-    ("runtime=tensorrt", "config key 'runtime' must be one of onnx or torch"),
+    ("runtime=tensorrt", "config key 'runtime' must be one of onnx, onnx-int8, openvino, openvino-int8 or torch"),
     ("io.max_pixels=big", "config key 'io.max_pixels' must be an integer"),
 ])
 def test_a_wrong_type_or_choice_is_one_line_naming_key_and_type(override, words):

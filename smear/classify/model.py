@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from smear.artifacts import ModelMeta, load_model
-from smear.nn.onnx import load_network
-from smear.nn.tensors import crops_to_tensor, dihedral, place
-from smear.nn.weights import load_weights
+from smear.artifacts import load_model
 from smear.types import FINE_CLASSES, ClassScores, ModelError
+
+#: torch helpers once public here; imported on first use, so a run on onnxruntime imports no torch
+_TORCH_NAMES = {"Normalize": "smear.nn.tensors", "crops_to_tensor": "smear.nn.tensors", "dihedral": "smear.nn.tensors",
+                "place": "smear.nn.tensors", "load_weights": "smear.nn.weights", "save_weights": "smear.nn.weights"}
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_NAMES[name]), name)
+    raise AttributeError(name)
 
 WEIGHTS = "model.safetensors"
 
@@ -23,12 +31,14 @@ NORMS = ("batch", "group")
 GROUPS = 8  # GroupNorm groups (gcd with the channel count, so every layer divides)
 
 
-def to_group_norm(module: torch.nn.Module, groups: int = GROUPS) -> torch.nn.Module:
+def to_group_norm(module, groups: int = GROUPS):
     """Replace every BatchNorm (timm's BatchNormAct2d keeps its activation) by GroupNorm, in place.
 
     BatchNorm's running statistics are the training lab's colour and contrast, frozen into the
     network; GroupNorm normalises each image by its own statistics, which is what carried a
     Raabin-trained ResNet to other labs in Tsutsui et al. (ICASSP 2023)."""
+    import torch
+
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d):
             c = child.num_features
@@ -44,7 +54,7 @@ def to_group_norm(module: torch.nn.Module, groups: int = GROUPS) -> torch.nn.Mod
 
 
 def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0,
-                norm: str = "batch") -> torch.nn.Module:
+                norm: str = "batch"):
     """A timm model by name with random weights (nothing is ever downloaded); ``norm='group'``
     swaps its BatchNorm layers for GroupNorm."""
     import timm
@@ -61,35 +71,52 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
-    def __init__(self, model: torch.nn.Module, meta: ModelMeta | Mapping[str, Any], device: str = "auto",
-                 batch: int = 64, tta: int | None = None):
-        self.meta = meta = ModelMeta.of(meta)
-        self.classes: tuple[str, ...] = meta.classes
-        self.crop_margin = float(meta.crop_margin)
-        self.input_size = int(meta.input_size)
-        self.temperature = meta.temperature
+    def __init__(self, model: Any, meta: dict[str, Any], device: str = "auto", batch: int = 64,
+                 tta: int | None = None):
+        self.meta = meta
+        self.classes: tuple[str, ...] = tuple(meta["classes"])
+        self.crop_margin = float(meta["crop_margin"])
+        self.input_size = int(meta["input_size"])
+        self.temperature = float(meta.get("temperature", 1.0))
         # views averaged per crop (1-8); the temperature was fitted with the meta's own
-        self.tta = int(meta.tta if tta is None else tta)
+        self.tta = int(meta.get("tta", 1) if tta is None else tta)
         if not 1 <= self.tta <= 8:
             raise ModelError(f"tta {self.tta}: must be 1 to 8")
         # selective TTA: the extra views only for crops whose one-view top probability is under this
         # margin (the unsure ones, where views change answers); None or 0: every crop gets every view
-        self.tta_margin = meta.tta_margin
+        self.tta_margin = float(meta.get("tta_margin") or 0.0)
         self.batch = int(batch)
-        self.device, self.normalize, self.model = place(model, meta, device)
+        norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
+        self.mean = np.asarray(norm["mean"], np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(norm["std"], np.float32).reshape(1, 3, 1, 1)
+        # a network run by onnxruntime/OpenVINO without colour normalisation: numpy only, no torch
+        self.numpy_only = hasattr(model, "run") and not meta.get("colour_norm")
+        if self.numpy_only:
+            self.device, self.normalize, self.model = None, None, model
+        else:
+            from smear.nn.tensors import place
+
+            self.device, self.normalize, self.model = place(model, meta, device)
+        self.half = self.device is not None and self.device.type == "cuda"  # autocast to fp16 on CUDA
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
-        self.novelty_threshold = float((meta.novelty or {}).get("threshold", 0.0))
+        self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", batch: int = 64,
-                 runtime: str = "torch", tta: int | None = None) -> CnnClassifier:
-        """Load a classifier model folder (meta.json + safetensors weights; or its ModelMeta, read
-        already); ``runtime='onnx'`` runs the network with onnxruntime (see smear.nn.onnx)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
+                 runtime: str = "torch", tta: int | None = None, calibration: str | Path | None = None
+                 ) -> CnnClassifier:
+        """Load a classifier model folder (meta.json + safetensors weights); any ``runtime`` but torch
+        runs the network's ONNX export (onnxruntime or OpenVINO, fp32 or INT8; see smear.nn.runtime);
+        ``calibration``: the PBC folder whose training split calibrates the INT8 runtimes."""
         meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
-        novelty = meta.novelty
+        model_dir = meta.folder
 
-        def torch_model() -> torch.nn.Module:
-            model = build_model(meta.arch, num_classes=len(meta.classes), norm=meta.norm)
+        novelty = meta.get("novelty")
+
+        def torch_model():
+            from smear.nn.weights import load_weights
+
+            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
             model = load_weights(model, meta.weights_path)
             if novelty:
                 from smear.classify.novelty import WithFeatures
@@ -97,62 +124,128 @@ class CnnClassifier:
                 return WithFeatures(model)  # logits and features in one pass
             return model
 
-        net = load_network(meta, "classify-feat" if novelty else "classify", torch_model, runtime)
-        clf = cls(net, meta, device="cpu" if runtime == "onnx" else device, batch=batch, tta=tta)
+        from smear.nn.onnx import load_network
+
+        calib = None
+        if calibration is not None:
+            from smear.classify.int8 import calibration_crops
+
+            def calib():
+                return calibration_crops(calibration, meta)
+        net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime, calib)
+        clf = cls(net, meta, device="cpu" if runtime != "torch" else device, batch=batch, tta=tta)
         if novelty:
             from smear.classify import novelty as nov
 
-            clf.novelty_stats = nov.load(meta.folder)
+            clf.novelty_stats = nov.load(model_dir)
         return clf
 
     @property
     def has_novelty(self) -> bool:
         return self.novelty_stats is not None and self.novelty_threshold > 0
 
-    @torch.no_grad()
-    def outputs(self, crops: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw logits (before temperature), N x classes, on the CPU, and the pre-logit features when
-        the network gives them (None otherwise); with ``tta`` > 1 both are the mean over that many
-        of the crop's 8 rotations and flips (test-time augmentation)."""
+    def inputs(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Crops -> the network's normalised N x 3 x S x S float32 batch (numpy, the identity view)."""
+        out = np.empty((len(crops), self.input_size, self.input_size, 3), np.uint8)
+        for i, crop in enumerate(crops):
+            crop = np.asarray(crop)
+            if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+                raise ValueError(f"crop {i}: expected RGB uint8 HxWx3, got {crop.dtype} {crop.shape}")
+            if crop.shape[:2] != (self.input_size, self.input_size):
+                import cv2
+
+                interp = cv2.INTER_AREA if max(crop.shape[:2]) > self.input_size else cv2.INTER_LINEAR
+                crop = cv2.resize(crop, (self.input_size, self.input_size), interpolation=interp)
+            out[i] = crop
+        x = out.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return (x - self.mean) / self.std
+
+    def _views_numpy(self, crops: Sequence[np.ndarray], n_views: int) -> np.ndarray:
+        """The network's raw output rows, mean over ``n_views`` views (numpy path, no torch)."""
+        outs = []
+        for i in range(0, len(crops), self.batch):
+            x = self.inputs(crops[i:i + self.batch])
+            views = [_dihedral_np(x, v) for v in range(n_views)]
+            y = self.model.run(np.concatenate(views)).astype(np.float32)
+            outs.append(y.reshape(len(views), len(x), -1).mean(0))
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
+
+    def _views(self, crops: Sequence[np.ndarray], n_views: int) -> np.ndarray:
+        """The network's raw output rows (logits, then features if any), mean over ``n_views`` views."""
+        if self.numpy_only:
+            return self._views_numpy(crops, n_views)
+        import torch
+
+        from smear.nn.tensors import crops_to_tensor, dihedral
+
+        outs: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(crops), self.batch):
+                x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
+                views = [dihedral(x, v) for v in range(n_views)]
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+                    y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
+                outs.append(y.view(len(views), len(x), -1).mean(0))
+        return (torch.cat(outs) if outs else torch.zeros(0, len(self.classes))).numpy()
+
+    def _raw(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw output rows (logits, then features if any), N x outputs, with the TTA the model asks for:
+        every view for every crop, or with ``tta_margin`` the extra views only for the unsure crops."""
         k = len(self.classes)
         if self.tta > 1 and self.tta_margin > 0 and len(crops):
             out = self._views(crops, 1)
-            top = torch.softmax(out[:, :k] / self.temperature, dim=1).max(1).values
-            unsure = torch.nonzero(top < self.tta_margin).flatten().tolist()
+            top = _softmax(out[:, :k] / np.float32(self.temperature)).max(1)
+            unsure = np.flatnonzero(top < self.tta_margin).tolist()
             if unsure:
                 out[unsure] = self._views([crops[i] for i in unsure], self.tta)
-        else:
-            out = self._views(crops, self.tta)
-        return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+            return out
+        return self._views(crops, self.tta)
 
-    def _views(self, crops: Sequence[np.ndarray], n_views: int) -> torch.Tensor:
-        """The network's raw output rows (logits, then features if any), mean over ``n_views`` views."""
-        outs: list[torch.Tensor] = []
-        for i in range(0, len(crops), self.batch):
-            x = self.normalize(crops_to_tensor(crops[i:i + self.batch], self.input_size).to(self.device))
-            views = [dihedral(x, v) for v in range(n_views)]
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                y = self.model(torch.cat(views)).float().cpu()  # half precision on CUDA
-            outs.append(y.view(len(views), len(x), -1).mean(0))
-        return torch.cat(outs) if outs else torch.zeros(0, len(self.classes))
+    def outputs(self, crops: Sequence[np.ndarray]):
+        """Raw logits (before temperature), N x classes, on the CPU, and the pre-logit features when
+        the network gives them (None otherwise), as torch tensors; with ``tta`` > 1 both are the mean
+        over that many of the crop's 8 rotations and flips (test-time augmentation)."""
+        import torch
+
+        k = len(self.classes)
+        out = torch.from_numpy(self._raw(crops))
+        return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
 
     def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
         """Calibrated probabilities (N x classes, in ``self.classes`` order) and, with a novelty score
         in the model, each crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
-        logits, feats = self.outputs(crops)
-        probs = torch.softmax(logits / self.temperature, dim=1).double().numpy()
+        k = len(self.classes)
+        out = self._raw(crops)
+        logits, feats = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
+        probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
         if not self.has_novelty or feats is None:
             return ClassScores(self.classes, probs)
         from smear.classify.novelty import distances
 
-        return ClassScores(self.classes, probs, distances(feats.numpy(), self.novelty_stats) / self.novelty_threshold)
+        return ClassScores(self.classes, probs, distances(feats, self.novelty_stats) / self.novelty_threshold)
 
 
-@torch.no_grad()
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _dihedral_np(x: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 rotations/flips of an N x C x H x W batch (as smear.nn.tensors.dihedral)."""
+    y = np.rot90(x, k % 4, axes=(2, 3))
+    return np.ascontiguousarray(y[..., ::-1] if k >= 4 else y)
+
+
 def adapt_batchnorm(clf: CnnClassifier, crops: Sequence[np.ndarray], batch: int = 128) -> int:
     """AdaBN (Li et al. 2016): replace the BatchNorm running statistics of a torch classifier by
     those of ``crops`` (one slide or one lab's cells), all views the classifier averages included.
     Returns the number of BatchNorm layers adapted (0 for a GroupNorm network)."""
+    import torch
+
+    from smear.nn.tensors import crops_to_tensor, dihedral
+
+    if clf.numpy_only:
+        return 0
     bns = [m for m in clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if not bns or not len(crops):
         return 0
@@ -162,9 +255,10 @@ def adapt_batchnorm(clf: CnnClassifier, crops: Sequence[np.ndarray], batch: int 
         m.momentum = None  # cumulative average over all batches
         m.train()
     try:
-        for i in range(0, len(crops), batch):
-            x = clf.normalize(crops_to_tensor(crops[i:i + batch], clf.input_size).to(clf.device))
-            clf.model(torch.cat([dihedral(x, k) for k in range(clf.tta)]))
+        with torch.no_grad():
+            for i in range(0, len(crops), batch):
+                x = clf.normalize(crops_to_tensor(crops[i:i + batch], clf.input_size).to(clf.device))
+                clf.model(torch.cat([dihedral(x, k) for k in range(clf.tta)]))
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum

@@ -20,22 +20,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 NOVELTY_FILE = "novelty.safetensors"
 
 
-class WithFeatures(torch.nn.Module):
-    """A timm classifier that returns ``[logits | pre-logit features]`` in one tensor (one pass,
-    so the ONNX runtime gets both too)."""
+def _with_features_class():
+    import torch
 
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
+    class WithFeatures(torch.nn.Module):
+        """A timm classifier that returns ``[logits | pre-logit features]`` in one tensor (one pass,
+        so the ONNX runtime gets both too)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        return torch.cat([self.net.get_classifier()(feats), feats], dim=1)
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            return torch.cat([self.net.get_classifier()(feats), feats], dim=1)
+
+    WithFeatures.__module__ = __name__
+    return WithFeatures
+
+
+def __getattr__(name: str):
+    # WithFeatures is a torch module: defined on first use, so scoring novelty (numpy) imports no torch
+    if name == "WithFeatures":
+        cls = _with_features_class()
+        globals()["WithFeatures"] = cls
+        return cls
+    raise AttributeError(name)
 
 
 def fit(features: np.ndarray, labels: np.ndarray, shrinkage: float | None = None) -> dict[str, np.ndarray]:
@@ -58,12 +72,12 @@ def fit(features: np.ndarray, labels: np.ndarray, shrinkage: float | None = None
             "classes": classes.astype(np.int64)}
 
 
-def distances(features: np.ndarray | torch.Tensor, stats: dict[str, Any]) -> np.ndarray:
+def distances(features: Any, stats: dict[str, Any]) -> np.ndarray:
     """Mahalanobis distance of each feature row to its nearest class mean."""
-    f = torch.as_tensor(np.asarray(features, np.float32))
-    z = f @ torch.as_tensor(stats["whiten"])
-    d2 = torch.cdist(z, torch.as_tensor(stats["means"])) ** 2
-    return d2.min(1).values.sqrt().numpy().astype(np.float64)
+    z = np.asarray(features, np.float32) @ np.asarray(stats["whiten"], np.float32)
+    means = np.asarray(stats["means"], np.float32)
+    d2 = ((z[:, None, :] - means[None, :, :]) ** 2).sum(-1)
+    return np.sqrt(d2.min(1)).astype(np.float64)
 
 
 def save(model_dir: str | Path, stats: dict[str, np.ndarray]) -> Path:

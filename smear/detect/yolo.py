@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from smear.artifacts import ModelMeta, load_model
+from smear.artifacts import load_meta, load_model
 from smear.types import CellKind, Detection
 
 
@@ -22,17 +22,19 @@ def infer_defaults() -> dict[str, Any]:
     return infer
 
 
-def onnx_weights(meta: ModelMeta, imgsz: int, batch: int) -> Path:
+def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
     """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
+    from smear.artifacts import model_version
     from smear.detect.ultra import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
-    own = meta.folder / ONNX_NAME
+    own = Path(model_dir) / ONNX_NAME
     if own.is_file():
         return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    return cached_onnx(onnx_cache_dir() / f"detect-{meta.version}-{imgsz}px-b{batch}.onnx",
-                       lambda path: export_onnx(meta.weights_path, path, imgsz, batch))
+    weights = Path(model_dir) / load_meta(model_dir)["weights"]
+    return cached_onnx(onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(weights, path, imgsz, batch))
 
 
 class YoloDetector:
@@ -50,6 +52,7 @@ class YoloDetector:
         if self.device.type == "cpu":
             set_threads()
         self.model = yolo(weights)
+        self.half = self.device.type == "cuda"  # fp16 on CUDA (benchmarks/gpu_speed.py sets it to compare fp32)
         self.kinds = [CellKind(n) for n in names]
         self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
         self.conf = float(d["conf"] if conf is None else conf)
@@ -66,22 +69,22 @@ class YoloDetector:
                                                                 float(d["tile_overlap"]))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", runtime: str = "torch",
-                 **overrides: Any) -> "YoloDetector":
-        """Load a detector model folder (weights + meta.json with classes and thresholds; or its
-        ModelMeta, read already); ``runtime='onnx'`` predicts through ultralytics' onnxruntime
-        backend (same pre/post-processing)."""
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
+                 calibration: Sequence[Path] | None = None, **overrides: Any):
+        """Load a detector model folder (weights + meta.json with classes and thresholds). Any
+        ``runtime`` but torch runs its ONNX export without torch or ultralytics (``NetYoloDetector``,
+        same pre/post-processing), converted or quantised as the runtime asks; ``calibration``: the
+        training fields the INT8 runtimes are calibrated on (without them they run in fp32)."""
         meta = load_model(model_dir, "detect")
-        infer = infer_defaults() | dict(meta.infer)
+        model_dir = meta.folder
+        infer = infer_defaults() | dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
-        weights = meta.weights_path
-        if runtime == "onnx":
-            weights = onnx_weights(meta, int(infer["imgsz"]), int(infer["batch"]))
-            device = "cpu" if device == "auto" else device
-        det = cls(weights, names=meta.classes, device=device,
+        if runtime != "torch":
+            return net_detector(model_dir, meta, infer, runtime, calibration)
+        det = cls(meta.weights_path, names=meta["classes"], device=device,
                   **{k: infer[k] for k in keys if k in infer})
         det.field_scale = int(infer["field_scale"])
         det.tile_above = float(infer["tile_above"])
@@ -109,7 +112,7 @@ class YoloDetector:
         from smear.devices import torch_threads
 
         out: list[list[Detection]] = []
-        extra = {"half": True} if self.device.type == "cuda" else {}
+        extra = {"half": True} if self.half and self.device.type == "cuda" else {}
         for i in range(0, len(images), self.batch):
             shown = images[i:i + self.batch]
             chunk, borders = zip(*(self._bordered(im) for im in shown))
@@ -136,3 +139,44 @@ class YoloDetector:
                 continue  # under its class threshold, or lying in the border only
             dets.append(Detection((float(b[0]), float(b[1]), float(b[2]), float(b[3])), kind, float(s)))
         return dets
+
+
+#: calibration fields an INT8 detector is built from (spread evenly over the training fields given)
+CALIBRATION_FIELDS = 96
+
+
+def net_detector(model_dir: str | Path, meta: Any, infer: dict[str, Any], runtime: str,
+                 calibration: Sequence[Path] | None = None):
+    """A ``NetYoloDetector`` on the folder's ONNX (exported on first use), for ``runtime``."""
+    from smear.artifacts import model_version
+    from smear.detect.onnx_yolo import NetYoloDetector, head_nodes
+    from smear.nn.runtime import INT8_RUNTIMES, Calibration, open_net, runtime_model
+
+    imgsz, batch = int(infer["imgsz"]), int(infer["batch"])
+    fp32 = onnx_weights(model_dir, imgsz, batch)
+    settings = {k: infer[k] for k in ("conf", "iou", "max_det", "per_class_conf", "border") if k in infer}
+    det = NetYoloDetector(None, meta["classes"], imgsz=imgsz, batch=batch, field_scale=int(infer["field_scale"]),
+                          tile_above=float(infer["tile_above"]), tile_overlap=float(infer["tile_overlap"]), **settings)
+    if runtime in INT8_RUNTIMES and not calibration:
+        runtime = runtime.removesuffix("-int8")  # no training fields to calibrate on: fp32 (the caller warns)
+    calib = None
+    if runtime in INT8_RUNTIMES:
+        paths = sorted(Path(p) for p in calibration)  # type: ignore[union-attr]
+        picked = [paths[round(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_FIELDS, len(paths)))]
+
+        def batches() -> list[np.ndarray]:
+            from smear.io import read_image
+
+            return [det.inputs([read_image(p) for p in picked[i:i + 8]]) for i in range(0, len(picked), 8)]
+
+        names = tuple(f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in picked)
+        calib = lambda: Calibration(names, batches)  # noqa: E731
+    path = runtime_model(fp32, runtime, f"detect-{model_version(model_dir)}-{imgsz}px", calib, exclude_onnx=head_nodes,
+                         ignored_openvino=OPENVINO_HEAD)
+    det.net, det.path = open_net(path, runtime), path
+    return det
+
+
+#: the Detect head's decoding kept fp32 by NNCF (the ignored scope of ultralytics' own INT8 export)
+OPENVINO_HEAD = {"patterns": [r".*model\.23/.*/Add", r".*model\.23/.*/Sub.*", r".*model\.23/.*/Mul.*",
+                              r".*model\.23/.*/Div.*", r".*model\.23/dfl.*"], "types": ["Sigmoid"]}

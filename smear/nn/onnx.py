@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from smear.artifacts import ModelMeta, cache_dir
-from smear.devices import available_cores
+from smear.artifacts import cache_dir, load_meta, model_version
+from smear.devices import default_threads
 from smear.io import atomic_path
-from smear.errors import ConfigError
+from smear.nn.runtime import RUNTIMES, check_runtime  # noqa: F401 - also public here
 
 ONNX_NAME = "model.onnx"
-RUNTIMES = ("torch", "onnx")
 
 
 def onnx_cache_dir() -> Path:
@@ -29,8 +27,10 @@ def onnx_cache_dir() -> Path:
     return cache_dir("onnx")
 
 
-def export_module(module: torch.nn.Module, path: str | Path, input_size: int, opset: int = 17) -> Path:
+def export_module(module, path: str | Path, input_size: int, opset: int = 17) -> Path:
     """A network taking N x 3 x S x S to ONNX with a dynamic batch axis (written atomically)."""
+    import torch
+
     path = Path(path)
     module = module.cpu().eval()
     x = torch.zeros(2, 3, input_size, input_size)
@@ -62,8 +62,10 @@ def quiet_onnxruntime():
 def check_onnx(path: str | Path) -> Path:
     """``path`` if onnxruntime can load it, else OnnxLoadError."""
     ort = quiet_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a load check, not a run
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise OnnxLoadError(f"{path}: cannot load the ONNX model ({_first_line(exc)})") from exc
     return Path(path)
@@ -82,26 +84,31 @@ def cached_onnx(path: Path, make) -> Path:
 
 
 class OnnxNet:
-    """An onnxruntime session behind the call signature of a torch module (tensor in, tensor out),
-    so the stages' pre- and post-processing is the same code for both runtimes."""
+    """A network run by onnxruntime or OpenVINO (``smear.nn.runtime``) behind the call signature of a
+    torch module (tensor in, tensor out), so torch-based pre- and post-processing runs unchanged; code
+    without torch calls ``run`` on numpy arrays."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
-        ort = quiet_onnxruntime()
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "onnx"):
+        from smear.nn.runtime import open_net
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or available_cores())
-        opts.inter_op_num_threads = 1
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise OnnxLoadError(f"{path}: cannot load the ONNX model ({_first_line(exc)})") from exc
-        self.input = self.session.get_inputs()[0].name
-        self.path = Path(path)
+            self.net = open_net(Path(path), runtime, threads or default_threads())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime/OpenVINO raise their own exception types
+            raise OnnxLoadError(f"{path}: cannot load the model ({_first_line(exc)})") from exc
+        self.path, self.runtime = Path(path), runtime
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().float().cpu().numpy()
-        return torch.from_numpy(np.asarray(self.session.run(None, {self.input: arr})[0]))
+    @property
+    def session(self):
+        return getattr(self.net, "session", None)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The network on a float32 numpy batch (no torch)."""
+        return self.net.run(x)
+
+    def __call__(self, x):
+        import torch
+
+        return torch.from_numpy(self.run(x.detach().float().cpu().numpy()))
 
     def to(self, *_args: Any, **_kw: Any) -> OnnxNet:
         return self
@@ -110,26 +117,29 @@ class OnnxNet:
         return self
 
 
-def onnx_for(meta: ModelMeta, stage: str, build_torch) -> Path:
+def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
     """The ONNX file of a model folder: its own ``model.onnx``, or one exported into the cache from
     ``build_torch()`` (a loaded torch network) on first use."""
-    own = meta.folder / ONNX_NAME
+    model_dir = Path(model_dir)
+    own = model_dir / ONNX_NAME
     if own.is_file():
         return own
-    return cached_onnx(onnx_cache_dir() / f"{stage}-{meta.version}.onnx",
-                       lambda path: export_module(build_torch(), path, int(meta.input_size or 0)))
+    meta = load_meta(model_dir)
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx",
+                       lambda path: export_module(build_torch(), path, int(meta["input_size"])))
 
 
-def load_network(meta: ModelMeta, stage: str, build_torch, runtime: str = "torch"):
-    """The stage's network: ``build_torch()`` (torch weights loaded), or with ``runtime='onnx'`` an
-    ``OnnxNet`` on the folder's ONNX file (exported from ``build_torch()`` on first use)."""
-    if check_runtime(runtime) == "onnx":
-        return OnnxNet(onnx_for(meta, stage, build_torch))
-    return build_torch()
+def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = "torch", calibration=None):
+    """The stage's network: ``build_torch()`` (torch weights loaded), or for any other runtime an
+    ``OnnxNet`` on the folder's ONNX file (exported from ``build_torch()`` on first use), converted or
+    quantised as ``runtime`` asks (``smear.nn.runtime``; ``calibration``: the INT8 runtimes' samples,
+    without which they run the same runtime in fp32)."""
+    from smear.nn.runtime import INT8_RUNTIMES, runtime_model
 
-
-def check_runtime(runtime: str) -> str:
-    """``runtime`` if it is one of RUNTIMES, else ConfigError."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    return runtime
+    if check_runtime(runtime) == "torch":
+        return build_torch()
+    if runtime in INT8_RUNTIMES and calibration is None:
+        runtime = runtime.removesuffix("-int8")
+    fp32 = onnx_for(model_dir, stage, build_torch)
+    path = runtime_model(fp32, runtime, f"{stage}-{model_version(model_dir)}", calibration)
+    return OnnxNet(path, runtime=runtime)

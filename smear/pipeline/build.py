@@ -14,14 +14,27 @@ from smear.types import Detector, ModelError, Segmenter
 
 
 def _runtime(cfg: PipelineConfig) -> str:
-    from smear.nn.onnx import check_runtime
+    from smear.nn.runtime import check_runtime
 
     return check_runtime(cfg.runtime)
 
 
-def _with_fallback(cfg: PipelineConfig, load):
-    """``load(runtime)`` with the configured runtime; if ONNX cannot be made or loaded, a warning and
-    the torch runtime (a missing or broken model folder is still an error)."""
+def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
+    """``load(runtime)`` with the configured runtime. A runtime that cannot run here (OpenVINO not
+    installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
+    cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error.
+    ``warned``: messages already given (one build of the stages says each once)."""
+    import warnings
+
+    from smear.nn.runtime import RuntimeUnavailable
+
+    warned = set() if warned is None else warned
+
+    def _warn_once(message: str) -> None:
+        if message not in warned:
+            warned.add(message)
+            warnings.warn(message, stacklevel=4)
+
     runtime = _runtime(cfg)
     if runtime == "torch":
         return load("torch")
@@ -29,17 +42,76 @@ def _with_fallback(cfg: PipelineConfig, load):
         return load(runtime)
     except ModelError:
         raise
-    except Exception as exc:  # noqa: BLE001 - export/onnxruntime failures of any kind
-        import warnings
-
-        warnings.warn(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch", stacklevel=2)
+    except RuntimeUnavailable as exc:
+        _warn_once(f"runtime {runtime} unavailable ({exc}); using onnx (fp32)")
+        runtime = "onnx"
+    except Exception as exc:  # noqa: BLE001 - export/quantisation failures of any kind
+        if runtime != "onnx":
+            _warn_once(f"runtime {runtime} unavailable ({type(exc).__name__}: {exc}); using onnx (fp32)")
+            runtime = "onnx"
+        else:
+            _warn_once(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch")
+            return load("torch")
+    try:
+        return load(runtime)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _warn_once(f"runtime onnx unavailable ({type(exc).__name__}: {exc}); using torch")
         return load("torch")
+
+
+def calibration_root(setting: str = "auto") -> Path | None:
+    """The training data the INT8 runtimes calibrate on (``calibration_data``): a folder laid out as
+    ``../shared/data`` (bccd/train, txl-pbc/images/train, pbc/); ``auto``: $SMEAR_DATA, else the
+    ``shared/data`` folder beside the source tree; None when there is none."""
+    import os
+
+    if setting == "auto":
+        env = os.environ.get("SMEAR_DATA")
+        import smear
+
+        root = Path(env) if env else Path(smear.__file__).resolve().parents[2] / "shared" / "data"
+    else:
+        root = Path(setting).expanduser()
+    return root if root.is_dir() else None
+
+
+def detector_calibration(setting: str = "auto") -> list[Path] | None:
+    """Training fields for an INT8 detector: BCCD train and TXL-PBC train (never a test split)."""
+    from smear.io import IMAGE_SUFFIXES
+
+    root = calibration_root(setting)
+    if root is None:
+        return None
+    fields = [p for d in (root / "bccd" / "train" / "images", root / "txl-pbc" / "images" / "train") if d.is_dir()
+              for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return fields or None
+
+
+def classifier_calibration(setting: str = "auto") -> Path | None:
+    """The PBC folder whose training split calibrates an INT8 classifier."""
+    root = calibration_root(setting)
+    return root / "pbc" if root is not None and (root / "pbc").is_dir() else None
+
+
+def _calibrated(cfg: PipelineConfig, runtime: str, find):
+    """``find(cfg.calibration_data)`` for an INT8 runtime (RuntimeUnavailable when there is no
+    training data), else None."""
+    from smear.nn.runtime import INT8_RUNTIMES, RuntimeUnavailable
+
+    if runtime not in INT8_RUNTIMES:
+        return None
+    found = find(cfg.calibration_data)
+    if found is None:
+        raise RuntimeUnavailable("no training data to calibrate on: set calibration_data or $SMEAR_DATA")
+    return found
 
 
 Metas = dict[str, ModelMeta]  # stage name (detector, classifier, segmenter) -> its model folder's meta
 
 
-def build_detector(cfg: PipelineConfig, metas: Metas | None = None) -> Detector:
+def build_detector(cfg: PipelineConfig, metas: Metas | None = None, warned: set[str] | None = None) -> Detector:
     """The detector named by ``cfg.detector`` (``metas``: the model folders, read already)."""
     if cfg.detector == "classical":
         from smear.detect.classical import ClassicalDetector
@@ -48,7 +120,8 @@ def build_detector(cfg: PipelineConfig, metas: Metas | None = None) -> Detector:
     from smear.detect.yolo import YoloDetector
 
     meta = (metas if metas is not None else model_metas(cfg))["detector"]
-    det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(meta, device=cfg.device, runtime=rt))
+    det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
+        meta, device=cfg.device, runtime=rt, calibration=_calibrated(cfg, rt, detector_calibration)), warned)
     return _checked(det.tiled(), cfg)
 
 
@@ -61,7 +134,8 @@ def _checked(det: Detector, cfg: PipelineConfig) -> Detector:
     return CheckedDetector(det, WbcCheck(**cfg.wbc_check.model_dump(exclude={"enabled"})))
 
 
-def build_segmenter(cfg: PipelineConfig, metas: Metas | None = None) -> Segmenter | None:
+def build_segmenter(cfg: PipelineConfig, metas: Metas | None = None, warned: set[str] | None = None
+                    ) -> Segmenter | None:
     """The segmenter named by ``cfg.segmenter`` (None for off; ``metas``: the model folders, read already)."""
     if cfg.segmenter == "off":
         return None
@@ -69,7 +143,9 @@ def build_segmenter(cfg: PipelineConfig, metas: Metas | None = None) -> Segmente
         from smear.segment.model import UnetSegmenter
 
         meta = (metas if metas is not None else model_metas(cfg))["segmenter"]
-        return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(meta, device=cfg.device, runtime=rt))
+        # no INT8 segmenter: the INT8 runtimes run it in fp32 on the same engine
+        return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
+            meta, device=cfg.device, runtime=rt.removesuffix("-int8")), warned)
     from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
     return KMeansSegmenter() if cfg.segmenter == "kmeans" else GrabCutSegmenter()
@@ -138,15 +214,20 @@ def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
     from smear.devices import resolve_device
 
     _runtime(cfg)
-    resolve_device(str(cfg.device))  # a device that is not there is said before any stage loads
+    if cfg.runtime == "torch" or str(cfg.device) not in ("auto", "cpu"):
+        # a device that is not there is said before any stage loads (the other runtimes run on the
+        # CPU: auto or cpu needs no check, and no torch import, a second of start-up)
+        resolve_device(str(cfg.device))
     metas = model_metas(cfg) if metas is None else metas
-    classifier = None
+    classifier, warned = None, set()  # a fallback's warning said once for all three stages
     if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
-            metas["classifier"], device=cfg.device, batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta))
-    return Stages(detector=build_detector(cfg, metas), classifier=classifier, segmenter=build_segmenter(cfg, metas),
+            metas["classifier"], device=cfg.device, batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta,
+            calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
+    return Stages(detector=build_detector(cfg, metas, warned), classifier=classifier,
+                  segmenter=build_segmenter(cfg, metas, warned),
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch,
                   version=stages_version(cfg, metas))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from scipy.stats import binomtest, norm
+from statistics import NormalDist
 
 from smear.config_models import Flags, Guard, ReportSection
 
@@ -18,16 +18,32 @@ GROUPS_APART = ("erythroblast", "platelet")
 
 
 def proportion_ci(k: int, n: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
-    """Confidence interval of k/n in percent (scipy's binomtest: 'wilson' or 'exact')."""
+    """Confidence interval of k/n in percent: 'wilson' (scipy's binomtest formula, written out so a
+    run does not import scipy.stats, about a second of start-up) or 'exact' (scipy's binomtest)."""
     if n <= 0:
         return float("nan"), float("nan")
+    if method == "wilson":
+        return tuple(100.0 * v for v in wilson_ci(k, n, confidence))  # type: ignore[return-value]
+    from scipy.stats import binomtest
+
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method=method)
     return 100.0 * float(ci.low), 100.0 * float(ci.high)
 
 
+def wilson_ci(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of k/n (Newcombe 1998), two-sided, without continuity correction, as
+    ``scipy.stats.binomtest(k, n).proportion_ci(method='wilson')`` computes it."""
+    p = k / n
+    z = NormalDist().inv_cdf(0.5 + 0.5 * confidence)
+    denom = 2 * (n + z**2)
+    center = (2 * n * p + z**2) / denom
+    delta = z / denom * math.sqrt(4 * n * p * (1 - p) + z**2)
+    return (0.0 if k == 0 else center - delta), (1.0 if k == n else center + delta)
+
+
 def cells_needed(pcts: list[float], halfwidth_pct: float, confidence: float) -> int:
     """WBCs to count so the widest interval among these percentages is about +/- halfwidth (normal approx.)."""
-    z = norm.ppf(0.5 + confidence / 2.0)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
     pq = max([(p / 100.0) * (1 - p / 100.0) for p in pcts] or [0.25]) or 0.25
     return int(math.ceil(z * z * pq / (halfwidth_pct / 100.0) ** 2))
 

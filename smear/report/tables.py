@@ -10,8 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
-
 from smear.config_models import PipelineConfig
 from smear.io import temp_name
 from smear.report.summary import differential
@@ -41,13 +39,15 @@ def summary_rows(reports: Sequence[SlideReport], cfg: PipelineConfig | None = No
     return [d.row() for d in differentials(reports, cfg)]
 
 
-def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def summary_frame(rows: Sequence[dict[str, Any]]):
     """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
     table = []
     for row in rows:
         out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings")}
         out["flags"] = "; ".join(row["flags"])
         table.append(out)
+    import pandas as pd  # here, not at import: a table or JSON report needs no pandas (start-up)
+
     return pd.DataFrame(table)
 
 
@@ -126,12 +126,12 @@ class CellsWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def to_csv(df: pd.DataFrame) -> str:
+def to_csv(df) -> str:
     """CSV text with a header, no index."""
     buf = io.StringIO()
     df = df.copy()
     for col in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
+        if not _numeric(df[col]):
             df[col] = df[col].map(csv_safe)
     df.to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
@@ -177,3 +177,9 @@ def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> s
 def whole_slide_dict(info) -> dict[str, Any]:
     """What a whole-slide run read and skipped, for the JSON report (the quality map by its path)."""
     return {k: v for k, v in asdict(info).items() if k != "quality_map_png"}
+
+
+def _numeric(column) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column))
