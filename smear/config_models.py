@@ -246,6 +246,7 @@ class SegmentTrain(Section):
     weight_decay: float
     warmup_epochs: float
     dice_weight: float
+    patience: int
     max_minutes: Optional[float]
     seed: int
     device: Device

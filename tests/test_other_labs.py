@@ -16,7 +16,7 @@ from smear.classify import novelty as nov
 from smear.nn.colour import lab_stats, reinhard
 from smear.classify.evaluate import lab_row
 from smear.classify.model import adapt_batchnorm, build_model
-from smear.classify.train import epoch_order, source_specs
+from smear.classify.sources import epoch_order, source_specs
 from smear.cli import app
 from smear.config import default_config
 from smear.report.summary import differential
@@ -268,7 +268,7 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
     stain and scanner) get the warning, in the summary row and in the CSV column."""
     from smear.classify.data import Item
     from smear.classify.model import CnnClassifier
-    from smear.classify.train import fit_novelty
+    from smear.classify.novelty_fit import fit_novelty
     from smear.crops import cut_crop
     from smear.io import Slide, write_image_atomic
     from smear.report.tables import summary_frame, to_csv
