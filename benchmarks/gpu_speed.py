@@ -36,9 +36,9 @@ def stages_for(device: str, batch: int, half: bool):
     stages = build_stages(cfg)
     for obj in _chain(stages.detector):
         if hasattr(obj, "half"):
-            obj.half = half
+            obj.half = half and device.startswith("cuda")
             obj.batch = batch
-    stages.classifier.half = half
+    stages.classifier.half = half and device.startswith("cuda")
     return stages
 
 
@@ -137,7 +137,8 @@ def main() -> None:
         big = Slide(slide.name, fields)
         print(f"\n| precision | fields per batch | fields/s ({len(fields)} fields, 8 views per WBC) |")
         print("|---|---|---|")
-        for precision in args.precision or ["fp16", "fp32"]:
+        cuda = args.device.startswith("cuda")
+        for precision in args.precision or (["fp16", "fp32"] if cuda else ["fp32"]):  # no fp16 on the CPU
             for batch in args.batch or [8, 32, 64]:
                 fps = fields_per_s(big, args.device, batch, precision == "fp16", args.seconds)
                 print(f"| {precision} | {batch} | {fps:.1f} |", flush=True)

@@ -2,6 +2,7 @@
 
 Usage: nice -n 10 python benchmarks/wsi.py [--sizes 0.1 0.3 1.0] [--out /tmp/smear-wsi] [--target 200]
        [--all-sizes 0.1 0.3 1.0] [--keep]
+       python benchmarks/wsi.py --finder SLIDE   (the finder's wall and CPU seconds on one slide file)
 
 Fields of BCCD train and TXL-PBC train (../shared/data) are scaled so that their median red-cell box
 is BCCD's (102 px), cut or padded to 640x480, and laid in a grid with 12 px of glass between them on
@@ -195,6 +196,30 @@ def count(path: Path, target: str, cells: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def time_finder(path: Path) -> str:
+    """Wall and CPU seconds of the finder on a slide file: the thumbnail, then the scores and probes."""
+    from smear.config import load_config
+    from smear.pipeline.wsi_run import MAX_THUMB_SIDE, WsiSettings, geometry, read_tile
+    from smear.wsi import finder
+    from smear.wsi.slide import WholeSlide, thumbnail
+
+    st = WsiSettings.from_config(load_config("pipeline", None, []).wsi)
+    with WholeSlide(path) as s:
+        w0, c0 = time.perf_counter(), time.process_time()
+        geo = geometry(s, st)
+        ds = max(1.0, st.finder_mpp / geo.mpp, max(s.width, s.height) / MAX_THUMB_SIDE)
+        th = thumbnail(s, ds)
+        w1, c1 = time.perf_counter(), time.process_time()
+        side = int(round(st.probe_px * geo.scale))
+        plan = finder.plan(th, ds, geo.tile_l0, s.width, s.height, st.finder,
+                           lambda t: read_tile(s, geo, t.x0 + (t.size - side) // 2, t.y0 + (t.size - side) // 2, side)[0])
+        w2, c2 = time.perf_counter(), time.process_time()
+    n_probes = plan.counts.get("monolayer", 0) + plan.counts.get("blurred", 0)
+    return (f"{path.name} {s.width}x{s.height}: thumbnail {th.shape[1]}x{th.shape[0]} {w1 - w0:.2f} s wall, "
+            f"{c1 - c0:.2f} CPU s; scores and {n_probes} focus probes {w2 - w1:.2f} s wall, {c2 - c1:.2f} CPU s; "
+            f"{plan.counts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="gigapixels")
@@ -203,7 +228,11 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=200)
     ap.add_argument("--out", type=Path, default=Path("/tmp/smear-wsi"))
     ap.add_argument("--keep", action="store_true", help="keep the stitched slides")
+    ap.add_argument("--finder", type=Path, default=None, help="only time the finder on this slide file")
     args = ap.parse_args()
+    if args.finder is not None:
+        print(time_finder(args.finder))
+        return
     if not (DATA / "bccd").exists():
         raise SystemExit(f"real data not present: {DATA}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,22 @@ class ReportSection(Section):
     signoff_requires_review: bool
 
 
+class Implausible(Section):
+    """A differential almost no blood has (smear.report.summary.implausible_differential)."""
+
+    eosinophil_pct: float
+    eosinophil_neutrophil_max_pct: float
+    basophil_pct: float
+    promyelocyte_pct: float
+    monocyte_pct: float
+    nrbc_per_100_wbc: float
+    nrbc_lymphocyte_max_pct: float
+
+
 class Guard(Section):
+    max_domain_score: Annotated[float, Field(gt=0.0)]
+    min_cells: int
+    implausible: Implausible
     max_novel_share: float
     min_scored: int
     max_nrbc_per_100_wbc: float

@@ -78,6 +78,7 @@ class CellPrediction:
     probs: dict[str, float] = field(default_factory=dict)
     mask: MaskStats | None = None
     novelty: float | None = None  # distance to the nearest training class / its threshold; > 1: novel
+    guard: tuple[float, ...] | None = None  # the slide guard's per-cell vector (smear.classify.guard)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,30 @@ class SkippedField:
     slide: str
     field: str
     reason: str
+
+
+@dataclass
+class GuardSums:
+    """What the slide guard keeps of a slide's cells: sums, so a streamed slide needs no per-cell memory."""
+
+    n: int = 0                          # cells with a guard vector
+    vector: np.ndarray | None = None    # sum of their guard vectors
+    n_scored: int = 0                   # cells with a novelty ratio
+    novelty: float = 0.0                # sum of their novelty ratios
+    n_prob: int = 0                     # classified cells
+    prob: float = 0.0                   # sum of their calibrated top probabilities
+
+    def add(self, cell: CellPrediction) -> None:
+        if cell.guard is not None:
+            v = np.asarray(cell.guard, np.float64)
+            self.vector = v.copy() if self.vector is None else self.vector + v
+            self.n += 1
+        if cell.novelty is not None:
+            self.n_scored += 1
+            self.novelty += float(cell.novelty)
+        if cell.probs:
+            self.n_prob += 1
+            self.prob += float(cell.prob)
 
 
 @dataclass
@@ -207,6 +232,7 @@ class SlideReport:
     skipped: tuple[SkippedField, ...] = ()
     classified: bool = False
     tally: Tally | None = None
+    evidence: dict[str, float] = field(default_factory=dict)  # the slide guard's fitted ratios (pipeline)
     whole_slide: WholeSlideInfo | None = None
 
     @property
@@ -273,6 +299,8 @@ class Differential:
     wbc_needed: int | None
     novel_share: float | None
     classified: bool
+    domain_score: float | None = None  # the slide guard's largest evidence ratio; over its threshold: a warning
+    domain_evidence: dict[str, float] = field(default_factory=dict)  # each evidence's ratio to its threshold
     domain_warnings: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
@@ -288,12 +316,14 @@ class Differential:
                 out.update({f"{prefix}{name}_n": s.n, f"{prefix}{name}_pct": s.pct,
                             f"{prefix}{name}_ci_low": s.ci_low, f"{prefix}{name}_ci_high": s.ci_high})
         for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
-                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share"):
+                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share",
+                    "domain_score"):
             out[key] = getattr(self, key)
         if self.whole_slide is not None:
             out.update(self.whole_slide.row())
         out["domain_warning"] = " | ".join(self.domain_warnings)
-        out.update({"classified": self.classified, "domain_warnings": list(self.domain_warnings),
+        out.update({"classified": self.classified, "domain_evidence": dict(self.domain_evidence),
+                    "domain_warnings": list(self.domain_warnings),
                     "warnings": list(self.warnings), "flags": list(self.flags)})
         return out
 
@@ -361,6 +391,7 @@ class ClassScores:
     classes: tuple[str, ...]
     probs: np.ndarray
     novelty: np.ndarray | None = None
+    guard: np.ndarray | None = None  # N x the slide guard's per-cell vector (smear.classify.guard)
 
     def __len__(self) -> int:
         return len(self.probs)
@@ -371,6 +402,9 @@ class ClassScores:
 
     def novelty_of(self, i: int) -> float | None:
         return None if self.novelty is None else float(self.novelty[i])
+
+    def guard_of(self, i: int) -> tuple[float, ...] | None:
+        return None if self.guard is None else tuple(float(x) for x in self.guard[i])
 
 
 @runtime_checkable

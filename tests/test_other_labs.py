@@ -247,7 +247,9 @@ def test_guard_fires_on_novel_slides_and_implausible_counts():
     assert quiet["domain_warnings"] == [] and quiet["novel_share"] == pytest.approx(0.05)
     novel = differential(_report(40, 30), CFG.report, CFG.flags, g).row()
     assert novel["novel_share"] == pytest.approx(0.75)
-    assert "unlike the training data: 30 of 40 WBCs (75%)" in novel["domain_warning"]
+    assert novel["domain_score"] == pytest.approx(3.0)
+    assert "unlike every class the classifier was trained on (30 of 40 WBCs, 75%): novel_share 3.00" in \
+        novel["domain_warning"]
     assert "adapt the classifier" in novel["domain_warning"]
     nrbc = differential(_report(20, 0, erb=15), CFG.report, CFG.flags, g).row()
     assert any("NRBC per 100 WBC" in w for w in nrbc["domain_warnings"])  # 15 ERB to 5 WBC: 300 per 100

@@ -92,7 +92,8 @@ def _counted(base: dict, counts: dict[str, int], slide: str = "s1") -> SlideRepo
                   n_novel=base.get("n_novel", 0),
                   kinds={"wbc": base["n_wbc_detected"], "rbc": base["n_rbc"], "platelet": base["n_platelet"]})
     skipped = tuple(SkippedField(slide, f"x{i}", "unreadable") for i in range(base.get("n_skipped", 0)))
-    return SlideReport(slide, (), skipped, classified=base.get("classified", True), tally=tally)
+    return SlideReport(slide, (), skipped, classified=base.get("classified", True), tally=tally,
+                       evidence=base.get("evidence", {}))
 
 
 def _python_csv(rep: SlideReport, cfg=CFG) -> tuple[str, dict]:
@@ -114,6 +115,10 @@ VECTORS = [
     ({"LY": 2, "ERB": 9}, {**BASE, "n_rbc": 60, "n_wbc_detected": 40, "n_scored": 20, "n_novel": 9,
                            "n_skipped": 1}),  # every domain warning
     ({"SNE": 250, "LY": 61, "MO": 19}, {**BASE, "n_fields": 0, "n_rbc": 0}),
+    # the slide guard: an implausible differential and the fitted evidence
+    ({"EO": 30, "LY": 10, "SNE": 2}, {**BASE, "evidence": {"features": 1.7, "colour": 0.4, "confidence": 1.7}}),
+    ({"PMY": 12, "MO": 20, "BA": 10, "SNE": 4, "ERB": 30, "LY": 1}, {**BASE, "n_scored": 40, "n_novel": 3}),
+    ({"SNE": 20, "LY": 10}, {**BASE, "evidence": {"novelty_mean": 0.9}}),
 ]
 
 

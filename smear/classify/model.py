@@ -100,6 +100,7 @@ class CnnClassifier:
         self.half = self.device is not None and self.device.type == "cuda"  # autocast to fp16 on CUDA
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
         self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
+        self.guard = None  # the slide guard's statistics (smear.classify.guard.SlideGuard), set by from_dir
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
@@ -138,6 +139,9 @@ class CnnClassifier:
             from smear.classify import novelty as nov
 
             clf.novelty_stats = nov.load(model_dir)
+            from smear.classify.guard import SlideGuard
+
+            clf.guard = SlideGuard.from_dir(model_dir, meta)
         return clf
 
     @property
@@ -213,7 +217,8 @@ class CnnClassifier:
 
     def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
         """Calibrated probabilities (N x classes, in ``self.classes`` order) and, with a novelty score
-        in the model, each crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
+        in the model, each crop's novelty as a ratio to its threshold (over 1: unlike every training class)
+        and, with a fitted slide guard, each crop's guard vector."""
         k = len(self.classes)
         out = self._raw(crops)
         logits, feats = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
@@ -222,7 +227,9 @@ class CnnClassifier:
             return ClassScores(self.classes, probs)
         from smear.classify.novelty import distances
 
-        return ClassScores(self.classes, probs, distances(feats, self.novelty_stats) / self.novelty_threshold)
+        ratio = distances(feats, self.novelty_stats) / self.novelty_threshold
+        guard = self.guard.cell_vectors(feats, self.novelty_stats, crops) if self.guard is not None else None
+        return ClassScores(self.classes, probs, ratio, guard)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -90,5 +90,22 @@ def train_novelty(
     show(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")
 
 
+@train_app.command("guard", epilog="Example: smear train guard runs/clf (after smear train novelty runs/clf)")
+def train_guard(
+    run: Annotated[Path, typer.Argument(help="A finished classifier run folder (config.yaml, split files).")],
+    model: Annotated[Optional[Path], typer.Option(help="Model folder to fit (default RUN/model).")] = None,
+    max_val: Annotated[int, typer.Option(help="Validation cells the statistics are fitted on.", min=100)] = 500,
+    draws: Annotated[int, typer.Option(help="Random acquisition shifts the thresholds are fitted on.", min=4)] = 16,
+) -> None:
+    """Fit the slide guard of a trained classifier (slide-level evidence of a misread slide) on its
+    validation crops and its training labs' colours; needs its novelty score."""
+    from smear.classify.guard_fit import fit_for_run
+
+    got = fit_for_run(run, model, max_val=max_val, draws=draws, log=lambda m: err_console.print(m, markup=False))
+    fit = got["fit"]
+    show(f"slide guard thresholds {got['thresholds']}; on its synthetic slides: recall {fit['recall_bad']} "
+         f"({fit['bad_slides']} read < 0.75), false alarms {fit['false_alarms_good']} ({fit['good_slides']} read >= 0.90)")
+
+
 _stage_command("segment", "Train the WBC U-Net (background / cytoplasm / nucleus) from scratch and score it on test.",
                "smear train segment --data ../shared/data/wbc-seg --out runs/seg --epochs 40")

@@ -233,6 +233,22 @@ def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
                   version=stages_version(cfg, metas))
 
 
+def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
+    """One line when the classifier's model folder (its meta, read already) lacks what the slide guard
+    needs (it then judges a slide by what it has), else None."""
+    meta = metas.get("classifier")
+    if meta is None or (meta.novelty and meta.get("guard")):
+        return None
+    folder = cfg.classifier_model
+    if not meta.novelty:
+        return (f"{folder}: the classifier model folder has no novelty score and no slide guard statistics, so "
+                f"the domain guard judges the differential only (novel_share stays empty); fit them with "
+                f"`smear train novelty RUN --model DIR` then `smear train guard RUN --model DIR`, or adapt again "
+                f"with `smear adapt` (it keeps the source's guard)")
+    return (f"{folder}: the classifier model folder has no slide guard statistics, so the domain guard judges the "
+            f"novel share and the differential only; fit them with `smear train guard RUN --model DIR`")
+
+
 def build_cache(cfg: PipelineConfig, version: str, warn=None):
     """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
     ``warn`` hears of refused entries and of a cache that cannot be written."""

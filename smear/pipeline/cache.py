@@ -32,7 +32,7 @@ def field_to_dict(fr: FieldResult) -> dict[str, Any]:
         "detections": [[list(d.box_xyxy), d.kind.value, d.score] for d in fr.detections],
         "cells": [{"det": index[id(c.detection)], "label": c.label, "prob": c.prob, "probs": c.probs,
                    "mask": [c.mask.cell_area_px, c.mask.nucleus_area_px] if c.mask else None,
-                   "novelty": c.novelty}
+                   "novelty": c.novelty, **({"guard": list(c.guard)} if c.guard is not None else {})}
                   for c in fr.cells],
     }
 
@@ -91,7 +91,12 @@ def _cell(c: Any, dets: tuple[Detection, ...], used: set[int], k: int) -> CellPr
     novelty = c.get("novelty")
     if novelty is not None:
         novelty = _number(novelty, f"cell {k} novelty", 0)
-    return CellPrediction(dets[det], c["label"], prob, probs, mask, novelty)
+    guard = c.get("guard")
+    if guard is not None:
+        if not isinstance(guard, list) or len(guard) > 256:
+            raise BadEntry(f"cell {k} has a malformed guard vector")
+        guard = tuple(_number(v, f"cell {k} guard value") for v in guard)
+    return CellPrediction(dets[det], c["label"], prob, probs, mask, novelty, guard)
 
 
 def field_from_dict(data: dict[str, Any], slide: str, field: str, path: str) -> FieldResult:

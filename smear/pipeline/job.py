@@ -48,14 +48,13 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     then the ``whole`` slide files here; ``on_field(slide_name, item)`` sees each field's result as
     it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
     With ``keep_fields=False`` only the slides' counts are kept."""
-    from smear.pipeline.build import audit_info, build_cache, build_stages, model_metas, stages_version
+    from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
     from smear.report.tables import differentials
 
     metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
-    if "classifier" in metas and metas["classifier"].novelty is None and warn is not None:
-        warn(f"{cfg.classifier_model}: the classifier model folder has no novelty score, so the domain guard "
-             "is off (novel_share stays empty); refit it with `smear train novelty`, or adapt again with "
-             "`smear adapt` (it keeps the source's guard)")
+    notice = guard_notice(cfg, metas)
+    if notice and warn is not None:
+        warn(notice)
     version = stages_version(cfg, metas)
     cache = build_cache(cfg, version, warn=warn)
     stages, engine = None, contextlib.nullcontext(None)
@@ -66,7 +65,8 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
 
         engine = RayEngine(BuildFromConfig(cfg), field_batch=cfg.field_batch, cache=cache, address=ray.address,
                            workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
-                           worker_logs=ray.worker_logs, classified=cfg.classifier != "off")
+                           worker_logs=ray.worker_logs, classified=cfg.classifier != "off",
+                           guard=_guard(metas))
     with engine as eng:
         reports = (run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields, engine=eng)
                    if slides else [])
@@ -78,3 +78,13 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                      None if geometry is None else CropGeometry(*geometry),
                      segmenter=stages.segmenter if stages is not None else None,
                      read_field=whole.read_field if whole is not None else None)
+
+
+def _guard(metas) -> Any:
+    """The slide guard's statistics of the classifier folder (read here, with no network), or None."""
+    if "classifier" not in metas:
+        return None
+    from smear.classify.guard import SlideGuard
+
+    meta = metas["classifier"]
+    return SlideGuard.from_dir(meta.folder, meta.as_dict()) if meta.novelty else None

@@ -145,6 +145,7 @@ class RayEngine:
     worker_logs: bool = False
     start_timeout_s: float = START_TIMEOUT_S
     classified: bool = True  # whether the stages ``build`` makes classify (the reports say so)
+    guard: Any = None  # the classifier's slide guard statistics, for the slide evidence (driver side)
     crop_geometry: tuple[float, int] | None = field(default=None, init=False)  # the workers' stages'
     actors: list[Any] = field(default_factory=list, init=False)
     pids: list[int] = field(default_factory=list, init=False)

@@ -6,7 +6,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from smear.pipeline.cache import FieldCache
 from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.types import (
     FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Classifier, Detection, Detector, FieldResult,
-    MaskStats, Segmenter, SkippedField, SlideReport, SmearError, Tally,
+    GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, SmearError, Tally,
 )
 
 
@@ -33,6 +33,11 @@ class Stages:
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
 
     @property
+    def guard(self) -> Any:
+        """The slide guard's statistics of the classifier (None when it has none)."""
+        return getattr(self.classifier, "guard", None)  # CnnClassifier's, from its model folder
+
+    @property
     def crop_geometry(self) -> tuple[float, int] | None:
         """(margin, size) of the crops ``classify_cells`` cuts: the classifier's geometry, the
         segmenter's when there is no classifier, None when neither runs."""
@@ -46,10 +51,13 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
-def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[float | None]]:
-    """Probabilities of each crop and its novelty ratio (None when the classifier has no novelty score)."""
+def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[float | None],
+                                                list[tuple[float, ...] | None]]:
+    """Probabilities of each crop, its novelty ratio and its slide-guard vector (None when the
+    classifier has no novelty score, or no fitted guard)."""
     scores = clf.classify(crops)
-    return [scores.probs_of(i) for i in range(len(scores))], [scores.novelty_of(i) for i in range(len(scores))]
+    n = range(len(scores))
+    return [scores.probs_of(i) for i in n], [scores.novelty_of(i) for i in n], [scores.guard_of(i) for i in n]
 
 
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
@@ -87,20 +95,21 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
         inputs = crops
         if stages.mask_background and seg is not None:
             inputs = [paint_background(c, m, f) for c, m, f in zip(crops, masks, fills)]
-        probs, novelty = [], []
+        probs, novelty, guard = [], [], []
         for i in range(0, len(inputs), stages.classify_batch):
-            got, nov = _classify(clf, inputs[i:i + stages.classify_batch])
+            got, nov, gv = _classify(clf, inputs[i:i + stages.classify_batch])
             probs += got
             novelty += nov
+            guard += gv
     else:
-        novelty = [None] * len(crops)
+        novelty = guard = [None] * len(crops)
     cells: list[list[CellPrediction]] = [[] for _ in images]
-    for k, det, p, m, side, nv in zip(owners, wbcs, probs, masks, sides, novelty):
+    for k, det, p, m, side, nv, gv in zip(owners, wbcs, probs, masks, sides, novelty, guard):
         label, top = _label(p, stages.review_threshold) if p is not None else ("", 0.0)
         if nv is not None and nv > 1.0:
             label = UNIDENTIFIED  # unlike every class the model was trained on: a person looks
         stats = _mask_stats(m, side) if m is not None else None
-        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv))
+        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv, gv))
     return [tuple(c) for c in cells]
 
 
@@ -155,21 +164,25 @@ def iter_field_results(
         emitted += 1
 
 
-def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool,
+def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool, guard: Any,
             on_field: Callable[[FieldResult | SkippedField], None] | None, keep_fields: bool) -> SlideReport:
-    """A slide's field results, in order, aggregated into its SlideReport."""
-    fields, skipped, tally = [], [], Tally()
+    """A slide's field results, in order, aggregated into its SlideReport, with the slide guard's
+    evidence when there is a fitted ``guard`` (smear.classify.guard.SlideGuard)."""
+    fields, skipped, tally, sums = [], [], Tally(), GuardSums()
     for item in items:
         if isinstance(item, SkippedField):
             skipped.append(item)
         else:
             tally.add(item)
+            for cell in item.cells:
+                sums.add(cell)
             if keep_fields:
                 fields.append(item)
         if on_field:
             on_field(item)
     return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classified,
-                       tally=None if keep_fields else tally)
+                       tally=None if keep_fields else tally,
+                       evidence=guard.evidence(sums) if guard is not None else {})
 
 
 def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
@@ -178,7 +191,8 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
     """All fields of one slide through the stages, aggregated into a SlideReport. With
     ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
     ``on_field`` still sees every result as it is made."""
-    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume), stages.classifier is not None,
+    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume),
+                   stages.classifier is not None, stages.guard,
                    on_field, keep_fields)
 
 
@@ -191,6 +205,7 @@ class Engine(Protocol):
 
     classified: bool
     crop_geometry: tuple[float, int] | None
+    guard: Any  # the slide guard's statistics, loaded by the driver (no network)
 
     def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool
                 ) -> Generator[FieldResult | SkippedField, None, None]:
@@ -209,6 +224,7 @@ def run_slides(slides: Sequence[Slide], stages: Stages | None, max_pixels: int =
         raise ValueError("run_slides needs stages or an engine")
     stream = engine.results(slides, max_pixels, resume) if engine is not None else None
     classified = engine.classified if engine is not None else stages.classifier is not None
+    guard = engine.guard if engine is not None else stages.guard
     reports = []
     try:
         for slide in slides:
@@ -217,7 +233,7 @@ def run_slides(slides: Sequence[Slide], stages: Stages | None, max_pixels: int =
                     on_field(_name, item)
             items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
                      else itertools.islice(stream, len(slide.fields)))
-            reports.append(_gather(slide, items, classified, each, keep_fields))
+            reports.append(_gather(slide, items, classified, guard, each, keep_fields))
     finally:
         if stream is not None:
             stream.close()  # a run stopped early stops the engine's work too

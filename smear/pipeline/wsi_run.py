@@ -35,6 +35,9 @@ HPF_SOURCE = ("platelets per 100x oil field x 20 = 10^9/L (x 20,000/uL), counted
               "Clin Lab Sci 2007;20(3):154-160")
 
 
+MAX_THUMB_SIDE = 6000  # the finder's thumbnail is coarser than finder_mpp on a slide larger than this at it
+
+
 @dataclass(frozen=True)
 class WsiSettings:
     """The ``wsi`` section of the pipeline config, as the run uses it."""
@@ -262,7 +265,7 @@ def run_whole_slide(path: str | Path, stages: Stages, settings: WsiSettings, *, 
     with WholeSlide(path) as slide:
         geo = geometry(slide, settings, warn)
         start = time.perf_counter()
-        ds = max(1.0, settings.finder_mpp / geo.mpp)
+        ds = max(1.0, settings.finder_mpp / geo.mpp, max(slide.width, slide.height) / MAX_THUMB_SIDE)
         thumb = thumbnail(slide, ds)
         probe_l0 = max(8, int(round(settings.probe_px * geo.scale)))
 
@@ -275,7 +278,7 @@ def run_whole_slide(path: str | Path, stages: Stages, settings: WsiSettings, *, 
         finder_s = time.perf_counter() - start
         counter = _Counter()
         items = iter_tiles(slide, name, geo, plan.path, stages, settings, target_wbc, counter, cache, resume)
-        report = _gather(Slide(name, ()), items, stages.classifier is not None, on_field, keep_fields)
+        report = _gather(Slide(name, ()), items, stages.classifier, on_field, keep_fields)
     counted = set(counter.counted)
     png = cv2.imencode(".png", finder.quality_map(plan, counted)[..., ::-1])[1].tobytes()
     target = quality_map_path(quality_map_dir, name)

@@ -72,7 +72,7 @@ def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
     from scipy.stats import norm
 
     from smear.report.tables import FORMULA_START, summary_frame
-    from smear.report.summary import ADVICE, APART, GROUPS_APART, differential
+    from smear.report.summary import ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART, differential
 
     conf = float(cfg.report.confidence)
     columns = list(summary_frame([differential(SlideReport("", (), classified=True)).row()]).columns)
@@ -82,7 +82,7 @@ def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
         "fine": list(FINE_CLASSES), "wbc": list(WBC_CLASSES), "apart": list(APART), "groups": list(GROUPS8),
         "groups_apart": list(GROUPS_APART), "types": list(TYPES5), "to_group": FINE_TO_GROUP8,
         "to_type": {k: v for k, v in FINE_TO_TYPE5.items() if v}, "unidentified": UNIDENTIFIED,
-        "advice": ADVICE, "columns": columns, "formula_start": list(FORMULA_START),
+        "advice": ADVICE, "evidence_text": EVIDENCE_TEXT, "columns": columns, "formula_start": list(FORMULA_START),
         "int_columns": [c for c in columns if c.endswith("_n") or c.startswith("n_") or c == "wbc_needed"],
     }
 
@@ -93,7 +93,7 @@ def slide_base(rep: SlideReport) -> dict[str, Any]:
     return {"slide": rep.slide, "classified": rep.classified, "n_fields": rep.n_fields,
             "n_rbc": rep.count(CellKind.RBC), "n_platelet_detected": rep.count(CellKind.PLATELET),
             "n_wbc_detected": rep.count(CellKind.WBC), "n_skipped": len(rep.skipped),
-            "n_scored": n_scored, "n_novel": n_novel,
+            "n_scored": n_scored, "n_novel": n_novel, "evidence": dict(rep.evidence),
             "counts": rep.label_counts() if rep.classified else {}}
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from statistics import NormalDist
 
-from smear.config_models import Flags, Guard, ReportSection
+from smear.config_models import Flags, Guard, Implausible, ReportSection
 
 from smear.types import (
     FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
@@ -90,15 +90,80 @@ def evaluate_flags(d: Differential, fcfg: Flags, min_wbc: int) -> list[str]:
 
 ADVICE = ("results are unreliable for this stain or scanner: review every cell, and adapt the "
           "classifier on this lab's own labelled cells (smear train classify --set model.init=<model folder>)")
+#: what each piece of the guard's evidence means, for the warning (the fitted ones: smear.classify.guard)
+EVIDENCE_TEXT = {
+    "novel_share": "WBCs unlike every class the classifier was trained on",
+    "differential": "a differential almost no blood has",
+    "features": "the cells' features drift from the training data the way a stain or scanner moves them",
+    "novelty_mean": "the cells as a whole sit further from the training classes than training-lab cells do",
+    "confidence": "the classifier is less sure of these cells than of training-lab cells",
+    "colour": "the crops' colour and texture are unlike the training labs'",
+}
+EVIDENCE_CAP = 99.0  # a ratio with a zero denominator (no neutrophils at all) is shown as this
 
 
-def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: Guard) -> list[str]:
-    """The domain guard: warnings that the slide is unlike the training data, or that its counts
-    are ones a smear cannot have (red cells taken for white cells, most often)."""
+def _ratio(value: float, threshold: float) -> float:
+    return EVIDENCE_CAP if threshold <= 0 else min(EVIDENCE_CAP, value / threshold)
+
+
+def implausible_differential(d: Differential, icfg: Implausible) -> list[tuple[float, str]]:
+    """Rules for a differential almost no blood has, each (ratio to its threshold, what it saw); a
+    ratio over 1 fires. Unlike the clinical flags, these assume the typing may be wrong."""
+    if not d.classified or not d.n_wbc:
+        return []
+    pct = lambda code: d.fine[code].pct or 0.0  # noqa: E731
+    neut = pct("SNE") + pct("BNE")
+    nrbc, ly = d.nrbc_per_100_wbc or 0.0, pct("LY")
+    rules = [
+        (min(_ratio(pct("EO"), icfg.eosinophil_pct), _ratio(icfg.eosinophil_neutrophil_max_pct, neut)),
+         f"EO {pct('EO'):.1f}% with neutrophils {neut:.1f}%"),
+        (_ratio(pct("BA"), icfg.basophil_pct), f"BA {pct('BA'):.1f}%"),
+        (_ratio(pct("PMY"), icfg.promyelocyte_pct), f"PMY {pct('PMY'):.1f}%"),
+        (_ratio(pct("MO"), icfg.monocyte_pct), f"MO {pct('MO'):.1f}%"),
+        (min(_ratio(nrbc, icfg.nrbc_per_100_wbc), _ratio(icfg.nrbc_lymphocyte_max_pct, ly)),
+         f"{nrbc:g} NRBC per 100 WBC with lymphocytes {ly:.1f}%"),
+    ]
+    return [(round(r, 4), text) for r, text in rules]
+
+
+def domain_evidence(d: Differential, n_scored: int, n_novel: int, fitted: dict[str, float],
+                    gcfg: Guard) -> tuple[dict[str, float], list[str]]:
+    """Every piece of the slide guard's evidence as a ratio to its threshold, and what the
+    differential rules saw: the novel share, the implausible differential, and the statistics
+    fitted with the classifier (``fitted``, from the pipeline)."""
+    out: dict[str, float] = {}
+    if n_scored >= gcfg.min_scored:
+        out["novel_share"] = round(_ratio(n_novel / n_scored, gcfg.max_novel_share), 4)
+    seen: list[str] = []
+    if d.classified and d.n_wbc >= gcfg.min_cells:
+        rules = implausible_differential(d, gcfg.implausible)
+        out["differential"] = max(r for r, _ in rules)
+        seen = [text for r, text in rules if r > gcfg.max_domain_score]
+    out.update({k: float(v) for k, v in fitted.items()})
+    return out, seen
+
+
+def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: Guard,
+                    fitted: dict[str, float] | None = None) -> tuple[float | None, dict[str, float], list[str]]:
+    """The domain guard: the slide's ``domain_score`` (the largest evidence ratio), its evidence,
+    and its warnings: first the score's, when over ``max_domain_score``, saying which evidence
+    fired and how strongly; then counts a smear cannot have (red cells taken for white cells)."""
+    evidence, seen = domain_evidence(d, n_scored, n_novel, fitted or {}, gcfg)
+    score = max(evidence.values()) if evidence else None
     out = []
-    if n_scored >= gcfg.min_scored and n_novel / n_scored > gcfg.max_novel_share:
-        out.append(f"unlike the training data: {n_novel} of {n_scored} WBCs ({100.0 * n_novel / n_scored:.0f}%) are "
-                   f"unlike every class the classifier was trained on; {ADVICE}")
+    limit = gcfg.max_domain_score
+    if score is not None and score > limit:
+        fired = sorted(((v, k) for k, v in evidence.items() if v > limit), reverse=True)
+        why = []
+        for v, k in fired:
+            detail = ""
+            if k == "novel_share":
+                detail = f" ({n_novel} of {n_scored} WBCs, {100.0 * n_novel / n_scored:.0f}%)"
+            elif k == "differential":
+                detail = f" ({'; '.join(seen)})"
+            why.append(f"{EVIDENCE_TEXT.get(k, k)}{detail}: {k} {v:.2f}")
+        out.append(f"unlike the training data or misread: domain score {score:.2f} (threshold {limit:g}); "
+                   f"{'; '.join(why)}; {ADVICE}")
     nrbc = d.nrbc_per_100_wbc
     if nrbc is not None and nrbc > gcfg.max_nrbc_per_100_wbc:
         out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg.max_nrbc_per_100_wbc:g}); red cells "
@@ -107,7 +172,7 @@ def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: Guard) -
     if n_rbc >= gcfg.min_rbc and n_wbc / n_rbc > gcfg.max_wbc_per_rbc:
         out.append(f"implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
                    f"the detector is likely taking red cells for white cells on this stain; {ADVICE}")
-    return out
+    return (round(score, 4) if score is not None else None), evidence, out
 
 
 def differential(report: SlideReport, rcfg: ReportSection | None = None,
@@ -148,8 +213,9 @@ def differential(report: SlideReport, rcfg: ReportSection | None = None,
         warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg.min_wbc}); "
                         f"+/-{rcfg.target_halfwidth_pct:g} points at {rcfg.confidence:.0%} needs about"
                         f" {needed} WBCs")
+    score, evidence, guard = domain_warnings(d, n_scored, n_novel, gcfg, report.evidence)
     return dataclasses.replace(
-        d, domain_warnings=tuple(domain_warnings(d, n_scored, n_novel, gcfg)),
+        d, domain_score=score, domain_evidence=evidence, domain_warnings=tuple(guard),
         warnings=tuple(warnings), flags=tuple(evaluate_flags(d, fcfg, rcfg.min_wbc) if fcfg else ()))
 
 

@@ -43,7 +43,8 @@ def summary_frame(rows: Sequence[dict[str, Any]]):
     """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
     table = []
     for row in rows:
-        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings")}
+        out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings",
+                                                         "domain_evidence")}
         out["flags"] = "; ".join(row["flags"])
         table.append(out)
     import pandas as pd  # here, not at import: a table or JSON report needs no pandas (start-up)

@@ -73,13 +73,16 @@ class Plan:
 
 
 def optical_density(rgb: np.ndarray, background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(summed OD over the three channels, per pixel, float32; the per-channel background used)."""
-    img = rgb.astype(np.float32)
+    """(summed OD over the three channels, per pixel, float32; the per-channel background used:
+    the 99th percentile of each channel unless given)."""
     if background is None:
-        background = np.percentile(img.reshape(-1, 3), 99.0, axis=0)
+        background = np.array([np.percentile(rgb[::4, ::4, k], 99.0) for k in range(3)], np.float32)
     bg = np.maximum(np.asarray(background, np.float32), 1.0)
-    od = -np.log(np.clip((img + 0.5) / bg, 1e-3, 1.0))
-    return od.sum(axis=2), bg
+    od = np.zeros(rgb.shape[:2], np.float32)
+    for k in range(3):  # a channel at a time: a large thumbnail is not held three times in float
+        ratio = (rgb[..., k].astype(np.float32) + 0.5) / bg[k]
+        od -= np.log(np.clip(ratio, 1e-3, 1.0))
+    return od, bg
 
 
 def sharpness(rgb: np.ndarray) -> float:

@@ -165,12 +165,49 @@ function smearRecount(C) {
     row.flag_keys = raised.map(([, , key]) => key);  // which flags: the page asks for their classes' cells
     return flags.concat(raised.map(([, text]) => text + ": review"));
   }
-  function domainWarnings(row, nScored, nNovel, g) {
-    const out = [];
-    const advice = C.advice;
-    if (nScored >= g.min_scored && nNovel / nScored > g.max_novel_share) {
-      out.push(`unlike the training data: ${nNovel} of ${nScored} WBCs (${fixed(100.0 * nNovel / nScored, 0)}%) are ` +
-        `unlike every class the classifier was trained on; ${advice}`);
+  const CAP = 99.0;  /* summary.EVIDENCE_CAP */
+  function ratio(value, threshold) { return threshold <= 0 ? CAP : Math.min(CAP, value / threshold); }
+  /* summary.implausible_differential */
+  function implausible(row, ic) {
+    if (!row.classified || !row.n_wbc) return [];
+    const pct = (c) => row[`${c}_pct`] || 0.0;
+    const neut = pct("SNE") + pct("BNE");
+    const nrbc = row.nrbc_per_100_wbc || 0.0, ly = pct("LY");
+    const rules = [
+      [Math.min(ratio(pct("EO"), ic.eosinophil_pct), ratio(ic.eosinophil_neutrophil_max_pct, neut)),
+        `EO ${fixed(pct("EO"), 1)}% with neutrophils ${fixed(neut, 1)}%`],
+      [ratio(pct("BA"), ic.basophil_pct), `BA ${fixed(pct("BA"), 1)}%`],
+      [ratio(pct("PMY"), ic.promyelocyte_pct), `PMY ${fixed(pct("PMY"), 1)}%`],
+      [ratio(pct("MO"), ic.monocyte_pct), `MO ${fixed(pct("MO"), 1)}%`],
+      [Math.min(ratio(nrbc, ic.nrbc_per_100_wbc), ratio(ic.nrbc_lymphocyte_max_pct, ly)),
+        `${pyG(nrbc)} NRBC per 100 WBC with lymphocytes ${fixed(ly, 1)}%`],
+    ];
+    return rules.map(([r, text]) => [pyRound(r, 4), text]);
+  }
+  /* summary.domain_warnings: [score, evidence, warnings] */
+  function domainWarnings(row, nScored, nNovel, g, fitted) {
+    const out = [], advice = C.advice, evidence = {}, limit = g.max_domain_score;
+    let seen = [];
+    if (nScored >= g.min_scored) evidence.novel_share = pyRound(ratio(nNovel / nScored, g.max_novel_share), 4);
+    if (row.classified && row.n_wbc >= g.min_cells) {
+      const rules = implausible(row, g.implausible);
+      evidence.differential = Math.max(...rules.map(([r]) => r));
+      seen = rules.filter(([r]) => r > limit).map(([, text]) => text);
+    }
+    Object.assign(evidence, fitted || {});
+    const values = Object.values(evidence);
+    const score = values.length ? Math.max(...values) : null;
+    if (score !== null && score > limit) {
+      const fired = Object.entries(evidence).filter(([, v]) => v > limit)
+        .sort((a, b) => (b[1] - a[1]) || (a[0] < b[0] ? 1 : a[0] > b[0] ? -1 : 0));
+      const why = fired.map(([k, v]) => {
+        let detail = "";
+        if (k === "novel_share") detail = ` (${nNovel} of ${nScored} WBCs, ${fixed(100.0 * nNovel / nScored, 0)}%)`;
+        else if (k === "differential") detail = ` (${seen.join("; ")})`;
+        return `${C.evidence_text[k] || k}${detail}: ${k} ${fixed(v, 2)}`;
+      });
+      out.push(`unlike the training data or misread: domain score ${fixed(score, 2)} (threshold ${pyG(limit)}); ` +
+        `${why.join("; ")}; ${advice}`);
     }
     const nrbc = row.nrbc_per_100_wbc;
     if (nrbc !== null && nrbc !== undefined && nrbc > g.max_nrbc_per_100_wbc) {
@@ -182,7 +219,7 @@ function smearRecount(C) {
       out.push(`implausible: ${nWbc} WBC boxes to ${nRbc} RBCs (a smear has far fewer white than red cells); ` +
         `the detector is likely taking red cells for white cells on this stain; ${advice}`);
     }
-    return out;
+    return [score === null ? null : pyRound(score, 4), evidence, out];
   }
   /* The summary row of a slide from its fixed counts (base) and its label counts. */
   function summarize(base, counts) {
@@ -211,9 +248,11 @@ function smearRecount(C) {
     const needed = cellsNeeded(pcts, rcfg.target_halfwidth_pct);
     row.wbc_needed = classified ? needed : null;
     row.novel_share = base.n_scored ? pyRound(base.n_novel / base.n_scored, 4) : null;
-    const guard = domainWarnings(row, base.n_scored, base.n_novel, C.guard);
-    row.domain_warning = guard.join(" | ");
     row.classified = classified;
+    const [score, evidence, guard] = domainWarnings(row, base.n_scored, base.n_novel, C.guard, base.evidence);
+    row.domain_score = score;
+    row.domain_warning = guard.join(" | ");
+    row.domain_evidence = evidence;
     row.domain_warnings = guard;
     row.warnings = [];
     if (classified && nWbc < rcfg.min_wbc) {
