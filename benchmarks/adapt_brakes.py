@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 import tempfile
 import time
@@ -83,7 +84,12 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 10, 30, 50])
     ap.add_argument("--only", nargs="+", help="run only these scenarios (e.g. 'k=30')")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt_brakes"))
+    ap.add_argument("--render", help="only write the results from a log of this script's JSON lines")
     args = ap.parse_args()
+    if args.render:
+        runs = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.startswith("{")]
+        write_results(runs, args.model, args.out)
+        return
     root = SHARED / "wbc-seg" / "jtsc"
     if not root.is_dir():
         sys.exit(f"{root}: not found")
@@ -140,8 +146,13 @@ def main() -> None:
                 entry["seconds"] = round(time.perf_counter() - t0, 1)
                 runs.append(entry)
                 print(json.dumps(entry), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"model": args.model, "runs": runs}, indent=2) + "\n")
+    write_results(runs, args.model, args.out)
+
+
+def write_results(runs: list[dict], model: str, out: str) -> None:
+    """``out``.json (every run) and ``out``.md (one table row per run)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"model": model, "runs": runs}, indent=2) + "\n")
     lines = ["# `smear adapt` brakes on jtsc corrections CSVs", "",
              "`python benchmarks/adapt_brakes.py` (k jtsc cells drawn stratified by type per seed; the rest of jtsc, "
              "never in the CSV, scored)", "",
@@ -151,14 +162,15 @@ def main() -> None:
         if r["refused"]:
             would = (f"({r['n_rest']}) {r['rest_source']['type5_accuracy']} -> "
                      f"{r['rest_if_written']['type5_accuracy']} if written" if "rest_if_written" in r else "")
-            lines.append(f"| {r['scenario']} | {r['seed']} | {r['refused']} | | | {would} | | {r['seconds']} |")
+            refused = re.sub(r"\S*/(?=[^/\s]+\.csv)", "", r["refused"])  # the temporary folder left out
+            lines.append(f"| {r['scenario']} | {r['seed']} | {refused} | | | {would} | | {r['seconds']} |")
             continue
         h = r["heldout"]
         lines.append(f"| {r['scenario']} | {r['seed']} | no | {r['cells']} ({r['n_heldout']}) | "
                      f"{h['before'].get('type5_accuracy')} -> {h['after'].get('type5_accuracy')} | "
                      f"({r['n_rest']}) {r['rest_source']['type5_accuracy']} -> {r['rest_adapted']['type5_accuracy']} | "
                      f"{r['rest_source']['novel_share']} -> {r['rest_adapted']['novel_share']} | {r['seconds']} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

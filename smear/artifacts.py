@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,6 +18,7 @@ import yaml
 from smear import __version__
 from smear.errors import ModelError
 from smear.io import read_json, write_text_atomic
+from smear.taxonomy import FINE_CLASSES, CellKind
 
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -154,7 +157,50 @@ def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable
         raise ModelError(f"{folder}/meta.json: missing keys {', '.join(missing)}")
     if isinstance(model_dir, ModelMeta):
         return model_dir
+    check_contract(meta, folder, stage)
     return ModelMeta.of(meta, folder, version=file_sha256(folder / meta["weights"])[:12], meta_hash=raw_hash)
+
+
+#: the classes each stage's network must be trained on (any order; the order is checked by head_hash)
+STAGE_CLASSES = {"detect": tuple(k.value for k in CellKind), "classify": FINE_CLASSES,
+                 "segment": ("background", "cytoplasm", "nucleus")}
+SEAL_HINT = "python -m smear.artifacts FOLDER writes it, once you know the folder's classes are in the trained order"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_contract(meta: Mapping[str, Any], model_dir: Path, stage: str) -> None:
+    """Refuse a meta.json that does not fit its weights or smear: weights that are not safetensors,
+    classes other than the stage's own, a class order, class count or input size other than the
+    network was trained with (``head_hash``), a temperature or input size that is not positive.
+    ModelError names meta.json and the key."""
+    where = model_dir / META
+    weights = str(meta["weights"])
+    if not weights.endswith(".safetensors"):
+        raise ModelError(f"{where}: key weights: {weights!r} is not a .safetensors file; refusing it",
+                         hint="model folders hold safetensors weights (a pickle can run code); a detector "
+                              ".pt converts once with python -m smear.detect.network FOLDER")
+    classes = meta["classes"]
+    expected = STAGE_CLASSES.get(stage)
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ModelError(f"{where}: key classes: not a list of class names")
+    if expected is not None and (sorted(classes) != sorted(expected)):
+        raise ModelError(f"{where}: key classes: {', '.join(classes)[:200]} are not smear's {stage} classes "
+                         f"({', '.join(expected)})")
+    for key in ("temperature", "input_size"):
+        if key in meta and not _positive(meta[key]):
+            raise ModelError(f"{where}: key {key}: {meta[key]!r} must be a number over 0")
+    if "input_size" in meta and not isinstance(meta["input_size"], int):
+        raise ModelError(f"{where}: key input_size: {meta['input_size']!r} must be a whole number of pixels")
+    stored = meta.get(HEAD_HASH)
+    if not stored:
+        raise ModelError(f"{where}: key {HEAD_HASH}: missing, so the class order of the weights cannot be checked",
+                         hint=SEAL_HINT)
+    if stored != head_hash(meta, model_dir):
+        raise ModelError(f"{where}: key {HEAD_HASH}: the weights were trained with another class order, class "
+                         "count, input size or network than meta.json names (classes, input_size); refusing it")
 
 
 def cache_dir(name: str) -> Path:
@@ -201,21 +247,88 @@ def data_fingerprint(paths: Iterable[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
+HEAD_HASH = "head_hash"
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, read from its JSON header (no tensor is loaded);
+    ModelError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header size {size}")
+            header = json.loads(fh.read(size))
+        return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
+
+
+def head_hash(meta: Mapping[str, Any], model_dir: str | Path) -> str:
+    """A short hash of the contract a network was trained with: its class names in order, its input
+    size and the shape of every tensor (the head's among them). Kept in meta.json as ``head_hash``;
+    a meta whose classes were reordered or renamed, or whose input size was edited, no longer matches."""
+    shapes = safetensors_shapes(Path(model_dir) / str(meta["weights"]))
+    contract = {"classes": [str(c) for c in meta["classes"]], "input_size": meta.get("input_size"),
+                "tensors": sorted([k, v] for k, v in shapes.items())}
+    return hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_head_hash(model_dir: str | Path) -> str:
+    """Write ``head_hash`` into a model folder's meta.json (other keys and the weights untouched)."""
+    path = Path(model_dir) / META
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta[HEAD_HASH] = head_hash(meta, model_dir)
+    write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return meta[HEAD_HASH]
+
+
 def model_version(model_dir: str | Path) -> str:
-    """A short id of a model folder's weights, used to key caches and reports."""
+    """A short id of a model folder's weights file (what the audit calls its weights hash)."""
     meta = load_meta(model_dir)
     return file_sha256(Path(model_dir) / meta["weights"])[:12]
 
 
+ONNX_FILE = "model.onnx"
+
+
+def runtime_files(model_dir: str | Path) -> list[Path]:
+    """Every file of a model folder that decides what it computes: meta.json, the weights, the
+    detector's network YAML, the novelty and slide-guard statistics and ``model.onnx`` (which ``runtime: onnx`` runs
+    instead of the weights), those that exist."""
+    model_dir = Path(model_dir)
+    meta = load_meta(model_dir)
+    names = [META, str(meta["weights"]), str(meta.get("network") or ""), ONNX_FILE]
+    for key in ("novelty", "guard"):  # the novelty statistics and the slide guard's
+        part = meta.get(key)
+        if isinstance(part, Mapping) and part.get("file"):
+            names.append(str(part["file"]))
+    return [model_dir / n for n in dict.fromkeys(names) if n and (model_dir / n).is_file()]
+
+
+def files_version(model_dir: str | Path) -> str:
+    """A short id of everything in a model folder that runs (``runtime_files``: a swapped model.onnx
+    or an edited meta.json gives another id); keys the result cache and the ONNX cache."""
+    h = hashlib.sha256()
+    for path in runtime_files(model_dir):
+        h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return h.hexdigest()[:12]
+
+
 def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: Any,
                    card: str | None = None) -> Path:
-    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir``."""
+    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir`` (meta
+    gets the ``head_hash`` of safetensors weights: the class order the head was trained with)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     meta = {"smear_version": __version__, **meta}
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ModelError(f"{model_dir}: meta lacks {', '.join(missing)}")
+    weights = model_dir / str(meta["weights"])
+    if weights.suffix == ".safetensors" and weights.is_file():
+        meta[HEAD_HASH] = head_hash(meta, model_dir)
     write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     from smear.config import dump_config
 
@@ -293,3 +406,21 @@ def check_torch_file(path: str | Path, allowed: Callable[[str, str], bool]) -> N
                                          hint="model folders are loaded without running code they hold")
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelError(f"{path}: not a torch zip file ({exc}); refusing to unpickle it") from exc
+
+
+def main(argv: list[str]) -> int:
+    """``python -m smear.artifacts FOLDER...``: write each model folder's ``head_hash`` (its meta's
+    class order, input size and the weights' tensor shapes), after checking the rest of its contract."""
+    if not argv:
+        print("usage: python -m smear.artifacts MODEL_FOLDER...", file=sys.stderr)
+        return 2
+    for arg in argv:
+        add_head_hash(arg)
+        meta = load_meta(arg)
+        load_model(arg, str(meta["stage"]))
+        print(f"{arg}: head_hash {meta[HEAD_HASH]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

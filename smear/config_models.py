@@ -70,6 +70,7 @@ class WbcCheck(Section):
 
 class IoSection(Section):
     max_pixels: Annotated[int, Field(gt=0)]
+    max_pixels_in_flight: Union[Literal["auto"], Annotated[int, Field(gt=0)]]
 
 
 class ReportSection(Section):

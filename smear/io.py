@@ -18,20 +18,29 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from smear.errors import DataError, ImageReadError, SmearError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+#: the formats PIL may decode (the README's list; a camera's multi-picture JPEG opens as JPEG):
+#: GIF, ICO, PCX, TGA, EPS (Ghostscript) and the rest are refused whatever the file is called
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 DEFAULT_MAX_PIXELS = 200_000_000
+#: a decoded field whose 99th percentile is under DARK, or whose 1st percentile is over BRIGHT, holds no cells
+DARK, BRIGHT = 16, 245
+#: share of the machine's memory that ``io.max_pixels_in_flight: auto`` gives to decoded fields
+MEMORY_SHARE = 0.1
 
 # Truncated files must fail, not be padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale a 16-bit or float array to uint8 by its dtype's range."""
+    """Scale a 16-bit or float array to uint8 by the data's real range: integers by the bit depth their
+    maximum needs (12-bit camera data in a 16-bit file is scaled by 4095, not 65535)."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.integer):
-        top = 65535 if arr.max(initial=0) > 255 else 255
+        peak = int(arr.max(initial=0))
+        top = 255 if peak <= 255 else (1 << peak.bit_length()) - 1
         return (arr.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
     arr = arr.astype(np.float64)
     top = 1.0 if arr.max(initial=0) <= 1.0 else arr.max()
@@ -51,7 +60,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
-            with Image.open(path) as im:
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageReadError(
                         f"{path}: image is {im.width}x{im.height}, over the limit of {max_pixels} pixels",
@@ -60,10 +69,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 if getattr(im, "n_frames", 1) > 1:
                     warnings.warn(f"{path}: multi-page image, using the first page only", stacklevel=2)
                     im.seek(0)
+                wide = _sixteen_bit_rgb(im)
                 im.load()
                 fmt = im.format
                 im = ImageOps.exif_transpose(im) or im
-                arr = _pil_to_rgb(im, path)
+                arr = _wide_rgb(path, im) if wide else _pil_to_rgb(im, path)
                 if fmt == "JPEG":
                     _check_not_decoder_filled(arr, path)
                 return arr
@@ -71,13 +81,71 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except (UnidentifiedImageError, ImportError) as exc:
         # ImportError: ultralytics patches Image.open to try an optional HEIF plugin on unknown files
-        raise ImageReadError(f"{path}: not a readable image file") from exc
+        raise ImageReadError(f"{path}: not a readable image file (smear reads JPEG, PNG, BMP, TIFF and WebP only)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: image is over the limit of {max_pixels} pixels ({exc})",
                              hint="raise io.max_pixels in the pipeline config") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"{path}: unreadable or truncated image ({reason})") from exc
+
+
+def check_exposure(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    """``arr``, or ImageReadError when the decoded field is nearly black or nearly white (no cells to
+    count: a dark frame, a blank area, or data scaled wrongly)."""
+    grey = arr[::4, ::4].mean(axis=2)
+    high, low = np.percentile(grey, 99), np.percentile(grey, 1)
+    if high < DARK:
+        raise ImageReadError(f"{path}: the field is nearly black (99% of it under {high:.0f} of 255)",
+                             hint="an unlit frame, or image data smear cannot scale")
+    if low > BRIGHT:
+        raise ImageReadError(f"{path}: the field is nearly white (99% of it over {low:.0f} of 255)",
+                             hint="a blank area of the slide, or an overexposed frame")
+    return arr
+
+
+def image_pixels(path: str | Path) -> int:
+    """Width x height from an image file's header (0 when it is not one smear reads): nothing is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
+                return int(im.width) * int(im.height)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+def pixel_budget(setting: Any, max_pixels: int) -> int:
+    """``io.max_pixels_in_flight`` as pixels: ``auto`` is MEMORY_SHARE of the machine's memory at 3
+    bytes a pixel, never under one field of ``max_pixels``."""
+    if setting is None or str(setting).strip().lower() == "auto":
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            memory = 8 << 30
+        return max(int(memory * MEMORY_SHARE) // 3, int(max_pixels))
+    return int(setting)
+
+
+def _sixteen_bit_rgb(im: Image.Image) -> bool:
+    """Whether PIL would decode this image's colour samples from 16 bits to its 8-bit RGB by keeping
+    the high byte (48/64-bit PNG and TIFF)."""
+    tile = getattr(im, "tile", None) or []
+    raw = str(tile[0][3][0] if tile and isinstance(tile[0][3], tuple) else (tile[0][3] if tile else ""))
+    return im.mode in ("RGB", "RGBA") and ";16" in raw and im.format in ("PNG", "TIFF")
+
+
+def _wide_rgb(path: Path, im: Image.Image) -> np.ndarray:
+    """A 16-bit-per-channel colour image decoded by OpenCV (whose formats PIL has already named) and
+    scaled by its data's real range."""
+    import cv2
+
+    data = np.fromfile(str(path), dtype=np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[:2] != (im.height, im.width):
+        return _pil_to_rgb(im, path)  # an orientation or layout OpenCV reads otherwise: PIL's 8 bits
+    rgb = np.ascontiguousarray(arr[..., 2::-1])  # BGR(A) -> RGB; alpha dropped
+    return _to_uint8(rgb)
 
 
 def _check_not_decoder_filled(arr: np.ndarray, path: Path, max_flat: float = 0.5) -> None:
@@ -179,18 +247,25 @@ def read_voc_xml(path: str | Path) -> VocAnnotation:
 def _walk_folders(root: Path) -> list[Path]:
     """Every visible subfolder under ``root``, sorted; hidden folders and folder symlinks are not
     entered, and each real folder is visited once."""
-    seen = {root.resolve()}
+    seen = {os.path.realpath(root)}
     found: list[Path] = []
-    for top, dirs, _files in os.walk(root, followlinks=False):
-        keep = []
-        for d in sorted(dirs):
-            sub = Path(top) / d
-            if d.startswith(".") or sub.is_symlink() or sub.resolve() in seen:
+    todo = [Path(root)]  # a stack, not recursion: a tree thousands of levels deep is walked too
+    while todo:
+        top = todo.pop()
+        try:
+            entries = sorted(os.scandir(top), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable or vanished: what os.walk skips as well
+        for entry in entries:
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
                 continue
-            seen.add(sub.resolve())
-            keep.append(d)
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                continue
+            seen.add(real)
+            sub = Path(entry.path)
             found.append(sub)
-        dirs[:] = keep
+            todo.append(sub)
     return sorted(found)
 
 
@@ -206,6 +281,8 @@ def find_slides(paths: list[str | Path], recursive: bool = False,
         path = Path(raw)
         if not path.exists():
             raise SmearError(f"{path}: no such file or folder")
+        if not path.is_file() and not path.is_dir():
+            raise SmearError(f"{path}: not a regular file or folder (a pipe, a device or a socket); refusing to read it")
         if path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise ImageReadError(
@@ -256,6 +333,9 @@ def check_outputs(outputs: dict[str, Path | None], slides: list[Slide]) -> None:
                              hint="name the file the link points at, or another path")
         if target.is_dir():
             raise SmearError(f"{target}: {option} is a folder, not a file")
+        if target.exists() and not target.is_file():
+            raise SmearError(f"{target}: {option} is not a regular file (a device, a pipe or a socket); "
+                             "refusing to replace it", hint="name a regular file or a new path in a writable folder")
         taken[real] = option
         check_writable_folder(target.parent, option)
         try:  # a file can be made there (a folder of /proc or a read-only mount says so only when asked)

@@ -351,6 +351,7 @@ class RunResult:
     geometry: CropGeometry | None = None
     segmenter: Segmenter | None = None  # the run's segmenter when it ran here (the page outlines its masks)
     read_field: Any = None  # reads a whole-slide tile again for the page (None: fields are files)
+    finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
 
     @property
     def masks(self) -> bool:

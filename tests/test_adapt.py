@@ -306,8 +306,12 @@ def _with_novelty(source, extra_guard=True):
     meta = json.loads((source / "meta.json").read_text())
     meta["novelty"] = {"threshold": 5.0, "quantile": 0.97, "file": nov.NOVELTY_FILE, "method": "mahalanobis"}
     if extra_guard:  # a slide guard's statistics, as smear.classify.guard stores them
-        meta["guard"] = {"file": "slide_guard.json", "thresholds": {"features": 1.0}}
-        (source / "slide_guard.json").write_text('{"stats": [1, 2, 3]}')
+        from smear.classify import guard
+
+        k, c = 2, len(guard.COLOUR_NAMES)
+        guard.save(source, {"projection": rng.normal(size=(dim, k)), "null_mean": np.zeros(k),
+                            "null_whiten": np.eye(k), "lab_means": np.zeros((1, c)), "lab_whiten": np.eye(c)[None]})
+        meta["guard"] = {"file": guard.GUARD_FILE, "thresholds": {"features": 1.0}}
     (source / "meta.json").write_text(json.dumps(meta))
 
 
@@ -321,13 +325,13 @@ def test_adapting_without_source_data_keeps_the_source_guard(tmp_path, source):
     before, after = _weights(source), _weights(out)
     assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
     assert (out / "novelty.safetensors").read_bytes() == (source / "novelty.safetensors").read_bytes()
-    assert (out / "slide_guard.json").read_text() == '{"stats": [1, 2, 3]}'
-    assert json.loads((out / "meta.json").read_text())["guard"] == {"file": "slide_guard.json",
+    assert (out / "guard.safetensors").read_bytes() == (source / "guard.safetensors").read_bytes()
+    assert json.loads((out / "meta.json").read_text())["guard"] == {"file": "guard.safetensors",
                                                                     "thresholds": {"features": 1.0}}
     assert any("classifier layer only" in m for m in logs)
     clf = CnnClassifier.from_dir(out, device="cpu")
     novelty = clf.classify([draw_cell(32, seed=i) for i in range(3)]).novelty
-    assert clf.has_novelty and novelty is not None and np.isfinite(novelty).all()
+    assert clf.has_novelty and novelty is not None and np.isfinite(novelty).all() and clf.guard is not None
     assert "kept" in (out / "MODEL_CARD.md").read_text().split("## Guard")[1]
 
 
@@ -347,7 +351,7 @@ def test_adapting_with_source_data_refits_the_novelty_score(tmp_path, source):
     assert nv["n_fit"] == 30 + meta["adaptation"]["n_train"]  # 8 - round(8 x 0.2) of each source class + the lab
     assert (out / "novelty.safetensors").read_bytes() != (source / "novelty.safetensors").read_bytes()
     assert "refitted" in meta["adaptation"]["novelty"]
-    assert not (out / "slide_guard.json").exists() and "guard" not in meta  # fitted on the source's features
+    assert not (out / "guard.safetensors").exists() and "guard" not in meta  # fitted on the source's features
     clf = CnnClassifier.from_dir(out, device="cpu")
     novelty = clf.classify([draw_cell(32, seed=i) for i in range(4)]).novelty
     assert clf.has_novelty and np.isfinite(novelty).all()

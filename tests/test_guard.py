@@ -264,3 +264,15 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
     assert bare.guard is None and bare.classify(crops).guard is None
     notice = guard_notice(cfg, model_metas(cfg))
     assert "no slide guard statistics" in notice and "smear train guard" in notice
+
+
+def test_a_broken_guard_file_is_one_model_error(tmp_path):
+    from smear.types import ModelError
+
+    meta = {"guard": {"file": "guard.safetensors", "thresholds": {"features": 1.0}}}
+    with pytest.raises(ModelError, match="missing"):
+        SlideGuard.from_dir(tmp_path, meta)
+    (tmp_path / "guard.safetensors").write_text('{"stats": [1, 2, 3]}')
+    with pytest.raises(ModelError, match="not the slide guard's statistics"):
+        SlideGuard.from_dir(tmp_path, meta)
+    assert SlideGuard.from_dir(tmp_path, {}) is None

@@ -186,16 +186,16 @@ def test_numpy_letterbox_and_nms_match_ultralytics():
 def test_torch_free_detector_matches_ultralytics_onnx(tmp_path, monkeypatch):
     from smear.artifacts import save_model_dir
     from smear.detect.onnx_yolo import NetYoloDetector
-    from smear.detect.ultra import yolo
+    from smear.detect.network import NETWORK, WEIGHTS, build_network, save_network, yolo
     from smear.detect.yolo import YoloDetector, onnx_weights
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     folder = tmp_path / "det"
     folder.mkdir()
-    yolo("yolo11n.yaml").save(str(folder / "detector.pt"))
+    save_network(build_network(dict(yolo("yolo11n.yaml").model.yaml, nc=3), 3), folder)
     infer = {"imgsz": 64, "conf": 0.0, "iou": 0.5, "max_det": 30, "border": 8.0}  # untrained: low scores
-    save_model_dir(folder, {"stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
-                            "infer": infer}, {"model": "tiny"})
+    save_model_dir(folder, {"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
+                            "classes": ["wbc", "rbc", "platelet"], "infer": infer}, {"model": "tiny"})
     new = YoloDetector.from_dir(folder, runtime="onnx", batch=2)
     assert isinstance(new, NetYoloDetector)
     old = YoloDetector(onnx_weights(folder, 64, 2), device="cpu", batch=2, **infer)

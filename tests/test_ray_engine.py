@@ -31,8 +31,11 @@ def ray_local():
     this process does."""
     ray = pytest.importorskip("ray")
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    from smear.pipeline.ray_engine import _loopback_only
+
+    with _loopback_only(ray):  # as smear starts its own: reachable from this machine only
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 

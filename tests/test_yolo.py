@@ -15,11 +15,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from smear.detect.ultra import yolo
+    from smear.detect.network import yolo
+
+    from smear.detect.network import NETWORK, WEIGHTS, build_network, save_network
 
     folder = tmp_path_factory.mktemp("det")
-    yolo("yolo11n.yaml").save(str(folder / "detector.pt"))
-    save_model_dir(folder, {"stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
+    save_network(build_network(dict(yolo("yolo11n.yaml").model.yaml, nc=3), 3), folder)
+    save_model_dir(folder, {"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
+                            "classes": ["wbc", "rbc", "platelet"],
                             "infer": {"imgsz": 64, "conf": 0.0, "iou": 0.5, "max_det": 50}}, {"model": "tiny"})
     return folder
 
@@ -56,7 +59,7 @@ def test_missing_weights_and_wrong_stage(tiny_model_dir, tmp_path):
         load_meta(broken)
     with pytest.raises(ModelError, match="model folder not found"):
         YoloDetector.from_dir(tmp_path / "nowhere")
-    (broken / "detector.pt").write_bytes((tiny_model_dir / "detector.pt").read_bytes())
+    (broken / "detector.safetensors").write_bytes((tiny_model_dir / "detector.safetensors").read_bytes())
     (broken / "meta.json").write_text(json.dumps({**meta, "stage": "classify"}))
     with pytest.raises(ModelError, match="not a detector"):
         YoloDetector.from_dir(broken)

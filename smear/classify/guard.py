@@ -128,7 +128,11 @@ class SlideGuard:
         if not path.is_file():
             raise ModelError(f"{path}: missing (meta.json names a slide guard)",
                              hint="refit it with smear train guard, or drop 'guard' from meta.json")
-        return cls(load_file(str(path)), gmeta)
+        try:
+            return cls(load_file(str(path)), gmeta)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, a missing tensor or key
+            raise ModelError(f"{path}: not the slide guard's statistics ({type(exc).__name__}: {exc})",
+                             hint="refit it with smear train guard, or drop 'guard' from meta.json") from exc
 
     def cell_vectors(self, feats: np.ndarray, novelty_stats: dict[str, Any], crops: Sequence[np.ndarray]
                      ) -> np.ndarray:

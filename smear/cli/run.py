@@ -110,7 +110,7 @@ def _render(result, report: ReportFormat, out: Optional[Path]) -> None:
     else:
         console = Console(record=True, file=io.StringIO(), width=100)
         render_summary(list(result.differentials), console)
-        save(console.export_text(), out, result.cfg)
+        save(console.export_text(), out, result.cfg, result.finished)
 
 
 def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, whole):
@@ -123,6 +123,7 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, 
     from smear.types import SkippedField
 
     n_fields = sum(len(s.fields) for s in slides)
+    finished = [0]  # fields whose result is made (and cached): what a --resume after a failure skips
     writer = None
     try:
         if cells is not None:
@@ -132,8 +133,10 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, 
                 if isinstance(item, SkippedField):
                     if n_fields > 1:
                         warn(f"skipped {item.reason}")
-                elif writer is not None:
-                    writer.write(slide_name, item)
+                else:
+                    finished[0] += 1
+                    if writer is not None:
+                        writer.write(slide_name, item)
                 advance()
             result = run_job(slides, cfg, resume, keep_fields=keep, ray=ray, on_field=on_field, warn=warn,
                              whole=whole or None)
@@ -145,7 +148,7 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, 
         if writer is not None:
             writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
-                         hint=kept_hint(cfg)) from exc
+                         hint=kept_hint(cfg, finished[0], n_fields)) from exc
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import yaml
 from PIL import Image
 
-from smear.io import list_images, read_voc_xml, write_text_atomic
+from smear.io import IMAGE_FORMATS, list_images, read_voc_xml, write_text_atomic
 from smear.types import CellKind, DataError, SmearError, cell_kind
 
 #: Detector class order (YOLO class ids).
@@ -55,7 +55,7 @@ class Loaded(NamedTuple):
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file's header, or None when it is not a readable image."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             return im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None

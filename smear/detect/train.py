@@ -144,7 +144,8 @@ def train(cfg: DetectConfig, out: Path, resume: bool = False,
 
 def _train(cfg: DetectConfig, out: Path, resume: bool, log: Callable[[str], None],
            on_batch: Callable[[int, int, int], None] | None) -> Path:
-    from smear.detect.ultra import training_log, yolo
+    from smear.detect.network import yolo
+    from smear.detect.ultra import training_log
     from smear.devices import resolve_device, set_threads
 
     last = out / LAST
@@ -182,7 +183,6 @@ def _train(cfg: DetectConfig, out: Path, resume: bool, log: Callable[[str], None
 def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "auto",
             log: Callable[[str], None] = _log.info) -> Path:
     """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
-    import shutil
     from datetime import date
 
     from smear.artifacts import data_fingerprint, save_model_dir
@@ -195,11 +195,13 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     if not best.exists():
         raise SmearError(f"{best}: run has no best weights yet")
     model_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, model_dir / "detector.pt")
+    from smear.detect.network import NETWORK, WEIGHTS, read_pt, save_network
+
+    save_network(read_pt(best), model_dir)  # the folder holds no pickle: safetensors + network.yaml
     infer = cfg.infer.model_dump()
     data_yaml = data_dir(cfg, run_dir) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
-    det = YoloDetector(model_dir / "detector.pt", imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
+    det = YoloDetector(model_dir / WEIGHTS, imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
                        max_det=infer["max_det"], device=device, border=infer["border"])
     preds = predict_samples(det, val)
     conf = tune_conf(val, preds)
@@ -208,7 +210,7 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     infer["per_class_conf"] = {k.value: v for k, v in conf.items()}
     infer["conf"] = min(conf.values())
     meta = {
-        "stage": "detect", "weights": "detector.pt", "classes": ["wbc", "rbc", "platelet"],
+        "stage": "detect", "weights": WEIGHTS, "network": NETWORK, "classes": ["wbc", "rbc", "platelet"],
         "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
         "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
         "infer": infer, "trained": date.today().isoformat(),

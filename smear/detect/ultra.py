@@ -63,6 +63,11 @@ def _no_surprises(ul) -> None:
         for flag in ("ONLINE", "AUTOINSTALL"):
             if hasattr(mod, flag):
                 setattr(mod, flag, False)
+    # every .pt ultralytics itself unpickles (a training run's checkpoints) goes through torch's
+    # weights_only loader and its no-eval model construction: no activation string is evaluated
+    tasks = importlib.import_module("ultralytics.nn.tasks")
+    if hasattr(tasks, "SAFE_LOAD"):
+        tasks.SAFE_LOAD = True
     patches = sys.modules.get("ultralytics.utils.patches")
     original = getattr(patches, "_image_open", None)
     if original is not None:
@@ -159,7 +164,6 @@ _SAFE_GLOBALS = frozenset({
 })
 #: ... and network layers: classes of these modules that are torch.nn.Module subclasses
 _LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.modules.", "ultralytics.nn.tasks")
-WEIGHT_SUFFIXES = (".pt", ".onnx", ".yaml", ".yml")
 
 
 def allowed_global(module: str, name: str) -> bool:
@@ -183,27 +187,6 @@ def allowed_global(module: str, name: str) -> bool:
     except ImportError:
         return False
     return isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module
-
-
-def yolo(model: str | Path, task: str = "detect"):
-    """An ultralytics YOLO model from a model YAML (no download), a .pt file of ours (checked
-    before it is unpickled: only tensors and layer classes) or an ONNX file."""
-    from smear.artifacts import check_torch_file
-    from smear.devices import set_threads
-    from smear.types import ModelError
-
-    path = Path(model)
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ModelError(f"{path}: detector weights must be a .pt, .onnx or model .yaml file",
-                         hint="other formats ultralytics reads (TorchScript, ...) can run code")
-    if path.suffix.lower() in (".pt", ".onnx") and not path.is_file():
-        raise ModelError(f"{path}: detector weights not found")  # ultralytics would try to download it
-    ul = ultralytics()
-    if path.suffix.lower() == ".pt":
-        check_torch_file(path, allowed_global)
-    m = ul.YOLO(str(model), task=task)
-    set_threads()
-    return m
 
 
 def _before_format(transforms, jitter):
@@ -235,25 +218,3 @@ def stain_trainer(jitter):
             return ds
 
     return StainTrainer
-
-
-def export_onnx(weights: str | Path, dest: str | Path, imgsz: int, batch: int = 8) -> Path:
-    """ONNX of a YOLO .pt (dynamic batch and shape, simplified), written to ``dest``; the export runs
-    in a scratch folder beside ``dest`` so the model folder itself is never written to."""
-    import tempfile
-
-    from smear.devices import set_threads
-
-    from smear.artifacts import check_torch_file
-
-    dest = Path(dest)
-    ultralytics()
-    check_torch_file(weights, allowed_global)  # named as the model folder's file, not the scratch copy
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        pt = Path(tmp) / "model.pt"
-        shutil.copyfile(weights, pt)
-        out = yolo(pt).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, batch=batch, verbose=False)
-        set_threads()
-        os.replace(out, dest)  # atomic: the scratch folder is beside dest
-    return dest

@@ -23,18 +23,19 @@ def infer_defaults() -> dict[str, Any]:
 
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
-    """The folder's ``model.onnx``, or one exported from its .pt into the cache on first use."""
-    from smear.artifacts import model_version
-    from smear.detect.ultra import export_onnx
+    """The folder's ``model.onnx``, or one exported from its weights into the cache on first use."""
+    from smear.artifacts import files_version
+    from smear.detect.network import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
     own = Path(model_dir) / ONNX_NAME
     if own.is_file():
         return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    weights = Path(model_dir) / load_meta(model_dir)["weights"]
-    return cached_onnx(onnx_cache_dir() / f"detect-{model_version(model_dir)}-{imgsz}px-b{batch}.onnx",
-                       lambda path: export_onnx(weights, path, imgsz, batch))
+    meta = load_meta(model_dir)
+    weights = Path(model_dir) / meta["weights"]
+    return cached_onnx(onnx_cache_dir() / f"detect-{files_version(model_dir)}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(weights, path, imgsz, batch, classes=meta["classes"]))
 
 
 class YoloDetector:
@@ -44,14 +45,14 @@ class YoloDetector:
                  imgsz: int | None = None, conf: float | None = None, iou: float | None = None,
                  max_det: int | None = None, batch: int | None = None, device: str = "auto",
                  per_class_conf: dict[str, float] | None = None, border: float = 0.0):
-        from smear.detect.ultra import yolo
+        from smear.detect.network import yolo
         from smear.devices import resolve_device, set_threads
 
         d = infer_defaults()
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             set_threads()
-        self.model = yolo(weights)
+        self.model = yolo(weights, classes=tuple(names))
         self.half = self.device.type == "cuda"  # fp16 on CUDA (benchmarks/gpu_speed.py sets it to compare fp32)
         self.kinds = [CellKind(n) for n in names]
         self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
@@ -148,7 +149,7 @@ CALIBRATION_FIELDS = 96
 def net_detector(model_dir: str | Path, meta: Any, infer: dict[str, Any], runtime: str,
                  calibration: Sequence[Path] | None = None):
     """A ``NetYoloDetector`` on the folder's ONNX (exported on first use), for ``runtime``."""
-    from smear.artifacts import model_version
+    from smear.artifacts import files_version
     from smear.detect.onnx_yolo import NetYoloDetector, head_nodes
     from smear.nn.runtime import INT8_RUNTIMES, Calibration, open_net, runtime_model
 
@@ -171,7 +172,7 @@ def net_detector(model_dir: str | Path, meta: Any, infer: dict[str, Any], runtim
 
         names = tuple(f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in picked)
         calib = lambda: Calibration(names, batches)  # noqa: E731
-    path = runtime_model(fp32, runtime, f"detect-{model_version(model_dir)}-{imgsz}px", calib, exclude_onnx=head_nodes,
+    path = runtime_model(fp32, runtime, f"detect-{files_version(model_dir)}-{imgsz}px", calib, exclude_onnx=head_nodes,
                          ignored_openvino=OPENVINO_HEAD)
     det.net, det.path = open_net(path, runtime), path
     return det

@@ -2,7 +2,7 @@
 
 A model folder may hold ``model.onnx`` beside its torch weights (``smear export`` writes one). When
 it does not, the ONNX file is made on first use from the torch weights into the cache
-(``~/.cache/smear/onnx/<stage>-<weights hash>.onnx``) and reused from there: nothing is
+(``~/.cache/smear/onnx/<stage>-<hash of weights and meta>.onnx``) and reused from there: nothing is
 downloaded, and the shipped package stays within its size budget.
 """
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from smear.artifacts import cache_dir, load_meta, model_version
+from smear.artifacts import ONNX_FILE, cache_dir, files_version, load_meta
 from smear.devices import default_threads
 from smear.io import atomic_path
 from smear.nn.runtime import RUNTIMES, check_runtime  # noqa: F401 - also public here
 
-ONNX_NAME = "model.onnx"
+ONNX_NAME = ONNX_FILE
 
 
 def onnx_cache_dir() -> Path:
@@ -125,7 +125,8 @@ def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
     if own.is_file():
         return own
     meta = load_meta(model_dir)
-    return cached_onnx(onnx_cache_dir() / f"{stage}-{model_version(model_dir)}.onnx",
+    # keyed by the weights and meta.json: a new input size or class count is a new export, not a stale graph
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{files_version(model_dir)}.onnx",
                        lambda path: export_module(build_torch(), path, int(meta["input_size"])))
 
 
@@ -141,5 +142,5 @@ def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = 
     if runtime in INT8_RUNTIMES and calibration is None:
         runtime = runtime.removesuffix("-int8")
     fp32 = onnx_for(model_dir, stage, build_torch)
-    path = runtime_model(fp32, runtime, f"{stage}-{model_version(model_dir)}", calibration)
+    path = runtime_model(fp32, runtime, f"{stage}-{files_version(model_dir)}", calibration)
     return OnnxNet(path, runtime=runtime)

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.artifacts import ModelMeta, load_model, resolve_model_dir
+from smear.artifacts import ONNX_FILE, ModelMeta, file_sha256, files_version, load_model, resolve_model_dir
 from smear.config_models import PipelineConfig
+from smear.io import pixel_budget
 from smear.pipeline.run import Stages
 from smear.types import Detector, ModelError, Segmenter
 
@@ -186,24 +187,30 @@ def model_metas(cfg: PipelineConfig) -> Metas:
 
 def stages_version(cfg: PipelineConfig, metas: Metas | None = None) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
-    each model folder's weights and meta.json (its thresholds, temperature, crop geometry)."""
+    each model folder's files that run (weights, model.onnx, network YAML, novelty statistics, and
+    meta.json: its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
     metas = model_metas(cfg) if metas is None else metas
     parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
-    for key, name, _model_dir in models_in_use(cfg):
-        parts[key] = [metas[name].version, metas[name].meta_hash]
+    for key, _name, model_dir in models_in_use(cfg):
+        parts[key] = files_version(model_dir)  # every file that runs (weights, ONNX, network YAML, statistics)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> dict[str, Any]:
     """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
-    hash), the settings that change results and the run id (the page adds smear's version and the date)."""
+    hash, model.onnx hash where it has one, and the hash of all its files that run), the settings
+    that change results and the run id (the page adds smear's version and the date)."""
     metas = model_metas(cfg) if metas is None else metas
-    models = [{"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
-               "version": metas[name].version, "meta": metas[name].meta_hash}
-              for _key, name, model_dir in models_in_use(cfg)]
+    models = []
+    for _key, name, model_dir in models_in_use(cfg):
+        onnx = Path(model_dir) / ONNX_FILE
+        models.append({"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
+                       "version": metas[name].version, "meta": metas[name].meta_hash,
+                       "onnx": file_sha256(onnx)[:12] if onnx.is_file() else "",
+                       "files": files_version(model_dir)})
     settings = result_settings(cfg)
     settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
@@ -230,7 +237,8 @@ def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
                   segmenter=build_segmenter(cfg, metas, warned),
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch,
-                  version=stages_version(cfg, metas))
+                  version=stages_version(cfg, metas),
+                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
 
 
 def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:

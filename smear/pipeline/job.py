@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 from smear.config_models import PipelineConfig
 from smear.io import Slide
 from smear.pipeline.run import FieldCallback, run_slides
-from smear.types import CropGeometry, FieldResult, RunResult, SlideReport
+from smear.types import CropGeometry, FieldResult, RunResult, SkippedField, SlideReport
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,15 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                            workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
                            worker_logs=ray.worker_logs, classified=cfg.classifier != "off",
                            guard=_guard(metas))
+    done = [0]
+
+    def each(name: str, item) -> None:
+        done[0] += not isinstance(item, SkippedField)
+        if on_field is not None:
+            on_field(name, item)
+
     with engine as eng:
-        reports = (run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields, engine=eng)
+        reports = (run_slides(slides, stages, cfg.io.max_pixels, each, cache, resume, keep_fields, engine=eng)
                    if slides else [])
         geometry = (stages or eng).crop_geometry
     if whole is not None:
@@ -77,7 +84,8 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
                      segmenter=stages.segmenter if stages is not None else None,
-                     read_field=whole.read_field if whole is not None else None)
+                     read_field=whole.read_field if whole is not None else None,
+                     finished=(done[0], sum(len(s.fields) for s in slides)))
 
 
 def _guard(metas) -> Any:

@@ -12,6 +12,8 @@ Ray is imported only by the functions here that need it, so the module loads wit
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -124,6 +126,32 @@ def _smear_error(exc: BaseException) -> SmearError | None:
     return None
 
 
+@contextlib.contextmanager
+def _loopback_only(ray):
+    """While a local Ray instance starts: its node address is the loopback one, so its GCS, raylet,
+    object manager, agents and workers listen on 127.0.0.1 only. Ray does that where it does not
+    support clusters (its ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch); the processes it starts
+    inherit the setting, and this process gets its environment back afterwards."""
+    from ray._private import ray_constants
+
+    env = os.environ.get(_CLUSTER_ENV)
+    flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = env
+        if flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = flag
+
+
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 @dataclass
 class RayEngine:
     """Workers on a Ray cluster, as a context manager: ``results`` streams the fields of many slides.
@@ -179,10 +207,12 @@ class RayEngine:
             return
         kwargs: dict[str, Any] = {"log_to_driver": self.worker_logs,  # workers' prints would mix into stdout
                                   "logging_level": logging.INFO if self.worker_logs else logging.ERROR}
-        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+        local = self.address is None and not os.environ.get("RAY_ADDRESS")
+        if local:
             kwargs["include_dashboard"] = False
         try:
-            ray.init(address=self.address, **kwargs)
+            with _loopback_only(ray) if local else contextlib.nullcontext():
+                ray.init(address=self.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
             raise SmearError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]}",

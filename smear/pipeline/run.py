@@ -10,7 +10,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Protocol, Seque
 
 import numpy as np
 
-from smear.io import Slide, read_image
+from smear.io import Slide, check_exposure, image_pixels, pixel_budget, read_image
 from smear.pipeline.cache import FieldCache
 from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.types import (
@@ -30,6 +30,8 @@ class Stages:
     mask_background: bool = False  # classify crops with the segmenter's background painted out
     field_batch: int = 8
     classify_batch: int = 64
+    #: decoded field pixels held at once (the batch running and the one decoded ahead); None: io's auto
+    pixel_budget: int | None = None
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
 
     @property
@@ -117,9 +119,28 @@ def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.n
     out: list[tuple[Path, np.ndarray | SmearError]] = []
     for path in paths:
         try:
-            out.append((path, read_image(path, max_pixels=max_pixels)))
+            out.append((path, check_exposure(read_image(path, max_pixels=max_pixels), path)))
         except SmearError as exc:
             out.append((path, exc))
+    return out
+
+
+def _batches(paths: Sequence[Path], field_batch: int, budget: int) -> list[tuple[list[Path], int]]:
+    """``paths`` in runs of at most ``field_batch`` fields and half the pixel ``budget`` (sizes from the
+    files' headers, nothing decoded), each with its pixel count: a run and the one decoded ahead of
+    it then fit the budget together. A field over half the budget runs alone."""
+    out: list[tuple[list[Path], int]] = []
+    run: list[Path] = []
+    pixels = 0
+    for path in paths:
+        size = image_pixels(path)
+        if run and (len(run) >= field_batch or pixels + size > budget // 2):
+            out.append((run, pixels))
+            run, pixels = [], 0
+        run.append(path)
+        pixels += size
+    if run:
+        out.append((run, pixels))
     return out
 
 
@@ -134,15 +155,19 @@ def iter_field_results(
     fields = list(slide.fields)
     cached = {p: cache.get(p, slide.name) for p in fields} if cache is not None and resume else {}
     todo = [p for p in fields if cached.get(p) is None]
-    batches = [todo[i:i + stages.field_batch] for i in range(0, len(todo), stages.field_batch)]
+    budget = stages.pixel_budget or pixel_budget("auto", max_pixels)
+    sized = _batches(todo, stages.field_batch, budget)
+    batches = [b for b, _ in sized]
     done: dict[Path, FieldResult | SkippedField] = {k: v for k, v in cached.items() if v is not None}
     position = {p: i for i, p in enumerate(fields)}
     emitted = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_read_batch, batches[0], max_pixels) if batches else None
         for k, batch in enumerate(batches):
-            loaded = pending.result()
-            pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if k + 1 < len(batches) else None
+            loaded = pending.result() if pending is not None else _read_batch(batch, max_pixels)
+            # decode the next run while this one runs, when the two fit the pixel budget together
+            ahead = k + 1 < len(batches) and sized[k][1] + sized[k + 1][1] <= budget
+            pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if ahead else None
             good = []
             for path, img in loaded:
                 if isinstance(img, SmearError):
@@ -156,6 +181,7 @@ def iter_field_results(
                                          cells, str(path))
                 if cache is not None:
                     cache.put(path, done[path])
+            loaded = good = img = None  # this run's pixels go before the next run is decoded ahead
             while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
                 yield done.pop(fields[emitted])
                 emitted += 1

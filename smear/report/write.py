@@ -38,18 +38,26 @@ def write(result: RunResult, fmt: str, out: str | Path | None = None) -> str | N
     text = render(result, fmt)
     if out is None:
         return text
-    save(text, out, result.cfg)
+    save(text, out, result.cfg, result.finished)
     return None
 
 
-def kept_hint(cfg: PipelineConfig) -> str:
-    """The hint of an output that could not be written: with a cache, the fields' results are kept."""
-    return KEPT_HINT if cache_setting(cfg.cache_dir, "fields") is not None else ""
+def kept_hint(cfg: PipelineConfig, finished: int | None = None, total: int | None = None) -> str:
+    """The --resume hint of an output that could not be written: with a cache, the fields' results
+    are kept (``finished`` of ``total`` fields, when known)."""
+    if cache_setting(cfg.cache_dir, "fields") is None:
+        return ""
+    if finished is None:
+        return KEPT_HINT
+    return (f"{finished} of {total} fields finished and their results are in the cache: fix the cause and "
+            "rerun with --resume to skip them")
 
 
-def save(text: str, out: str | Path, cfg: PipelineConfig) -> None:
-    """``text`` written atomically to ``out``; a SmearError naming the file when it cannot be."""
+def save(text: str, out: str | Path, cfg: PipelineConfig, finished: tuple[int, int] | None = None) -> None:
+    """``text`` written atomically to ``out``; a SmearError naming the file when it cannot be
+    (``finished``: fields done of all, for the --resume hint)."""
     try:
         write_text_atomic(out, text)
     except OSError as exc:
-        raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})", hint=kept_hint(cfg)) from exc
+        raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})",
+                         hint=kept_hint(cfg, *(finished or (None, None)))) from exc

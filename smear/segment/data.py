@@ -25,7 +25,7 @@ import numpy as np
 
 from smear.config_models import SegmentData
 from smear.crops import cut_crop, pad_value
-from smear.io import list_images, read_image, read_voc_xml
+from smear.io import image_pixels, list_images, read_image, read_voc_xml
 from smear.types import DataError, ImageReadError
 
 BACKGROUND, CYTOPLASM, NUCLEUS, NOT_NUCLEUS, IGNORE = 0, 1, 2, 254, 255
@@ -65,7 +65,8 @@ def _pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 def read_mask(path: Path) -> np.ndarray:
     """A grey mask file as uint8 H x W."""
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    # OpenCV decodes many more formats than the README lists: the header must be one of those first
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if image_pixels(path) else None
     if m is None:
         raise DataError(f"{path}: cannot read the mask")
     return m

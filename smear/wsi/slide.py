@@ -34,7 +34,7 @@ def _tiled_tiff(path: Path) -> tuple[bool, int, int]:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=("TIFF",)) as im:  # a header read: only TIFF's parser runs
             tiled = 322 in im.tag_v2  # TileWidth
             return tiled, getattr(im, "n_frames", 1), im.width * im.height
     except Exception:  # noqa: BLE001 - not a TIFF PIL can parse: leave it to the field reader
