@@ -78,6 +78,8 @@ class ModelMeta:
     classes: tuple[str, ...]
     version: str = ""    # SHA-256 of the weights, first 12 hex digits: keys caches and reports ("": not saved)
     meta_hash: str = ""  # SHA-256 of meta.json, first 12 hex digits: its thresholds and temperature count too
+    files: str = ""      # ``files_version``: every file that runs (keys the result cache)
+    onnx_hash: str = ""  # SHA-256 of its own model.onnx, first 12 hex digits ("": none)
     input_size: int | None = None
     crop_margin: float | None = None
     normalize: Mapping[str, Any] | None = None  # {"mean": [...], "std": [...]} of RGB in [0, 1]
@@ -115,7 +117,7 @@ class ModelMeta:
 
     @classmethod
     def of(cls, meta: Mapping[str, Any] | ModelMeta, folder: str | Path = ".", version: str = "",
-           meta_hash: str = "") -> ModelMeta:
+           meta_hash: str = "", files: str = "", onnx_hash: str = "") -> ModelMeta:
         """The typed meta of a meta.json mapping (a ModelMeta as it is): one in memory, or one read
         from ``folder`` with its hashes."""
         if isinstance(meta, ModelMeta):
@@ -126,7 +128,8 @@ class ModelMeta:
 
         return cls(
             folder=Path(folder), stage=str(meta.get("stage", "")), weights=str(meta.get("weights", "")),
-            classes=tuple(meta.get("classes", ())), version=version, meta_hash=meta_hash,
+            classes=tuple(meta.get("classes", ())), version=version, meta_hash=meta_hash, files=files,
+            onnx_hash=onnx_hash,
             input_size=opt("input_size", int), crop_margin=opt("crop_margin", float),
             normalize=meta.get("normalize"), colour_norm=meta.get("colour_norm") or None, arch=meta.get("arch"),
             norm=str(meta.get("norm", "batch")), encoder=meta.get("encoder"),
@@ -145,10 +148,9 @@ def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable
     (a ModelMeta given is checked and returned): ModelError naming the folder when it is another
     stage's or lacks one of the ``required`` keys."""
     if isinstance(model_dir, ModelMeta):
-        meta, folder, raw_hash = model_dir.raw, model_dir.folder, model_dir.meta_hash
+        meta, folder = model_dir.raw, model_dir.folder
     else:
-        meta = load_meta(model_dir)
-        folder, raw_hash = Path(model_dir), file_sha256(Path(model_dir) / META)[:12]
+        meta, folder = load_meta(model_dir), Path(model_dir)
     if meta.get("stage") != stage:
         raise ModelError(f"{folder}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
                          f"(stage {meta.get('stage')!r})")
@@ -158,7 +160,11 @@ def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable
     if isinstance(model_dir, ModelMeta):
         return model_dir
     check_contract(meta, folder, stage)
-    return ModelMeta.of(meta, folder, version=file_sha256(folder / meta["weights"])[:12], meta_hash=raw_hash)
+    hashes = {p.name: file_sha256(p) for p in runtime_files(folder, meta)}  # each file hashed once
+    weights = str(meta["weights"])
+    return ModelMeta.of(meta, folder, version=(hashes.get(weights) or file_sha256(folder / weights))[:12],
+                        meta_hash=(hashes.get(META) or "")[:12], files=_files_id(hashes),
+                        onnx_hash=(hashes.get(ONNX_FILE) or "")[:12])
 
 
 #: the classes each stage's network must be trained on (any order; the order is checked by head_hash)
@@ -293,12 +299,12 @@ def model_version(model_dir: str | Path) -> str:
 ONNX_FILE = "model.onnx"
 
 
-def runtime_files(model_dir: str | Path) -> list[Path]:
+def runtime_files(model_dir: str | Path, meta: Mapping[str, Any] | None = None) -> list[Path]:
     """Every file of a model folder that decides what it computes: meta.json, the weights, the
     detector's network YAML, the novelty and slide-guard statistics and ``model.onnx`` (which ``runtime: onnx`` runs
-    instead of the weights), those that exist."""
+    instead of the weights), those that exist (``meta``: its meta.json, read already)."""
     model_dir = Path(model_dir)
-    meta = load_meta(model_dir)
+    meta = load_meta(model_dir) if meta is None else meta
     names = [META, str(meta["weights"]), str(meta.get("network") or ""), ONNX_FILE]
     for key in ("novelty", "guard"):  # the novelty statistics and the slide guard's
         part = meta.get(key)
@@ -310,9 +316,14 @@ def runtime_files(model_dir: str | Path) -> list[Path]:
 def files_version(model_dir: str | Path) -> str:
     """A short id of everything in a model folder that runs (``runtime_files``: a swapped model.onnx
     or an edited meta.json gives another id); keys the result cache and the ONNX cache."""
+    return _files_id({p.name: file_sha256(p) for p in runtime_files(model_dir)})
+
+
+def _files_id(hashes: Mapping[str, str]) -> str:
+    """``files_version`` of the SHA-256 of each runtime file (by name, in ``runtime_files`` order)."""
     h = hashlib.sha256()
-    for path in runtime_files(model_dir):
-        h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    for name, digest in hashes.items():
+        h.update(f"{name}\0{digest}\n".encode())
     return h.hexdigest()[:12]
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.artifacts import ONNX_FILE, ModelMeta, file_sha256, files_version, load_model, resolve_model_dir
+from smear.artifacts import ModelMeta, load_model, resolve_model_dir
 from smear.config_models import PipelineConfig
 from smear.io import pixel_budget
 from smear.pipeline.run import Stages
@@ -194,8 +194,8 @@ def stages_version(cfg: PipelineConfig, metas: Metas | None = None) -> str:
     metas = model_metas(cfg) if metas is None else metas
     parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
-    for key, _name, model_dir in models_in_use(cfg):
-        parts[key] = files_version(model_dir)  # every file that runs (weights, ONNX, network YAML, statistics)
+    for key, name, _model_dir in models_in_use(cfg):
+        parts[key] = metas[name].files  # every file that runs (weights, ONNX, network YAML, statistics)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -206,11 +206,9 @@ def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> 
     metas = model_metas(cfg) if metas is None else metas
     models = []
     for _key, name, model_dir in models_in_use(cfg):
-        onnx = Path(model_dir) / ONNX_FILE
+        meta = metas[name]
         models.append({"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
-                       "version": metas[name].version, "meta": metas[name].meta_hash,
-                       "onnx": file_sha256(onnx)[:12] if onnx.is_file() else "",
-                       "files": files_version(model_dir)})
+                       "version": meta.version, "meta": meta.meta_hash, "onnx": meta.onnx_hash, "files": meta.files})
     settings = result_settings(cfg)
     settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
