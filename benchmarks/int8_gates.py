@@ -84,7 +84,8 @@ def classifier_rows(runtime: str, raabin: str | None, cache_dir: str | None) -> 
     for name, items in sets:
         crops = cached_crops(items, clf.crop_margin, clf.input_size, cache_dir)
         t = time.perf_counter()
-        probs, ratio = clf.predict(list(crops))
+        scores = clf.classify(list(crops))
+        probs, ratio = scores.probs, scores.novelty
         dt = time.perf_counter() - t
         held = None if ratio is None else ratio > 1.0
         r = lab_row(probs, [it.fine or it.group for it in items], 0.5, held)
