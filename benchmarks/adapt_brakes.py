@@ -69,7 +69,8 @@ def write_csv(path: Path, rows: list[list], repeat: int = 1) -> Path:
 
 
 def scores(clf: CnnClassifier, crops: list[np.ndarray], labels: list[str]) -> dict:
-    probs, novelty = clf.predict(crops)
+    scores = clf.classify(crops)
+    probs, novelty = scores.probs, scores.novelty
     row = lab_row(probs, labels)
     return {"type5_accuracy": round(float(row["type5_accuracy"]), 4),
             "novel_share": None if novelty is None else round(float((novelty > 1).mean()), 4)}
@@ -98,7 +99,7 @@ def main() -> None:
     files, boxes, labels = load_jtsc(root)
     crops = [cut_crop(read_image(f), b, margin, size) for f, b in zip(files, boxes)]
     src = CnnClassifier.from_dir(source, device="cpu")
-    probs, _ = src.predict(crops)
+    probs = src.classify(crops).probs
     called = [src.classes[i] for i in probs.argmax(1)]
     types = [type5_of(lb) for lb in labels]
     everyone = np.arange(len(files))

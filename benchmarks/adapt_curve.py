@@ -58,7 +58,7 @@ def draw(types: list[str], k: int, seed: int, pool: np.ndarray) -> np.ndarray:
 
 
 def score(clf: CnnClassifier, crops: np.ndarray, labels: list[str]) -> dict[str, float]:
-    row = lab_row(clf.predict_proba(list(crops)), labels)
+    row = lab_row(clf.classify(list(crops)).probs, labels)
     return {"type5_accuracy": row["type5_accuracy"], "type5_balanced_accuracy": row["type5_balanced_accuracy"]}
 
 

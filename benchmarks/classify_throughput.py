@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from smear.nn.augment import BatchAugment
-from smear.classify.model import Normalize, build_model
+from smear.classify.model import build_model
+from smear.nn.tensors import Normalize
 from smear.classify.train import mixed_loss
 from smear.devices import set_threads
 from smear.types import FINE_CLASSES

@@ -42,7 +42,8 @@ def main() -> None:
         sys.exit(f"{args.model}: the model has no novelty score (smear train novelty RUN)")
     test = stratified_split(load_items(args.pbc, "pbc"), (0.7, 0.15, 0.15), 0)[2]
     crops = list(cached_crops(test, clf.crop_margin, clf.input_size, args.cache_dir))
-    probs, ratio = clf.predict(crops)
+    scores = clf.classify(crops)
+    probs, ratio = scores.probs, scores.novelty
     out_mask = np.array([it.fine == args.left_out for it in test])
     novel = ratio > 1.0
     low = probs.max(1) < args.review_threshold

@@ -75,7 +75,8 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
 
             clf.model.load_state_dict(state)
             adapt_batchnorm(clf, list(crops))
-        probs, ratio = clf.predict(list(crops))
+        scores = clf.classify(list(crops))
+        probs, ratio = scores.probs, scores.novelty
         held = None if ratio is None else ratio > 1.0
         rows[name] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     clf.model.load_state_dict(state)
@@ -89,7 +90,8 @@ def _shifted_rows(clf, crops, items, args) -> dict[str, dict]:
 
     rows = {}
     for name in args.shift:
-        probs, ratio = clf.predict([shift(c, name) for c in crops])
+        scores = clf.classify([shift(c, name) for c in crops])
+        probs, ratio = scores.probs, scores.novelty
         held = None if ratio is None else ratio > 1.0
         rows[f"pbc-test+{name}"] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
     return rows

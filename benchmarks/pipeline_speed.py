@@ -91,7 +91,7 @@ def in_process(slide: Slide, runtime: str, repeat: int) -> dict[str, float] | No
             if d.kind.value == "wbc":
                 crops.append(cut_crop(im, d.box_xyxy, clf.crop_margin, clf.input_size))
     crops = (crops * (1 + 256 // max(1, len(crops))))[:256]
-    t_clf = best_of(repeat, lambda: clf.predict(crops))
+    t_clf = best_of(repeat, lambda: clf.classify(crops))
     return {"det": t_det, "pipe": t_pipe, "crops_per_s": len(crops) / t_clf}
 
 
@@ -108,8 +108,8 @@ def naive(paths: list[Path]) -> float:
     model = yolo(det_dir / load_meta(det_dir)["weights"])
     imgsz = int(load_meta(det_dir)["infer"]["imgsz"])
     clf = CnnClassifier.from_dir(resolve_model_dir("shipped", "classifier"), device="cpu")
-    mean = torch.tensor(clf.meta["normalize"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(clf.meta["normalize"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(clf.meta.normalize["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(clf.meta.normalize["std"]).view(1, 3, 1, 1)
     model.predict(str(paths[0]), imgsz=imgsz, verbose=False)  # warm-up
     set_threads()
     start = time.perf_counter()

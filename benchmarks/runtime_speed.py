@@ -60,7 +60,7 @@ def main() -> None:
     for rt in runtimes:  # warm-up
         dets[rt].detect(images[:8])
         if clfs:
-            clfs[rt].predict(crops[:16])
+            clfs[rt].classify(crops[:16])
     det_t = {rt: [] for rt in runtimes}
     clf_t = {rt: [] for rt in runtimes}
     load0 = os.getloadavg()[0]
@@ -72,7 +72,7 @@ def main() -> None:
             det_t[rt].append(time.perf_counter() - t)
             if clfs:
                 t = time.perf_counter()
-                clfs[rt].predict(crops)
+                clfs[rt].classify(crops)
                 clf_t[rt].append(time.perf_counter() - t)
     print(f"{len(images)} BCCD test fields, {len(crops)} PBC test crops; {default_threads()} threads; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; best of {args.repeat}")

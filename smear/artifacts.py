@@ -66,50 +66,105 @@ def load_meta(model_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ModelMeta(Mapping):
-    """A model folder's meta.json, checked and frozen (as timm's ``PretrainedCfg``): the stage, the
-    weights file, the class names in order, and every other key (input size, normalisation, crop
-    geometry, thresholds, metrics) read like a mapping, ``meta["input_size"]``."""
+class ModelMeta:
+    """A model folder's meta.json, read and checked once (as timm's ``PretrainedCfg``): the stage,
+    the weights file, the class names in order, the input and crop geometry, the normalisation, the
+    tuned thresholds and temperature, and the hashes that identify the folder. ``raw`` is meta.json
+    as written (metrics, data, training), for what shows or edits it."""
 
     folder: Path
     stage: str
     weights: str
     classes: tuple[str, ...]
+    version: str = ""    # SHA-256 of the weights, first 12 hex digits: keys caches and reports ("": not saved)
+    meta_hash: str = ""  # SHA-256 of meta.json, first 12 hex digits: its thresholds and temperature count too
+    files: str = ""      # ``files_version``: every file that runs (keys the result cache)
+    onnx_hash: str = ""  # SHA-256 of its own model.onnx, first 12 hex digits ("": none)
+    input_size: int | None = None
+    crop_margin: float | None = None
+    normalize: Mapping[str, Any] | None = None  # {"mean": [...], "std": [...]} of RGB in [0, 1]
+    colour_norm: Mapping[str, Any] | None = None
+    arch: str | None = None
+    norm: str = "batch"
+    encoder: str | None = None
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
+    temperature: float = 1.0
+    tta: int = 1
+    tta_margin: float = 0.0  # selective TTA: the extra views only for crops under this top probability
+    novelty: Mapping[str, Any] | None = None
+    infer: Mapping[str, Any] = field(default_factory=dict)
+    trained: str | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.raw[key]
-
-    def __iter__(self):
-        return iter(self.raw)
-
-    def __len__(self) -> int:
-        return len(self.raw)
 
     @property
     def weights_path(self) -> Path:
         return self.folder / self.weights
 
+    def __getitem__(self, key: str) -> Any:
+        """meta.json's ``key`` as written (for the runtimes that still read it by name; the typed
+        attributes above are the contract)."""
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
     def as_dict(self) -> dict[str, Any]:
         """A plain (deep) copy of meta.json's content, to edit and save."""
         return json.loads(json.dumps(self.raw))
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any] | ModelMeta, folder: str | Path = ".", version: str = "",
+           meta_hash: str = "", files: str = "", onnx_hash: str = "") -> ModelMeta:
+        """The typed meta of a meta.json mapping (a ModelMeta as it is): one in memory, or one read
+        from ``folder`` with its hashes."""
+        if isinstance(meta, ModelMeta):
+            return meta
+
+        def opt(key: str, kind):
+            return None if meta.get(key) is None else kind(meta[key])
+
+        return cls(
+            folder=Path(folder), stage=str(meta.get("stage", "")), weights=str(meta.get("weights", "")),
+            classes=tuple(meta.get("classes", ())), version=version, meta_hash=meta_hash, files=files,
+            onnx_hash=onnx_hash,
+            input_size=opt("input_size", int), crop_margin=opt("crop_margin", float),
+            normalize=meta.get("normalize"), colour_norm=meta.get("colour_norm") or None, arch=meta.get("arch"),
+            norm=str(meta.get("norm", "batch")), encoder=meta.get("encoder"),
+            decoder_channels=tuple(meta.get("decoder_channels", cls.decoder_channels)),
+            temperature=float(meta.get("temperature", 1.0)), tta=int(meta.get("tta", 1)),
+            tta_margin=float(meta.get("tta_margin") or 0.0),
+            novelty=meta.get("novelty") or None, infer=dict(meta.get("infer") or {}), trained=meta.get("trained"),
+            raw=meta)
 
 
 _STAGE_WORDS = {"detect": "detector", "segment": "segmenter", "classify": "classifier"}
 
 
-def load_model(model_dir: str | Path, stage: str, required: Iterable[str] = ()) -> ModelMeta:
-    """The checked meta of a model folder of ``stage`` (detect | segment | classify): ModelError
-    naming the folder when it is another stage's or lacks one of the ``required`` keys."""
-    meta = load_meta(model_dir)
+def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable[str] = ()) -> ModelMeta:
+    """The checked, typed meta of a model folder of ``stage`` (detect | segment | classify), read once
+    (a ModelMeta given is checked and returned): ModelError naming the folder when it is another
+    stage's or lacks one of the ``required`` keys."""
+    if isinstance(model_dir, ModelMeta):
+        meta, folder = model_dir.raw, model_dir.folder
+    else:
+        meta, folder = load_meta(model_dir), Path(model_dir)
     if meta.get("stage") != stage:
-        raise ModelError(f"{model_dir}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
+        raise ModelError(f"{folder}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
                          f"(stage {meta.get('stage')!r})")
     missing = [k for k in required if k not in meta]
     if missing:
-        raise ModelError(f"{model_dir}/meta.json: missing keys {', '.join(missing)}")
-    check_contract(meta, Path(model_dir), stage)
-    return ModelMeta(Path(model_dir), meta["stage"], meta["weights"], tuple(meta["classes"]), meta)
+        raise ModelError(f"{folder}/meta.json: missing keys {', '.join(missing)}")
+    if isinstance(model_dir, ModelMeta):
+        return model_dir
+    check_contract(meta, folder, stage)
+    hashes = {p.name: file_sha256(p) for p in runtime_files(folder, meta)}  # each file hashed once
+    weights = str(meta["weights"])
+    return ModelMeta.of(meta, folder, version=(hashes.get(weights) or file_sha256(folder / weights))[:12],
+                        meta_hash=(hashes.get(META) or "")[:12], files=_files_id(hashes),
+                        onnx_hash=(hashes.get(ONNX_FILE) or "")[:12])
 
 
 #: the classes each stage's network must be trained on (any order; the order is checked by head_hash)
@@ -244,12 +299,12 @@ def model_version(model_dir: str | Path) -> str:
 ONNX_FILE = "model.onnx"
 
 
-def runtime_files(model_dir: str | Path) -> list[Path]:
+def runtime_files(model_dir: str | Path, meta: Mapping[str, Any] | None = None) -> list[Path]:
     """Every file of a model folder that decides what it computes: meta.json, the weights, the
     detector's network YAML, the novelty and slide-guard statistics and ``model.onnx`` (which ``runtime: onnx`` runs
-    instead of the weights), those that exist."""
+    instead of the weights), those that exist (``meta``: its meta.json, read already)."""
     model_dir = Path(model_dir)
-    meta = load_meta(model_dir)
+    meta = load_meta(model_dir) if meta is None else meta
     names = [META, str(meta["weights"]), str(meta.get("network") or ""), ONNX_FILE]
     for key in ("novelty", "guard"):  # the novelty statistics and the slide guard's
         part = meta.get(key)
@@ -261,9 +316,14 @@ def runtime_files(model_dir: str | Path) -> list[Path]:
 def files_version(model_dir: str | Path) -> str:
     """A short id of everything in a model folder that runs (``runtime_files``: a swapped model.onnx
     or an edited meta.json gives another id); keys the result cache and the ONNX cache."""
+    return _files_id({p.name: file_sha256(p) for p in runtime_files(model_dir)})
+
+
+def _files_id(hashes: Mapping[str, str]) -> str:
+    """``files_version`` of the SHA-256 of each runtime file (by name, in ``runtime_files`` order)."""
     h = hashlib.sha256()
-    for path in runtime_files(model_dir):
-        h.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    for name, digest in hashes.items():
+        h.update(f"{name}\0{digest}\n".encode())
     return h.hexdigest()[:12]
 
 

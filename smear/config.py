@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from smear.config_models import Section
 
 STAGES = ("pipeline", "detect", "segment", "classify")
+#: keys renamed in a stage's config, old name -> new name: the old one still works, with a warning
+RENAMED = {"pipeline": {"segment": "segmenter"}}
 
 
 def _shipped(stage: str) -> dict[str, Any]:
@@ -37,6 +40,27 @@ def default_config(stage: str) -> Section:
     """The shipped default config of a stage (pipeline, detect, segment, classify), typed; frozen,
     so one copy serves every caller (``model_copy(update=...)`` makes a changed one)."""
     return load_config(stage)
+
+
+def _renamed(stage: str, update: dict[str, Any], source: str) -> dict[str, Any]:
+    """``update`` with the old names of renamed top-level keys replaced by the new ones (a FutureWarning
+    each); both names given is a ConfigError."""
+    renames = RENAMED.get(stage, {})
+    if not any(key in update for key in renames):
+        return update
+    out = {}
+    for key, value in update.items():
+        new = renames.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in update:
+            raise ConfigError(f"{source}: config keys '{key}' and '{new}' both given",
+                              hint=f"'{key}' is the old name of '{new}': keep '{new}'")
+        warnings.warn(f"{source}: config key '{key}' is now '{new}' (the old name still works, for now)",
+                      FutureWarning, stacklevel=4)
+        out[new] = value
+    return out
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str, source: str) -> dict[str, Any]:
@@ -131,10 +155,11 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of keys")
-        cfg = _check_types(stage, _merge(cfg, user, "", str(path)), str(path))
+        cfg = _check_types(stage, _merge(cfg, _renamed(stage, user, str(path)), "", str(path)), str(path))
     for text in overrides:
         parts, value = parse_override(text)
-        cfg = _check_types(stage, _merge(cfg, _nest(parts, value), "", f"--set {text}"), f"--set {text}")
+        where = f"--set {text}"
+        cfg = _check_types(stage, _merge(cfg, _renamed(stage, _nest(parts, value), where), "", where), where)
     for option, (key, value) in (options or {}).items():
         if value is not None:
             where = f"{option} {value}"
@@ -144,9 +169,9 @@ def load_config(
 
 def as_dict(cfg: Section | Mapping[str, Any]) -> dict[str, Any]:
     """A typed config (or a plain mapping) as plain data: the keys of the YAML, in order."""
-    if hasattr(cfg, "model_dump"):
-        return cfg.model_dump(exclude_unset=True)
-    return dict(cfg)
+    from smear.config_models import Section
+
+    return cfg.model_dump(exclude_unset=True) if isinstance(cfg, Section) else dict(cfg)
 
 
 def dump_config(cfg: Section | Mapping[str, Any]) -> str:

@@ -143,7 +143,7 @@ class PipelineConfig(Section):
     detector_model: str
     classical: dict[str, Any]
     wbc_check: WbcCheck
-    segment: Annotated[Literal["off", "unet", "kmeans", "grabcut"], BeforeValidator(_word)]
+    segmenter: Annotated[Literal["off", "unet", "kmeans", "grabcut"], BeforeValidator(_word)]
     segmenter_model: str
     mask_background: bool
     classifier: Annotated[Literal["off", "cnn"], BeforeValidator(_word)]
@@ -262,6 +262,7 @@ class SegmentTrain(Section):
     weight_decay: float
     warmup_epochs: float
     dice_weight: float
+    patience: int
     max_minutes: Optional[float]
     seed: int
     device: Device

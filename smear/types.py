@@ -7,9 +7,12 @@ pixel coordinates ``(x0, y0, x1, y1)`` as floats, x to the right and y down.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from smear.config_models import PipelineConfig
 
 from smear.errors import ConfigError, DataError, ImageReadError, ModelError, SmearError  # noqa: F401
 from smear.taxonomy import (  # noqa: F401
@@ -325,6 +328,37 @@ class Differential:
         return out
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """The crops a run cut from each WBC box: a square of side ``margin`` x the box's long side,
+    resized to ``size`` px (the classifier's geometry, or the segmenter's when there is no classifier)."""
+
+    margin: float
+    size: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``smear.pipeline.job.run_job`` made: each slide's report and differential (slide order),
+    the pipeline config it ran under, the stages' version (which keys the cache), the audit a report
+    states, and the crop geometry of the stages (None when no stage cut crops)."""
+
+    reports: tuple[SlideReport, ...]
+    differentials: tuple[Differential, ...]
+    cfg: PipelineConfig
+    version: str
+    audit: dict[str, Any]
+    geometry: CropGeometry | None = None
+    segmenter: Segmenter | None = None  # the run's segmenter when it ran here (the page outlines its masks)
+    read_field: Any = None  # reads a whole-slide tile again for the page (None: fields are files)
+    finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
+
+    @property
+    def masks(self) -> bool:
+        """Whether a segmenter ran (the per-cell table then has the mask columns)."""
+        return self.cfg.segmenter != "off"
+
+
 # ---------------------------------------------------------------- stage protocols
 
 
@@ -337,14 +371,47 @@ class Detector(Protocol):
 
 @runtime_checkable
 class Segmenter(Protocol):
-    """Masks cell crops: returns per crop an HxW uint8 mask, 0 background, 1 cytoplasm, 2 nucleus."""
+    """Masks cell crops: returns per crop an HxW uint8 mask, 0 background, 1 cytoplasm, 2 nucleus.
+
+    ``crop_margin`` and ``input_size`` state the crop geometry it was made for (the pipeline cuts its
+    crops so when there is no classifier).
+    """
+
+    crop_margin: float
+    input_size: int
 
     def segment(self, crops: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class ClassScores:
+    """What a classifier says of N crops: calibrated probabilities, N x len(classes) (rows sum to 1,
+    columns in ``classes`` order), and each crop's novelty as a ratio to the model's threshold (over
+    1: unlike every class it was trained on), None when the model has no novelty score."""
+
+    classes: tuple[str, ...]
+    probs: np.ndarray
+    novelty: np.ndarray | None = None
+    guard: np.ndarray | None = None  # N x the slide guard's per-cell vector (smear.classify.guard)
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def probs_of(self, i: int) -> dict[str, float]:
+        """Crop ``i``'s probability of each class."""
+        return {c: float(v) for c, v in zip(self.classes, self.probs[i])}
+
+    def novelty_of(self, i: int) -> float | None:
+        return None if self.novelty is None else float(self.novelty[i])
+
+    def guard_of(self, i: int) -> tuple[float, ...] | None:
+        return None if self.guard is None else tuple(float(x) for x in self.guard[i])
+
+
 @runtime_checkable
 class Classifier(Protocol):
-    """Labels WBC crops with calibrated probabilities over FINE_CLASSES.
+    """Labels WBC crops with calibrated probabilities over FINE_CLASSES, and with a novelty score when
+    the model has one.
 
     ``crop_margin`` and ``input_size`` state the crop geometry the classifier was trained on.
     """
@@ -352,4 +419,4 @@ class Classifier(Protocol):
     crop_margin: float
     input_size: int
 
-    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]: ...
+    def classify(self, crops: Sequence[np.ndarray]) -> ClassScores: ...

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from smear.types import FINE_CLASSES, CellKind, Detection
+from smear.types import FINE_CLASSES, CellKind, ClassScores, Detection
 
 
 class FakeDetector:
@@ -32,15 +32,22 @@ class FakeClassifier:
         self.crop_shapes: list[tuple[int, ...]] = []
         self.calls: list[int] = []
 
-    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
+    def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
         self.calls.append(len(crops))
         out = []
         for crop in crops:
             self.crop_shapes.append(crop.shape)
-            label, p = self.labels.pop(0)
-            rest = (1.0 - p) / (len(FINE_CLASSES) - 1)
-            out.append({c: (p if c == label else rest) for c in FINE_CLASSES})
-        return out
+            out.append(self.labels.pop(0))
+        return scores(out)
+
+
+def scores(labels: Sequence[tuple[str, float]]) -> ClassScores:
+    """ClassScores with probability ``p`` on each crop's label and the rest spread evenly."""
+    probs = np.zeros((len(labels), len(FINE_CLASSES)))
+    for i, (label, p) in enumerate(labels):
+        probs[i] = (1.0 - p) / (len(FINE_CLASSES) - 1)
+        probs[i, FINE_CLASSES.index(label)] = p
+    return ClassScores(tuple(FINE_CLASSES), probs)
 
 
 def dets(n_wbc: int, n_rbc: int, n_plt: int) -> list[Detection]:
@@ -62,21 +69,19 @@ class ContentClassifier:
     def __init__(self, labels: list[tuple[str, float]]):
         self.labels = labels
 
-    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
+    def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
         import hashlib
 
-        out = []
-        for crop in crops:
-            k = int(hashlib.sha256(crop.tobytes()).hexdigest(), 16) % len(self.labels)
-            label, p = self.labels[k]
-            rest = (1.0 - p) / (len(FINE_CLASSES) - 1)
-            out.append({c: (p if c == label else rest) for c in FINE_CLASSES})
-        return out
+        return scores([self.labels[int(hashlib.sha256(c.tobytes()).hexdigest(), 16) % len(self.labels)]
+                       for c in crops])
 
 
 class HalfMask:
     """A segmenter whose mask is nucleus (2) on the left half of each crop and ``rest`` on the right
     (0: background, 1: cytoplasm)."""
+
+    crop_margin = 1.2
+    input_size = 16
 
     def __init__(self, rest: int = 0):
         self.rest = rest

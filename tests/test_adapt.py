@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from smear.artifacts import save_model_dir
 from smear.classify.adapt import Recipe, adapt, fine_tune, heldout_split, write_model
 from smear.classify.lab_cells import parse_box, read_cells, read_corrections
-from smear.classify.model import WEIGHTS, CnnClassifier, build_model, save_weights
+from smear.classify.model import WEIGHTS, CnnClassifier, build_model
+from smear.nn.weights import save_weights
 from smear.cli import app
 from smear.crops import cut_crop
 from smear.types import FINE_CLASSES, SmearError
@@ -63,7 +64,7 @@ def test_adapt_on_class_folders_writes_a_loadable_folder(tmp_path, source):
     card = (out / "MODEL_CARD.md").read_text()
     assert str(source) in card and f"{a['cells']} labelled cells" in card and "LY 6" in card
     clf = CnnClassifier.from_dir(out, device="cpu")
-    probs = clf.predict_proba([draw_cell(32, seed=i) for i in range(3)])
+    probs = clf.classify([draw_cell(32, seed=i) for i in range(3)]).probs
     assert probs.shape == (3, len(FINE_CLASSES)) and np.allclose(probs.sum(1), 1)
     assert not list(tmp_path.glob(".adapted*"))  # no temporary folder left
 
@@ -329,7 +330,7 @@ def test_adapting_without_source_data_keeps_the_source_guard(tmp_path, source):
                                                                     "thresholds": {"features": 1.0}}
     assert any("classifier layer only" in m for m in logs)
     clf = CnnClassifier.from_dir(out, device="cpu")
-    probs, novelty = clf.predict([draw_cell(32, seed=i) for i in range(3)])
+    novelty = clf.classify([draw_cell(32, seed=i) for i in range(3)]).novelty
     assert clf.has_novelty and novelty is not None and np.isfinite(novelty).all() and clf.guard is not None
     assert "kept" in (out / "MODEL_CARD.md").read_text().split("## Guard")[1]
 
@@ -352,7 +353,7 @@ def test_adapting_with_source_data_refits_the_novelty_score(tmp_path, source):
     assert "refitted" in meta["adaptation"]["novelty"]
     assert not (out / "guard.safetensors").exists() and "guard" not in meta  # fitted on the source's features
     clf = CnnClassifier.from_dir(out, device="cpu")
-    _, novelty = clf.predict([draw_cell(32, seed=i) for i in range(4)])
+    novelty = clf.classify([draw_cell(32, seed=i) for i in range(4)]).novelty
     assert clf.has_novelty and np.isfinite(novelty).all()
 
 

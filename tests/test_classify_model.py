@@ -11,7 +11,9 @@ import torch
 from test_classify_data import PBC_FOLDERS, draw_cell, make_pbc
 
 from smear.artifacts import load_meta, save_model_dir
-from smear.classify.model import WEIGHTS, CnnClassifier, build_model, crops_to_tensor, save_weights
+from smear.classify.model import WEIGHTS, CnnClassifier, build_model
+from smear.nn.tensors import crops_to_tensor
+from smear.nn.weights import save_weights
 from smear.config import load_config
 from smear.types import FINE_CLASSES, Classifier, ModelError
 
@@ -37,25 +39,25 @@ def test_save_load_gives_identical_probabilities(tmp_path):
     clf = CnnClassifier.from_dir(d, device="cpu", batch=2)
     assert isinstance(clf, Classifier)
     assert (clf.crop_margin, clf.input_size) == (1.3, 32)
-    probs = clf.classify(crops)
-    assert len(probs) == 5 and list(probs[0]) == list(FINE_CLASSES)
-    assert all(abs(sum(p.values()) - 1.0) < 1e-6 for p in probs)
+    scores = clf.classify(crops)
+    assert len(scores) == 5 and scores.classes == tuple(FINE_CLASSES) and scores.novelty is None
+    assert list(scores.probs_of(0)) == list(FINE_CLASSES) and np.allclose(scores.probs.sum(1), 1.0, atol=1e-6)
     # by hand: normalise, forward, divide by T
     model.eval()
     x = (crops_to_tensor(crops, 32) - torch.tensor([0.8, 0.7, 0.75]).view(1, 3, 1, 1)) / 0.2
     with torch.no_grad():
         want = torch.softmax(model(x) / 1.7, 1).numpy()
-    np.testing.assert_allclose(clf.predict_proba(crops), want, atol=1e-6)
+    np.testing.assert_allclose(clf.classify(crops).probs, want, atol=1e-6)
     again = CnnClassifier.from_dir(d, device="cpu", batch=2).classify(crops)
-    assert again == probs  # bit-identical with the same batching
+    assert np.array_equal(again.probs, scores.probs)  # bit-identical with the same batching
 
 
 def test_crops_of_other_sizes_are_resized(tmp_path):
     _, d = _model_dir(tmp_path)
     clf = CnnClassifier.from_dir(d, device="cpu")
-    probs = clf.predict_proba([draw_cell(80, seed=1), draw_cell(20, seed=2)])
+    probs = clf.classify([draw_cell(80, seed=1), draw_cell(20, seed=2)]).probs
     assert probs.shape == (2, len(FINE_CLASSES)) and np.allclose(probs.sum(1), 1)
-    assert clf.classify([]) == []
+    assert len(clf.classify([])) == 0
     with pytest.raises(ValueError, match="uint8"):
         clf.classify([np.zeros((32, 32), np.uint8)])
 
@@ -101,7 +103,7 @@ def test_train_end_to_end_then_resume(tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert any(row[1] is None for row in split["train"])  # group-only items are trained on
     clf = CnnClassifier.from_dir(model_dir, device="cpu")
-    assert np.allclose(clf.predict_proba([draw_cell(48)]).sum(), 1.0)
+    assert np.allclose(clf.classify([draw_cell(48)]).probs.sum(), 1.0)
 
     with pytest.raises(Exception, match="not empty"):
         train(_cfg(root, tmp_path / "cache", 1), out, log=lines.append)
@@ -124,7 +126,8 @@ def test_tta_over_all_eight_views_is_rotation_invariant():
     import numpy as np
     import torch
 
-    from smear.classify.model import CnnClassifier, dihedral
+    from smear.classify.model import CnnClassifier
+    from smear.nn.tensors import dihedral
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(11))
@@ -133,9 +136,9 @@ def test_tta_over_all_eight_views_is_rotation_invariant():
     clf = CnnClassifier(net, meta, device="cpu")
     crop = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     turned = np.ascontiguousarray(np.rot90(crop))
-    a, b = clf.logits([crop]), clf.logits([turned])
+    a, b = clf.outputs([crop])[0], clf.outputs([turned])[0]
     assert torch.allclose(a, b, atol=1e-5)
     clf.tta = 1
-    assert not torch.allclose(clf.logits([crop]), clf.logits([turned]), atol=1e-5)  # one view is not
+    assert not torch.allclose(clf.outputs([crop])[0], clf.outputs([turned])[0], atol=1e-5)  # one view is not
     x = torch.arange(4.0).view(1, 1, 2, 2)
     assert len({tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}) == 8

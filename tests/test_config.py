@@ -58,14 +58,14 @@ def test_bare_off_stays_the_word_off():
     """`--set classifier=off` must not turn into False (YAML 1.1 reads off as a boolean)."""
     from smear.config import load_config
 
-    cfg = load_config("pipeline", None, ["classifier=off", "segment=off"])
-    assert cfg.classifier == "off" and cfg.segment == "off"
+    cfg = load_config("pipeline", None, ["classifier=off", "segmenter=off"])
+    assert cfg.classifier == "off" and cfg.segmenter == "off"
     assert load_config("pipeline", None, ["mask_background=true"]).mask_background is True
 
 
 @pytest.mark.parametrize("override, words", [
     ("review_threshold=abc", "config key 'review_threshold' must be a number (got 'abc')"),
-    ("segment=unett", "config key 'segment' must be one of off, unet, kmeans or grabcut"),
+    ("segmenter=unett", "config key 'segmenter' must be one of off, unet, kmeans or grabcut"),
     ("device=gpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
     ("runtime=tensorrt", "config key 'runtime' must be one of onnx, onnx-int8, openvino, openvino-int8 or torch"),
     ("io.max_pixels=big", "config key 'io.max_pixels' must be an integer"),
@@ -132,3 +132,15 @@ def yaml_load(text):
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_the_old_segment_key_still_works_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="config key 'segment' is now 'segmenter'"):
+        assert load_config("pipeline", None, ["segment=kmeans"]).segmenter == "kmeans"
+    path = tmp_path / "old.yaml"
+    path.write_text("segment: unet\n")
+    with pytest.warns(FutureWarning, match="old.yaml: config key 'segment'"):
+        assert load_config("pipeline", path).segmenter == "unet"
+    path.write_text("segment: unet\nsegmenter: kmeans\n")
+    with pytest.raises(ConfigError, match="'segment' and 'segmenter' both given"):
+        load_config("pipeline", path)

@@ -144,18 +144,20 @@ class _ShiftFooledClassifier:
     neutrophils become confident EO with low novelty. Its guard vectors are real (colour statistics
     of the crops; the feature part is the mean redness, standing in for the drift of the features)."""
 
-    crop_margin, input_size, has_novelty = 1.3, 32, True
+    crop_margin, input_size = 1.3, 32
     classes = ("SNE", "EO")
 
     def __init__(self, guard: SlideGuard):
         self.guard = guard
 
-    def predict_cells(self, crops):
+    def classify(self, crops):
+        from smear.types import ClassScores
+
         red = np.array([c[..., 0].mean() - c[..., 1].mean() for c in crops]) / 40.0
         pink = red > 0.6
         probs = np.where(pink[:, None], [[0.04, 0.96]], [[0.96, 0.04]])
         u = np.stack([red - 0.3, np.zeros(len(crops))], 1)
-        return probs, np.full(len(crops), 0.4), np.concatenate([u, colour_stats(crops)], 1)
+        return ClassScores(self.classes, probs, np.full(len(crops), 0.4), np.concatenate([u, colour_stats(crops)], 1))
 
 
 def _pink(image: np.ndarray) -> np.ndarray:
@@ -227,8 +229,7 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
     from smear.classify.guard import GUARD_FILE
     from smear.classify.model import CnnClassifier
     from smear.cli import app
-    from smear.pipeline.build import guard_notice
-    from smear.pipeline.run import Stages
+    from smear.pipeline.build import guard_notice, model_metas
 
     pbc = make_pbc(tmp_path / "pbc", {p: 14 for p in ("SNE", "LY", "MO")}, size=40)
     run = tmp_path / "run"
@@ -253,15 +254,15 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
     assert "## Slide guard" in (model / "MODEL_CARD.md").read_text()
     clf = CnnClassifier.from_dir(model, device="cpu")
     crops = [np.full((32, 32, 3), 200, np.uint8)] * 3
-    probs, ratio, vectors = clf.predict_cells(crops)
+    vectors = clf.classify(crops).guard
     assert vectors.shape == (3, 4 + len(COLOUR_NAMES)) and np.isfinite(vectors).all()
     cfg = CFG.model_copy(update={"classifier_model": str(model)})
-    assert guard_notice(cfg, Stages(detector=None, classifier=clf)) is None
+    assert guard_notice(cfg, model_metas(cfg)) is None
     del meta["guard"]
     (model / "meta.json").write_text(json.dumps(meta))
     bare = CnnClassifier.from_dir(model, device="cpu")
-    assert bare.guard is None and bare.predict_cells(crops)[2] is None
-    notice = guard_notice(cfg, Stages(detector=None, classifier=bare))
+    assert bare.guard is None and bare.classify(crops).guard is None
+    notice = guard_notice(cfg, model_metas(cfg))
     assert "no slide guard statistics" in notice and "smear train guard" in notice
 
 

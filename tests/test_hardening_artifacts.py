@@ -77,7 +77,7 @@ def test_a_meta_without_head_hash_is_refused_and_sealing_names_it(tmp_path):
 def test_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path):
     import torch
 
-    from smear.classify.train import load_checkpoint
+    from smear.nn.loop import load_checkpoint
     from smear.types import ModelError
 
     marker = tmp_path / "PWNED"

@@ -68,6 +68,18 @@ def test_onnx_int8_is_built_once_checksummed_and_close_to_fp32(tmp_path, monkeyp
     assert not list(path.parent.parent.glob("*.tmp*"))  # no scratch folder left behind
 
 
+def test_a_classifier_head_after_its_pool_stays_fp32(tmp_path):
+    """The nodes after the last global pool (features, logits, their concat) are left out of INT8."""
+    import onnx
+
+    from smear.nn.onnx import after_last_pool
+
+    fp32 = _tiny_onnx(tmp_path)
+    head = after_last_pool(fp32)
+    ops = {n.name: n.op_type for n in onnx.load(str(fp32)).graph.node}
+    assert head and [ops[n] for n in head][-1] == "Gemm" and "Conv" not in [ops[n] for n in head]
+
+
 def test_int8_needs_calibration_and_openvino_needs_its_extra(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     fp32 = _tiny_onnx(tmp_path)

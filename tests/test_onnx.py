@@ -27,9 +27,9 @@ def test_classifier_onnx_matches_torch(tiny_classifier, tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     crops = list(np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8))
-    t = CnnClassifier.from_dir(tiny_classifier, device="cpu").predict_proba(crops)
+    t = CnnClassifier.from_dir(tiny_classifier, device="cpu").classify(crops).probs
     o_clf = CnnClassifier.from_dir(tiny_classifier, runtime="onnx")
-    o = o_clf.predict_proba(crops)
+    o = o_clf.classify(crops).probs
     assert o.shape == t.shape == (5, 11)
     assert np.abs(o - t).max() < PROB_TOL
     # made once from the weights into the cache, reused after
@@ -87,7 +87,7 @@ def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
     import torch
 
     from smear.segment.model import UnetSegmenter, build_unet
-    from smear.classify.model import save_weights
+    from smear.nn.weights import save_weights
     from smear.artifacts import save_model_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -16,7 +16,7 @@ from smear.classify import novelty as nov
 from smear.nn.colour import lab_stats, reinhard
 from smear.classify.evaluate import lab_row
 from smear.classify.model import adapt_batchnorm, build_model
-from smear.classify.train import epoch_order, source_specs
+from smear.classify.sources import epoch_order, source_specs
 from smear.cli import app
 from smear.config import default_config
 from smear.report.summary import differential
@@ -125,7 +125,8 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
 
     clf = CnnClassifier.from_dir(run / "model", device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())
-    probs, ratio = clf.predict([np.full((40, 40, 3), 180, np.uint8)] * 2)
+    scores = clf.classify([np.full((40, 40, 3), 180, np.uint8)] * 2)
+    probs, ratio = scores.probs, scores.novelty
     assert probs.shape == (2, len(FINE_CLASSES)) and ratio is not None and ratio.shape == (2,)
 
 
@@ -208,14 +209,15 @@ def test_novel_cells_go_to_unidentified_in_the_pipeline(tmp_path):
     from smear.io import Slide, write_image_atomic
     from smear.pipeline.run import Stages, run_slide
 
-    class NoveltyClassifier:
-        crop_margin, input_size, has_novelty = 1.2, 16, True
-        classes = FINE_CLASSES
+    from smear.types import ClassScores
 
-        def predict(self, crops):
+    class NoveltyClassifier:
+        crop_margin, input_size = 1.2, 16
+
+        def classify(self, crops):
             probs = np.full((len(crops), len(FINE_CLASSES)), 0.001)
             probs[:, FINE_CLASSES.index("PMY")] = 0.99
-            return probs, np.array([0.5, 3.0][: len(crops)])
+            return ClassScores(tuple(FINE_CLASSES), probs, np.array([0.5, 3.0][: len(crops)]))
 
     path = tmp_path / "f.png"
     write_image_atomic(path, np.full((40, 80, 3), 220, np.uint8))
@@ -268,7 +270,7 @@ def test_guard_on_colour_shifted_synthetic_fields(tmp_path):
     stain and scanner) get the warning, in the summary row and in the CSV column."""
     from smear.classify.data import Item
     from smear.classify.model import CnnClassifier
-    from smear.classify.train import fit_novelty
+    from smear.classify.novelty_fit import fit_novelty
     from smear.crops import cut_crop
     from smear.io import Slide, write_image_atomic
     from smear.report.tables import summary_frame, to_csv

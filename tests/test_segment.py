@@ -288,8 +288,10 @@ def test_mask_background_paints_out_background():
             self.crops = []
 
         def classify(self, crops):
+            from fakes import scores
+
             self.crops += list(crops)
-            return [{"LY": 1.0} for _ in crops]
+            return scores([("LY", 1.0)] * len(crops))
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     det = Detection((16, 16, 48, 48), CellKind.WBC, 0.9)

@@ -49,8 +49,8 @@ def test_margin_sends_only_unsure_crops_through_every_view():
     full, one = _clf(None), _clf(None)
     one.tta = 1
     sel = _clf(0.5)
-    want_full, want_one = full.logits(_crops()), one.logits(_crops())
-    got = sel.logits(_crops())
+    want_full, want_one = full.outputs(_crops())[0], one.outputs(_crops())[0]
+    got = sel.outputs(_crops())[0]
     top1 = torch.softmax(want_one, 1).max(1).values
     sure = top1 >= 0.5
     assert bool(sure[:3].all()) and not bool(sure[3:].any())
@@ -61,4 +61,4 @@ def test_margin_sends_only_unsure_crops_through_every_view():
 
 def test_no_margin_is_plain_tta():
     a, b = _clf(None), _clf(0.0)
-    assert torch.allclose(a.logits(_crops()), b.logits(_crops()))
+    assert torch.allclose(a.outputs(_crops())[0], b.outputs(_crops())[0])

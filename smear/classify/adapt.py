@@ -42,7 +42,9 @@ from smear.artifacts import (
 from smear.nn.augment import BatchAugment
 from smear.classify.evaluate import classification_metrics, lab_row
 from smear.classify.lab_cells import Cells, read_cells, wide_geometry
-from smear.classify.model import WEIGHTS, CnnClassifier, Normalize, build_model, load_weights, save_weights
+from smear.classify.model import WEIGHTS, CnnClassifier, build_model
+from smear.nn.tensors import Normalize
+from smear.nn.weights import load_weights, save_weights
 from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import warmup_cosine
 from smear.devices import resolve_device, set_threads

@@ -129,14 +129,6 @@ def cached_crops(items: Sequence[Item], margin: float, size: int, cache_dir: str
     return np.load(path)
 
 
-def channel_stats(crops: np.ndarray, max_images: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of crops in [0, 1] (on a sample): the model's normalisation."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(crops), size=min(len(crops), max_images), replace=False))
-    x = crops[idx].reshape(-1, 3).astype(np.float64) / 255.0
-    return [round(float(v), 4) for v in x.mean(0)], [round(float(v), 4) for v in np.maximum(x.std(0), 1e-3)]
-
-
 def readable_crops(items: Sequence[Item], margin: float, size: int, cache_dir: str | Path | None = None,
                    workers: int | None = None, log: Callable[[str], None] | None = None,
                    warn: Callable[[str], None] | None = None) -> tuple[list[Item], np.ndarray, list[str]]:

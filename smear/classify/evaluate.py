@@ -231,7 +231,7 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
 
         masks = [m for i in range(0, len(crops), 256) for m in segmenter.segment(crops[i:i + 256])]
         crops = [paint_background(c, m) for c, m in zip(crops, masks)]
-    probs = clf.predict_proba(crops)
+    probs = clf.classify(crops).probs
     m = classification_metrics(probs, [it.fine or it.group for it in items], clf.classes)
     m["data"] = str(data) if split is None else f"{data} ({part} of {split})"
     m["n_skipped"] = len(skipped)

@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 import torch
 
-from smear.classify.model import CnnClassifier, crops_to_tensor
+from smear.classify.model import CnnClassifier
+from smear.nn.tensors import crops_to_tensor
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: i
     from smear.classify import data as cdata
     from smear.classify.cache import readable_crops
     from smear.classify.model import CnnClassifier
-    from smear.classify.train import _splits
+    from smear.classify.sources import splits as _splits
     from smear.config import load_config
     from smear.io import write_text_atomic
     from smear.types import ModelError, SmearError

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from smear.artifacts import load_model
-from smear.types import FINE_CLASSES, ModelError
+from smear.types import FINE_CLASSES, ClassScores, ModelError
 
 #: torch helpers once public here; imported on first use, so a run on onnxruntime imports no torch
 _TORCH_NAMES = {"Normalize": "smear.nn.tensors", "crops_to_tensor": "smear.nn.tensors", "dihedral": "smear.nn.tensors",
@@ -110,6 +110,7 @@ class CnnClassifier:
         runs the network's ONNX export (onnxruntime or OpenVINO, fp32 or INT8; see smear.nn.runtime);
         ``calibration``: the PBC folder whose training split calibrates the INT8 runtimes."""
         meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
+        model_dir = meta.folder
 
         novelty = meta.get("novelty")
 
@@ -214,45 +215,21 @@ class CnnClassifier:
         out = torch.from_numpy(self._raw(crops))
         return out[:, :k], (out[:, k:] if out.shape[1] > k else None)
 
-    def logits(self, crops: Sequence[np.ndarray]):
-        """Raw logits (before temperature), N x classes (see ``outputs``)."""
-        return self.outputs(crops)[0]
-
-    def predict(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Calibrated probabilities (N x classes) and, with a novelty score in the model, each
-        crop's novelty as a ratio to its threshold (over 1: unlike every training class)."""
+    def classify(self, crops: Sequence[np.ndarray]) -> ClassScores:
+        """Calibrated probabilities (N x classes, in ``self.classes`` order) and, with a novelty score
+        in the model, each crop's novelty as a ratio to its threshold (over 1: unlike every training class)
+        and, with a fitted slide guard, each crop's guard vector."""
         k = len(self.classes)
         out = self._raw(crops)
         logits, feats = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
         probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
         if not self.has_novelty or feats is None:
-            return probs, None
+            return ClassScores(self.classes, probs)
         from smear.classify.novelty import distances
 
-        return probs, distances(feats, self.novelty_stats) / self.novelty_threshold
-
-    def predict_cells(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """``predict`` plus each crop's slide-guard vector (None without a fitted guard)."""
-        k = len(self.classes)
-        out = self._raw(crops)
-        logits, f = out[:, :k], (out[:, k:] if out.shape[1] > k else None)
-        probs = _softmax(logits / np.float32(self.temperature)).astype(np.float64)
-        if not self.has_novelty or f is None:
-            return probs, None, None
-        from smear.classify.novelty import distances
-
-        ratio = distances(f, self.novelty_stats) / self.novelty_threshold
-        vectors = self.guard.cell_vectors(f, self.novelty_stats, crops) if self.guard is not None else None
-        return probs, ratio, vectors
-
-    def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Calibrated probabilities, N x classes, rows summing to 1, columns in ``self.classes`` order."""
-        return self.predict(crops)[0]
-
-    def classify(self, crops: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        """Calibrated probability of each fine class for each crop."""
-        probs = self.predict_proba(crops)
-        return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+        ratio = distances(feats, self.novelty_stats) / self.novelty_threshold
+        guard = self.guard.cell_vectors(feats, self.novelty_stats, crops) if self.guard is not None else None
+        return ClassScores(self.classes, probs, ratio, guard)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ def _pipeline(segment: str, segmenter_model: str, device: str):
     """The pipeline config of a segmenter given by options (checked as `smear run` checks it)."""
     from smear.config import load_config
 
-    return load_config("pipeline", None, options={"--segment": ("segment", segment),
+    return load_config("pipeline", None, options={"--segment": ("segmenter", segment),
                                                   "--segmenter-model": ("segmenter_model", segmenter_model),
                                                   "--device": ("device", device)})
 

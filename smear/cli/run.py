@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import sys
 from enum import Enum
@@ -60,10 +59,7 @@ def run(
 ) -> None:
     """Count and classify the cells of each slide and print the differential."""
     from smear.config import load_config
-    from smear.io import check_outputs, find_slides, write_text_atomic
-    from smear.cli.render import render_summary
-    from smear.pipeline.build import build_cache, build_stages, guard_notice
-    from smear.report import tables as rep
+    from smear.io import check_outputs, find_slides
 
     if engine == EngineName.local and (address is not None or workers is not None or gpus_per_worker is not None):
         raise SmearError("--address, --workers and --gpus-per-worker go with --engine ray")
@@ -71,8 +67,7 @@ def run(
         from smear.pipeline.ray_engine import require_ray
 
         require_ray()  # a missing extra is said before any model loads
-    overrides = list(set_ or []) + ([f"device={device}"] if device else []) + ([f"segment={segment}"] if segment else [])
-    cfg = load_config("pipeline", config, overrides)
+    cfg = load_config("pipeline", config, set_ or [], {"--device": ("device", device), "--segment": ("segmenter", segment)})
     if report == ReportFormat.html and out is None and _stdout_is_terminal():
         raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
     from smear.cli.wsi import check_whole_slides
@@ -80,90 +75,62 @@ def run(
     whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles, recursive)
     slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
-    stages = build_stages(cfg)
-    notice = guard_notice(cfg, stages)
-    if notice:
-        warn(notice)
-    cache = build_cache(cfg, stages.version, warn=warn)
-    with terminate_cleanly(), _engine(engine, cfg, stages, cache, address, workers, gpus_per_worker) as eng:
-        reports, finished = _run_slides(slides, stages, cfg, cache, resume, cells,
-                                        keep=report in (ReportFormat.json, ReportFormat.html), engine=eng,
-                                        whole=whole.options(cfg, target_wbc, all_tiles, out, cells))
-    diffs = rep.differentials(reports, cfg)
-    rows = [d.row() for d in diffs]  # the flat rows of the CSV, JSON and HTML reports
-    for d in diffs:
-        for message in d.domain_warnings:
-            warn(f"{d.slide}: {message}")
-        for message in d.warnings:
-            warn(message)
-    if report == ReportFormat.csv:
-        text = rep.to_csv(rep.summary_frame(rows))
-    elif report == ReportFormat.json:
-        text = rep.to_json(reports, rows)
-    elif report == ReportFormat.html:
-        from smear.pipeline.build import audit_info
-        from smear.report.html import render_html
+    ray = None
+    if engine == EngineName.ray:
+        from smear.cli.app import verbose
+        from smear.pipeline.job import RayOptions
 
-        geometry = stages.classifier or stages.segmenter  # the crops the run cut (run.classify_cells)
-        margin = geometry.crop_margin if geometry is not None else 1.2
-        text = render_html(reports, rows, cfg.report.gallery_per_class, margin, cfg=cfg,
-                           audit=audit_info(cfg, stages.version), segmenter=stages.segmenter,
-                           segment_size=int(geometry.input_size) if geometry is not None else 96,
-                           read_field=whole.read_field)
-    else:
-        console = Console(record=True, file=io.StringIO(), width=100) if out else out_console
-        render_summary(diffs, console)
-        text = console.export_text() if out else None
-    if out is not None:
-        try:
-            write_text_atomic(out, text)
-        except OSError as exc:
-            total = sum(len(sl.fields) for sl in slides)
-            raise SmearError(f"{out}: cannot write the report ({exc.strerror or exc})",
-                             hint=_kept_hint(finished, total) if cache is not None else "") from exc
-    elif text is not None:
-        sys.stdout.write(text)
+        ray = RayOptions(address, workers, gpus_per_worker, worker_logs=verbose())
+    with terminate_cleanly():
+        result = _run_job(slides, cfg, resume, cells, report in (ReportFormat.json, ReportFormat.html), ray,
+                          whole.options(cfg, target_wbc, all_tiles, out, cells))
+    _render(result, report, out)
 
 
 def _stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _kept_hint(finished: int, total: int) -> str:
-    """The --resume hint after a failed write: how many fields' results the cache holds."""
-    return (f"{finished} of {total} fields finished and their results are in the cache: fix the cause and "
-            "rerun with --resume to skip them")
+def _render(result, report: ReportFormat, out: Optional[Path]) -> None:
+    """The guard's and the count's warnings, then the report: a rich table, or a file in its format."""
+    from smear.cli.render import render_summary
+    from smear.report.write import save, write
+
+    for d in result.differentials:
+        for message in d.domain_warnings:
+            warn(f"{d.slide}: {message}")
+        for message in d.warnings:
+            warn(message)
+    if report != ReportFormat.table:
+        text = write(result, report.value, out)
+        if text is not None:
+            sys.stdout.write(text)
+    elif out is None:
+        render_summary(list(result.differentials), out_console)
+    else:
+        console = Console(record=True, file=io.StringIO(), width=100)
+        render_summary(list(result.differentials), console)
+        save(console.export_text(), out, result.cfg, result.finished)
 
 
-def _engine(name: EngineName, cfg, stages, cache, address, workers, gpus_per_worker):
-    """The engine a run asked for, as a context: None (the local run) or a started RayEngine."""
-    if name == EngineName.local:
-        return contextlib.nullcontext(None)
-    from smear.cli.app import verbose
-    from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
-
-    return RayEngine(BuildFromConfig(cfg), field_batch=stages.field_batch, cache=cache, address=address,
-                     workers=workers, gpus_per_worker=gpus_per_worker, warn=warn, worker_logs=verbose())
-
-
-def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path], keep: bool, engine=None,
-                whole=None) -> tuple[list, int]:
-    """``pipeline.run_slides`` with a progress bar, writing --cells rows as fields finish; then the
-    whole-slide files (``whole``: smear.cli.wsi.WholeSlideRun), tile by tile. The reports, and the
-    number of fields whose result was made (and cached)."""
+def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, whole):
+    """``pipeline.run_job`` with a progress bar, writing --cells rows as fields finish (the whole-slide
+    files, ``whole``: smear.cli.wsi.WholeSlideRun, tile by tile)."""
     from smear.cli.render import progress
-    from smear.pipeline.run import run_slides
+    from smear.pipeline.job import run_job
     from smear.report import tables as rep
+    from smear.report.write import kept_hint
+    from smear.types import SkippedField
 
     n_fields = sum(len(s.fields) for s in slides)
     finished = [0]  # fields whose result is made (and cached): what a --resume after a failure skips
     writer = None
     try:
         if cells is not None:
-            writer = rep.CellsWriter(cells, masks=stages.segmenter is not None, slide_coords=bool(whole))
+            writer = rep.CellsWriter(cells, masks=cfg.segmenter != "off", slide_coords=bool(whole))
         with progress(err_console, total=None if whole else n_fields) as advance:
             def on_field(slide_name, item):
-                if hasattr(item, "reason"):
+                if isinstance(item, SkippedField):
                     if n_fields > 1:
                         warn(f"skipped {item.reason}")
                 else:
@@ -171,10 +138,8 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
                     if writer is not None:
                         writer.write(slide_name, item)
                 advance()
-            reports = run_slides(slides, stages, cfg.io.max_pixels, on_field, cache, resume, keep_fields=keep,
-                                 engine=engine) if slides else []
-            if whole:
-                reports += whole.run(stages, cache, resume, on_field, keep, warn)
+            result = run_job(slides, cfg, resume, keep_fields=keep, ray=ray, on_field=on_field, warn=warn,
+                             whole=whole or None)
         if writer is not None:
             writer.close()
     except OSError as exc:
@@ -183,9 +148,9 @@ def _run_slides(slides, stages, cfg, cache, resume: bool, cells: Optional[Path],
         if writer is not None:
             writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
-                         hint=_kept_hint(finished[0], n_fields) if cache is not None else "") from exc
+                         hint=kept_hint(cfg, finished[0], n_fields)) from exc
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    return reports, finished[0]
+    return result

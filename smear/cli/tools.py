@@ -20,7 +20,7 @@ def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     import torch
 
-    from smear.artifacts import load_meta, model_version, resolve_model_dir
+    from smear.artifacts import load_model, resolve_model_dir
     from smear.config import load_config
     from smear.devices import available_cores, resolve_device, set_threads
 
@@ -31,15 +31,14 @@ def info(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out_console.print(f"smear {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     out_console.print(f"device: {dev} (cores: {available_cores()}, torch threads: {torch.get_num_threads()},"
                       f" cuda available: {torch.cuda.is_available()})")
-    out_console.print(f"detector: {cfg.detector}, segment: {cfg.segment}, classifier: {cfg.classifier}, "
+    out_console.print(f"detector: {cfg.detector}, segmenter: {cfg.segmenter}, classifier: {cfg.classifier}, "
                       f"runtime: {cfg.runtime}")
-    for key, name in (("detector_model", "detector"), ("classifier_model", "classifier"),
-                      ("segmenter_model", "segmenter")):
+    for key, name, stage in (("detector_model", "detector", "detect"), ("classifier_model", "classifier", "classify"),
+                             ("segmenter_model", "segmenter", "segment")):
         path = resolve_model_dir(getattr(cfg, key), name)
         try:
-            meta = load_meta(path)
-            out_console.print(f"  {name} model: {path} (version {model_version(path)},"
-                              f" trained {meta.get('trained', '?')})")
+            meta = load_model(path, stage)
+            out_console.print(f"  {name} model: {path} (version {meta.version}, trained {meta.trained or '?'})")
         except SmearError as exc:
             out_console.print(f"  {name} model: none ({exc})")
 

@@ -84,7 +84,7 @@ def train_novelty(
     quantile: Annotated[float, typer.Option(help="Validation quantile that sets the threshold.")] = 0.97,
 ) -> None:
     """Fit the per-cell novelty score of a trained classifier on its own training crops."""
-    from smear.classify.train import fit_novelty_for_run
+    from smear.classify.novelty_fit import fit_novelty_for_run
 
     got = fit_novelty_for_run(run, model, quantile)
     show(f"novelty threshold {got['threshold']} (held: train {got['train_held']}, val {got['val_held']})")

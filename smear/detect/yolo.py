@@ -77,6 +77,7 @@ class YoloDetector:
         same pre/post-processing), converted or quantised as the runtime asks; ``calibration``: the
         training fields the INT8 runtimes are calibrated on (without them they run in fp32)."""
         meta = load_model(model_dir, "detect")
+        model_dir = meta.folder
         infer = infer_defaults() | dict(meta.get("infer", {}))
         infer.update(overrides)
         keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 import math
 import queue
 import threading
@@ -17,16 +18,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-
 from smear.config import dump_config
 from smear.devices import resolve_device, set_threads
 from smear.errors import RESUME_HINT, ModelError, SmearError
 from smear.io import atomic_path, removed_on_failure, write_text_atomic
 from smear.nn.weights import save_weights
+
+_log = logging.getLogger(__name__)
 
 BEST = "best.safetensors"
 CHECKPOINT = "checkpoint.pt"
@@ -239,8 +241,8 @@ class RunFolder:
         save_weights(model, self.best)
 
     def end_epoch(self, row: dict[str, Any], model, optimizer, scheduler, augment, **state: Any) -> None:
-        """Append the epoch's row to log.csv and write the checkpoint."""
-        append_log(self.path / "log.csv", row, self.log_fields)
+        """Append the epoch's row (its ``log_fields``) to log.csv and write the checkpoint."""
+        append_log(self.path / "log.csv", {k: v for k, v in row.items() if k in self.log_fields}, self.log_fields)
         save_checkpoint(self.checkpoint, model, optimizer, scheduler, augment, **state)
 
     def check_finished(self) -> None:
@@ -260,3 +262,71 @@ def out_of_time(t0: float, max_s: float, t: Any, say: Callable[[str], None]) -> 
         return True
     return False
 
+
+
+class Trainee(NamedTuple):
+    """What a run trains and checkpoints: the network, its optimizer, its schedule, its augmentation."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    augment: Any
+
+
+@dataclass(frozen=True)
+class Epochs:
+    """A stage's part of the shared epoch loop (``fit``): ``train(epoch)`` runs one epoch and returns
+    its stats (``train_loss``, ``train_images_per_s``, ...); ``validate(epoch)`` returns the score the
+    best epoch is picked by and the log.csv fields of the validation; ``describe(row)`` says the
+    validation in the epoch's log line (from the score and those fields). ``score`` names the score, ``best_field`` is its log.csv column."""
+
+    train: Callable[[int], dict[str, float]]
+    validate: Callable[[int], tuple[float, dict[str, Any]]]
+    describe: Callable[[float, dict[str, Any]], str]
+    score: str = "val score"
+    best_field: str = "best_score"
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Where the loop ended: the best epoch (its weights are ``best.safetensors``) and the wall time."""
+
+    best: float
+    best_epoch: int
+    wall_seconds: float
+
+
+def fit(run: RunFolder, t: Any, trainee: Trainee, epochs: Epochs, resume: bool = False,
+        log: Callable[[str], None] = _log.info) -> Fitted:
+    """The epoch loop both networks train with: resume from the run's checkpoint, stop early after
+    ``t.patience`` epochs without a better score (0: never) or after ``t.max_minutes``, keep the best
+    epoch's weights, write log.csv and the checkpoint every epoch, and log one line per epoch."""
+    start, best, best_epoch, bad, wall0 = 1, -1.0, 0, 0, 0.0
+    ck = run.resume(*trainee) if resume else None
+    if ck is not None:
+        start, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
+        bad, wall0 = ck.get("bad_epochs", 0), ck.get("wall_seconds", 0.0)
+        log(f"resume: from epoch {ck['epoch']} (best {epochs.score} {best:.4f} at epoch {best_epoch})")
+    t0, max_s = clock(t, wall0)
+    patience = int(getattr(t, "patience", 0) or 0)
+    for epoch in range(start, int(t.epochs) + 1):
+        if patience and bad >= patience:
+            log(f"early stop: no better {epochs.score} for {bad} epochs")
+            break
+        if out_of_time(t0, max_s, t, log):
+            break
+        stats = epochs.train(epoch)
+        lr = trainee.optimizer.param_groups[0]["lr"]  # at the end of the epoch
+        score, row = epochs.validate(epoch)
+        if score > best:
+            best, best_epoch, bad = score, epoch, 0
+            run.save_best(trainee.model)
+        else:
+            bad += 1
+        wall = time.perf_counter() - t0
+        run.end_epoch({"epoch": epoch, "lr": lr, **stats, **row, "wall_seconds": wall, epochs.best_field: best},
+                      *trainee, epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad, wall_seconds=wall)
+        log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
+            f"{epochs.describe(score, row)} (best {best:.4f} @ {best_epoch}) {wall / 60:.1f} min")
+    run.check_finished()
+    return Fitted(best, best_epoch, time.perf_counter() - t0)

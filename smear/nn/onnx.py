@@ -142,5 +142,17 @@ def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = 
     if runtime in INT8_RUNTIMES and calibration is None:
         runtime = runtime.removesuffix("-int8")
     fp32 = onnx_for(model_dir, stage, build_torch)
-    path = runtime_model(fp32, runtime, f"{stage}-{files_version(model_dir)}", calibration)
+    # the head after the global pool (features and logits, read by the novelty score and the
+    # calibrated probabilities) stays fp32: quantised with the body, every cell was scored novel
+    key = f"{stage}-{files_version(model_dir)}" + ("-head32" if runtime == "onnx-int8" else "")
+    path = runtime_model(fp32, runtime, key, calibration, exclude_onnx=after_last_pool)
     return OnnxNet(path, runtime=runtime)
+
+
+def after_last_pool(onnx_path: str | Path) -> list[str]:
+    """Names of the nodes after a classifier's last global pooling (its head), in graph order."""
+    import onnx
+
+    nodes = list(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    pools = [i for i, n in enumerate(nodes) if n.op_type in ("GlobalAveragePool", "ReduceMean", "GlobalMaxPool")]
+    return [n.name for n in nodes[pools[-1] + 1:]] if pools else []

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import torch
 
+from smear.artifacts import ModelMeta
 from smear.devices import resolve_device, set_threads
 from smear.errors import ModelError
 
@@ -39,13 +40,14 @@ class Placed(NamedTuple):
     model: Any
 
 
-def place(model, meta: Mapping[str, Any], device: str = "auto") -> Placed:
+def place(model, meta: ModelMeta | Mapping[str, Any], device: str = "auto") -> Placed:
     """The resolved device, the meta's input normalisation on it, and the network on it in eval mode."""
     dev = resolve_device(device)
     if dev.type == "cpu":
         set_threads()
-    norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
-    return Placed(dev, Normalize(norm["mean"], norm["std"], meta.get("colour_norm")).to(dev), model.to(dev).eval())
+    meta = ModelMeta.of(meta)
+    norm = meta.normalize or {"mean": [0.0] * 3, "std": [1.0] * 3}
+    return Placed(dev, Normalize(norm["mean"], norm["std"], meta.colour_norm).to(dev), model.to(dev).eval())
 
 
 def crops_to_tensor(crops: Sequence[np.ndarray], size: int) -> torch.Tensor:

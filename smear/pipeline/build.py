@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from smear.artifacts import META, ONNX_FILE, file_sha256, files_version, model_version, resolve_model_dir
+from smear.artifacts import ModelMeta, load_model, resolve_model_dir
 from smear.config_models import PipelineConfig
 from smear.io import pixel_budget
 from smear.pipeline.run import Stages
@@ -109,17 +109,20 @@ def _calibrated(cfg: PipelineConfig, runtime: str, find):
     return found
 
 
-def build_detector(cfg: PipelineConfig, warned: set[str] | None = None) -> Detector:
-    """The detector named by ``cfg.detector``."""
+Metas = dict[str, ModelMeta]  # stage name (detector, classifier, segmenter) -> its model folder's meta
+
+
+def build_detector(cfg: PipelineConfig, metas: Metas | None = None, warned: set[str] | None = None) -> Detector:
+    """The detector named by ``cfg.detector`` (``metas``: the model folders, read already)."""
     if cfg.detector == "classical":
         from smear.detect.classical import ClassicalDetector
 
         return ClassicalDetector(**cfg.classical)
     from smear.detect.yolo import YoloDetector
 
+    meta = (metas if metas is not None else model_metas(cfg))["detector"]
     det = _with_fallback(cfg, lambda rt: YoloDetector.from_dir(
-        resolve_model_dir(cfg.detector_model, "detector"), device=cfg.device, runtime=rt,
-        calibration=_calibrated(cfg, rt, detector_calibration)), warned)
+        meta, device=cfg.device, runtime=rt, calibration=_calibrated(cfg, rt, detector_calibration)), warned)
     return _checked(det.tiled(), cfg)
 
 
@@ -132,31 +135,35 @@ def _checked(det: Detector, cfg: PipelineConfig) -> Detector:
     return CheckedDetector(det, WbcCheck(**cfg.wbc_check.model_dump(exclude={"enabled"})))
 
 
-def build_segmenter(cfg: PipelineConfig, warned: set[str] | None = None) -> Segmenter | None:
-    """The segmenter named by ``cfg.segment`` (None for off)."""
-    if cfg.segment == "off":
+def build_segmenter(cfg: PipelineConfig, metas: Metas | None = None, warned: set[str] | None = None
+                    ) -> Segmenter | None:
+    """The segmenter named by ``cfg.segmenter`` (None for off; ``metas``: the model folders, read already)."""
+    if cfg.segmenter == "off":
         return None
-    if cfg.segment == "unet":
+    if cfg.segmenter == "unet":
         from smear.segment.model import UnetSegmenter
 
+        meta = (metas if metas is not None else model_metas(cfg))["segmenter"]
         # no INT8 segmenter: the INT8 runtimes run it in fp32 on the same engine
         return _with_fallback(cfg, lambda rt: UnetSegmenter.from_dir(
-            resolve_model_dir(cfg.segmenter_model, "segmenter"), device=cfg.device,
-            runtime=rt.removesuffix("-int8")), warned)
+            meta, device=cfg.device, runtime=rt.removesuffix("-int8")), warned)
     from smear.segment.classical import GrabCutSegmenter, KMeansSegmenter
 
-    return KMeansSegmenter() if cfg.segment == "kmeans" else GrabCutSegmenter()
+    return KMeansSegmenter() if cfg.segmenter == "kmeans" else GrabCutSegmenter()
 
 
 #: pipeline settings that change a field's result (with the model folders in use)
-RESULT_SETTINGS = ("detector", "classical", "wbc_check", "segment", "classifier", "review_threshold",
+RESULT_SETTINGS = ("detector", "classical", "wbc_check", "segmenter", "classifier", "review_threshold",
                    "mask_background", "runtime", "classify_tta", "device")
+#: the names the settings have in a report's audit and in the cache key: ``segmenter`` was called
+#: ``segment`` before, and keeps that name there, so the caches and audits made before stay valid
+_SETTING_NAMES = {"segmenter": "segment"}
 
 
 def result_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """The ``RESULT_SETTINGS`` of a config as plain data."""
+    """The ``RESULT_SETTINGS`` of a config as plain data, under their audit names."""
     dumped = cfg.model_dump(include=set(RESULT_SETTINGS))
-    return {k: dumped[k] for k in RESULT_SETTINGS}
+    return {_SETTING_NAMES.get(k, k): dumped[k] for k in RESULT_SETTINGS}
 
 
 def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
@@ -164,43 +171,51 @@ def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
     out = []
     for key, name, on in (("detector_model", "detector", cfg.detector == "yolo"),
                           ("classifier_model", "classifier", cfg.classifier != "off"),
-                          ("segmenter_model", "segmenter", cfg.segment == "unet")):
+                          ("segmenter_model", "segmenter", cfg.segmenter == "unet")):
         if on:
             out.append((key, name, resolve_model_dir(getattr(cfg, key), name)))
     return out
 
 
-def stages_version(cfg: PipelineConfig) -> str:
+_STAGE_OF = {"detector": "detect", "classifier": "classify", "segmenter": "segment"}
+
+
+def model_metas(cfg: PipelineConfig) -> Metas:
+    """The typed meta of each model folder the config runs, each read and hashed once."""
+    return {name: load_model(model_dir, _STAGE_OF[name]) for _key, name, model_dir in models_in_use(cfg)}
+
+
+def stages_version(cfg: PipelineConfig, metas: Metas | None = None) -> str:
     """A short id of everything that decides a field's result: stage choices, settings, device, and
     each model folder's files that run (weights, model.onnx, network YAML, novelty statistics, and
     meta.json: its thresholds, temperature, crop geometry)."""
     from smear import __version__
 
+    metas = model_metas(cfg) if metas is None else metas
     parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
-    for key, _name, model_dir in models_in_use(cfg):
-        parts[key] = files_version(model_dir)
+    for key, name, _model_dir in models_in_use(cfg):
+        parts[key] = metas[name].files  # every file that runs (weights, ONNX, network YAML, statistics)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def audit_info(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
+def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> dict[str, Any]:
     """What a report states to be traced: each model folder (stage, folder, weights hash, meta.json
     hash, model.onnx hash where it has one, and the hash of all its files that run), the settings
     that change results and the run id (the page adds smear's version and the date)."""
+    metas = model_metas(cfg) if metas is None else metas
     models = []
     for _key, name, model_dir in models_in_use(cfg):
-        onnx = Path(model_dir) / ONNX_FILE
+        meta = metas[name]
         models.append({"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
-                       "version": model_version(model_dir), "meta": file_sha256(Path(model_dir) / META)[:12],
-                       "onnx": file_sha256(onnx)[:12] if onnx.is_file() else "",
-                       "files": files_version(model_dir)})
+                       "version": meta.version, "meta": meta.meta_hash, "onnx": meta.onnx_hash, "files": meta.files})
     settings = result_settings(cfg)
     settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}
 
 
-def build_stages(cfg: PipelineConfig) -> Stages:
-    """Stages for a resolved pipeline config."""
+def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
+    """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already)."""
     from smear.devices import resolve_device
 
     _runtime(cfg)
@@ -208,28 +223,32 @@ def build_stages(cfg: PipelineConfig) -> Stages:
         # a device that is not there is said before any stage loads (the other runtimes run on the
         # CPU: auto or cpu needs no check, and no torch import, a second of start-up)
         resolve_device(str(cfg.device))
+    # the INT8 runtimes quantise the detector only: an INT8 classifier failed its gates (ECE, the
+    # novelty score held every cell) and ran no faster (README, Runtimes); it runs fp32 on the same engine
+    metas = model_metas(cfg) if metas is None else metas
     classifier, warned = None, set()  # a fallback's warning said once for all three stages
     if cfg.classifier == "cnn":
         from smear.classify.model import CnnClassifier
 
         classifier = _with_fallback(cfg, lambda rt: CnnClassifier.from_dir(
-            resolve_model_dir(cfg.classifier_model, "classifier"), device=cfg.device,
-            batch=cfg.classify_batch, runtime=rt, tta=cfg.classify_tta,
-            calibration=_calibrated(cfg, rt, classifier_calibration)), warned)
-    return Stages(detector=build_detector(cfg, warned), classifier=classifier, segmenter=build_segmenter(cfg, warned),
+            metas["classifier"], device=cfg.device, batch=cfg.classify_batch, runtime=rt.removesuffix("-int8"),
+            tta=cfg.classify_tta), warned)
+    return Stages(detector=build_detector(cfg, metas, warned), classifier=classifier,
+                  segmenter=build_segmenter(cfg, metas, warned),
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
-                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch, version=stages_version(cfg),
+                  classify_batch=cfg.classify_batch, field_batch=cfg.field_batch,
+                  version=stages_version(cfg, metas),
                   pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
 
 
-def guard_notice(cfg: PipelineConfig, stages: Stages) -> str | None:
-    """One line when the classifier's model folder lacks what the slide guard needs (it then judges
-    a slide by what it has), else None."""
-    clf = stages.classifier
-    if clf is None or getattr(clf, "guard", None) is not None:
+def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
+    """One line when the classifier's model folder (its meta, read already) lacks what the slide guard
+    needs (it then judges a slide by what it has), else None."""
+    meta = metas.get("classifier")
+    if meta is None or (meta.novelty and meta.get("guard")):
         return None
     folder = cfg.classifier_model
-    if not getattr(clf, "has_novelty", False):
+    if not meta.novelty:
         return (f"{folder}: the classifier model folder has no novelty score and no slide guard statistics, so "
                 f"the domain guard judges the differential only (novel_share stays empty); fit them with "
                 f"`smear train novelty RUN --model DIR` then `smear train guard RUN --model DIR`, or adapt again "

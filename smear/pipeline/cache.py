@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from smear.artifacts import cache_dir
 from smear.io import write_text_atomic
 from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, MaskStats
 
@@ -23,11 +22,6 @@ LABELS = frozenset(FINE_CLASSES) | {UNIDENTIFIED, ""}  # "": a cell only masked,
 
 class BadEntry(ValueError):
     """A cache entry that fails its checksum or the schema."""
-
-
-def default_cache_dir() -> Path:
-    """~/.cache/smear/fields (or under $XDG_CACHE_HOME)."""
-    return cache_dir("fields")
 
 
 def field_to_dict(fr: FieldResult) -> dict[str, Any]:

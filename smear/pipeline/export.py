@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from smear.artifacts import load_meta
+from smear.artifacts import ModelMeta, load_meta
 from smear.errors import ModelError
 from smear.nn.onnx import ONNX_NAME, export_module
 
@@ -37,23 +37,23 @@ def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: 
             if dest.is_symlink() or dest.is_dir():
                 raise ModelError(f"{dest}: is a link or a folder; refusing to replace it")
             shutil.copyfile(src, dest)
-    meta = load_meta(out)
+    meta = ModelMeta.of(load_meta(out), out)
     if stage == "detector":
         from smear.detect.network import export_onnx
 
         from smear.detect.yolo import infer_defaults
 
-        infer = infer_defaults() | meta.get("infer", {})
-        export_onnx(out / meta["weights"], out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]),
-                    classes=meta["classes"])
+        infer = infer_defaults() | dict(meta.infer)
+        export_onnx(meta.weights_path, out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]),
+                    classes=list(meta.classes))
     elif stage == "classifier":
         from smear.classify.model import CnnClassifier
 
-        export_module(CnnClassifier.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
+        export_module(CnnClassifier.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta.input_size))
     elif stage == "segmenter":
         from smear.segment.model import UnetSegmenter
 
-        export_module(UnetSegmenter.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta["input_size"]))
+        export_module(UnetSegmenter.from_dir(out, device="cpu").model, out / ONNX_NAME, int(meta.input_size))
     else:
         raise ModelError(f"unknown stage {stage!r}: detector, classifier or segmenter")
     return out / ONNX_NAME

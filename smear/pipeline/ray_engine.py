@@ -95,11 +95,13 @@ class FieldWorker:
         self.notes: list[str] = []
         self.cache = FieldCache(cache[0], cache[1], warn=self.notes.append) if cache else None
 
-    def ready(self) -> int:
-        """The worker's process id, once its models are loaded; what building them raised, if it did."""
+    def ready(self) -> tuple[int, tuple[float, int] | None]:
+        """The worker's process id and its stages' crop geometry, once its models are loaded; what
+        building them raised, if it did."""
         if self.error is not None:
             raise self.error
-        return os.getpid()
+        assert self.stages is not None
+        return os.getpid(), self.stages.crop_geometry
 
     def run(self, slide: str, fields: Sequence[Path], max_pixels: int, resume: bool) -> tuple[list[Item], list[str]]:
         """The results of these fields of a slide, in order, and the cache's warnings meanwhile."""
@@ -170,6 +172,9 @@ class RayEngine:
     warn: Callable[[str], None] | None = None
     worker_logs: bool = False
     start_timeout_s: float = START_TIMEOUT_S
+    classified: bool = True  # whether the stages ``build`` makes classify (the reports say so)
+    guard: Any = None  # the classifier's slide guard statistics, for the slide evidence (driver side)
+    crop_geometry: tuple[float, int] | None = field(default=None, init=False)  # the workers' stages'
     actors: list[Any] = field(default_factory=list, init=False)
     pids: list[int] = field(default_factory=list, init=False)
     _owns: bool = field(default=False, init=False)
@@ -240,7 +245,8 @@ class RayEngine:
         started, self.pids = [], []
         for ref in ready:
             try:
-                self.pids.append(ray.get(ref))
+                pid, self.crop_geometry = ray.get(ref)
+                self.pids.append(pid)
             except Exception as exc:  # noqa: BLE001 - a worker whose stages could not be built
                 raise _smear_error(exc) or SmearError(f"a Ray worker could not load the models: {_first_line(_cause(exc))}",
                                                       hint="rerun with --verbose for the worker's traceback") from exc

@@ -6,7 +6,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -34,6 +34,18 @@ class Stages:
     pixel_budget: int | None = None
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
 
+    @property
+    def guard(self) -> Any:
+        """The slide guard's statistics of the classifier (None when it has none)."""
+        return getattr(self.classifier, "guard", None)  # CnnClassifier's, from its model folder
+
+    @property
+    def crop_geometry(self) -> tuple[float, int] | None:
+        """(margin, size) of the crops ``classify_cells`` cuts: the classifier's geometry, the
+        segmenter's when there is no classifier, None when neither runs."""
+        geometry = self.classifier if self.classifier is not None else self.segmenter
+        return None if geometry is None else (float(geometry.crop_margin), int(geometry.input_size))
+
 
 def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     best = max(FINE_CLASSES, key=lambda c: probs.get(c, 0.0))
@@ -41,19 +53,13 @@ def _label(probs: dict[str, float], threshold: float) -> tuple[str, float]:
     return (best if p >= threshold else UNIDENTIFIED), p
 
 
-def _classify(clf, crops) -> tuple[list[dict[str, float]], list[float | None], list[tuple[float, ...] | None]]:
-    """Probabilities of each crop and, when the classifier has a novelty score, its novelty ratio
-    and (with a fitted slide guard) its guard vector."""
-    none = [None] * len(crops)
-    if not getattr(clf, "has_novelty", False):
-        return clf.classify(crops), none, none
-    if hasattr(clf, "predict_cells"):
-        probs, ratio, vectors = clf.predict_cells(crops)
-    else:
-        (probs, ratio), vectors = clf.predict(crops), None
-    return ([{c: float(v) for c, v in zip(clf.classes, row)} for row in probs],
-            [float(r) for r in ratio] if ratio is not None else none,
-            [tuple(float(x) for x in v) for v in vectors] if vectors is not None else none)
+def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[float | None],
+                                                list[tuple[float, ...] | None]]:
+    """Probabilities of each crop, its novelty ratio and its slide-guard vector (None when the
+    classifier has no novelty score, or no fitted guard)."""
+    scores = clf.classify(crops)
+    n = range(len(scores))
+    return [scores.probs_of(i) for i in n], [scores.novelty_of(i) for i in n], [scores.guard_of(i) for i in n]
 
 
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
@@ -71,8 +77,7 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     clf, seg = stages.classifier, stages.segmenter
     if clf is None and seg is None:
         return [() for _ in images]
-    geometry = clf if clf is not None else seg
-    margin, size = float(geometry.crop_margin), int(geometry.input_size)
+    margin, size = stages.crop_geometry
     owners, wbcs, crops, fills, sides = [], [], [], [], []
     for k, (image, dets) in enumerate(zip(images, detections)):
         fill = pad_value(image) if any(d.kind == CellKind.WBC for d in dets) else None
@@ -185,10 +190,10 @@ def iter_field_results(
         emitted += 1
 
 
-def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classifier,
+def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool, guard: Any,
             on_field: Callable[[FieldResult | SkippedField], None] | None, keep_fields: bool) -> SlideReport:
     """A slide's field results, in order, aggregated into its SlideReport, with the slide guard's
-    evidence when the classifier has a fitted guard."""
+    evidence when there is a fitted ``guard`` (smear.classify.guard.SlideGuard)."""
     fields, skipped, tally, sums = [], [], Tally(), GuardSums()
     for item in items:
         if isinstance(item, SkippedField):
@@ -201,8 +206,7 @@ def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classifie
                 fields.append(item)
         if on_field:
             on_field(item)
-    guard = getattr(classifier, "guard", None)
-    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classifier is not None,
+    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classified,
                        tally=None if keep_fields else tally,
                        evidence=guard.evidence(sums) if guard is not None else {})
 
@@ -213,12 +217,21 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
     """All fields of one slide through the stages, aggregated into a SlideReport. With
     ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
     ``on_field`` still sees every result as it is made."""
-    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume), stages.classifier,
+    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume),
+                   stages.classifier is not None, stages.guard,
                    on_field, keep_fields)
 
 
+FieldCallback = Callable[[str, FieldResult | SkippedField], None]
+
+
 class Engine(Protocol):
-    """Runs the fields of many slides somewhere else (``smear.pipeline.ray_engine``)."""
+    """Runs the fields of many slides somewhere else (``smear.pipeline.ray_engine``) on stages it
+    builds there: ``classified`` says whether they classify, ``crop_geometry`` is theirs."""
+
+    classified: bool
+    crop_geometry: tuple[float, int] | None
+    guard: Any  # the slide guard's statistics, loaded by the driver (no network)
 
     def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool
                 ) -> Generator[FieldResult | SkippedField, None, None]:
@@ -226,15 +239,18 @@ class Engine(Protocol):
         ...
 
 
-def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_000_000,
-               on_field: Callable[[str, FieldResult | SkippedField], None] | None = None,
-               cache: FieldCache | None = None, resume: bool = False, keep_fields: bool = True,
-               engine: Engine | None = None) -> list[SlideReport]:
+def run_slides(slides: Sequence[Slide], stages: Stages | None, max_pixels: int = 200_000_000,
+               on_field: FieldCallback | None = None, cache: FieldCache | None = None, resume: bool = False,
+               keep_fields: bool = True, engine: Engine | None = None) -> list[SlideReport]:
     """Every slide through ``run_slide``, in order; ``on_field(slide_name, item)`` sees each field's
-    result as it is made. With an ``engine`` the fields run there (it holds its own stages and cache)
-    and come back in the same order into the same reports. A run where no field could be read at
-    all is a SmearError."""
+    result as it is made. With an ``engine`` the fields run there (it holds its own stages and cache;
+    ``stages`` may be None) and come back in the same order into the same reports. A run where no
+    field could be read at all is a SmearError."""
+    if engine is None and stages is None:
+        raise ValueError("run_slides needs stages or an engine")
     stream = engine.results(slides, max_pixels, resume) if engine is not None else None
+    classified = engine.classified if engine is not None else stages.classifier is not None
+    guard = engine.guard if engine is not None else stages.guard
     reports = []
     try:
         for slide in slides:
@@ -243,7 +259,7 @@ def run_slides(slides: Sequence[Slide], stages: Stages, max_pixels: int = 200_00
                     on_field(_name, item)
             items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
                      else itertools.islice(stream, len(slide.fields)))
-            reports.append(_gather(slide, items, stages.classifier, each, keep_fields))
+            reports.append(_gather(slide, items, classified, guard, each, keep_fields))
     finally:
         if stream is not None:
             stream.close()  # a run stopped early stops the engine's work too

@@ -278,7 +278,7 @@ def run_whole_slide(path: str | Path, stages: Stages, settings: WsiSettings, *, 
         finder_s = time.perf_counter() - start
         counter = _Counter()
         items = iter_tiles(slide, name, geo, plan.path, stages, settings, target_wbc, counter, cache, resume)
-        report = _gather(Slide(name, ()), items, stages.classifier, on_field, keep_fields)
+        report = _gather(Slide(name, ()), items, stages.classifier is not None, stages.guard, on_field, keep_fields)
     counted = set(counter.counted)
     png = cv2.imencode(".png", finder.quality_map(plan, counted)[..., ::-1])[1].tobytes()
     target = quality_map_path(quality_map_dir, name)

@@ -52,6 +52,7 @@ class UnetSegmenter:
                  runtime: str = "torch") -> UnetSegmenter:
         """Load a segmenter model folder; ``runtime='onnx'`` runs it with onnxruntime."""
         meta = load_model(model_dir, "segment", required=("encoder", "input_size", "crop_margin"))
+        model_dir = meta.folder
 
         def torch_model() -> torch.nn.Module:
             model = build_unet(meta["encoder"], meta.get("decoder_channels", (128, 64, 32, 16, 16)),

@@ -14,29 +14,30 @@ metrics.json (test per source) and ``model/``.
 
 from __future__ import annotations
 
-import logging
 import json
-import time
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from smear.config_models import SegmentConfig
 from smear.artifacts import save_model_dir
 from smear.io import write_text_atomic
-from smear.nn import loop
 from smear.nn.augment import BatchAugment, eval_batch
-from smear.nn.loop import warmup_cosine
 from smear.nn.tensors import Normalize, channel_stats
 from smear.nn.weights import load_weights, save_weights
-from smear.segment import data as sdata
 from smear.segment.evaluate import crop_scores, evaluate_segmenter, summary_line
 from smear.segment.model import LABELS, WEIGHTS, UnetSegmenter, build_unet
 from smear.types import SmearError
+
+from smear.config_models import SegmentConfig
+from smear.nn import loop
+from smear.nn.loop import warmup_cosine
+from smear.segment import data as sdata
 
 _log = logging.getLogger(__name__)
 
@@ -89,92 +90,111 @@ def train(cfg: SegmentConfig, out: str | Path, resume: bool = False, log: Callab
           on_batch: loop.OnBatch | None = None) -> Path:
     """Train, pick the best epoch on val, score test per source, write ``out/model``; returns it.
     ``on_batch(epoch, done, total)`` follows each epoch."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+    m, t = cfg.model, cfg.train
     run = loop.RunFolder.start(out, cfg, resume, LOG_FIELDS)
-    out = run.path
     device, threads = run.setup(t)
-    size, margin, pad = int(m.input_size), float(m.crop_margin), float(d.cache_pad)
-    if size % 32:
-        raise SmearError(f"model.input_size {size} is not a multiple of 32 (the U-Net's stride)")
-    wide = int(round(size * pad / 2)) * 2  # even, so the central size square is exact
-    log(f"segment: {m.arch} / {m.encoder} at {size} px on {device} ({threads} threads)")
-    parts = sdata.load_parts(d, margin * wide / size, wide, log)
-    train_items, val_items = parts["train"], parts["val"]
-    if not train_items or not val_items:
-        raise SmearError(f"{d.root}: {len(train_items)} training and {len(val_items)} validation crops")
-    x_train = np.stack([it.image for it in train_items])
-    y_train = np.stack([it.mask for it in train_items])
-    x_val = np.stack([it.image for it in val_items])
-    y_val = _centre(np.stack([it.mask for it in val_items]), size)
-    mean, std = channel_stats(_centre(x_train, size))
+    if m.input_size % 32:
+        raise SmearError(f"model.input_size {m.input_size} is not a multiple of 32 (the U-Net's stride)")
+    log(f"segment: {m.arch} / {m.encoder} at {m.input_size} px on {device} ({threads} threads)")
+    data = _crops(cfg, log)
+    mean, std = channel_stats(_centre(data.x_train, m.input_size))
     model = build_unet(m.encoder, m.decoder_channels, m.arch).to(device)
     norm = Normalize(mean, std).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(t.lr), weight_decay=float(t.weight_decay))
-    batch = int(t.batch)
-    steps = max(1, len(train_items) // batch)
-    scheduler = warmup_cosine(optimizer, int(round(float(t.warmup_epochs) * steps)), int(t.epochs) * steps)
-    augment = BatchAugment(size, t.augment, seed=int(t.seed))
-    start, best, best_epoch, wall0 = 1, -1.0, 0, 0.0
-    ck = run.resume(model, optimizer, scheduler, augment) if resume else None
-    if ck is not None:
-        start, best, best_epoch, wall0 = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["wall_seconds"]
-        log(f"resume: from epoch {ck['epoch']} (best val score {best:.4f} at epoch {best_epoch})")
-    t0, max_s = loop.clock(t, wall0)
-    has_cell = [it.has_cell_labels for it in val_items]
-    dice_weight = float(t.dice_weight)
+    steps = max(1, len(data.x_train) // t.batch)
+    scheduler = warmup_cosine(optimizer, round(float(t.warmup_epochs) * steps), int(t.epochs) * steps)
+    trainee = loop.Trainee(model, optimizer, scheduler, BatchAugment(m.input_size, t.augment, seed=t.seed))
+    fitted = loop.fit(run, t, trainee, _epochs(trainee, norm, data, cfg, device, on_batch), resume, log)
+    load_weights(model, run.path / "best.safetensors")
+    return _finish(cfg, run.path, model, _meta(cfg, data, mean, std, fitted), log)
+
+
+@dataclass(frozen=True)
+class _Crops:
+    """The training and validation crops (cut wider than the input, for augmentation) and their masks."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray  # the central input_size square
+    has_cell: list[bool]  # per validation crop: whether its mask labels the cytoplasm
+
+
+def _crops(cfg: SegmentConfig, log: Callable[[str], None]) -> _Crops:
+    """The data section's train and val crops, cut ``cache_pad`` x wider than the model's crop."""
+    m, d = cfg.model, cfg.data
+    size = int(m.input_size)
+    wide = round(size * float(d.cache_pad) / 2) * 2  # even, so the central size square is exact
+    parts = sdata.load_parts(d, float(m.crop_margin) * wide / size, wide, log)
+    train_items, val_items = parts["train"], parts["val"]
+    if not train_items or not val_items:
+        raise SmearError(f"{d.root}: {len(train_items)} training and {len(val_items)} validation crops")
+    return _Crops(np.stack([it.image for it in train_items]), np.stack([it.mask for it in train_items]),
+                  np.stack([it.image for it in val_items]), _centre(np.stack([it.mask for it in val_items]), size),
+                  [it.has_cell_labels for it in val_items])
+
+
+def _epochs(trainee: loop.Trainee, norm: Normalize, data: _Crops, cfg: SegmentConfig, device,
+            on_batch: loop.OnBatch | None) -> loop.Epochs:
+    """The U-Net's epoch (seeded order, paired warp of crops and masks) and its validation Dice."""
+    t, size = cfg.train, int(cfg.model.input_size)
+    model, augment = trainee.model, trainee.augment
 
     def make(idx: np.ndarray):
-        return augment.pairs(torch.from_numpy(x_train[idx]), torch.from_numpy(y_train[idx]))
+        return augment.pairs(torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]))
 
     def loss_of(item) -> torch.Tensor:
         x, y = item
-        return seg_loss(model(norm(x.to(device))), y.to(device), dice_weight)
+        return seg_loss(model(norm(x.to(device))), y.to(device), float(t.dice_weight))
 
-    for epoch in range(start, int(t.epochs) + 1):
-        if loop.out_of_time(t0, max_s, t, log):
-            break
-        order = np.random.default_rng([int(t.seed), epoch]).permutation(len(train_items))
-        stats = loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
-                                     epoch, on_batch=on_batch)
-        pred = _predict(model, norm, x_val, size, batch, device)
-        sc = [crop_scores(p, y, h) for p, y, h in zip(pred, y_val, has_cell)]
-        cell = float(np.nanmean([s["cell_dice"] for s in sc])) if any(has_cell) else float("nan")
+    def train_epoch(epoch: int) -> dict[str, float]:
+        order = np.random.default_rng([int(t.seed), epoch]).permutation(len(data.x_train))
+        return loop.train_one_epoch(model, loss_of, trainee.optimizer, trainee.scheduler,
+                                    loop.epoch_batches(order, int(t.batch)), make, epoch, on_batch=on_batch)
+
+    def validate(_epoch: int) -> tuple[float, dict[str, float]]:
+        pred = _predict(model, norm, data.x_val, size, int(t.batch), device)
+        sc = [crop_scores(p, y, h) for p, y, h in zip(pred, data.y_val, data.has_cell)]
+        cell = float(np.nanmean([s["cell_dice"] for s in sc])) if any(data.has_cell) else float("nan")
         nuc = float(np.mean([s["nucleus_dice"] for s in sc]))
         score = (cell + nuc) / 2 if cell == cell else nuc
-        if score > best:
-            best, best_epoch = score, epoch
-            run.save_best(model)
-        wall = time.perf_counter() - t0
-        run.end_epoch({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": stats["train_loss"],
-                       "train_seconds": stats["train_seconds"], "val_cell_dice": cell, "val_nucleus_dice": nuc,
-                       "val_score": score, "wall_seconds": wall, "best_score": best},
-                      model, optimizer, scheduler, augment, epoch=epoch, best=best, best_epoch=best_epoch,
-                      wall_seconds=wall)
-        log(f"epoch {epoch}: loss {stats['train_loss']:.4f} ({stats['train_images_per_s']:.0f} img/s) "
-            f"val cell Dice {cell:.4f} nucleus Dice {nuc:.4f} (best {best:.4f} @ {best_epoch}) {wall / 60:.1f} min")
-    run.check_finished()
-    load_weights(model, out / "best.safetensors")
-    model_dir = out / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, model_dir / WEIGHTS)
-    meta = {
+        return score, {"val_cell_dice": cell, "val_nucleus_dice": nuc, "val_score": score}
+
+    return loop.Epochs(train_epoch, validate, lambda _s, r: f"val cell Dice {r['val_cell_dice']:.4f} nucleus Dice "
+                                                           f"{r['val_nucleus_dice']:.4f}")
+
+
+def _meta(cfg: SegmentConfig, data: _Crops, mean: list[float], std: list[float], fitted: loop.Fitted
+          ) -> dict[str, Any]:
+    """The model folder's meta.json (before the test figures)."""
+    m = cfg.model
+    return {
         "stage": "segment", "weights": WEIGHTS, "trained": date.today().isoformat(), "classes": list(LABELS),
         "arch": m.arch, "encoder": m.encoder,
-        "decoder_channels": list(m.decoder_channels), "input_size": size, "crop_margin": margin,
+        "decoder_channels": list(m.decoder_channels), "input_size": int(m.input_size),
+        "crop_margin": float(m.crop_margin),
         "crop": "square of side = long side of the WBC box x crop_margin (smear.crops.cut_crop), resized to "
                 "input_size; the mask comes back at the crop's size",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "training": {"best_epoch": best_epoch, "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
-                     "n_train": len(train_items), "n_val": len(val_items), "holdout": d.holdout},
+        "training": {"best_epoch": fitted.best_epoch, "wall_minutes": round(fitted.wall_seconds / 60, 1),
+                     "n_train": len(data.x_train), "n_val": len(data.x_val), "holdout": cfg.data.holdout},
     }
+
+
+def _finish(cfg: SegmentConfig, out: Path, model: torch.nn.Module, meta: dict[str, Any],
+            log: Callable[[str], None]) -> Path:
+    """Write the model folder, score it on the test crops (native size), and write the figures into it."""
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, model_dir / WEIGHTS)
     save_model_dir(model_dir, meta, cfg)
-    seg = UnetSegmenter.from_dir(model_dir, device=str(device))
-    test_items = sdata.load_parts(d, margin, None)["test"]
+    seg = UnetSegmenter.from_dir(model_dir, device=str(next(model.parameters()).device))
+    test_items = sdata.load_parts(cfg.data, float(cfg.model.crop_margin), None)["test"]
     metrics = evaluate_segmenter(seg, test_items) if test_items else {}
     if metrics:
         log(f"test (native-size crops): {summary_line(metrics)}")
-    meta["metrics"] = {"split": "test" + (f" (holdout source {d.holdout})" if d.holdout else ""),
-                       "test": metrics}
+    holdout = cfg.data.holdout
+    meta["metrics"] = {"split": "test" + (f" (holdout source {holdout})" if holdout else ""), "test": metrics}
     save_model_dir(model_dir, meta, cfg)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return model_dir

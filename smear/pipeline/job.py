@@ -1,0 +1,98 @@
+"""One run of `smear run` as a library call: slides and a pipeline config in, a RunResult out.
+
+``run_job`` builds the stages (or, with Ray, starts workers that build their own: the driver loads
+no model), runs every slide's fields through them with the result cache, and returns the slides'
+reports with their differentials and what a report states to be traced. Writing the result is the
+report layer's job (``smear.report.write``); progress and warnings go to the callbacks given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from smear.config_models import PipelineConfig
+from smear.io import Slide
+from smear.pipeline.run import FieldCallback, run_slides
+from smear.types import CropGeometry, FieldResult, RunResult, SkippedField, SlideReport
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how ``--engine ray`` runs (``smear.pipeline.ray_engine.RayEngine``)."""
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    worker_logs: bool = False
+
+
+class WholeSlides(Protocol):
+    """Whole-slide files a run counts after the field slides, in this process (``smear.cli.wsi``)."""
+
+    def run(self, stages: Any, cache: Any, resume: bool, on_field: FieldCallback, keep: bool,
+            warn: Callable[[str], None]) -> list[SlideReport]:
+        """Each file counted into its SlideReport."""
+        ...
+
+    def read_field(self, fr: FieldResult) -> Any:
+        """A counted tile's image again (the review page shows it), None for a field of a folder."""
+        ...
+
+
+def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, keep_fields: bool = True,
+            ray: RayOptions | None = None, on_field: FieldCallback | None = None,
+            warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None) -> RunResult:
+    """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
+    then the ``whole`` slide files here; ``on_field(slide_name, item)`` sees each field's result as
+    it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
+    With ``keep_fields=False`` only the slides' counts are kept."""
+    from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
+    from smear.report.tables import differentials
+
+    metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
+    notice = guard_notice(cfg, metas)
+    if notice and warn is not None:
+        warn(notice)
+    version = stages_version(cfg, metas)
+    cache = build_cache(cfg, version, warn=warn)
+    stages, engine = None, contextlib.nullcontext(None)
+    if ray is None:
+        stages = build_stages(cfg, metas)
+    else:
+        from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
+
+        engine = RayEngine(BuildFromConfig(cfg), field_batch=cfg.field_batch, cache=cache, address=ray.address,
+                           workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
+                           worker_logs=ray.worker_logs, classified=cfg.classifier != "off",
+                           guard=_guard(metas))
+    done = [0]
+
+    def each(name: str, item) -> None:
+        done[0] += not isinstance(item, SkippedField)
+        if on_field is not None:
+            on_field(name, item)
+
+    with engine as eng:
+        reports = (run_slides(slides, stages, cfg.io.max_pixels, each, cache, resume, keep_fields, engine=eng)
+                   if slides else [])
+        geometry = (stages or eng).crop_geometry
+    if whole is not None:
+        reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
+                             warn or (lambda _m: None))
+    return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
+                     None if geometry is None else CropGeometry(*geometry),
+                     segmenter=stages.segmenter if stages is not None else None,
+                     read_field=whole.read_field if whole is not None else None,
+                     finished=(done[0], sum(len(s.fields) for s in slides)))
+
+
+def _guard(metas) -> Any:
+    """The slide guard's statistics of the classifier folder (read here, with no network), or None."""
+    if "classifier" not in metas:
+        return None
+    from smear.classify.guard import SlideGuard
+
+    meta = metas["classifier"]
+    return SlideGuard.from_dir(meta.folder, meta.as_dict()) if meta.novelty else None
