@@ -44,8 +44,8 @@ def test_model_folder_loads_and_detects(tiny_model_dir):
             assert isinstance(d, Detection) and all(isinstance(v, float) for v in d.box_xyxy)
             assert -1 <= d.box_xyxy[0] <= d.box_xyxy[2] <= im.shape[1] + 1
     assert torch.get_num_threads() >= 1
-    from smear.devices import available_cores
-    assert torch.get_num_threads() == available_cores()  # restored after ultralytics
+    from smear.devices import default_threads
+    assert torch.get_num_threads() == default_threads()  # restored after ultralytics (which sets 1)
 
 
 def test_missing_weights_and_wrong_stage(tiny_model_dir, tmp_path):
