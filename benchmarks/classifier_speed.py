@@ -33,9 +33,9 @@ def per_crop(model: str, crops: list, margin: float) -> dict[str, float]:
     for name, tta, m in (("1 view", 1, 0.0), ("8 views", 8, 0.0), (f"8 views under {margin}", 8, margin)):
         clf = CnnClassifier.from_dir(resolve_model_dir(model, "classifier"), device="cpu", runtime="onnx", tta=tta)
         clf.tta_margin = m
-        clf.predict(crops[:32])  # warm-up
+        clf.classify(crops[:32])  # warm-up
         t0 = time.perf_counter()
-        clf.predict(crops)
+        clf.classify(crops)
         out[name] = (time.perf_counter() - t0) * 1000 / len(crops)
     return out
 

@@ -130,7 +130,8 @@ def test_shipped_lite0_runs_alike_under_torch_and_onnx(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 255, (100, 100, 3), dtype=np.uint8) for _ in range(4)]
     folder = shipped_dir("classifier_lite0")
-    p_t, n_t = CnnClassifier.from_dir(folder, device="cpu", runtime="torch").predict(crops)
-    p_o, n_o = CnnClassifier.from_dir(folder, device="cpu", runtime="onnx").predict(crops)
+    s_t = CnnClassifier.from_dir(folder, device="cpu", runtime="torch").classify(crops)
+    s_o = CnnClassifier.from_dir(folder, device="cpu", runtime="onnx").classify(crops)
+    p_t, n_t, p_o, n_o = s_t.probs, s_t.novelty, s_o.probs, s_o.novelty
     assert p_t.shape == (4, 11) and n_t is not None
     assert np.allclose(p_t, p_o, atol=1e-3) and np.allclose(n_t, n_o, rtol=1e-3, atol=1e-3)
