@@ -43,7 +43,7 @@ def test_group_norm_conversion_keeps_loaded_scale_and_shift():
     to_group_norm(model)
     gns = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert float(gns[0].weight[0]) == 2.5 and float(gns[0].bias[0]) == -0.5
+    assert float(gns[0].weight.detach()[0]) == 2.5 and float(gns[0].bias.detach()[0]) == -0.5
 
 
 def _imagenet_image(name: str, spec) -> torch.Tensor:
