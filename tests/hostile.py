@@ -66,3 +66,19 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+#: Source for the top of a child Python script: an audit hook that turns any connection or DNS lookup
+#: off this machine into an error (loopback and Unix sockets allowed).
+NO_NETWORK_PRELUDE = """
+import socket, sys
+def no_network(event, args):
+    if event == "socket.connect":
+        address = args[1]
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+            raise RuntimeError(f"network connection to {address}")
+    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
+        raise RuntimeError(f"DNS lookup of {args[0]}")
+sys.addaudithook(no_network)
+"""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import Payload, one_line_error, runner, slide
+from hostile import NO_NETWORK_PRELUDE, Payload, one_line_error, runner, slide
 from smear.cli import app
 
 EVAL_ACTIVATION = "__import__('os').system('touch {marker}') or __import__('torch').nn.SiLU()"
@@ -145,17 +145,7 @@ def test_a_detector_in_a_format_that_runs_code_is_refused(tmp_path):
     one_line_error(res)
 
 
-_AUDITED_RUN = """
-import socket, sys
-def no_network(event, args):
-    if event == "socket.connect":
-        address = args[1]
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
-            raise RuntimeError(f"network connection to {address}")
-    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
-        raise RuntimeError(f"DNS lookup of {args[0]}")
-sys.addaudithook(no_network)
+_AUDITED_RUN = NO_NETWORK_PRELUDE + """
 from smear.cli import app
 app(sys.argv[1:])
 """

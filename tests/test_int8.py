@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hostile import NO_NETWORK_PRELUDE
+
 from smear.nn.runtime import MANIFEST, Calibration, RuntimeUnavailable, runtime_model, verified
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,18 +240,8 @@ def test_an_onnx_run_imports_neither_torch_nor_ultralytics(tmp_path):
     assert second.stdout.split("LOADED")[0] == first.stdout.split("LOADED")[0]  # the same report
 
 
-_AUDITED_OPENVINO = """
-import socket, sys
+_AUDITED_OPENVINO = NO_NETWORK_PRELUDE + """
 import numpy as np
-def no_network(event, args):
-    if event == "socket.connect":
-        address = args[1]
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
-            raise RuntimeError(f"network connection to {address}")
-    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
-        raise RuntimeError(f"DNS lookup of {args[0]}")
-sys.addaudithook(no_network)
 from pathlib import Path
 from smear.nn.runtime import Calibration, OvNet, runtime_model
 data = [np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)]
