@@ -75,12 +75,16 @@ def classifier_table(model_dir: str, args) -> dict[str, dict]:
 
             clf.model.load_state_dict(state)
             adapt_batchnorm(clf, list(crops))
-        scores = clf.classify(list(crops))
-        probs, ratio = scores.probs, scores.novelty
-        held = None if ratio is None else ratio > 1.0
-        rows[name] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
+        rows[name] = _row(clf, list(crops), items, args)
     clf.model.load_state_dict(state)
     return rows
+
+
+def _row(clf, crops, items, args) -> dict:
+    """One set's row: the classifier on its crops, novelty holds counted as unidentified."""
+    scores = clf.classify(crops)
+    held = None if scores.novelty is None else scores.novelty > 1.0
+    return lab_row(scores.probs, [it.fine or it.group for it in items], args.review_threshold, held)
 
 
 def _shifted_rows(clf, crops, items, args) -> dict[str, dict]:
@@ -88,13 +92,7 @@ def _shifted_rows(clf, crops, items, args) -> dict[str, dict]:
     none of the sources has, with the PBC labels."""
     from smear.detect.stain import shift
 
-    rows = {}
-    for name in args.shift:
-        scores = clf.classify([shift(c, name) for c in crops])
-        probs, ratio = scores.probs, scores.novelty
-        held = None if ratio is None else ratio > 1.0
-        rows[f"pbc-test+{name}"] = lab_row(probs, [it.fine or it.group for it in items], args.review_threshold, held)
-    return rows
+    return {f"pbc-test+{name}": _row(clf, [shift(c, name) for c in crops], items, args) for name in args.shift}
 
 
 class _Shifted:
