@@ -253,11 +253,12 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
     meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
-    for key, want in (("arch", m.arch), ("input_size", int(m.input_size)),
-                      ("norm", str(m.norm))):
+    for key, want in (("arch", m.arch), ("norm", str(m.norm))):
         if meta.get(key, "batch" if key == "norm" else None) != want:
             raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
+    if meta.get("input_size") != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
+        _log.info(f"init: {m.init} was trained at {meta.get('input_size')} px, this run trains at {m.input_size} px")
     load_weights(model, folder / meta["weights"])
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
 
