@@ -3,6 +3,8 @@
 Usage: nice -n 10 python benchmarks/wsi.py [--sizes 0.1 0.3 1.0] [--out /tmp/smear-wsi] [--target 200]
        [--all-sizes 0.1 0.3 1.0] [--keep]
        python benchmarks/wsi.py --finder SLIDE   (the finder's wall and CPU seconds on one slide file)
+       python benchmarks/wsi.py --write-only --sizes 1.0 --out /tmp/smear-wsi   (write the slide, keep it)
+       python benchmarks/wsi.py --slide SLIDE [--target 200 | --all]   (count a slide written before)
 
 Fields of BCCD train and TXL-PBC train (../shared/data) are scaled so that their median red-cell box
 is BCCD's (102 px), cut or padded to 640x480, and laid in a grid with 12 px of glass between them on
@@ -229,9 +231,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/smear-wsi"))
     ap.add_argument("--keep", action="store_true", help="keep the stitched slides")
     ap.add_argument("--finder", type=Path, default=None, help="only time the finder on this slide file")
+    ap.add_argument("--write-only", action="store_true", help="write the stitched slides (kept), count nothing")
+    ap.add_argument("--slide", type=Path, default=None, help="count this slide file, written before")
+    ap.add_argument("--all", action="store_true", help="with --slide: count every monolayer tile")
     args = ap.parse_args()
     if args.finder is not None:
         print(time_finder(args.finder))
+        return
+    if args.slide is not None:
+        target = "all" if args.all else str(args.target)
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(count(args.slide, target, args.out / f"cells_{args.slide.stem}_{target}.csv")), flush=True)
         return
     if not (DATA / "bccd").exists():
         raise SystemExit(f"real data not present: {DATA}")
@@ -244,6 +254,8 @@ def main() -> None:
         path = args.out / f"stitched_{gp:g}gp.tif"
         info = write_slide(path, gp, sources)
         print("wrote", path, json.dumps(info), flush=True)
+        if args.write_only:
+            continue
         row = {"size": info}
         if args.all_sizes is None or gp in args.all_sizes:
             row["all"] = count(path, "all", args.out / f"cells_{gp:g}_all.csv")
@@ -254,6 +266,8 @@ def main() -> None:
         rows.append(row)
         if not args.keep:
             path.unlink()
+    if args.write_only:
+        return
     print("\n| slide | fields | written fields/s | --all: tiles counted / total | WBC | wall s | CPU s | "
           "field-equivalents/s (wall) | per CPU s | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -157,3 +157,60 @@ def test_worker_shape_follows_the_cluster(cpus, gpus, nodes, workers, per_gpu, s
         RayEngine(SynthStages(), workers=3)._shape(_fake_cluster(2, 0, 1))
     with pytest.raises(SmearError, match="has 0 GPUs"):
         RayEngine(SynthStages(), gpus_per_worker=1)._shape(_fake_cluster(2, 0, 1))
+
+
+def test_a_whole_slide_on_ray_counts_as_the_local_engine_and_resumes(tmp_path, ray_local):
+    pytest.importorskip("openslide", reason="the wsi extra is not installed")
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes the test slide's tiles (the test extra)")
+    import dataclasses
+
+    from wsi_synth import BLOCK, gradient_slide
+
+    from smear.pipeline.ray_engine import TILES_PER_CALL
+    from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
+
+    def same(rep):  # every report text, and what was read and skipped, less the seconds it took
+        info = dataclasses.replace(rep.whole_slide, finder_s=0.0, read_s=0.0, detect_s=0.0, tiles_from_cache=0)
+        return _texts([rep]), info, [f.region for f in rep.fields]
+
+    slide = gradient_slide(tmp_path / "gradient.tif")
+    settings = WsiSettings(tile_px=BLOCK, margin_px=64)
+    local = run_whole_slide(slide, SynthStages()(), settings, target_wbc=7)
+    assert local.whole_slide.reached_target and local.whole_slide.skipped["not_reached"] > 0
+    cache = FieldCache(tmp_path / "cache", "synth")
+    log = tmp_path / "log"
+    log.mkdir()
+    build = SynthStages(log=str(log))
+    seen = []
+    with RayEngine(build, workers=2, cache=cache) as engine:
+        remote = run_whole_slide(slide, None, settings, target_wbc=7, engine=engine, on_field=seen.append)
+        ran = len(list(log.iterdir()))  # tiles the workers ran the models on
+    with RayEngine(SynthStages(), workers=1, cache=cache) as engine:
+        resumed = run_whole_slide(slide, None, settings, target_wbc=7, engine=engine, resume=True)
+    assert same(remote) == same(local)
+    assert [f.field for f in seen] == [f.field for f in local.fields]  # in the finder's order
+    # dispatch stopped at the target: at most a window of calls past the last tile counted
+    assert remote.whole_slide.tiles_read <= ran <= remote.whole_slide.tiles_read + 2 * 2 * TILES_PER_CALL
+    assert same(resumed) == same(local)
+    info = resumed.whole_slide
+    assert info.tiles_from_cache == info.tiles_read - info.skipped["blurred_on_read"] > 0  # per tile, across engines
+
+
+@pytest.mark.slow
+def test_cli_counts_a_whole_slide_on_ray_as_it_does_locally(tmp_path, ray_local):
+    pytest.importorskip("openslide", reason="the wsi extra is not installed")
+    pytest.importorskip("imagecodecs", reason="imagecodecs encodes the test slide's tiles (the test extra)")
+    from wsi_synth import BLOCK, gradient_slide
+
+    slide = gradient_slide(tmp_path / "gradient.tif")
+    wsi = ["--set", f"wsi.tile_px={BLOCK}", "--set", "wsi.margin_px=64"]
+    out = {}
+    for engine in ("local", "ray"):
+        extra = ["--engine", "ray", "--workers", "2"] if engine == "ray" else []
+        csv, cells = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.cells.csv"
+        res = runner.invoke(app, ["run", str(slide), "--all", "--report", "csv", "--out", str(csv), "--cells",
+                                  str(cells), *CLASSICAL, *wsi, *extra])
+        assert res.exit_code == 0, res.output
+        out[engine] = (csv.read_bytes(), cells.read_bytes())
+    assert out["ray"] == out["local"]
+    assert b",15," in out["local"][0]  # --all: the 15 monolayer tiles counted

@@ -242,12 +242,10 @@ def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide):
     assert tile.shape == (first.height, first.width, 3)
 
 
-def test_cli_refuses_target_with_all_and_whole_slides_on_ray(tmp_path):
+def test_cli_refuses_target_with_all(tmp_path):
     path = write_pyramid(tmp_path / "s.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
     res = _run([str(path), "--target-wbc", "5", "--all"], tmp_path)
     assert res.exit_code != 0 and "exclude each other" in res.output
-    res = _run([str(path), "--engine", "ray"], tmp_path)
-    assert res.exit_code != 0 and "--engine local" in res.output
 
 
 def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
@@ -268,10 +266,10 @@ def test_a_folder_of_slide_files_and_fields(tmp_path):
     (scans / "more").mkdir(parents=True)
     a = write_pyramid(scans / "a.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
     b = write_pyramid(scans / "more" / "b.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
-    whole, rest = check_whole_slides([scans], False, None, False, recursive=True)
+    whole, rest = check_whole_slides([scans], None, False, recursive=True)
     assert whole.paths == [a, b] and rest == []  # a folder of slide files only: no field slide
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(scans / "field.png")
-    whole, rest = check_whole_slides([scans], False, None, False, recursive=False)
+    whole, rest = check_whole_slides([scans], None, False, recursive=False)
     assert whole.paths == [a] and rest == [scans]
     [fields] = find_slides(rest)
     assert [p.name for p in fields.fields] == ["field.png"]  # the pyramid is not read as a field

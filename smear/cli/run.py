@@ -72,7 +72,7 @@ def run(
         raise SmearError("--report html writes one HTML file, not text for a terminal: pass --out FILE.html")
     from smear.cli.wsi import check_whole_slides
 
-    whole, paths = check_whole_slides(paths, engine == EngineName.ray, target_wbc, all_tiles, recursive)
+    whole, paths = check_whole_slides(paths, target_wbc, all_tiles, recursive)
     slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     ray = None

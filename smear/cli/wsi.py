@@ -48,8 +48,10 @@ class WholeSlideRun:
             self.quality_dir = Path(where)
         return self
 
-    def run(self, stages, cache, resume: bool, on_field: Callable, keep: bool, warn: Callable[[str], None]) -> list:
-        """Each file counted into its SlideReport; ``on_field(slide_name, item)`` per counted tile."""
+    def run(self, stages, cache, resume: bool, on_field: Callable, keep: bool, warn: Callable[[str], None],
+            engine=None) -> list:
+        """Each file counted into its SlideReport, with ``stages`` here or on the ``engine``'s workers;
+        ``on_field(slide_name, item)`` per counted tile."""
         from smear.pipeline.wsi_run import run_whole_slide
 
         reports = []
@@ -57,7 +59,7 @@ class WholeSlideRun:
             reports.append(run_whole_slide(
                 path, stages, self.settings, target_wbc=self.target_wbc, cache=cache, resume=resume,
                 on_field=lambda item, _n=path.stem: on_field(_n, item), keep_fields=keep,
-                quality_map_dir=self.quality_dir, warn=warn))
+                quality_map_dir=self.quality_dir, warn=warn, engine=engine))
         return reports
 
     def read_field(self, fr) -> Any:
@@ -91,7 +93,7 @@ def _whole_in(folder: Path, recursive: bool) -> tuple[list[Path], bool]:
     return found, fields
 
 
-def check_whole_slides(paths: list[Path], ray: bool, target_wbc: Optional[int], all_tiles: bool,
+def check_whole_slides(paths: list[Path], target_wbc: Optional[int], all_tiles: bool,
                        recursive: bool = False) -> tuple[WholeSlideRun, list[Path]]:
     """(the whole-slide files among ``paths`` and in the folders among them, the paths left for
     the field reader: files and folders that hold field images); the extra is checked here, before
@@ -114,7 +116,4 @@ def check_whole_slides(paths: list[Path], ray: bool, target_wbc: Optional[int], 
         raise SmearError("--target-wbc and --all exclude each other")
     if whole:
         require_openslide()
-        if ray:
-            raise SmearError(f"{whole[0]}: whole-slide files run with --engine local in this version",
-                             hint="run them without --engine ray; field folders can go to Ray")
     return WholeSlideRun(whole), rest

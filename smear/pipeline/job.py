@@ -29,10 +29,11 @@ class RayOptions:
 
 
 class WholeSlides(Protocol):
-    """Whole-slide files a run counts after the field slides, in this process (``smear.cli.wsi``)."""
+    """Whole-slide files a run counts after the field slides (``smear.cli.wsi``): with the stages
+    here, or on the Ray engine's workers."""
 
     def run(self, stages: Any, cache: Any, resume: bool, on_field: FieldCallback, keep: bool,
-            warn: Callable[[str], None]) -> list[SlideReport]:
+            warn: Callable[[str], None], engine: Any = None) -> list[SlideReport]:
         """Each file counted into its SlideReport."""
         ...
 
@@ -45,7 +46,7 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
             ray: RayOptions | None = None, on_field: FieldCallback | None = None,
             warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None) -> RunResult:
     """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
-    then the ``whole`` slide files here; ``on_field(slide_name, item)`` sees each field's result as
+    then the tiles of the ``whole`` slide files the same way; ``on_field(slide_name, item)`` sees each field's result as
     it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
     With ``keep_fields=False`` only the slides' counts are kept."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
@@ -78,9 +79,9 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
         reports = (run_slides(slides, stages, cfg.io.max_pixels, each, cache, resume, keep_fields, engine=eng)
                    if slides else [])
         geometry = (stages or eng).crop_geometry
-    if whole is not None:
-        reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
-                             warn or (lambda _m: None))
+        if whole is not None:
+            reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
+                                 warn or (lambda _m: None), engine=eng)
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
                      segmenter=stages.segmenter if stages is not None else None,

@@ -7,6 +7,12 @@ which are small. The driver keeps a bounded window of runs in flight and yields 
 and field order into the same report code. Ray Data would add its own batching, ordering and a
 dataset layer (and pyarrow) for what is here a list of paths and an ordered stream.
 
+A whole slide (``tiles``) goes the same way: the driver finds the monolayer (reading, no model) and
+hands the workers the reading path a few tiles a call; each worker opens the file from shared
+storage, runs ``wsi_tiles.tile_outcomes`` on its tiles and writes the cache; the driver counts the
+outcomes in path order and stops sending tiles once the target is reached, cancelling those in
+flight (at most a window of calls is ever sent past the stop).
+
 Ray is imported only by the functions here that need it, so the module loads without the extra.
 """
 
@@ -18,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 from smear.config_models import PipelineConfig
 from smear.errors import SmearError
@@ -30,9 +36,14 @@ from smear.types import FieldResult, SkippedField
 INSTALL = 'pip install "smear[ray]"'
 RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
 PER_WORKER = 2   # runs queued on each worker, so it never waits for the driver between runs
+TILES_PER_CALL = 2  # whole-slide tiles a call: the second is read while the models run on the first
 START_TIMEOUT_S = 600.0
 
 Item = FieldResult | SkippedField
+
+if TYPE_CHECKING:
+    from smear.pipeline.wsi_tiles import TileJob, TileOutcome
+    from smear.wsi.finder import TileScore
 
 
 def require_ray():
@@ -94,6 +105,7 @@ class FieldWorker:
             self.error = exc
         self.notes: list[str] = []
         self.cache = FieldCache(cache[0], cache[1], warn=self.notes.append) if cache else None
+        self.slide: Any = None  # the whole-slide file open for run_tiles (smear.wsi.slide.WholeSlide)
 
     def ready(self) -> tuple[int, tuple[float, int] | None]:
         """The worker's process id and its stages' crop geometry, once its models are loaded; what
@@ -107,6 +119,21 @@ class FieldWorker:
         """The results of these fields of a slide, in order, and the cache's warnings meanwhile."""
         assert self.stages is not None, "ready() raised"
         items = list(iter_field_results(Slide(slide, tuple(fields)), self.stages, max_pixels, self.cache, resume))
+        notes, self.notes = self.notes, []
+        return items, notes
+
+    def run_tiles(self, job: TileJob, tiles: Sequence[TileScore], resume: bool) -> tuple[list[TileOutcome], list[str]]:
+        """The outcomes of these tiles of a whole slide, in order, and the cache's warnings meanwhile
+        (the file stays open for the next call on it)."""
+        assert self.stages is not None, "ready() raised"
+        from smear.pipeline.wsi_tiles import tile_outcomes
+        from smear.wsi.slide import WholeSlide
+
+        if self.slide is None or str(self.slide.path) != job.path:
+            if self.slide is not None:
+                self.slide.close()
+            self.slide = WholeSlide(job.path)
+        items = list(tile_outcomes(self.slide, job, tiles, self.stages, self.cache, resume))
         notes, self.notes = self.notes, []
         return items, notes
 
@@ -268,53 +295,82 @@ class RayEngine:
                 self._noted.add(message)
                 self.warn(message)
 
-    def _collect(self, ray, ref, chunk: Chunk) -> list[Item]:
+    def _collect(self, ray, ref, what: str) -> list:
+        """A call's results; ``what`` names its slide and items for the errors."""
         try:
             items, notes = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            raise SmearError(f"{chunk.slide}: the Ray worker running {chunk.fields[0].name} .. "
-                             f"{chunk.fields[-1].name} died {RESTARTS + 1} times",
+            raise SmearError(f"{what}: the Ray worker running them died {RESTARTS + 1} times",
                              hint="see the worker logs (`ray logs`, or /tmp/ray/session_latest/logs)") from exc
         except ray.exceptions.RayTaskError as exc:
-            raise _smear_error(exc) or SmearError(f"{chunk.slide}: a Ray worker failed: {_first_line(_cause(exc))}",
+            raise _smear_error(exc) or SmearError(f"{what}: a Ray worker failed: {_first_line(_cause(exc))}",
                                                   hint="rerun with --verbose for the worker's traceback") from exc
         self._note(notes)
         return items
 
-    def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool) -> Generator[Item, None, None]:
-        """One result or SkippedField per field of every slide, in slide and field order."""
+    def _ordered(self, calls: int, send: Callable[[Any, int], Any], what: Callable[[int], str],
+                 window: int) -> Generator[list, None, None]:
+        """The results of calls 0 .. ``calls`` - 1 in order: ``send(actor, i)`` starts call i on a
+        worker; at most ``window`` calls are sent and not yet given out (it bounds the driver's memory
+        and the work past a stop); closing the generator cancels the calls in flight."""
         ray = require_ray()
         if not self.actors:
-            raise SmearError("RayEngine.results runs inside `with RayEngine(...)`")
-        todo = chunks(slides, self.field_batch)
-        flying: dict[Any, tuple[int, int]] = {}   # object ref -> (chunk, worker)
+            raise SmearError("RayEngine runs inside `with RayEngine(...)`")
+        flying: dict[Any, tuple[int, int]] = {}   # object ref -> (call, worker)
         load = [0] * len(self.actors)
-        done: dict[int, list[Item]] = {}
+        done: dict[int, list] = {}
         sent = given = 0
-        window = 2 * PER_WORKER * len(self.actors)  # runs sent but not yet given out: bounds memory
         try:
-            while given < len(todo):
-                while sent < len(todo) and sent - given < window and min(load) < PER_WORKER:
+            while given < calls:
+                while sent < calls and sent - given < window and min(load) < PER_WORKER:
                     k = load.index(min(load))
-                    c = todo[sent]
-                    flying[self.actors[k].run.remote(c.slide, c.fields, max_pixels, resume)] = (sent, k)
+                    flying[send(self.actors[k], sent)] = (sent, k)
                     load[k] += 1
                     sent += 1
                 if given in done:
-                    yield from done.pop(given)
+                    yield done.pop(given)
                     given += 1
                     continue
                 ready, _ = ray.wait(list(flying), num_returns=1)
                 for ref in ready:
                     index, k = flying.pop(ref)
                     load[k] -= 1
-                    done[index] = self._collect(ray, ref, todo[index])
+                    done[index] = self._collect(ray, ref, what(index))
         finally:
             for ref in flying:
                 try:
                     ray.cancel(ref)
                 except Exception:  # noqa: BLE001 - finished meanwhile, or not cancellable
                     pass
+
+    def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool) -> Generator[Item, None, None]:
+        """One result or SkippedField per field of every slide, in slide and field order."""
+        todo = chunks(slides, self.field_batch)
+
+        def send(actor, i: int):
+            return actor.run.remote(todo[i].slide, todo[i].fields, max_pixels, resume)
+
+        def what(i: int) -> str:
+            return f"{todo[i].slide}: {todo[i].fields[0].name} .. {todo[i].fields[-1].name}"
+
+        with contextlib.closing(self._ordered(len(todo), send, what, 2 * PER_WORKER * len(self.actors))) as stream:
+            for items in stream:
+                yield from items
+
+    def tiles(self, job: TileJob, tiles: Sequence[TileScore], resume: bool) -> Generator[TileOutcome, None, None]:
+        """One outcome per tile of a whole slide, in the order given (``TILES_PER_CALL`` tiles a call, a
+        window of ``PER_WORKER`` calls a worker); closing the generator cancels the calls in flight."""
+        calls = [tuple(tiles[i:i + TILES_PER_CALL]) for i in range(0, len(tiles), TILES_PER_CALL)]
+
+        def send(actor, i: int):
+            return actor.run_tiles.remote(job, calls[i], resume)
+
+        def what(i: int) -> str:
+            return f"{job.name}: tiles {calls[i][0].name} .. {calls[i][-1].name}"
+
+        with contextlib.closing(self._ordered(len(calls), send, what, PER_WORKER * len(self.actors))) as stream:
+            for items in stream:
+                yield from items
 
 
 def _first_line(exc: BaseException) -> str:

@@ -190,10 +190,13 @@ def iter_field_results(
         emitted += 1
 
 
-def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classified: bool, guard: Any,
-            on_field: Callable[[FieldResult | SkippedField], None] | None, keep_fields: bool) -> SlideReport:
-    """A slide's field results, in order, aggregated into its SlideReport, with the slide guard's
-    evidence when there is a fitted ``guard`` (smear.classify.guard.SlideGuard)."""
+def gather_report(slide: str, items: Iterable[FieldResult | SkippedField], *, classified: bool, guard: Any = None,
+                  on_field: Callable[[FieldResult | SkippedField], None] | None = None,
+                  keep_fields: bool = True) -> SlideReport:
+    """The SlideReport of the slide named ``slide`` from its field results in order (each also given
+    to ``on_field``), with the slide guard's evidence when there is a fitted ``guard``
+    (smear.classify.guard.SlideGuard); ``keep_fields=False`` keeps running counts only. Every engine
+    and input kind (field folders, whole-slide tiles) ends here."""
     fields, skipped, tally, sums = [], [], Tally(), GuardSums()
     for item in items:
         if isinstance(item, SkippedField):
@@ -206,7 +209,7 @@ def _gather(slide: Slide, items: Iterable[FieldResult | SkippedField], classifie
                 fields.append(item)
         if on_field:
             on_field(item)
-    return SlideReport(slide.name, tuple(fields), tuple(skipped), classified=classified,
+    return SlideReport(slide, tuple(fields), tuple(skipped), classified=classified,
                        tally=None if keep_fields else tally,
                        evidence=guard.evidence(sums) if guard is not None else {})
 
@@ -217,9 +220,9 @@ def run_slide(slide: Slide, stages: Stages, max_pixels: int = 200_000_000,
     """All fields of one slide through the stages, aggregated into a SlideReport. With
     ``keep_fields=False`` only running counts are kept (memory flat in the number of fields);
     ``on_field`` still sees every result as it is made."""
-    return _gather(slide, iter_field_results(slide, stages, max_pixels, cache, resume),
-                   stages.classifier is not None, stages.guard,
-                   on_field, keep_fields)
+    return gather_report(slide.name, iter_field_results(slide, stages, max_pixels, cache, resume),
+                         classified=stages.classifier is not None, guard=stages.guard, on_field=on_field,
+                         keep_fields=keep_fields)
 
 
 FieldCallback = Callable[[str, FieldResult | SkippedField], None]
@@ -259,7 +262,8 @@ def run_slides(slides: Sequence[Slide], stages: Stages | None, max_pixels: int =
                     on_field(_name, item)
             items = (iter_field_results(slide, stages, max_pixels, cache, resume) if stream is None
                      else itertools.islice(stream, len(slide.fields)))
-            reports.append(_gather(slide, items, classified, guard, each, keep_fields))
+            reports.append(gather_report(slide.name, items, classified=classified, guard=guard, on_field=each,
+                                         keep_fields=keep_fields))
     finally:
         if stream is not None:
             stream.close()  # a run stopped early stops the engine's work too
