@@ -286,6 +286,7 @@ class ClassifyModel(Section):
     drop_rate: Fraction
     tta: Annotated[int, Field(ge=1, le=8)]
     norm: Literal["batch", "group", "frozen"]
+    head: Literal["flat", "hierarchical"]
     colour_norm: Annotated[Literal["off", "reinhard"], BeforeValidator(_word)]
     novelty_quantile: Optional[Annotated[float, Field(ge=0.5, lt=1.0)]]
     init: Optional[str]

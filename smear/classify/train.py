@@ -208,7 +208,7 @@ def _initial_model(m: ClassifyModel, stats: tuple[list[float], list[float]], log
     folder's (``model.init``), or fresh ones with the training crops' channel ``stats``."""
     if is_imagenet(m.init):
         return _imagenet_model(m, log)
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm), head=str(m.head))
     mean, std = _init_from(model, m) if m.init else stats
     if m.init:
         log(f"init: weights and input normalisation of {m.init}")
@@ -238,7 +238,7 @@ def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
     if m.arch != spec.arch:
         raise ConfigError(f"model.init {m.init}: its weights fit {spec.arch}, model.arch is {m.arch!r}",
                           hint=f"set model.arch: {spec.arch}")
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch")
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch", head=str(m.head))
     n = load_imagenet(model, spec)
     if str(m.norm) == "group":
         to_group_norm(model)
@@ -256,8 +256,8 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
     meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
-    for key, want in (("arch", m.arch), ("norm", str(m.norm))):
-        if meta.get(key, "batch" if key == "norm" else None) != want:
+    for key, want in (("arch", m.arch), ("norm", str(m.norm)), ("head", str(m.head))):
+        if meta.get(key, {"norm": "batch", "head": "flat"}.get(key)) != want:
             raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
     if meta.get("input_size") != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
