@@ -316,6 +316,8 @@ class ClassifyTrain(Section):
     label_smoothing: Fraction
     class_weight_power: float
     group_loss_weight: float
+    outlier_share: Fraction
+    outlier_weight: float
     patience: int
     max_minutes: Optional[float]
     seed: int

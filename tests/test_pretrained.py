@@ -179,3 +179,53 @@ def test_shipped_lite0_runs_alike_under_torch_and_onnx(tmp_path, monkeypatch):
     p_t, n_t, p_o, n_o = s_t.probs, s_t.novelty, s_o.probs, s_o.novelty
     assert p_t.shape == (4, 11) and n_t is not None
     assert np.allclose(p_t, p_o, atol=1e-3) and np.allclose(n_t, n_o, rtol=1e-3, atol=1e-3)
+
+
+def test_artefacts_are_jigsaws_smudges_or_cut_cells_of_the_batch():
+    from smear.nn.augment import artefacts
+
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cell = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2).float()  # a dark disc on a light field, noisy
+    x = (0.9 - 0.6 * cell).expand(24, 3, 64, 64) + 0.05 * torch.rand(24, 3, 64, 64, generator=gen)
+    out = artefacts(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+    def tv(img):  # detail: how far each pixel is from its 3 x 3 neighbourhood's mean
+        return float((img - torch.nn.functional.avg_pool2d(img[None], 3, 1, 1, count_include_pad=False)[0]).abs().mean())
+
+    kinds = []
+    for a, b in zip(x, out):
+        if torch.equal(a.flatten().sort().values, b.flatten().sort().values) and not torch.equal(a, b):
+            kinds.append("jigsaw")  # the same pixels, moved
+        elif tv(b) < 0.3 * tv(a):
+            kinds.append("smudge")
+        else:  # a cut cell: most of the disc is gone from the centre, the field's light value fills in
+            assert float(b[:, 24:40, 24:40].mean()) > float(a[:, 24:40, 24:40].mean()) + 0.2
+            kinds.append("cut")
+    assert set(kinds) == {"jigsaw", "smudge", "cut"}
+
+
+def test_outlier_exposure_adds_a_uniform_target_term_on_artefacts_of_the_batch(monkeypatch):
+    from smear.classify import train as ctrain
+    from smear.nn.augment import BatchAugment
+    from smear.nn.tensors import Normalize
+
+    seen = []
+    real = ctrain.artefacts
+    monkeypatch.setattr(ctrain, "artefacts", lambda x, gen: seen.append(len(x)) or real(x, gen))
+    model = build_model("test_efficientnet")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    crops = np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), dtype=np.uint8)
+    labels = (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+    args = {"class_weights": torch.ones(11), "smoothing": 0.0, "group_weight": 1.0}
+    losses = {}
+    for share in (0.0, 0.5):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        row = ctrain.train_one_epoch(model, Normalize([0.5] * 3, [0.5] * 3), opt, sched, crops, labels,
+                                     BatchAugment(32, {"dihedral": False}, seed=0), 4,
+                                     {**args, "outlier_share": share, "outlier_weight": 1.0}, 1, "cpu",
+                                     np.arange(8), prefetch=False)
+        losses[share] = row["train_loss"]
+    assert seen == [2, 2]  # half of each batch of 4, drawn again as non-cells
+    assert losses[0.5] > losses[0.0] + 1.0  # + the cross-entropy to uniform (>= log 11 minus the entropy gap)

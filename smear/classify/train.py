@@ -40,7 +40,7 @@ from smear.classify.sources import TrainingData, epoch_order, training_data
 from smear.config_models import ClassifyConfig, ClassifyModel
 from smear.io import write_text_atomic
 from smear.nn import loop
-from smear.nn.augment import BatchAugment, eval_batch, to_uint8
+from smear.nn.augment import BatchAugment, artefacts, eval_batch, to_uint8
 from smear.nn.loop import warmup_cosine
 from smear.nn.pretrained import is_imagenet
 from smear.nn.tensors import Normalize, channel_stats, dihedral
@@ -98,10 +98,19 @@ def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels
     def make(idx: np.ndarray):
         return idx, augment(torch.from_numpy(crops[idx]))
 
+    loss_args = dict(loss_args)
+    oe_share, oe_weight = float(loss_args.pop("outlier_share", 0.0)), float(loss_args.pop("outlier_weight", 0.0))
+    gen = torch.Generator().manual_seed(int(epoch))
+
     def loss_of(item) -> torch.Tensor:
         idx, x = item
-        return mixed_loss(model(norm(x.to(device, non_blocking=True))), fine[idx].to(device),
-                          group[idx].to(device), **loss_args)
+        x = x.to(device, non_blocking=True)
+        loss = mixed_loss(model(norm(x)), fine[idx].to(device), group[idx].to(device), **loss_args)
+        k = int(round(oe_share * len(idx)))
+        if k and oe_weight:  # outlier exposure: non-cells made from this batch, pushed to a uniform prediction
+            art = artefacts(x[:k].cpu(), gen).to(device)
+            loss = loss + oe_weight * -F.log_softmax(model(norm(art)).float(), dim=1).mean(1).mean()
+        return loss
 
     return loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
                                 epoch, prefetch=prefetch, progress=log, on_batch=on_batch)
@@ -161,7 +170,8 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: TrainingData, cfg: Cla
     labels = label_indices([it.fine for it in data.train_items], [it.group for it in data.train_items])
     val_labels = [it.fine or it.group for it in data.val_items]
     loss_args = {"class_weights": class_weights(data.train_items, float(t.class_weight_power)),
-                 "smoothing": float(t.label_smoothing), "group_weight": float(t.group_loss_weight)}
+                 "smoothing": float(t.label_smoothing), "group_weight": float(t.group_loss_weight),
+                 "outlier_share": float(t.outlier_share), "outlier_weight": float(t.outlier_weight)}
     src_weights = [spec["weight"] for spec in data.specs]
     epoch_items = int(t.epoch_items) if t.epoch_items else None
 
