@@ -19,6 +19,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,14 +267,39 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
     meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
+    head = meta.get("head", "flat")
     for key, want in (("arch", m.arch), ("norm", str(m.norm)), ("head", str(m.head))):
-        if meta.get(key, {"norm": "batch", "head": "flat"}.get(key)) != want:
-            raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
+        have = meta.get(key, {"norm": "batch", "head": "flat"}.get(key))
+        if have != want and not (key == "head" and (have, want) == ("flat", "hierarchical")):
+            raise ConfigError(f"model.init {m.init}: its {key} is {have!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
     if meta.get("input_size") != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
         _log.info(f"init: {m.init} was trained at {meta.get('input_size')} px, this run trains at {m.input_size} px")
-    load_weights(model, folder / meta["weights"])
+    if head == str(m.head):
+        load_weights(model, folder / meta["weights"])
+    else:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(flat_to_hierarchical(load_file(str(folder / meta["weights"])), model), strict=True)
+        _log.info(f"init: the hierarchical head starts from {m.init}'s flat head")
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
+
+
+def flat_to_hierarchical(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A flat 11-class model's state dict for ``model``, the same network with a hierarchical head:
+    the stage head takes the flat rows of the neutrophil line (p(stage | line) is then exactly the flat
+    softmax within the line), the lineage head the rows of the other classes and, for the line, their
+    mean with a log(5) bias (the line's flat log-sum-exp where its logits are alike)."""
+    from smear.classify.model import NEUTROPHIL_LINE
+
+    name = model.pretrained_cfg.get("classifier", "classifier")
+    w, b = state.pop(f"{name}.weight"), state.pop(f"{name}.bias")
+    line = [FINE_CLASSES.index(c) for c in NEUTROPHIL_LINE]
+    rest = [i for i in range(len(FINE_CLASSES)) if i not in line]
+    state[f"{name}.stage.weight"], state[f"{name}.stage.bias"] = w[line].clone(), b[line].clone()
+    state[f"{name}.lineage.weight"] = torch.cat([w[line].mean(0, keepdim=True), w[rest]])
+    state[f"{name}.lineage.bias"] = torch.cat([b[line].mean(0, keepdim=True) + math.log(len(line)), b[rest]])
+    return state
 
 
 def _finish(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], None]) -> Path:
