@@ -22,6 +22,7 @@ import contextlib
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
@@ -35,6 +36,7 @@ from smear.types import FieldResult, SkippedField
 
 INSTALL = 'pip install "smear[ray]"'
 RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
+EXIT_WAIT_S = 10.0  # the most a closing engine waits for its killed workers to exit
 PER_WORKER = 2   # runs queued on each worker, so it never waits for the driver between runs
 TILES_PER_CALL = 2  # whole-slide tiles a call: the second is read while the models run on the first
 START_TIMEOUT_S = 600.0
@@ -107,13 +109,15 @@ class FieldWorker:
         self.cache = FieldCache(cache[0], cache[1], warn=self.notes.append) if cache else None
         self.slide: Any = None  # the whole-slide file open for run_tiles (smear.wsi.slide.WholeSlide)
 
-    def ready(self) -> tuple[int, tuple[float, int] | None]:
-        """The worker's process id and its stages' crop geometry, once its models are loaded; what
-        building them raised, if it did."""
+    def ready(self) -> tuple[int, str, tuple[float, int] | None]:
+        """The worker's process id, its Ray node and its stages' crop geometry, once its models are
+        loaded; what building them raised, if it did."""
         if self.error is not None:
             raise self.error
         assert self.stages is not None
-        return os.getpid(), self.stages.crop_geometry
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.stages.crop_geometry
 
     def run(self, slide: str, fields: Sequence[Path], max_pixels: int, resume: bool) -> tuple[list[Item], list[str]]:
         """The results of these fields of a slide, in order, and the cache's warnings meanwhile."""
@@ -206,6 +210,7 @@ class RayEngine:
     pids: list[int] = field(default_factory=list, init=False)
     _owns: bool = field(default=False, init=False)
     _noted: set[str] = field(default_factory=set, init=False)
+    _local: list[int] = field(default_factory=list, init=False)   # worker pids on this machine
 
     def __enter__(self) -> RayEngine:
         ray = require_ray()
@@ -225,6 +230,8 @@ class RayEngine:
             except Exception:  # noqa: BLE001 - an actor that is already gone
                 pass
         self.actors = []
+        _wait_gone(self._local, EXIT_WAIT_S)  # a killed worker may still be writing its last cache entry
+        self._local = []
         if self._owns and ray.is_initialized():
             ray.shutdown()
         self._owns = False
@@ -269,11 +276,13 @@ class RayEngine:
         self.actors = [worker.remote(self.build, cache) for _ in range(n)]
         pending = {a.ready.remote(): a for a in self.actors}
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s)
-        started, self.pids = [], []
+        started, self.pids, self._local = [], [], []
         for ref in ready:
             try:
-                pid, self.crop_geometry = ray.get(ref)
+                pid, node, self.crop_geometry = ray.get(ref)
                 self.pids.append(pid)
+                if node == ray.get_runtime_context().get_node_id():
+                    self._local.append(pid)
             except Exception as exc:  # noqa: BLE001 - a worker whose stages could not be built
                 raise _smear_error(exc) or SmearError(f"a Ray worker could not load the models: {_first_line(_cause(exc))}",
                                                       hint="rerun with --verbose for the worker's traceback") from exc
@@ -371,6 +380,30 @@ class RayEngine:
         with contextlib.closing(self._ordered(len(calls), send, what, PER_WORKER * len(self.actors))) as stream:
             for items in stream:
                 yield from items
+
+
+def _wait_gone(pids: Sequence[int], timeout_s: float) -> None:
+    """Waits, at most ``timeout_s``, until these processes of this machine have exited (a zombie
+    counts as exited), so that nothing they write lands after the engine has closed."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                if not Path("/proc/self").exists():  # no procfs: ask the kernel
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    except OSError:
+                        pass
+                else:
+                    break
+            else:
+                if state in ("Z", "X"):
+                    break
+            time.sleep(0.05)
 
 
 def _first_line(exc: BaseException) -> str:
