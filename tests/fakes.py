@@ -102,7 +102,7 @@ class SynthStages:
     process mid-run; one that meets a field ``fail_width`` wide raises. ``log``, when set, is a folder
     where each worker writes a file per field batch it runs (to count what was run again)."""
 
-    LABELS = [("NEU", 0.9), ("LY", 0.8), ("MO", 0.3), ("EO", 0.95)]
+    LABELS = [("SNE", 0.9), ("LY", 0.8), ("MO", 0.3), ("EO", 0.95)]
 
     def __init__(self, field_batch: int = 2, kill_width: int = 0, marker: str = "", fail_width: int = 0,
                  log: str = ""):

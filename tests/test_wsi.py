@@ -242,6 +242,52 @@ def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide):
     assert tile.shape == (first.height, first.width, 3)
 
 
+class _LocalTileEngine:
+    """Stands in for RayEngine in ``smear run --engine ray`` (no Ray): builds the stages as a worker
+    would and runs the tiles it is handed here, counting them."""
+
+    handed: list[str] = []
+
+    def __init__(self, build, cache=None, classified=True, guard=None, **_options):
+        from smear.pipeline.build import build_stages
+
+        self.stages, self.cache, self.classified, self.guard = build_stages(build.cfg), cache, classified, guard
+        self.crop_geometry = self.stages.crop_geometry
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        return None
+
+    def tiles(self, job, tiles, resume):
+        from smear.pipeline.wsi_tiles import tile_outcomes
+
+        with WholeSlide(job.path) as s:
+            for out in tile_outcomes(s, job, tiles, self.stages, self.cache, resume):
+                type(self).handed.append(out.tile.name)
+                yield out
+
+
+@pytest.mark.slow
+def test_cli_engine_ray_hands_a_whole_slides_tiles_to_the_engine(slide, tmp_path, monkeypatch):
+    import smear.pipeline.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: None)
+    monkeypatch.setattr(ray_engine, "RayEngine", _LocalTileEngine)
+    _LocalTileEngine.handed = []
+    out = {}
+    for engine in ("local", "ray"):
+        csv_out, cells = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.cells.csv"
+        res = _run([str(slide), "--engine", engine, "--target-wbc", "6", "--report", "csv", "--out", str(csv_out),
+                    "--cells", str(cells), *TEST_SET], tmp_path)
+        assert res.exit_code == 0, res.output
+        out[engine] = (csv_out.read_bytes(), cells.read_bytes())
+    assert out["ray"] == out["local"]
+    counted = [row["field"] for row in csv.DictReader(out["local"][1].decode().splitlines())]
+    assert set(counted) <= set(_LocalTileEngine.handed) and len(_LocalTileEngine.handed) >= 2
+
+
 def test_cli_refuses_target_with_all(tmp_path):
     path = write_pyramid(tmp_path / "s.tif", 800, 600, _flat(200), mpp=0.25, levels=2)
     res = _run([str(path), "--target-wbc", "5", "--all"], tmp_path)
