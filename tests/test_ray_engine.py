@@ -33,16 +33,9 @@ def ray_local():
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     from smear.pipeline.ray_engine import _loopback_only
 
-    for attempt in range(3):  # Ray gives its raylet 30 s to register, which a loaded 2-core machine can miss
-        try:
-            with _loopback_only(ray):  # as smear starts its own: reachable from this machine only
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": path}})
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for it
-            ray.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
+    with _loopback_only(ray):  # as smear starts its own: reachable from this machine only
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
