@@ -173,9 +173,9 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
     from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
     from smear.types import WBC_CLASSES
 
-    def same(rep):  # every report text, and what was read and skipped, less the seconds it took
+    def same(rep):  # every report text (the JSON's less the seconds it took), and each tile's place
         info = dataclasses.replace(rep.whole_slide, finder_s=0.0, read_s=0.0, detect_s=0.0, tiles_from_cache=0)
-        return _texts([rep]), info, [f.region for f in rep.fields]
+        return _texts([dataclasses.replace(rep, whole_slide=info)]), [f.region for f in rep.fields]
 
     slide = gradient_slide(tmp_path / "gradient.tif")
     settings = WsiSettings(tile_px=BLOCK, margin_px=64)
