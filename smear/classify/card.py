@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from smear.artifacts import data_fingerprint
+from smear.artifacts import ModelMeta, data_fingerprint
 from smear.classify.model import WEIGHTS
 from smear.classify.sources import TrainingData
 from smear.config_models import ClassifyConfig
@@ -58,7 +59,7 @@ def classifier_meta(cfg: ClassifyConfig, data: TrainingData, scored: Scored, mea
     }
 
 
-def model_card(meta: dict[str, Any]) -> str:
+def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
     """The MODEL_CARD.md of a classifier model folder, from its meta."""
     tm, cal = meta["metrics"]["test"], meta["metrics"]["calibration"]
 

@@ -4,7 +4,7 @@ acquisition shifts, and each training lab's colour statistics."""
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,6 +14,9 @@ from smear.classify.guard import (
     COLOUR_NAMES, FITTED, GUARD_FILE, SlideGuard, colour_stats, raw_evidence, residuals, save,
 )
 from smear.types import GuardSums
+
+_log = logging.getLogger(__name__)
+
 
 def random_shift(rng: np.random.Generator, strength: float) -> Callable[[np.ndarray], np.ndarray]:
     """One random acquisition shift, the same for every crop of a synthetic slide: stain mixing and
@@ -60,7 +63,7 @@ def _whiten(cov: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
 
 def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops: dict[str, np.ndarray], *,
         k: int = 8, draws: int = 16, draw_cells: int = 80, slide_cells: int = 100, quantile: float = 0.99,
-        good_accuracy: float = 0.90, seed: int = 0, log: Callable[[str], None] = print
+        good_accuracy: float = 0.90, seed: int = 0, log: Callable[[str], None] = _log.info
         ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
     """Fit the slide guard of a classifier (``CnnClassifier`` with a novelty score) on validation
     crops and each training lab's crops (colour statistics only). Returns the tensors to store,
@@ -187,11 +190,11 @@ def type5_nll(logits: np.ndarray, labels: Sequence[str | None], classes: Sequenc
 
 
 def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: int = 500, max_lab: int = 2000,
-                draws: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
+                draws: int = 16, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Fit the slide guard of a classifier model folder from its run folder (config.yaml and split
     files, as ``smear train novelty`` reads them) and write ``guard.safetensors`` and
     ``meta["guard"]`` into the model folder. Returns the meta entry."""
-    from smear.artifacts import META
+    from smear.artifacts import ModelMeta, load_meta, save_model_dir
     from smear.classify import data as cdata
     from smear.classify.crop_cache import readable_crops
     from smear.classify.model import CnnClassifier
@@ -230,9 +233,7 @@ def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: i
     gmeta["fitted_on"] = (f"validation part of {names} ({len(val)} cells, clean and through {draws} random "
                           f"acquisition shifts); colour per training lab from up to {max_lab} training cells each")
     save(model_dir, stats)
-    meta = json.loads((model_dir / META).read_text(encoding="utf-8"))
-    meta["guard"] = gmeta
-    write_text_atomic(model_dir / META, json.dumps(meta, indent=2) + "\n")
+    save_model_dir(ModelMeta.of(load_meta(model_dir), model_dir).updated(guard=gmeta))
     card = model_dir / "MODEL_CARD.md"
     if card.is_file():
         write_text_atomic(card, with_card_section(card.read_text(encoding="utf-8"), gmeta, f"smear train guard {run}"))
