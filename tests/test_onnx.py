@@ -136,4 +136,7 @@ def test_classify_tta_override(tmp_path):
     cfg = load_config("pipeline", None, ["detector=classical", "classify_tta=2", "runtime=torch"])
     stages = build_stages(cfg)
     assert stages.classifier.tta == 2
-    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch"])).classifier.tta == 8
+    # without the override, each model folder's own views: 1 for the default, 8 for the mobilenet
+    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch"])).classifier.tta == 1
+    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch",
+                                                       "classifier_model=shipped:classifier_mobilenet"])).classifier.tta == 8

@@ -71,6 +71,9 @@ def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
     trained = ("Fine-tuned from " + meta["fine_tuned_from"] if meta.get("fine_tuned_from") else "Trained from scratch")
     trained += " on " + ", ".join(f"{s_['name']} ({s_['root']}, sampling weight {s_['weight']:g})" for s_ in sources)
     colour = ", Reinhard colour normalisation to the training reference" if meta.get("colour_norm") else ""
+    if meta.get("head", "flat") == "hierarchical":
+        colour += ("; a lineage-first head (the neutrophil line or each other class first, then the stage "
+                   "within the neutrophil line)")
     novelty = ""
     if meta.get("novelty"):
         nv = meta["novelty"]
