@@ -5,7 +5,7 @@
 2. Whole process: `smear run` on the BCCD test fields (cache off) with the classifier off and with
    each model folder; the ratio to the classifier-off run is what the classifier adds per field.
 
-    python benchmarks/classifier_speed.py --model shipped --model shipped:classifier_lite0
+    python benchmarks/classifier_speed.py --model shipped --model shipped:classifier_mobilenet
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smear.artifacts import resolve_model_dir  # noqa: E402
-from smear.classify.cache import cached_crops  # noqa: E402
+from smear.classify.crop_cache import cached_crops  # noqa: E402
 from smear.classify.data import load_items, stratified_split  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 

@@ -171,7 +171,7 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
 
     from smear.pipeline.ray_engine import PER_WORKER, TILES_PER_CALL
     from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
-    from smear.types import WBC_CLASSES
+    from smear.taxonomy import WBC_CLASSES
 
     def same(rep):  # every report text (the JSON's less the seconds it took), and each tile's place
         info = dataclasses.replace(rep.whole_slide, finder_s=0.0, read_s=0.0, detect_s=0.0, tiles_from_cache=0)

@@ -90,7 +90,7 @@ def read_network(path: str | Path) -> dict[str, Any]:
 def build_network(cfg: dict[str, Any], nc: int):
     """An ultralytics DetectionModel built from a checked ``cfg`` with ``nc`` classes (random weights),
     under ultralytics' restricted model construction where it has one (no eval of YAML strings)."""
-    from smear.detect.ultra import ultralytics
+    from smear.detect.ultralytics_adapter import ultralytics
 
     ultralytics()
     from ultralytics.nn import tasks
@@ -155,7 +155,7 @@ def read_pt(path: str | Path):
     import torch
 
     from smear.artifacts import check_torch_file
-    from smear.detect.ultra import allowed_global, ultralytics
+    from smear.detect.ultralytics_adapter import allowed_global, ultralytics
 
     ultralytics()
     from ultralytics.nn import tasks
@@ -176,7 +176,7 @@ def convert_folder(folder: str | Path) -> Path:
     """Convert a detector model folder whose weights are an ultralytics ``.pt`` into
     ``detector.safetensors`` + ``network.yaml`` (the .pt is removed, meta.json's ``weights`` and
     ``head_hash`` updated); a folder already converted only gets its head hash."""
-    from smear.artifacts import META, add_head_hash
+    from smear.artifacts import META, ModelMeta, add_head_hash, save_model_dir
 
     folder = Path(folder)
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
@@ -185,13 +185,10 @@ def convert_folder(folder: str | Path) -> Path:
     pt = folder / meta["weights"]
     if pt.suffix == ".pt":
         save_network(read_pt(pt), folder)
-        meta["weights"] = WEIGHTS
-        meta["network"] = NETWORK
-        from smear.io import write_text_atomic
-
-        write_text_atomic(folder / META, json.dumps(meta, indent=2) + "\n")
+        save_model_dir(ModelMeta.of(meta, folder).updated(weights=WEIGHTS, network=NETWORK))  # with its head hash
         pt.unlink()
-    add_head_hash(folder)
+    else:
+        add_head_hash(folder)
     return folder
 
 
@@ -218,7 +215,7 @@ def yolo(model: str | Path, task: str = "detect", classes=("wbc", "rbc", "platel
     their network YAML (no pickle), from a training run's .pt (pickle-checked, then unpickled with
     torch's weights_only loader) or from an ONNX file."""
     from smear.artifacts import check_torch_file
-    from smear.detect.ultra import allowed_global, ultralytics
+    from smear.detect.ultralytics_adapter import allowed_global, ultralytics
     from smear.devices import set_threads
 
     path = Path(model)

@@ -118,7 +118,7 @@ def _saved_config(path: Path, cfg: DetectConfig) -> DetectConfig:
 def _trainer(cfg: DetectConfig):
     """The ultralytics trainer class for a config: with our stain jitter unless ``stain.p`` is 0."""
     from smear.detect.stain import StainJitter
-    from smear.detect.ultra import stain_trainer
+    from smear.detect.ultralytics_adapter import stain_trainer
 
     if cfg.stain is None or cfg.stain.p <= 0:
         return None
@@ -145,7 +145,7 @@ def train(cfg: DetectConfig, out: Path, resume: bool = False,
 def _train(cfg: DetectConfig, out: Path, resume: bool, log: Callable[[str], None],
            on_batch: Callable[[int, int, int], None] | None) -> Path:
     from smear.detect.network import yolo
-    from smear.detect.ultra import training_log
+    from smear.detect.ultralytics_adapter import training_log
     from smear.devices import resolve_device, set_threads
 
     last = out / LAST
@@ -185,7 +185,7 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
     from datetime import date
 
-    from smear.artifacts import data_fingerprint, save_model_dir
+    from smear.artifacts import ModelMeta, data_fingerprint, save_model_dir
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import evaluate_predictions, predict_samples, tune_conf
     from smear.detect.yolo import YoloDetector
@@ -219,5 +219,5 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     }
     if fine_tunes(cfg):
         meta["fine_tuned_from"] = str(cfg.model)
-    save_model_dir(model_dir, meta, cfg)
+    save_model_dir(ModelMeta.of(meta, model_dir), cfg)
     return model_dir

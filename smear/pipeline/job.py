@@ -96,4 +96,4 @@ def _guard(metas) -> Any:
     from smear.classify.guard import SlideGuard
 
     meta = metas["classifier"]
-    return SlideGuard.from_dir(meta.folder, meta.as_dict()) if meta.novelty else None
+    return SlideGuard.from_dir(meta.folder, meta) if meta.novelty else None

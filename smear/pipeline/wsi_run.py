@@ -15,13 +15,14 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from smear.errors import SmearError
 from smear.io import write_bytes_atomic
 from smear.pipeline.cache import FieldCache
 from smear.pipeline.run import Stages, gather_report
 from smear.pipeline.wsi_tiles import (
     Counter, Geometry, TileEngine, TileJob, count_until, placed, read_tile, tile_outcomes,
 )
-from smear.types import FieldResult, SkippedField, SlideReport, SmearError, WholeSlideInfo
+from smear.types import FieldResult, SkippedField, SlideReport, WholeSlideInfo
 from smear.wsi import finder
 from smear.wsi.slide import WholeSlide, thumbnail
 

@@ -23,9 +23,11 @@ from typing import Any, Generator, Iterable, Iterator, Protocol, Sequence
 import cv2
 import numpy as np
 
+from smear.errors import ImageReadError
 from smear.pipeline.cache import FieldCache
 from smear.pipeline.run import Stages, classify_cells
-from smear.types import WBC_CLASSES, CellKind, FieldResult, ImageReadError, SkippedField, SlideRegion
+from smear.taxonomy import WBC_CLASSES, CellKind
+from smear.types import FieldResult, SkippedField, SlideRegion
 from smear.wsi import finder
 from smear.wsi.slide import Level, WholeSlide
 

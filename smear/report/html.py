@@ -16,10 +16,12 @@ from smear import __version__
 from smear.config_models import PipelineConfig
 from smear.crops import cut_crop, pad_value
 from smear.io import read_image
-from smear.types import (
+from smear.errors import SmearError
+from smear.taxonomy import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
-    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Segmenter, SlideReport, SmearError,
+    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
+from smear.types import Segmenter, SlideReport
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)
