@@ -166,6 +166,7 @@ def _pink(image: np.ndarray) -> np.ndarray:
                    0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_pipeline_guard_fires_on_a_shift_that_keeps_novelty_low(tmp_path):
     """Plain drawn fields pass; the same fields through a pink cast are read as EO with novelty 0.4:
     the novel share stays 0, and the guard fires on the differential, the colour and the features,

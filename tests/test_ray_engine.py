@@ -61,6 +61,7 @@ def _texts(reports) -> tuple[str, str, str]:
     return rep.to_csv(rep.summary_frame(rows)), rep.to_json(reports, rows), rep.cells_csv(reports)
 
 
+@pytest.mark.slow
 def test_ray_reports_match_local_for_one_and_several_slides(tmp_path, ray_local):
     folders = _slides(tmp_path, {"a": 5, "b": 3, "c": 0}, bad={"b": 1, "c": 2})  # c: every field unreadable
     build = SynthStages()
@@ -107,6 +108,7 @@ def test_a_killed_worker_is_replaced_and_its_fields_rerun(tmp_path, ray_local):
     assert _texts(remote) == _texts(run_slides(slides, SynthStages()()))
 
 
+@pytest.mark.slow
 def test_resumed_ray_run_after_an_interruption_gives_the_same_report(tmp_path, ray_local):
     folders = _slides(tmp_path / "in", {"a": 4, "b": 4})
     slides = find_slides(folders)
