@@ -25,7 +25,7 @@ from PIL import Image
 
 from smear.config import default_config
 from smear.report.html import render_html
-from smear.report.tables import summary_rows
+from smear.report.tables import differentials
 from smear.synth import make_field
 from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, SlideReport
 
@@ -125,7 +125,7 @@ def main() -> None:
                           ) if args.fields else None
             rep = slide(tmp / "slide", n, args.per_field, real=real)
             t0 = time.perf_counter()
-            html = render_html([rep], summary_rows([rep], cfg), cfg=cfg)
+            html = render_html([rep], differentials([rep], cfg), cfg=cfg)
             render_s = time.perf_counter() - t0
             page = tmp / "slide.html"
             page.write_text(html, encoding="utf-8")

@@ -276,6 +276,22 @@ class Share:
     ci_high: float | None = None
 
 
+#: the first columns of a summary row, and its derived figures after the shares (Differential attributes)
+HEAD_COLUMNS = ("slide", "n_fields", "n_wbc", "n_unidentified")
+DERIVED_COLUMNS = ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
+                   "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share",
+                   "domain_score")
+
+
+def summary_columns() -> list[str]:
+    """The CSV report's columns of a slide (one without a whole-slide file), in order: the columns of
+    ``Differential.row`` with its lists left out and the flags joined last."""
+    shares = [f"{prefix}{name}_{part}" for prefix, names in (("", FINE_CLASSES), ("group_", GROUPS8),
+                                                            ("type_", TYPES5))
+              for name in names for part in ("n", "pct", "ci_low", "ci_high")]
+    return [*HEAD_COLUMNS, *shares, *DERIVED_COLUMNS, "domain_warning", "flags"]
+
+
 @dataclass(frozen=True)
 class Differential:
     """A slide's differential, as every report shows it: counts, shares per fine class, 8-group and
@@ -309,15 +325,12 @@ class Differential:
     def row(self) -> dict[str, Any]:
         """The flat summary row: the CSV columns in order (``SNE_pct``, ``group_ig_n``, ...), then
         'classified', 'domain_warnings', 'warnings' and 'flags' (lists)."""
-        out: dict[str, Any] = {"slide": self.slide, "n_fields": self.n_fields, "n_wbc": self.n_wbc,
-                               "n_unidentified": self.n_unidentified}
+        out: dict[str, Any] = {key: getattr(self, key) for key in HEAD_COLUMNS}
         for prefix, shares in (("", self.fine), ("group_", self.groups), ("type_", self.types)):
             for name, s in shares.items():
                 out.update({f"{prefix}{name}_n": s.n, f"{prefix}{name}_pct": s.pct,
                             f"{prefix}{name}_ci_low": s.ci_low, f"{prefix}{name}_ci_high": s.ci_high})
-        for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
-                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share",
-                    "domain_score"):
+        for key in DERIVED_COLUMNS:
             out[key] = getattr(self, key)
         if self.whole_slide is not None:
             out.update(self.whole_slide.row())

@@ -13,7 +13,7 @@ from fakes import ContentClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
 from smear.report.html import render_html
-from smear.report.tables import summary_rows
+from smear.report.tables import differentials
 from smear.pipeline.run import Stages, run_slide
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,7 +36,7 @@ def test_report_renders_in_chromium(tmp_path):
     stages = Stages(FakeDetector(by_width), ContentClassifier([("SNE", 0.9), ("LY", 0.3), ("ERB", 0.8)]))
     rep = run_slide(slide, stages)
     page = tmp_path / "report.html"
-    write_text_atomic(page, render_html([rep], summary_rows([rep], default_config("pipeline"))))
+    write_text_atomic(page, render_html([rep], differentials([rep], default_config("pipeline"))))
     run = lambda *extra: subprocess.run(  # noqa: E731
         [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, page.as_uri()],
         capture_output=True, text=True, timeout=120)

@@ -18,7 +18,7 @@ from fakes import FakeClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
 from smear.report.html import render_html, slide_base
-from smear.report.tables import summary_frame, summary_rows, to_csv
+from smear.report.tables import differentials, summary_csv
 from smear.pipeline.run import Stages, run_slide
 from smear.types import FINE_CLASSES, SkippedField, SlideReport, Tally
 
@@ -82,7 +82,7 @@ def page(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
     rep = _report(tmp)
     path = tmp / "report.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], CFG), cfg=CFG))
+    write_text_atomic(path, render_html([rep], differentials([rep], CFG), cfg=CFG))
     return rep, path
 
 
@@ -97,8 +97,8 @@ def _counted(base: dict, counts: dict[str, int], slide: str = "s1") -> SlideRepo
 
 
 def _python_csv(rep: SlideReport, cfg=CFG) -> tuple[str, dict]:
-    rows = summary_rows([rep], cfg)
-    return to_csv(summary_frame(rows)), rows[0]
+    diffs = differentials([rep], cfg)
+    return summary_csv(diffs), diffs[0].row()
 
 
 JS_ROW = ("const r = smearReview.summarize(arguments[0], arguments[0].counts);"
@@ -139,7 +139,7 @@ def test_exact_intervals_agree_with_python(browser, tmp_path):
     cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"ci_method": "exact", "confidence": 0.9})})
     rep = _counted(BASE, {"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14, "UNIDENTIFIED": 2})
     path = tmp_path / "exact.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    write_text_atomic(path, render_html([rep], differentials([rep], cfg), cfg=cfg))
     browser.get(path.as_uri())
     for counts in ({"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14}, {"LY": 3},
                    {"SNE": 1, "LY": 1}):
@@ -181,7 +181,7 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     css = lambda sel: browser.find_elements("css selector", sel)  # noqa: E731
-    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0])  # as Python printed it
+    assert _table(browser) == _expected_table(differentials([rep], CFG)[0].row())  # as Python printed it
     assert css(".n-left")[0].text == "9"
     queue = [c.get_attribute("data-id") for c in css(".cell")]
     first, second, third, fourth = queue[:4]
@@ -273,7 +273,7 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     browser.execute_script("window.confirm = () => true")
     browser.find_element("id", "reset").click()
     assert gallery_of(first) == "UNIDENTIFIED" and css(".n-left")[0].text == "9"
-    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0]) and css(".signed")[0].text == ""
+    assert _table(browser) == _expected_table(differentials([rep], CFG)[0].row()) and css(".signed")[0].text == ""
     captions = css(".cell figcaption .fname")
     assert any(c.text == FIELD_NAMES[0] for c in captions)  # the field name stayed text
     assert not browser.find_elements("css selector", "figcaption b")
@@ -295,7 +295,7 @@ def _big_page(tmp_path) -> tuple[SlideReport, Path]:
     rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5))
     cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"signoff_requires_review": True})})
     path = tmp_path / "big.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    write_text_atomic(path, render_html([rep], differentials([rep], cfg), cfg=cfg))
     return rep, path
 
 

@@ -231,7 +231,7 @@ def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide):
 
     rep = run_whole_slide(slide, _stages(), SETTINGS, target_wbc=5)
     whole = WholeSlideRun([slide])
-    page = render_html([rep], [differential(rep).row()], read_field=whole.read_field)
+    page = render_html([rep], [differential(rep)], read_field=whole.read_field)
     assert 'id="qmap-0"' in page and "data:image/png;base64," in page
     assert page.count('id="s0-x') == rep.n_fields  # every counted tile is on the page, with its anchor
     first = rep.fields[0]

@@ -18,7 +18,8 @@ from smear.crops import cut_crop, pad_value
 from smear.io import read_image
 from smear.types import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
-    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Segmenter, SlideReport, SmearError,
+    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Differential, Segmenter, SlideReport, SmearError,
+    summary_columns,
 )
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
@@ -71,11 +72,11 @@ def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
     from scipy.special import ndtri
     from scipy.stats import norm
 
-    from smear.report.tables import FORMULA_START, summary_frame
-    from smear.report.summary import ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART, differential
+    from smear.report.tables import FORMULA_START
+    from smear.report.summary import ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART
 
     conf = float(cfg.report.confidence)
-    columns = list(summary_frame([differential(SlideReport("", (), classified=True)).row()]).columns)
+    columns = summary_columns()
     return {
         "report": cfg.report.model_dump(), "flags": cfg.flags.model_dump(), "guard": cfg.guard.model_dump(),
         "z_ci": float(ndtri(0.5 + 0.5 * conf)), "z_needed": float(norm.ppf(0.5 + conf / 2.0)),
@@ -144,7 +145,7 @@ def _whole_slide_view(info) -> dict[str, Any]:
     return {"info": info, "map": src, "skipped": ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in info.skipped.items())}
 
 
-def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_class: int,
+def _slide_view(rep: SlideReport, d: Differential, index: int, gallery_per_class: int,
                 crop_margin: float, segmenter: Segmenter | None,
                 segment_size: int, read_field=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what the template shows of a slide, what the script gets of it). Every cell is on the page:
@@ -187,12 +188,11 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
     script_cells = [{k: c[k] for k in SCRIPT_KEYS} for c in cells]
     # the saved review state belongs to this content: the fields' bytes and the cells found on them
     key = hashlib.sha256(json.dumps([rep.slide, field_hashes, script_cells]).encode()).hexdigest()[:32]
-    view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified,
+    view = {"index": index, "name": rep.slide, "d": d, "classified": rep.classified,
             "wsi": _whole_slide_view(rep.whole_slide) if rep.whole_slide is not None else None,
             "galleries": galleries, "fields": fields, "n_queue": len(cells),
             "n_hidden": len(more),
-            "table": [{"code": c, "name": FINE_NAMES[c], "n": row.get(f"{c}_n"), "pct": row.get(f"{c}_pct"),
-                       "low": row.get(f"{c}_ci_low"), "high": row.get(f"{c}_ci_high")} for c in FINE_CLASSES]}
+            "table": [{"code": c, "name": FINE_NAMES[c], "share": d.fine[c]} for c in FINE_CLASSES]}
     return view, {"base": slide_base(rep), "cells": script_cells, "more": more,
                   "storage_key": f"smear-review:{key}"}
 
@@ -212,12 +212,12 @@ def audit_row(audit: dict[str, Any]) -> dict[str, str]:
     return row
 
 
-def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
+def render_html(reports: Sequence[SlideReport], diffs: Sequence[Differential], gallery_per_class: int = 60,
                 crop_margin: float = 1.2, cfg: PipelineConfig | None = None,
                 audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
                 segment_size: int = 96, read_field=None) -> str:
-    """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
-    config the rows were made with (its thresholds drive the page's live recount), ``audit`` what
+    """The whole review page as one HTML string (images embedded as data URIs) of the slides' reports
+    and differentials; ``cfg`` is the pipeline config the differentials were made with (its thresholds drive the page's live recount), ``audit`` what
     build.audit_info says of the run; with the run's ``segmenter`` (and the ``segment_size`` of the
     crops it was given) each masked crop shows its mask's outline; ``read_field(field_result)`` gives
     the image of a whole slide's tile (its crops link to the tile and its place on the slide)."""
@@ -228,8 +228,8 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []
-    for i, (rep, row) in enumerate(zip(reports, rows)):
-        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size, read_field)
+    for i, (rep, d) in enumerate(zip(reports, diffs)):
+        view, data = _slide_view(rep, d, i, gallery_per_class, crop_margin, segmenter, segment_size, read_field)
         views.append(view)
         script.append(data)
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]
