@@ -285,7 +285,8 @@ class ClassifyModel(Section):
     crop_margin: float
     drop_rate: Fraction
     tta: Annotated[int, Field(ge=1, le=8)]
-    norm: Literal["batch", "group"]
+    norm: Literal["batch", "group", "frozen"]
+    head: Literal["flat", "hierarchical"]
     colour_norm: Annotated[Literal["off", "reinhard"], BeforeValidator(_word)]
     novelty_quantile: Optional[Annotated[float, Field(ge=0.5, lt=1.0)]]
     init: Optional[str]
@@ -315,6 +316,8 @@ class ClassifyTrain(Section):
     label_smoothing: Fraction
     class_weight_power: float
     group_loss_weight: float
+    outlier_share: Fraction
+    outlier_weight: float
     patience: int
     max_minutes: Optional[float]
     seed: int

@@ -104,7 +104,7 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
   cache_dir: {tmp_path / 'cache'}
 """)
     sets = ["model.arch=test_efficientnet", "model.input_size=32", "model.norm=group", "model.colour_norm=reinhard",
-            "train.epochs=1", "train.batch=8", "train.epoch_items=24", "train.device=cpu", "train.patience=0",
+            "model.head=hierarchical", "train.epochs=1", "train.batch=8", "train.epoch_items=24", "train.device=cpu", "train.patience=0",
             "train.augment.downres_p=0.5", "train.augment.jpeg_p=0.5", "train.augment.gray_p=0.2"]
     args = ["train", "classify", "--out", str(tmp_path / "run"), "--config", str(cfg)]
     for s in sets:
@@ -115,7 +115,7 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
     assert (run / "split.json").is_file() and (run / "split_lab.json").is_file()
     train = json.loads((run / "split.json").read_text())["train"]
     meta = json.loads((run / "model" / "meta.json").read_text())
-    assert meta["norm"] == "group" and meta["colour_norm"]["method"] == "reinhard"
+    assert meta["norm"] == "group" and meta["colour_norm"]["method"] == "reinhard" and meta["head"] == "hierarchical"
     assert [s["name"] for s in meta["data"]["sources"]] == ["pbc", "lab"]
     assert meta["novelty"]["threshold"] > 0 and (run / "model" / nov.NOVELTY_FILE).is_file()
     lab_train = json.loads((run / "split_lab.json").read_text())["train"]
@@ -125,6 +125,7 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
 
     clf = CnnClassifier.from_dir(run / "model", device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())
+    assert any(n.endswith("classifier.lineage") for n, _ in clf.model.named_modules())  # the lineage-first head came back
     scores = clf.classify([np.full((40, 40, 3), 180, np.uint8)] * 2)
     probs, ratio = scores.probs, scores.novelty
     assert probs.shape == (2, len(FINE_CLASSES)) and ratio is not None and ratio.shape == (2,)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from smear.classify.model import build_model, to_group_norm
+from smear.classify.model import NEUTROPHIL_LINE, build_model, freeze_norm_stats, to_group_norm
+from smear.taxonomy import FINE_CLASSES
 from smear.errors import ConfigError
 from smear.nn import pretrained
 from smear.nn.augment import BatchAugment, channel_shuffle, to_float, wright_cast
@@ -46,6 +47,26 @@ def test_group_norm_conversion_keeps_loaded_scale_and_shift():
     assert float(gns[0].weight.detach()[0]) == 2.5 and float(gns[0].bias.detach()[0]) == -0.5
 
 
+def test_hierarchical_head_gives_fine_log_probabilities_lineage_first():
+    torch.manual_seed(0)
+    model = build_model("tf_efficientnet_lite0", head="hierarchical").eval()
+    head = model.get_classifier()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 64, 64))
+        feats = model.forward_head(model.forward_features(torch.rand(3, 3, 64, 64)), pre_logits=True)
+        lin = torch.log_softmax(head.lineage(feats), 1)
+        stage = torch.log_softmax(head.stage(feats), 1)
+        fine = head(feats)
+    assert out.shape == (3, len(FINE_CLASSES))
+    assert torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)  # a distribution over the 11 classes
+    line = [FINE_CLASSES.index(c) for c in NEUTROPHIL_LINE]
+    assert torch.allclose(fine[:, line].exp().sum(1), lin[:, 0].exp(), atol=1e-5)  # the line's share is one decision
+    assert torch.allclose(fine[:, FINE_CLASSES.index("BNE")], lin[:, 0] + stage[:, 1], atol=1e-5)
+    assert torch.allclose(fine[:, FINE_CLASSES.index("EO")], lin[:, 1], atol=1e-5)
+    assert set(k for k in model.state_dict() if k.startswith("classifier.")) == {
+        "classifier.lineage.weight", "classifier.lineage.bias", "classifier.stage.weight", "classifier.stage.bias"}
+
+
 def _imagenet_image(name: str, spec) -> torch.Tensor:
     skdata = pytest.importorskip("skimage.data")
     from PIL import Image
@@ -53,6 +74,29 @@ def _imagenet_image(name: str, spec) -> torch.Tensor:
     img = Image.fromarray(getattr(skdata, name)()).resize((224, 224), Image.BILINEAR)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
     return ((x - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None])[None]
+
+
+def test_frozen_norm_keeps_loaded_statistics_through_training_and_trains_the_affine():
+    torch.manual_seed(0)
+    model = build_model("tf_efficientnet_lite0", num_classes=3)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:  # stand-ins for loaded ImageNet statistics
+        bn.running_mean.fill_(0.25)
+        bn.running_var.fill_(2.0)
+    freeze_norm_stats(model)
+    model.train()
+    assert not any(bn.training for bn in bns) and model.training
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [bn.weight.detach().clone() for bn in bns]
+    model(torch.rand(4, 3, 64, 64)).sum().backward()
+    opt.step()
+    assert all(torch.all(bn.running_mean == 0.25) and torch.all(bn.running_var == 2.0) for bn in bns)
+    assert all(bn.weight.grad is not None and bn.bias.grad is not None for bn in bns)  # the affine trains
+    assert not torch.equal(bns[-1].weight.detach(), before[-1])
+    plain = build_model("tf_efficientnet_lite0", num_classes=3)
+    assert plain.load_state_dict(model.state_dict()) is not None  # saved as a plain BatchNorm network
+    frozen = build_model("tf_efficientnet_lite0", num_classes=3, norm="frozen").train()
+    assert not any(m.training for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 @pytest.mark.slow
@@ -135,3 +179,53 @@ def test_shipped_lite0_runs_alike_under_torch_and_onnx(tmp_path, monkeypatch):
     p_t, n_t, p_o, n_o = s_t.probs, s_t.novelty, s_o.probs, s_o.novelty
     assert p_t.shape == (4, 11) and n_t is not None
     assert np.allclose(p_t, p_o, atol=1e-3) and np.allclose(n_t, n_o, rtol=1e-3, atol=1e-3)
+
+
+def test_artefacts_are_jigsaws_smudges_or_cut_cells_of_the_batch():
+    from smear.nn.augment import artefacts
+
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cell = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2).float()  # a dark disc on a light field, noisy
+    x = (0.9 - 0.6 * cell).expand(24, 3, 64, 64) + 0.05 * torch.rand(24, 3, 64, 64, generator=gen)
+    out = artefacts(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+    def tv(img):  # detail: how far each pixel is from its 3 x 3 neighbourhood's mean
+        return float((img - torch.nn.functional.avg_pool2d(img[None], 3, 1, 1, count_include_pad=False)[0]).abs().mean())
+
+    kinds = []
+    for a, b in zip(x, out):
+        if torch.equal(a.flatten().sort().values, b.flatten().sort().values) and not torch.equal(a, b):
+            kinds.append("jigsaw")  # the same pixels, moved
+        elif tv(b) < 0.3 * tv(a):
+            kinds.append("smudge")
+        else:  # a cut cell: most of the disc is gone from the centre, the field's light value fills in
+            assert float(b[:, 24:40, 24:40].mean()) > float(a[:, 24:40, 24:40].mean()) + 0.2
+            kinds.append("cut")
+    assert set(kinds) == {"jigsaw", "smudge", "cut"}
+
+
+def test_outlier_exposure_adds_a_uniform_target_term_on_artefacts_of_the_batch(monkeypatch):
+    from smear.classify import train as ctrain
+    from smear.nn.augment import BatchAugment
+    from smear.nn.tensors import Normalize
+
+    seen = []
+    real = ctrain.artefacts
+    monkeypatch.setattr(ctrain, "artefacts", lambda x, gen: seen.append(len(x)) or real(x, gen))
+    model = build_model("test_efficientnet")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    crops = np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), dtype=np.uint8)
+    labels = (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+    args = {"class_weights": torch.ones(11), "smoothing": 0.0, "group_weight": 1.0}
+    losses = {}
+    for share in (0.0, 0.5):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        row = ctrain.train_one_epoch(model, Normalize([0.5] * 3, [0.5] * 3), opt, sched, crops, labels,
+                                     BatchAugment(32, {"dihedral": False}, seed=0), 4,
+                                     {**args, "outlier_share": share, "outlier_weight": 1.0}, 1, "cpu",
+                                     np.arange(8), prefetch=False)
+        losses[share] = row["train_loss"]
+    assert seen == [2, 2]  # half of each batch of 4, drawn again as non-cells
+    assert losses[0.5] > losses[0.0] + 1.0  # + the cross-entropy to uniform (>= log 11 minus the entropy gap)

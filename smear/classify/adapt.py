@@ -201,7 +201,7 @@ def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
 
 
 def _load(source: Path, meta: dict[str, Any], dev) -> tuple[torch.nn.Module, Normalize]:
-    net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch")), source / meta["weights"]).to(dev)
+    net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch"), head=meta.get("head", "flat")), source / meta["weights"]).to(dev)
     return net, Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
 
 

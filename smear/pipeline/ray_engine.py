@@ -16,6 +16,7 @@ import contextlib
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Sequence
@@ -29,6 +30,7 @@ from smear.types import FieldResult, SkippedField
 
 INSTALL = 'pip install "smear[ray]"'
 RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
+EXIT_WAIT_S = 10.0  # the most a closing engine waits for its killed workers to exit
 PER_WORKER = 2   # runs queued on each worker, so it never waits for the driver between runs
 START_TIMEOUT_S = 600.0
 
@@ -95,13 +97,15 @@ class FieldWorker:
         self.notes: list[str] = []
         self.cache = FieldCache(cache[0], cache[1], warn=self.notes.append) if cache else None
 
-    def ready(self) -> tuple[int, tuple[float, int] | None]:
-        """The worker's process id and its stages' crop geometry, once its models are loaded; what
-        building them raised, if it did."""
+    def ready(self) -> tuple[int, str, tuple[float, int] | None]:
+        """The worker's process id, its Ray node and its stages' crop geometry, once its models are
+        loaded; what building them raised, if it did."""
         if self.error is not None:
             raise self.error
         assert self.stages is not None
-        return os.getpid(), self.stages.crop_geometry
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.stages.crop_geometry
 
     def run(self, slide: str, fields: Sequence[Path], max_pixels: int, resume: bool) -> tuple[list[Item], list[str]]:
         """The results of these fields of a slide, in order, and the cache's warnings meanwhile."""
@@ -179,6 +183,7 @@ class RayEngine:
     pids: list[int] = field(default_factory=list, init=False)
     _owns: bool = field(default=False, init=False)
     _noted: set[str] = field(default_factory=set, init=False)
+    _local: list[int] = field(default_factory=list, init=False)   # worker pids on this machine
 
     def __enter__(self) -> RayEngine:
         ray = require_ray()
@@ -198,6 +203,8 @@ class RayEngine:
             except Exception:  # noqa: BLE001 - an actor that is already gone
                 pass
         self.actors = []
+        _wait_gone(self._local, EXIT_WAIT_S)  # a killed worker may still be writing its last cache entry
+        self._local = []
         if self._owns and ray.is_initialized():
             ray.shutdown()
         self._owns = False
@@ -242,11 +249,13 @@ class RayEngine:
         self.actors = [worker.remote(self.build, cache) for _ in range(n)]
         pending = {a.ready.remote(): a for a in self.actors}
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout_s)
-        started, self.pids = [], []
+        started, self.pids, self._local = [], [], []
         for ref in ready:
             try:
-                pid, self.crop_geometry = ray.get(ref)
+                pid, node, self.crop_geometry = ray.get(ref)
                 self.pids.append(pid)
+                if node == ray.get_runtime_context().get_node_id():
+                    self._local.append(pid)
             except Exception as exc:  # noqa: BLE001 - a worker whose stages could not be built
                 raise _smear_error(exc) or SmearError(f"a Ray worker could not load the models: {_first_line(_cause(exc))}",
                                                       hint="rerun with --verbose for the worker's traceback") from exc
@@ -315,6 +324,30 @@ class RayEngine:
                     ray.cancel(ref)
                 except Exception:  # noqa: BLE001 - finished meanwhile, or not cancellable
                     pass
+
+
+def _wait_gone(pids: Sequence[int], timeout_s: float) -> None:
+    """Waits, at most ``timeout_s``, until these processes of this machine have exited (a zombie
+    counts as exited), so that nothing they write lands after the engine has closed."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                if not Path("/proc/self").exists():  # no procfs: ask the kernel
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    except OSError:
+                        pass
+                else:
+                    break
+            else:
+                if state in ("Z", "X"):
+                    break
+            time.sleep(0.05)
 
 
 def _first_line(exc: BaseException) -> str:
