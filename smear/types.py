@@ -68,6 +68,33 @@ class MaskStats:
         return self.nucleus_area_px / self.cell_area_px if self.cell_area_px else float("nan")
 
 
+#: what the review page shows, kept by the pipeline when a run makes the page (``Stages.keep_views``):
+#: each cell's crop at VIEW_CROP_PX square, each field at most VIEW_FIELD_PX on its long side
+VIEW_CROP_PX = 96
+VIEW_FIELD_PX = 640
+
+
+@dataclass(frozen=True)
+class CellView:
+    """What the review page shows of a classified cell, cut by the pipeline from the field it read:
+    the crop (the run's crop geometry, VIEW_CROP_PX square, RGB uint8) and, for a masked cell, the
+    segmenter's mask of it at the same size (0 background, 1 cytoplasm, 2 nucleus)."""
+
+    crop: np.ndarray
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FieldView:
+    """What the review page shows of a field: the image scaled by ``scale`` (<= 1) to at most
+    VIEW_FIELD_PX on its long side, and the sha256 of the decoded field's pixels (the page keys its
+    saved review by the content it shows; "" when the field could not be read for its view)."""
+
+    image: np.ndarray | None
+    scale: float
+    digest: str
+
+
 @dataclass(frozen=True)
 class CellPrediction:
     """A classified cell: its detection, label (a fine class or UNIDENTIFIED), calibrated probs."""
@@ -79,6 +106,7 @@ class CellPrediction:
     mask: MaskStats | None = None
     novelty: float | None = None  # distance to the nearest training class / its threshold; > 1: novel
     guard: tuple[float, ...] | None = None  # the slide guard's per-cell vector (smear.classify.guard)
+    view: CellView | None = field(default=None, compare=False, repr=False)  # kept for the review page
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,7 @@ class FieldResult:
     cells: tuple[CellPrediction, ...] = ()
     path: str = ""  # the field's image file (a whole slide's file), for reports that show it
     region: SlideRegion | None = None  # a tile of a whole slide: where it lies
+    view: FieldView | None = field(default=None, compare=False, repr=False)  # kept for the review page
 
     def count(self, kind: CellKind) -> int:
         return sum(1 for d in self.detections if d.kind == kind)
@@ -362,8 +391,6 @@ class RunResult:
     version: str
     audit: dict[str, Any]
     geometry: CropGeometry | None = None
-    segmenter: Segmenter | None = None  # the run's segmenter when it ran here (the page outlines its masks)
-    read_field: Any = None  # reads a whole-slide tile again for the page (None: fields are files)
     finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
 
     @property

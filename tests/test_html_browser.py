@@ -33,7 +33,8 @@ def test_report_renders_in_chromium(tmp_path):
         Image.fromarray(img).save(folder / f"f{i}.png")
         by_width[160 + i] = dets(3, 4, 1)
     [slide] = find_slides([folder])
-    stages = Stages(FakeDetector(by_width), ContentClassifier([("SNE", 0.9), ("LY", 0.3), ("ERB", 0.8)]))
+    stages = Stages(FakeDetector(by_width), ContentClassifier([("SNE", 0.9), ("LY", 0.3), ("ERB", 0.8)]),
+                    keep_views=True)
     rep = run_slide(slide, stages)
     page = tmp_path / "report.html"
     write_text_atomic(page, render_html([rep], differentials([rep], default_config("pipeline"))))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
-from fakes import ContentClassifier, FakeDetector, dets
+from fakes import ContentClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
 from smear.io import find_slides
 from smear.pipeline.cache import FieldCache
@@ -71,9 +73,26 @@ def test_cache_is_keyed_by_content_and_version(tmp_path):
     assert cache.get(slide.fields[0], "slide") is None
 
 
+def test_resumed_run_makes_the_same_page(tmp_path):
+    """Fields from the cache (which keeps no pixels) get their views again, read and masked once more
+    by the pipeline: the resumed run's page is the fresh run's, outlines included."""
+    slide, by_width = _slide(tmp_path, n=5)
+
+    def stages():
+        return dataclasses.replace(_stages(by_width), segmenter=HalfMask(rest=1), keep_views=True)
+
+    cache = FieldCache(tmp_path / "cache", "v1")
+    fresh = run_slide(slide, stages(), cache=cache)
+    again = stages()
+    resumed = run_slide(slide, again, cache=cache, resume=True)
+    assert again.detector.batches == []  # every field came from the cache
+    page = lambda rep: render_html([rep], differentials([rep], CFG), cfg=CFG, audit={"date": "today"})  # noqa: E731
+    assert "N:C 0.50" in page(fresh) and page(resumed) == page(fresh)
+
+
 def test_html_report_is_self_contained(tmp_path):
     slide, by_width = _slide(tmp_path, n=3)
-    rep = run_slide(slide, _stages(by_width))
+    rep = run_slide(slide, dataclasses.replace(_stages(by_width), keep_views=True))
     page = render_html([rep], differentials([rep], CFG), gallery_per_class=5)
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert "http://" not in page and "https://" not in page  # no external script, font or CDN

@@ -73,7 +73,7 @@ def _report(tmp_path):
         Image.fromarray(img).save(folder / name)
         by_width[160 + i] = dets(3, 20, 1)
     [slide] = find_slides([folder])
-    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5)
+    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5, keep_views=True)
     return run_slide(slide, stages)
 
 
@@ -292,7 +292,8 @@ def _big_page(tmp_path) -> tuple[SlideReport, Path]:
         by_width[220 + i] = dets(20, 0, 0)
     [slide] = find_slides([folder])
     labels = [("LY", 0.3)] * 5 + [("EO", 0.9)] * 5 + [("SNE", 0.9)] * 70
-    rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5))
+    rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5,
+                                  keep_views=True))
     cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"signoff_requires_review": True})})
     path = tmp_path / "big.html"
     write_text_atomic(path, render_html([rep], differentials([rep], cfg), cfg=cfg))

@@ -24,10 +24,8 @@ def render(result: RunResult, fmt: str) -> str:
     if fmt == "html":
         from smear.report.html import render_html
 
-        crops = {} if result.geometry is None else {"crop_margin": result.geometry.margin,
-                                                    "segment_size": result.geometry.size}
-        return render_html(result.reports, result.differentials, result.cfg.report.gallery_per_class, cfg=result.cfg,
-                           audit=result.audit, segmenter=result.segmenter, read_field=result.read_field, **crops)
+        return render_html(result.reports, result.differentials, result.cfg.report.gallery_per_class,
+                           cfg=result.cfg, audit=result.audit)
     raise ValueError(f"unknown report format {fmt!r}: one of {', '.join(FORMATS)}")
 
 
