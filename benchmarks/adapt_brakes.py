@@ -40,7 +40,8 @@ from smear.classify.evaluate import lab_row  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 from smear.crops import cut_crop  # noqa: E402
 from smear.io import read_image  # noqa: E402
-from smear.types import SmearError, type5_of  # noqa: E402
+from smear.errors import SmearError  # noqa: E402
+from smear.taxonomy import type5_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 HEADER = ["slide", "field", "x0", "y0", "x1", "y1", "predicted_label", "prob", "corrected_label", "reviewer", "time"]

@@ -34,7 +34,7 @@ from smear.classify.adapt import Recipe, fine_tune  # noqa: E402
 from smear.classify.evaluate import lab_row  # noqa: E402
 from smear.classify.lab_cells import Cells, read_dataset, wide_geometry  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
-from smear.types import type5_of  # noqa: E402
+from smear.taxonomy import type5_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 KS = (10, 25, 50, 100)
@@ -64,7 +64,7 @@ def score(clf: CnnClassifier, crops: np.ndarray, labels: list[str]) -> dict[str,
 
 def load_sets(args, margin: float, wide: int, meta: dict) -> dict[str, tuple[Cells, np.ndarray]]:
     """Per set: the training cells (wide crops) and the inference crops of the same cells."""
-    from smear.classify.cache import cached_crops
+    from smear.classify.crop_cache import cached_crops
     from smear.classify.data import load_items
 
     roots = {"jtsc": (SHARED / "wbc-seg" / "jtsc", "csv"), "cellavision": (SHARED / "wbc-seg" / "cellavision", "csv"),

@@ -17,7 +17,7 @@ from smear.classify.model import build_model
 from smear.nn.tensors import Normalize
 from smear.classify.train import mixed_loss
 from smear.devices import set_threads
-from smear.types import FINE_CLASSES
+from smear.taxonomy import FINE_CLASSES
 
 
 def train_step_throughput(arch: str, crops_wide: np.ndarray, input_size: int, batch: int = 64,

@@ -21,7 +21,7 @@ from smear.artifacts import resolve_model_dir
 from smear.detect.data import DET_CLASSES, load_dataset
 from smear.detect.evaluate import box_iou, evaluate_predictions, predict_samples, tune_conf
 from smear.detect.yolo import YoloDetector
-from smear.types import CellKind
+from smear.taxonomy import CellKind
 
 
 def _floats(text: str) -> list[float]:

@@ -68,7 +68,7 @@ def detector_rows(runtime: str) -> dict[str, dict]:
 
 def classifier_rows(runtime: str, raabin: str | None, cache_dir: str | None) -> dict[str, dict]:
     from smear.artifacts import resolve_model_dir
-    from smear.classify.cache import cached_crops
+    from smear.classify.crop_cache import cached_crops
     from smear.classify.data import load_items, stratified_split
     from smear.classify.evaluate import lab_row
     from smear.classify.model import CnnClassifier

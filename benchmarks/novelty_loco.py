@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smear.classify.cache import cached_crops  # noqa: E402
+from smear.classify.crop_cache import cached_crops  # noqa: E402
 from smear.classify.data import load_items, stratified_split  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 

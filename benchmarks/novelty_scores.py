@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smear.classify import novelty  # noqa: E402
-from smear.classify.cache import cached_crops  # noqa: E402
+from smear.classify.crop_cache import cached_crops  # noqa: E402
 from smear.classify.data import load_items, stratified_split  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 from smear.nn.tensors import crops_to_tensor  # noqa: E402

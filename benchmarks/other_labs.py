@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smear.artifacts import resolve_model_dir  # noqa: E402
-from smear.classify.cache import cached_crops  # noqa: E402
+from smear.classify.crop_cache import cached_crops  # noqa: E402
 from smear.classify.data import load_items, stratified_split  # noqa: E402
 from smear.classify.evaluate import lab_row  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402

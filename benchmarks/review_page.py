@@ -29,7 +29,8 @@ from smear.pipeline.run import with_views
 from smear.report.html import render_html
 from smear.report.tables import differentials
 from smear.synth import make_field
-from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, SlideReport
+from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
+from smear.types import CellPrediction, Detection, FieldResult, SlideReport
 
 #: labels drawn for the cells: a normal adult differential with 5% left for review
 MIX = {"SNE": 0.55, "LY": 0.28, "MO": 0.06, "EO": 0.03, "BA": 0.01, "BNE": 0.02, UNIDENTIFIED: 0.05}

@@ -47,7 +47,7 @@ def main() -> None:
             for rt in runtimes}
     clfs, crops = {}, []
     if not args.no_classifier:
-        from smear.classify.cache import cached_crops
+        from smear.classify.crop_cache import cached_crops
         from smear.classify.data import load_items, stratified_split
         from smear.classify.model import CnnClassifier
 

@@ -45,12 +45,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import other_labs  # noqa: E402
 
 from smear.artifacts import model_version, resolve_model_dir  # noqa: E402
-from smear.classify.cache import cached_crops  # noqa: E402
+from smear.classify.crop_cache import cached_crops  # noqa: E402
 from smear.classify.evaluate import expected_calibration_error  # noqa: E402
 from smear.classify.guard_fit import type5_accuracy, type5_probs  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 from smear.detect import stain  # noqa: E402
-from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardSums, SlideReport  # noqa: E402
+from smear.taxonomy import CellKind  # noqa: E402
+from smear.types import CellPrediction, Detection, FieldResult, GuardSums, SlideReport  # noqa: E402
 
 #: the other-labs benchmark's stain shifts, plus a pink-red Wright-like cast
 SHIFTS = {**stain.SHIFTS, "pink": functools.partial(stain._blend, colour=(235, 130, 165), t=0.4)}

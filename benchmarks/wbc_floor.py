@@ -56,7 +56,7 @@ def main() -> None:
             print(f"| {floor:g} | {src} | {r['n_wbc']} | {r['precision']} | {r['recall']} | {r['false_wbc']} | "
                   f"{r['rbc_as_wbc']} |")
     from smear.detect.evaluate import _arrays, _greedy, iou_matrix, truth_detections
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     low: dict[str, list[float]] = {}
     for s, p in zip(samples, preds):

@@ -41,7 +41,7 @@ GLASS = (226, 222, 220)
 
 def _sources() -> list[tuple[Path, float]]:
     """(image, scale to BCCD's red-cell size) of every BCCD train and TXL-PBC train field."""
-    from smear.io import read_voc_xml
+    from smear.voc import read_voc_xml
 
     out = []
     for xml in sorted((DATA / "bccd" / "train" / "annotations").glob("*.xml")):
@@ -155,7 +155,7 @@ from smear.config import load_config
 from smear.pipeline.build import build_stages
 from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
 from smear.report.tables import CellsWriter
-from smear.types import WBC_CLASSES
+from smear.taxonomy import WBC_CLASSES
 path, target, cells = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = load_config("pipeline", None, ["cache_dir=off", "runtime=onnx", "device=cpu"])
 stages = build_stages(cfg)

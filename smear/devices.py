@@ -7,7 +7,7 @@ import functools
 import os
 from collections.abc import Iterator
 
-from smear.types import SmearError
+from smear.errors import SmearError
 
 
 def available_cores() -> int:

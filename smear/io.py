@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from smear.errors import DataError, ImageReadError, SmearError
+from smear.errors import ImageReadError, SmearError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 #: the formats PIL may decode (the README's list; a camera's multi-picture JPEG opens as JPEG):
@@ -211,38 +211,6 @@ def list_images(folder: str | Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-list_fields = list_images  # a slide's fields are the images of its folder
-
-
-@dataclass(frozen=True)
-class VocAnnotation:
-    """One Pascal VOC XML file: the image file it names and its objects as (name, box xyxy or None
-    when the box is missing or not numbers)."""
-
-    path: Path
-    filename: str
-    objects: tuple[tuple[str, tuple[float, float, float, float] | None], ...]
-
-
-def read_voc_xml(path: str | Path) -> VocAnnotation:
-    """Parse a VOC annotation (the one VOC parser); DataError for XML that does not parse."""
-    import xml.etree.ElementTree as ET
-
-    path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise DataError(f"{path}: unparseable XML ({exc})") from exc
-    objects = []
-    for obj in root.iter("object"):
-        bb = obj.find("bndbox")
-        try:
-            box = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
-        except (TypeError, ValueError, AttributeError):
-            box = None
-        objects.append(((obj.findtext("name") or "").strip(), box))
-    return VocAnnotation(path, root.findtext("filename") or path.stem + ".jpg", tuple(objects))
-
 
 def _walk_folders(root: Path) -> list[Path]:
     """Every visible subfolder under ``root``, sorted; hidden folders and folder symlinks are not
@@ -294,7 +262,7 @@ def find_slides(paths: list[str | Path], recursive: bool = False,
         folders = [path] + (_walk_folders(path) if recursive else [])
         found = False
         for folder in folders:
-            fields = list_fields(folder)
+            fields = list_images(folder)  # a slide's fields are the images of its folder
             if fields:
                 name = path.name if folder == path else str(folder.relative_to(path.parent))
                 slides.append(Slide(name or str(folder), tuple(fields)))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 #: White-cell kinds the generator draws (fine classes).
 WBC_KINDS: tuple[str, ...] = ("SNE", "BNE", "LY", "MO", "EO", "BA")

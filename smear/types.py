@@ -14,26 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from smear.config_models import PipelineConfig
 
-from smear.errors import ConfigError, DataError, ImageReadError, ModelError, SmearError  # noqa: F401
-from smear.taxonomy import (  # noqa: F401
-    ARTEFACT,
-    FINE_CLASSES,
-    FINE_NAMES,
-    FINE_TO_GROUP8,
-    FINE_TO_TYPE5,
-    GROUPS8,
-    REVIEW_CLASSES,
-    REVIEW_NAMES,
-    SMUDGE,
-    TYPES5,
-    UNIDENTIFIED,
-    WBC_CLASSES,
-    CellKind,
-    cell_kind,
-    fine_class,
-    group8_of,
-    type5_of,
-)
+from smear.taxonomy import FINE_CLASSES, GROUPS8, TYPES5, UNIDENTIFIED, CellKind
 
 
 # ---------------------------------------------------------------- results

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from smear.types import FINE_CLASSES, CellKind, ClassScores, Detection
+from smear.taxonomy import FINE_CLASSES, CellKind
+from smear.types import ClassScores, Detection
 
 
 class FakeDetector:
@@ -133,7 +134,7 @@ class _Tripwire:
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fail_width in widths:
-            from smear.types import SmearError
+            from smear.errors import SmearError
 
             raise SmearError(f"fault injected on a field {self.fail_width} px wide")
         if self.log:

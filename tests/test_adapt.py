@@ -19,7 +19,8 @@ from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.weights import save_weights
 from smear.cli import app
 from smear.crops import cut_crop
-from smear.types import FINE_CLASSES, SmearError
+from smear.errors import SmearError
+from smear.taxonomy import FINE_CLASSES
 
 TINY = "test_efficientnet"
 FAST = Recipe(epochs=2, batch=8, heldout=0.25)

@@ -14,7 +14,7 @@ from smear.classify.adapt import heldout_split
 from smear.classify.lab_cells import read_cells, read_corrections
 from smear.cli import app
 from smear.crops import cut_crop
-from smear.types import SmearError
+from smear.errors import SmearError
 
 HEADER = ["slide", "field", "box", "predicted_label", "probability", "corrected_label", "reviewer", "time"]
 

@@ -10,7 +10,9 @@ import pytest
 from smear.detect.classical import ClassicalDetector
 from smear.detect.evaluate import box_iou, match_boxes
 from smear.synth import make_field, make_large_field
-from smear.types import CellKind, ConfigError, Detection, Detector
+from smear.errors import ConfigError
+from smear.taxonomy import CellKind
+from smear.types import Detection, Detector
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BCCD_TEST = DATA / "bccd" / "test"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_classify_data import BACKGROUND, draw_cell, make_pbc
 
-from smear.classify.cache import cache_key, cached_crops, cut_cell_crop
+from smear.classify.crop_cache import cache_key, cached_crops, cut_cell_crop
 from smear.nn.tensors import channel_stats
 from smear.classify.cellbox import central_box, find_cell_box, find_cell_box_info
 from smear.classify.data import load_pbc

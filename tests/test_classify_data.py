@@ -26,7 +26,7 @@ from smear.classify.data import (
     stratified_split,
     subsample,
 )
-from smear.types import SmearError
+from smear.errors import SmearError
 
 BACKGROUND = (248, 232, 205)
 RBC = (222, 160, 160)

@@ -21,7 +21,7 @@ from smear.classify.evaluate import (
     summary_line,
 )
 from smear.classify.train import GROUP_MASK, class_weights, mixed_loss
-from smear.types import FINE_CLASSES, GROUPS8
+from smear.taxonomy import FINE_CLASSES, GROUPS8
 
 
 def _one_hot(pred, k):

@@ -15,7 +15,9 @@ from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.tensors import crops_to_tensor
 from smear.nn.weights import save_weights
 from smear.config import load_config
-from smear.types import FINE_CLASSES, Classifier, ModelError
+from smear.errors import ModelError
+from smear.taxonomy import FINE_CLASSES
+from smear.types import Classifier
 
 TINY = "test_efficientnet"  # timm's own test network: ~0.1 M parameters
 

@@ -31,7 +31,7 @@ def _synth_slide(folder, seeds=(1, 2, 3)):
 
 
 def test_run_csv_counts_synthetic_wbcs(tmp_path):
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     truth = _synth_slide(tmp_path / "slide1")
     res = runner.invoke(app, ["run", str(tmp_path / "slide1"), "--report", "csv", *CLASSICAL])
@@ -44,7 +44,7 @@ def test_run_csv_counts_synthetic_wbcs(tmp_path):
 
 
 def test_run_outputs_cells_json_and_table(tmp_path):
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     truth = _synth_slide(tmp_path / "s", seeds=(4,))
     n_wbc = sum(d.kind == CellKind.WBC for d in truth["field_04.png"].detections)
@@ -142,7 +142,7 @@ def test_eval_detect_scores_cleaned_truth_and_warns_of_repeated_boxes(tmp_path):
     from smear.detect.data import DET_CLASSES, write_yolo_dataset, Sample
     from smear.io import write_image_atomic
     from smear.synth import make_field
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     f = make_field(seed=3)
     image = tmp_path / "src" / "field.png"

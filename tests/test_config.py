@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smear.config import STAGES, default_config, dump_config, load_config, parse_override
-from smear.types import ConfigError
+from smear.errors import ConfigError
 
 
 @pytest.mark.parametrize("stage", STAGES)

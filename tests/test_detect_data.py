@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from smear.detect.data import load_dataset, write_yolo_dataset
-from smear.types import CellKind
+from smear.taxonomy import CellKind
 
 VOC_OBJ = "<object><name>{}</name><bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax></bndbox></object>"
 

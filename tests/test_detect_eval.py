@@ -7,7 +7,8 @@ import pytest
 
 from smear.detect.evaluate import coco_ap, iou_matrix, score_detections, tune_conf
 from smear.detect.data import Sample
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 W, R, P = CellKind.WBC, CellKind.RBC, CellKind.PLATELET
 

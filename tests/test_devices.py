@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smear.devices import available_cores, default_threads, resolve_device, set_threads
-from smear.types import SmearError
+from smear.errors import SmearError
 
 
 def test_cpu_and_auto():
@@ -68,7 +68,7 @@ def test_importing_ultralytics_leaves_the_thread_count_to_smear(monkeypatch):
     import os
     import sys
 
-    from smear.detect.ultra import ultralytics
+    from smear.detect.ultralytics_adapter import ultralytics
     from smear.devices import available_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -12,7 +12,8 @@ from smear.classify.guard import COLOUR_NAMES, SlideGuard, colour_stats
 from smear.classify.guard_fit import random_shift
 from smear.config import default_config
 from smear.report.summary import differential
-from smear.types import CellKind, CellPrediction, Detection, FieldResult, GuardSums, SlideReport
+from smear.taxonomy import CellKind
+from smear.types import CellPrediction, Detection, FieldResult, GuardSums, SlideReport
 
 CFG = default_config("pipeline")
 GCFG = CFG.guard
@@ -266,7 +267,7 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
 
 
 def test_a_broken_guard_file_is_one_model_error(tmp_path):
-    from smear.types import ModelError
+    from smear.errors import ModelError
 
     meta = {"guard": {"file": "guard.safetensors", "thresholds": {"features": 1.0}}}
     with pytest.raises(ModelError, match="missing"):

@@ -78,7 +78,7 @@ def test_a_training_checkpoint_with_a_pickle_payload_is_refused_unrun(tmp_path):
     import torch
 
     from smear.nn.loop import load_checkpoint
-    from smear.types import ModelError
+    from smear.errors import ModelError
 
     marker = tmp_path / "PWNED"
     ckpt = tmp_path / "checkpoint.pt"

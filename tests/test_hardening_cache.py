@@ -34,7 +34,7 @@ def test_a_swapped_model_onnx_changes_the_audit_and_the_resume_key(tmp_path):
     from smear.artifacts import shipped_dir
     from smear.config import load_config
     from smear.pipeline.build import audit_info, stages_version
-    from smear.pipeline.export import export_model_dir
+    from smear.pipeline.onnx_export import export_model_dir
 
     genuine = tmp_path / "clf"
     export_model_dir("classifier", shipped_dir("classifier"), genuine)

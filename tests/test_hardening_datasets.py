@@ -47,7 +47,7 @@ def test_eval_segment_skips_unreadable_images_and_counts_them(tmp_path):
 
     from smear.crops import cut_crop
     from smear.synth import make_field
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     src = tmp_path / "lab"
     (src / "images").mkdir(parents=True)

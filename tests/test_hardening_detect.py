@@ -33,7 +33,7 @@ def _activation_detector(tmp_path: Path) -> tuple[Path, Path]:
     import torch
 
     from smear.artifacts import shipped_dir
-    from smear.detect.ultra import ultralytics
+    from smear.detect.ultralytics_adapter import ultralytics
 
     ul = ultralytics()
     folder, marker = tmp_path / "evil_detector", tmp_path / "PWNED"
@@ -121,7 +121,7 @@ def test_a_detector_pt_with_a_pickle_payload_is_refused_unrun(tmp_path, command)
 def test_a_training_runs_pt_passes_the_pickle_check(tmp_path):
     from smear.artifacts import check_torch_file
     from smear.detect.network import yolo
-    from smear.detect.ultra import allowed_global
+    from smear.detect.ultralytics_adapter import allowed_global
 
     yolo("yolo11n.yaml").save(str(tmp_path / "best.pt"))
     check_torch_file(tmp_path / "best.pt", allowed_global)
@@ -169,7 +169,7 @@ def test_the_pipeline_with_onnx_export_opens_no_connection(tmp_path):
 
 _ULTRALYTICS_SETTINGS = """
 import os
-from smear.detect.ultra import ultralytics
+from smear.detect.ultralytics_adapter import ultralytics
 ultralytics()
 import ultralytics.utils as u
 import ultralytics.utils.checks as checks
@@ -201,7 +201,7 @@ def test_ultralytics_is_offline_and_never_installs_whatever_the_environment(tmp_
 
 
 def test_an_unwritable_cache_home_does_not_stop_ultralytics(tmp_path, monkeypatch):
-    from smear.detect.ultra import setup_offline
+    from smear.detect.ultralytics_adapter import setup_offline
 
     blocked = tmp_path / "xdg_is_a_file"
     blocked.write_text("x")

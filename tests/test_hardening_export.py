@@ -1,4 +1,4 @@
-"""Hardening of `smear export` (smear/pipeline/export.py): it never deletes."""
+"""Hardening of `smear export` (smear/pipeline/onnx_export.py): it never deletes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _fake_model_dir(folder: Path) -> Path:
 
 
 def test_export_into_a_folder_with_files_is_refused_and_force_deletes_nothing(tmp_path, monkeypatch):
-    import smear.pipeline.export as rt
+    import smear.pipeline.onnx_export as rt
 
     out = tmp_path / "exported"
     (out / "classifier").mkdir(parents=True)

@@ -424,7 +424,8 @@ class _TileRecorder:
         self.batches: list[int] = []
 
     def detect(self, images):
-        from smear.types import CellKind, Detection
+        from smear.taxonomy import CellKind
+        from smear.types import Detection
 
         self.batches.append(len(images))
         return [[Detection((im.shape[1] / 2 - 40, im.shape[0] / 2 - 40, im.shape[1] / 2 + 40, im.shape[0] / 2 + 40),

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from smear.io import atomic_path, find_slides, read_image, write_text_atomic
-from smear.types import ImageReadError, SmearError
+from smear.errors import ImageReadError, SmearError
 
 
 def _rgb(h=20, w=30) -> np.ndarray:

@@ -119,7 +119,7 @@ def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="exporter broke"):
         assert _with_fallback(default_config("pipeline").model_copy(update={"runtime": "onnx"}), load) == "torch model"
     assert calls == ["onnx", "torch"]
-    from smear.types import ModelError
+    from smear.errors import ModelError
 
     def missing(rt):
         raise ModelError("model folder not found")

@@ -20,8 +20,9 @@ from smear.classify.sources import epoch_order, source_specs
 from smear.cli import app
 from smear.config import default_config
 from smear.report.summary import differential
-from smear.types import (FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, ConfigError, Detection, FieldResult,
-                         SlideReport)
+from smear.errors import ConfigError
+from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
+from smear.types import CellPrediction, Detection, FieldResult, SlideReport
 
 CFG = default_config("pipeline")
 
@@ -364,7 +365,7 @@ def test_wbc_rows_count_red_cells_taken_for_white_cells_per_source(tmp_path):
 
 def test_a_named_shipped_folder_resolves_and_an_unknown_name_is_a_clear_error():
     from smear.artifacts import load_meta, resolve_model_dir
-    from smear.types import ModelError
+    from smear.errors import ModelError
 
     folder = resolve_model_dir("shipped:detector_stain", "detector")
     meta = load_meta(folder)

@@ -12,7 +12,7 @@ from fakes import FakeClassifier, FakeDetector, dets
 from smear.io import find_slides
 from smear.report.tables import cells_csv, differentials, summary_csv, summary_frame, to_csv, to_json
 from smear.pipeline.run import Stages, run_slide
-from smear.types import UNIDENTIFIED
+from smear.taxonomy import UNIDENTIFIED
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -20,7 +20,8 @@ from smear.io import find_slides, write_text_atomic
 from smear.report.html import render_html, slide_base
 from smear.report.tables import differentials, summary_csv
 from smear.pipeline.run import Stages, run_slide
-from smear.types import FINE_CLASSES, SkippedField, SlideReport, Tally
+from smear.taxonomy import FINE_CLASSES
+from smear.types import SkippedField, SlideReport, Tally
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install '.[test]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

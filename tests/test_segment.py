@@ -16,7 +16,7 @@ from smear.crops import cut_crop
 from smear.segment import data as sdata
 from smear.segment.evaluate import crop_scores, dice_iou, evaluate_segmenter
 from smear.synth import make_field
-from smear.types import CellKind
+from smear.taxonomy import CellKind
 
 runner = CliRunner()
 
@@ -100,7 +100,7 @@ def test_lobes_of_one_nucleus_are_one_cell():
 
 
 def test_source_without_masks_is_a_clear_error(tmp_path):
-    from smear.types import DataError
+    from smear.errors import DataError
 
     (tmp_path / "s" / "images").mkdir(parents=True)
     with pytest.raises(DataError, match="images/ and masks/"):

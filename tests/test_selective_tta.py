@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from smear.classify.model import CnnClassifier
-from smear.types import FINE_CLASSES
+from smear.taxonomy import FINE_CLASSES
 
 
 class Asymmetric(torch.nn.Module):

@@ -6,7 +6,8 @@ import pytest
 
 from smear.config import default_config
 from smear.report.summary import cells_needed, differential, proportion_ci
-from smear.types import FINE_CLASSES, CellKind, CellPrediction, Detection, FieldResult, SlideReport
+from smear.taxonomy import FINE_CLASSES, CellKind
+from smear.types import CellPrediction, Detection, FieldResult, SlideReport
 
 CFG = default_config("pipeline")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from smear.synth import WBC_KINDS, SynthField, make_field, make_large_field
-from smear.types import CellKind
+from smear.taxonomy import CellKind
 
 
 def _count(f: SynthField, kind: CellKind) -> int:

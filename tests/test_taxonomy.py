@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from smear.types import (
-    FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, WBC_CLASSES, CellKind, SmearError,
+from smear.errors import SmearError
+from smear.taxonomy import (
+    FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, WBC_CLASSES, CellKind,
     cell_kind, fine_class, group8_of, type5_of,
 )
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from smear.detect.tiling import TiledDetector, tile_grid
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 
 class BlobDetector:

@@ -22,7 +22,7 @@ from wsi_synth import BLOCK, COLUMNS, MPP, ROWS, gradient_slide, kind_of  # noqa
 from smear.pipeline.run import Stages  # noqa: E402
 from smear.pipeline.wsi_run import WsiSettings, geometry, read_tile, run_whole_slide  # noqa: E402
 from smear.report.summary import differential  # noqa: E402
-from smear.types import CellKind  # noqa: E402
+from smear.taxonomy import CellKind  # noqa: E402
 from smear.wsi import finder  # noqa: E402
 from smear.wsi.slide import WholeSlide, is_whole_slide, thumbnail  # noqa: E402
 from smear.wsi.write import write_pyramid  # noqa: E402

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from smear.artifacts import load_meta, save_model_dir
-from smear.types import Detection, Detector, ModelError
+from smear.errors import ModelError
+from smear.types import Detection, Detector
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_border_is_put_round_the_field_and_taken_off_the_boxes(tiny_model_dir):
     import torch
 
     from smear.detect.yolo import YoloDetector
-    from smear.types import CellKind
+    from smear.taxonomy import CellKind
 
     det = YoloDetector.from_dir(tiny_model_dir, device="cpu", border=16)  # imgsz 64
     rng = np.random.default_rng(0)

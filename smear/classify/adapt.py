@@ -49,7 +49,8 @@ from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_
 from smear.nn.loop import warmup_cosine
 from smear.devices import resolve_device, set_threads
 from smear.io import write_text_atomic
-from smear.types import FINE_CLASSES, DataError, SmearError
+from smear.errors import DataError, SmearError
+from smear.taxonomy import FINE_CLASSES
 
 MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
 
@@ -358,7 +359,7 @@ def refit_novelty(net: torch.nn.Module, meta: dict[str, Any], source_cells: Cell
     from smear.classify import novelty as nov
     from smear.classify.train import GROUP_MASK
     from smear.nn.augment import eval_batch, to_uint8
-    from smear.types import GROUPS8
+    from smear.taxonomy import GROUPS8
 
     quantile = float(meta["novelty"].get("quantile", 0.97))
     src_fit, src_val = heldout_split(source_cells.strata, 0.2, recipe.seed, source_cells.groups)

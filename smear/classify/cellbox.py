@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from smear.crops import stain_score  # noqa: F401 - shared with the detector's WBC check
+from smear.crops import stain_score
 
 #: Bumped whenever the algorithm changes, so crop caches keyed on it are rebuilt.
 CELLBOX_VERSION = 1

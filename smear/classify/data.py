@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from smear.io import list_images, read_json, write_text_atomic
-from smear.types import FINE_TO_GROUP8, SmearError, fine_class, group8_of
+from smear.errors import SmearError
+from smear.taxonomy import FINE_TO_GROUP8, fine_class, group8_of
 
 SPLIT_NAMES = ("train", "val", "test")
 

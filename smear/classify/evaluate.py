@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from smear.types import (
-    FINE_CLASSES,
-    FINE_TO_GROUP8,
-    FINE_TO_TYPE5,
-    GROUPS8,
-    TYPES5,
-    fine_class,
-    group8_of,
-    type5_of,
+from smear.taxonomy import (
+    FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, fine_class, group8_of, type5_of,
 )
 
 _log = logging.getLogger(__name__)
@@ -213,7 +206,7 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
     """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
     cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.
     With a ``segmenter`` each crop's background is painted out before classification."""
-    from smear.classify.cache import readable_crops
+    from smear.classify.crop_cache import readable_crops
     from smear.classify.data import load_items, load_split
     from smear.classify.model import CnnClassifier
 

@@ -119,9 +119,9 @@ def explain_files(clf: CnnClassifier, paths: Sequence[Path], out: Path, target: 
                   warn=None) -> list[dict]:
     """Grad-CAM overlays of single-cell images (the cell is found as in training, then cut with the
     model's geometry), written as ``out/<stem>_gradcam.png``; one summary row per image."""
-    from smear.classify.cache import cut_cell_crop
+    from smear.classify.crop_cache import cut_cell_crop
     from smear.io import read_image, write_image_atomic
-    from smear.types import SmearError
+    from smear.errors import SmearError
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -122,7 +122,7 @@ class SlideGuard:
             return None
         from safetensors.numpy import load_file
 
-        from smear.types import ModelError
+        from smear.errors import ModelError
 
         path = model_dir / gmeta.get("file", GUARD_FILE)
         if not path.is_file():

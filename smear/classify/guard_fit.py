@@ -193,12 +193,12 @@ def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: i
     ``meta["guard"]`` into the model folder. Returns the meta entry."""
     from smear.artifacts import META
     from smear.classify import data as cdata
-    from smear.classify.cache import readable_crops
+    from smear.classify.crop_cache import readable_crops
     from smear.classify.model import CnnClassifier
     from smear.classify.sources import splits as _splits
     from smear.config import load_config
     from smear.io import write_text_atomic
-    from smear.types import ModelError, SmearError
+    from smear.errors import ModelError, SmearError
 
     run = Path(run)
     model_dir = Path(model_dir or run / "model")

@@ -40,7 +40,7 @@ def calibration_crops(root: str | Path, meta: Mapping[str, Any], n: int = CALIBR
     std = np.asarray(norm["std"], np.float32).reshape(1, 3, 1, 1)
 
     def batches() -> list[np.ndarray]:
-        from smear.classify.cache import build_crops
+        from smear.classify.crop_cache import build_crops
 
         crops, _, _ = build_crops(picked, margin, size, workers=1)
         x = crops.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)

@@ -17,7 +17,8 @@ import numpy as np
 from smear.classify.data import label_from_name, load_items
 from smear.crops import cut_crop
 from smear.io import read_image
-from smear.types import UNIDENTIFIED, DataError, SmearError
+from smear.errors import DataError, SmearError
+from smear.taxonomy import UNIDENTIFIED
 
 #: Corrected labels that mean "no leukocyte to learn from": such rows are skipped and counted.
 NOT_A_CELL = frozenset({"artefact", "artifact", "not a wbc", "not a wbc / artefact", "not a wbc/artefact",
@@ -364,8 +365,8 @@ def same_cell_groups(crops: np.ndarray, files: Sequence[str],
 def read_items(items: Sequence[Any], margin: float, size: int, cache_dir: str | Path | None = None,
                log: Callable[[str], None] | None = None, origin: str = "") -> Cells:
     """The cells of dataset items (``smear.classify.data.Item``), cut as training crops are
-    (``smear.classify.cache``); an unreadable image is an error naming it."""
-    from smear.classify.cache import UnreadableImages, cached_crops
+    (``smear.classify.crop_cache``); an unreadable image is an error naming it."""
+    from smear.classify.crop_cache import UnreadableImages, cached_crops
 
     try:
         crops = cached_crops(items, margin, size, cache_dir, log=log)
@@ -382,7 +383,7 @@ def read_items(items: Sequence[Any], margin: float, size: int, cache_dir: str | 
 def read_dataset(root: str | Path, margin: float, size: int, layout: str = "auto",
                  cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Cells:
     """The cells of a single-cell dataset (class folders, a labels.csv folder, PBC-style names),
-    cut as training crops are (``smear.classify.cache``); an unreadable image is an error naming it."""
+    cut as training crops are (``smear.classify.crop_cache``); an unreadable image is an error naming it."""
     return read_items(load_items(root, layout), margin, size, cache_dir, log, origin=str(root))
 
 

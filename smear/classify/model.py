@@ -10,19 +10,9 @@ from typing import Any
 import numpy as np
 
 from smear.artifacts import load_model
-from smear.types import FINE_CLASSES, ClassScores, ModelError
-
-#: torch helpers once public here; imported on first use, so a run on onnxruntime imports no torch
-_TORCH_NAMES = {"Normalize": "smear.nn.tensors", "crops_to_tensor": "smear.nn.tensors", "dihedral": "smear.nn.tensors",
-                "place": "smear.nn.tensors", "load_weights": "smear.nn.weights", "save_weights": "smear.nn.weights"}
-
-
-def __getattr__(name: str):
-    if name in _TORCH_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(_TORCH_NAMES[name]), name)
-    raise AttributeError(name)
+from smear.errors import ModelError
+from smear.taxonomy import FINE_CLASSES
+from smear.types import ClassScores
 
 WEIGHTS = "model.safetensors"
 

@@ -94,7 +94,7 @@ def save(model_dir: str | Path, stats: dict[str, np.ndarray]) -> Path:
 def load(model_dir: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    from smear.types import ModelError
+    from smear.errors import ModelError
 
     path = Path(model_dir) / NOVELTY_FILE
     if not path.is_file():

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from smear.classify import data as cdata
-from smear.classify.cache import readable_crops
+from smear.classify.crop_cache import readable_crops
 from smear.classify.sources import splits
 from smear.errors import ConfigError, SmearError
 from smear.io import write_text_atomic

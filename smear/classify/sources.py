@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from smear.classify import data as cdata
-from smear.classify.cache import readable_crops
+from smear.classify.crop_cache import readable_crops
 from smear.config_models import ClassifyConfig, ClassifyData
 from smear.errors import ConfigError, SmearError
 

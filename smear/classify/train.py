@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from smear.artifacts import save_model_dir
 from smear.classify import data as cdata
-from smear.classify.cache import readable_crops
+from smear.classify.crop_cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
 from smear.classify.card import Scored, classifier_meta, model_card
 from smear.classify.evaluate import classification_metrics, summary_line, write_report
@@ -46,7 +46,8 @@ from smear.nn.loop import warmup_cosine
 from smear.nn.pretrained import is_imagenet
 from smear.nn.tensors import Normalize, channel_stats, dihedral
 from smear.nn.weights import load_weights, save_weights
-from smear.types import FINE_CLASSES, GROUPS8, ConfigError
+from smear.errors import ConfigError
+from smear.taxonomy import FINE_CLASSES, GROUPS8
 
 _log = logging.getLogger(__name__)
 

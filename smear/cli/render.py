@@ -16,7 +16,7 @@ from smear.types import Differential
 
 def render_summary(diffs: Sequence[Differential], console: Console) -> None:
     """Per slide: a differential sheet (class, n, %, CI) with counts, warnings and flags."""
-    from smear.types import FINE_NAMES
+    from smear.taxonomy import FINE_NAMES
 
     for d in diffs:
         head = (f"[bold]{escape(str(d.slide))}[/]: {d.n_fields} fields, {d.n_wbc} WBC"

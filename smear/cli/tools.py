@@ -85,7 +85,7 @@ def data_stage_raabin(
     commit: Annotated[str, typer.Option(help="Commit that holds Dataset/Train and Dataset/Test.")] = "2fc4a60",
 ) -> None:
     """Stage Raabin-WBC's single-cell crops from a local git clone into class folders."""
-    from smear.classify.stage import stage_from_git
+    from smear.classify.git_dataset import stage_from_git
 
     counts = stage_from_git(clone, out, commit)
     for part, per_class in counts.items():
@@ -188,7 +188,7 @@ def export(
     """Write ONNX models (copies of the model folders with model.onnx) for `runtime: onnx`."""
     from smear.artifacts import load_meta, resolve_model_dir
     from smear.config import load_config
-    from smear.pipeline.export import check_export_target, export_model_dir
+    from smear.pipeline.onnx_export import check_export_target, export_model_dir
 
     cfg = load_config("pipeline", config, set_ or [])
     keys = {"detector": "detector_model", "classifier": "classifier_model", "segmenter": "segmenter_model"}

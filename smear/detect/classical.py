@@ -18,7 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from smear.types import CellKind, ConfigError, Detection
+from smear.errors import ConfigError
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 
 @dataclass(frozen=True)

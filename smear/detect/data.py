@@ -13,8 +13,10 @@ from typing import NamedTuple
 import yaml
 from PIL import Image
 
-from smear.io import IMAGE_FORMATS, list_images, read_voc_xml, write_text_atomic
-from smear.types import CellKind, DataError, SmearError, cell_kind
+from smear.io import IMAGE_FORMATS, list_images, write_text_atomic
+from smear.voc import read_voc_xml
+from smear.errors import DataError, SmearError
+from smear.taxonomy import CellKind, cell_kind
 
 #: Detector class order (YOLO class ids).
 DET_CLASSES: tuple[CellKind, ...] = (CellKind.WBC, CellKind.RBC, CellKind.PLATELET)

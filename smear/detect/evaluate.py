@@ -9,7 +9,9 @@ import numpy as np
 
 from smear.detect.data import DET_CLASSES, Sample
 from smear.io import read_image
-from smear.types import CellKind, DataError, Detection, Detector, ImageReadError
+from smear.errors import DataError, ImageReadError
+from smear.taxonomy import CellKind
+from smear.types import Detection, Detector
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 

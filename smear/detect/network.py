@@ -90,7 +90,7 @@ def read_network(path: str | Path) -> dict[str, Any]:
 def build_network(cfg: dict[str, Any], nc: int):
     """An ultralytics DetectionModel built from a checked ``cfg`` with ``nc`` classes (random weights),
     under ultralytics' restricted model construction where it has one (no eval of YAML strings)."""
-    from smear.detect.ultra import ultralytics
+    from smear.detect.ultralytics_adapter import ultralytics
 
     ultralytics()
     from ultralytics.nn import tasks
@@ -155,7 +155,7 @@ def read_pt(path: str | Path):
     import torch
 
     from smear.artifacts import check_torch_file
-    from smear.detect.ultra import allowed_global, ultralytics
+    from smear.detect.ultralytics_adapter import allowed_global, ultralytics
 
     ultralytics()
     from ultralytics.nn import tasks
@@ -218,7 +218,7 @@ def yolo(model: str | Path, task: str = "detect", classes=("wbc", "rbc", "platel
     their network YAML (no pickle), from a training run's .pt (pickle-checked, then unpickled with
     torch's weights_only loader) or from an ONNX file."""
     from smear.artifacts import check_torch_file
-    from smear.detect.ultra import allowed_global, ultralytics
+    from smear.detect.ultralytics_adapter import allowed_global, ultralytics
     from smear.devices import set_threads
 
     path = Path(model)

@@ -16,7 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 STRIDE = 32
 PAD = 114

@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from smear.crops import stain_score
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 WORK_SIDE = 320  # the stain map is computed on a copy of the field this many pixels on its long side
 

@@ -118,7 +118,7 @@ def _saved_config(path: Path, cfg: DetectConfig) -> DetectConfig:
 def _trainer(cfg: DetectConfig):
     """The ultralytics trainer class for a config: with our stain jitter unless ``stain.p`` is 0."""
     from smear.detect.stain import StainJitter
-    from smear.detect.ultra import stain_trainer
+    from smear.detect.ultralytics_adapter import stain_trainer
 
     if cfg.stain is None or cfg.stain.p <= 0:
         return None
@@ -145,7 +145,7 @@ def train(cfg: DetectConfig, out: Path, resume: bool = False,
 def _train(cfg: DetectConfig, out: Path, resume: bool, log: Callable[[str], None],
            on_batch: Callable[[int, int, int], None] | None) -> Path:
     from smear.detect.network import yolo
-    from smear.detect.ultra import training_log
+    from smear.detect.ultralytics_adapter import training_log
     from smear.devices import resolve_device, set_threads
 
     last = out / LAST

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 
 from smear.artifacts import load_meta, load_model
-from smear.types import CellKind, Detection
+from smear.taxonomy import CellKind
+from smear.types import Detection
 
 
 def infer_defaults() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from smear.artifacts import ONNX_FILE, cache_dir, files_version, load_meta
 from smear.devices import default_threads
 from smear.io import atomic_path
-from smear.nn.runtime import RUNTIMES, check_runtime  # noqa: F401 - also public here
+from smear.nn.runtime import check_runtime
 
 ONNX_NAME = ONNX_FILE
 

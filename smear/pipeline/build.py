@@ -11,7 +11,8 @@ from smear.artifacts import ModelMeta, load_model, resolve_model_dir
 from smear.config_models import PipelineConfig
 from smear.io import pixel_budget
 from smear.pipeline.run import Stages
-from smear.types import Detector, ModelError, Segmenter
+from smear.errors import ModelError
+from smear.types import Detector, Segmenter
 
 
 def _runtime(cfg: PipelineConfig) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smear.io import write_text_atomic
-from smear.types import FINE_CLASSES, UNIDENTIFIED, CellKind, CellPrediction, Detection, FieldResult, MaskStats
+from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
+from smear.types import CellPrediction, Detection, FieldResult, MaskStats
 
 ENTRY_FORMAT = 2
 LABELS = frozenset(FINE_CLASSES) | {UNIDENTIFIED, ""}  # "": a cell only masked, not classified

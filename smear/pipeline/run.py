@@ -16,10 +16,11 @@ import numpy as np
 from smear.io import Slide, check_exposure, image_pixels, pixel_budget, read_image
 from smear.pipeline.cache import FieldCache
 from smear.crops import crop_square, cut_crop, pad_value, paint_background
+from smear.errors import SmearError
+from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
-    FINE_CLASSES, UNIDENTIFIED, VIEW_CROP_PX, VIEW_FIELD_PX, CellKind, CellPrediction, CellView, Classifier,
-    Detection, Detector, FieldResult, FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport,
-    SmearError, Tally,
+    VIEW_CROP_PX, VIEW_FIELD_PX, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
+    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
 )
 
 

@@ -23,10 +23,9 @@ import numpy as np
 from smear.io import Slide, write_bytes_atomic
 from smear.pipeline.cache import FieldCache
 from smear.pipeline.run import Stages, _gather, classify_cells, field_view, with_views
-from smear.types import (
-    WBC_CLASSES, CellKind, FieldResult, FieldView, ImageReadError, SkippedField, SlideRegion, SlideReport,
-    SmearError, WholeSlideInfo,
-)
+from smear.errors import ImageReadError, SmearError
+from smear.taxonomy import WBC_CLASSES, CellKind
+from smear.types import FieldResult, FieldView, SkippedField, SlideRegion, SlideReport, WholeSlideInfo
 from smear.wsi import finder
 from smear.wsi.slide import Level, WholeSlide, thumbnail
 

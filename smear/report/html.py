@@ -14,10 +14,11 @@ import numpy as np
 
 from smear import __version__
 from smear.config_models import PipelineConfig
-from smear.types import (
+from smear.taxonomy import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
-    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind, Differential, FieldResult, SlideReport, summary_columns,
+    SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
+from smear.types import Differential, FieldResult, SlideReport, summary_columns
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)

@@ -8,10 +8,10 @@ from statistics import NormalDist
 
 from smear.config_models import Flags, Guard, Implausible, ReportSection
 
-from smear.types import (
+from smear.taxonomy import (
     FINE_CLASSES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
-    Differential, Share, SlideReport,
 )
+from smear.types import Differential, Share, SlideReport
 
 APART = ("ERB", "PLATELET")  # counted, but outside the WBC percentages
 GROUPS_APART = ("erythroblast", "platelet")

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from smear.config_models import PipelineConfig
 from smear.io import temp_name
 from smear.report.summary import differential
-from smear.types import CellKind, Differential, FieldResult, SlideReport
+from smear.taxonomy import CellKind
+from smear.types import Differential, FieldResult, SlideReport
 
 CELL_COLUMNS = ("slide", "field", "x0", "y0", "x1", "y1", "kind", "det_score", "label", "prob", "novelty")
 #: added to the per-cell table when a segmenter ran: areas in field pixels and their ratio

@@ -7,7 +7,8 @@ from pathlib import Path
 from smear.artifacts import cache_setting
 from smear.config_models import PipelineConfig
 from smear.io import write_text_atomic
-from smear.types import RunResult, SmearError
+from smear.errors import SmearError
+from smear.types import RunResult
 
 FORMATS = ("csv", "json", "html")
 KEPT_HINT = "every field's result is in the cache: fix the cause and rerun with --resume"

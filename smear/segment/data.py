@@ -25,8 +25,9 @@ import numpy as np
 
 from smear.config_models import SegmentData
 from smear.crops import cut_crop, pad_value
-from smear.io import image_pixels, list_images, read_image, read_voc_xml
-from smear.types import DataError, ImageReadError
+from smear.io import image_pixels, list_images, read_image
+from smear.voc import read_voc_xml
+from smear.errors import DataError, ImageReadError
 
 BACKGROUND, CYTOPLASM, NUCLEUS, NOT_NUCLEUS, IGNORE = 0, 1, 2, 254, 255
 #: WBC box side / nucleus-group box side, when a field has no box annotation (BCCD median ~1.35)

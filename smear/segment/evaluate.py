@@ -17,7 +17,8 @@ import numpy as np
 
 from smear.config_models import SegmentData
 from smear.segment.data import IGNORE, NUCLEUS, SegItem, load_parts
-from smear.types import DataError, Segmenter
+from smear.errors import DataError
+from smear.types import Segmenter
 
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from smear.artifacts import load_model
 from smear.nn.onnx import load_network
 from smear.nn.tensors import crops_to_tensor, place
 from smear.nn.weights import load_weights
-from smear.types import ModelError
+from smear.errors import ModelError
 
 WEIGHTS = "model.safetensors"
 LABELS = ("background", "cytoplasm", "nucleus")

@@ -32,7 +32,7 @@ from smear.nn.tensors import Normalize, channel_stats
 from smear.nn.weights import load_weights, save_weights
 from smear.segment.evaluate import crop_scores, evaluate_segmenter, summary_line
 from smear.segment.model import LABELS, WEIGHTS, UnetSegmenter, build_unet
-from smear.types import SmearError
+from smear.errors import SmearError
 
 from smear.config_models import SegmentConfig
 from smear.nn import loop

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from smear.io import IMAGE_SUFFIXES
-from smear.types import DataError
+from smear.errors import DataError
 
 RAABIN_COMMIT = "2fc4a60"
 RAABIN_PARTS = {"Dataset/Train": "train", "Dataset/Test": "test"}

@@ -26,7 +26,7 @@ from smear.classify.data import Item
 from smear.devices import available_cores
 from smear.io import atomic_path, read_image, write_text_atomic
 from smear.artifacts import cache_setting
-from smear.types import ConfigError, DataError, SmearError
+from smear.errors import ConfigError, DataError, SmearError
 from smear.crops import cut_crop
 
 
