@@ -123,6 +123,32 @@ VECTORS = [
 ]
 
 
+def _random_vectors(n: int = 300, seed: int = 23) -> list[tuple[dict, dict]]:
+    """Seeded random label counts and fixed counts: sparse and even mixes, from no cell to 400, with
+    and without novelty scores, fitted evidence, red cells and skipped fields."""
+    rng = np.random.default_rng(seed)
+    labels = [*FINE_CLASSES, "UNIDENTIFIED", "ARTEFACT", "SMUDGE"]
+    out = []
+    for _ in range(n):
+        total = int(rng.choice([0, 1, 2, 7, 30, 99, 100, 150, 400]))
+        mix = rng.dirichlet(np.full(len(labels), float(rng.choice([0.1, 0.4, 2.0]))))
+        counts = {label: int(k) for label, k in zip(labels, rng.multinomial(total, mix)) if k}
+        n_scored = int(rng.choice([0, 10, 60]))
+        base = {"n_fields": int(rng.integers(0, 6)), "n_wbc_detected": int(rng.integers(0, 300)),
+                "n_rbc": int(rng.choice([0, 20, 150, 2000])), "n_platelet": int(rng.integers(0, 30)),
+                "n_scored": n_scored, "n_novel": int(rng.integers(0, n_scored + 1)),
+                "n_skipped": int(rng.integers(0, 2))}
+        if rng.random() < 0.3:
+            base["evidence"] = {name: float(rng.uniform(0.0, 3.0)) for name in ("features", "colour", "confidence")
+                                if rng.random() < 0.6}
+        out.append((counts, base))
+    return out
+
+
+JS_ROWS = ("return arguments[0].map((b) => { const r = smearReview.summarize(b, b.counts);"
+           "return [smearReview.summaryCsv(r), r.flags, r.warnings, r.domain_warnings]; });")
+
+
 def test_live_recount_agrees_with_python(browser, page):
     browser.get(page[1].as_uri())
     for counts, base in VECTORS:
@@ -134,6 +160,20 @@ def test_live_recount_agrees_with_python(browser, page):
     rep = _counted({**BASE, "classified": False}, {})
     want_csv, row = _python_csv(rep)
     assert browser.execute_script(JS_ROW, slide_base(rep))[0] == want_csv
+    # a few hundred seeded random vectors, recounted in one call: the rules and messages the page
+    # interprets (summary.FLAG_RULES, IMPLAUSIBLE_RULES, MESSAGES) give Python's rows to the byte
+    reps = [_counted(base, counts) for counts, base in _random_vectors()]
+    got = browser.execute_script(JS_ROWS, [slide_base(r) for r in reps])
+    said = []
+    for rep, row_js in zip(reps, got):
+        want_csv, row = _python_csv(rep)
+        assert row_js == [want_csv, row["flags"], row["warnings"], row["domain_warnings"]], slide_base(rep)
+        said += row["flags"] + row["domain_warnings"] + row["warnings"]
+    every = ("too few cells counted", "immature granulocytes present", "left shift", "NRBC present (",
+             "eosinophilia", "basophilia", "monocytosis", "lymphocytosis", "lymphopenia", "domain score",
+             "(ceiling", "WBC boxes to", "WBCs identified (minimum", "a differential almost no blood has (",
+             "WBCs unlike every class", "the cells' features drift")
+    assert len(got) == 300 and all(any(m in text for text in said) for m in every)  # every message was filled
 
 
 def test_exact_intervals_agree_with_python(browser, tmp_path):

@@ -18,6 +18,7 @@ from smear.taxonomy import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
     SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
+from smear.report.summary import FLAG_RULES, rule_classes
 from smear.types import Differential, FieldResult, SlideReport, summary_columns
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
@@ -28,10 +29,7 @@ REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "P
 GALLERY_ORDER = (UNIDENTIFIED, *REVIEW_CLASSES)
 #: the classes behind each flag (its key under ``flags:``): with ``report.signoff_requires_review`` every
 #: cell of a raised flag's classes, and every UNIDENTIFIED cell, must be reviewed before sign-off
-FLAG_CLASSES: dict[str, list[str]] = {
-    "ig_present_pct": ["MMY", "MY", "PMY"], "left_shift_pct": ["BNE", "MMY", "MY", "PMY"],
-    "nrbc_present_per_100_wbc": ["ERB"], "eosinophilia_pct": ["EO"], "basophilia_pct": ["BA"],
-    "monocytosis_pct": ["MO"], "lymphocytosis_pct": ["LY"], "lymphopenia_pct": ["LY"]}
+FLAG_CLASSES: dict[str, list[str]] = {key: rule_classes(name) for key, name, _side, _text in FLAG_RULES}
 NAMES = {**FINE_NAMES, **REVIEW_NAMES, UNIDENTIFIED: "unidentified: review first"}
 
 
@@ -65,12 +63,15 @@ def _field_figure(fr: FieldResult) -> str:
 def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
     """Everything the page's JavaScript needs to recompute a summary row exactly as
     summary.differential does: thresholds from the pipeline config, the taxonomy, the z values scipy
-    uses, the CSV columns."""
+    uses, the CSV columns, and the flag and guard rules with every message (recount.js interprets
+    them)."""
     from scipy.special import ndtri
     from scipy.stats import norm
 
     from smear.report.tables import FORMULA_START
-    from smear.report.summary import ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART
+    from smear.report.summary import (
+        ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART, IMPLAUSIBLE_RULES, MESSAGES, QUANTITIES,
+    )
 
     conf = float(cfg.report.confidence)
     columns = summary_columns()
@@ -82,6 +83,8 @@ def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
         "to_type": {k: v for k, v in FINE_TO_TYPE5.items() if v}, "unidentified": UNIDENTIFIED,
         "advice": ADVICE, "evidence_text": EVIDENCE_TEXT, "columns": columns, "formula_start": list(FORMULA_START),
         "int_columns": [c for c in columns if c.endswith("_n") or c.startswith("n_") or c == "wbc_needed"],
+        "messages": MESSAGES, "quantities": list(QUANTITIES.items()), "flag_rules": FLAG_RULES,
+        "implausible_rules": IMPLAUSIBLE_RULES,
     }
 
 
