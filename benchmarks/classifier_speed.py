@@ -5,7 +5,7 @@
 2. Whole process: `smear run` on the BCCD test fields (cache off) with the classifier off and with
    each model folder; the ratio to the classifier-off run is what the classifier adds per field.
 
-    python benchmarks/classifier_speed.py --model shipped --model shipped:classifier_lite0
+    python benchmarks/classifier_speed.py --model shipped --model shipped:classifier_mobilenet
 """
 
 from __future__ import annotations

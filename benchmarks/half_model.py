@@ -5,7 +5,7 @@ shipped files so that all of smear's weights stay within the package budget. Che
 figures again afterwards (``benchmarks/other_labs.py``): the card's figures must be the half
 model's.
 
-    python benchmarks/half_model.py smear/weights/classifier_lite0
+    python benchmarks/half_model.py smear/weights/classifier
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ each timing is the fastest of ``--repeat`` (the load average is printed before a
 In process, per runtime (torch, onnx, openvino, onnx-int8, openvino-int8; the OpenVINO rows need
 ``pip install "smear[openvino]"``, the INT8 rows the training data they are calibrated on):
 - detector alone: the runtime's detector over the fields in batches of 8 (decoding included);
-- pipeline: detect + crop + classify (8 views per cell, as shipped) + tally (`run_slide`, cache off);
-- classifier: crops per second on the WBC crops of these fields (8 views each).
+- pipeline: detect + crop + classify (the shipped classifier's own views per cell: 1) + tally (`run_slide`, cache off);
+- classifier: crops per second on the WBC crops of these fields (the same views).
 And naive: what a user would write: ultralytics `YOLO.predict` one image path at a time on the .pt,
 each WBC box cropped and resized with PIL, each crop through the torch classifier one at a time.
 
@@ -196,7 +196,7 @@ def main() -> None:
             got[rt] = r
     t_naive = None if args.no_naive else naive(paths)
     print(f"\n| in process ({n} fields) | detector alone, ms/field | pipeline, ms/field | pipeline / its detector "
-          f"| pipeline / fp32 onnx detector | naive / pipeline | classifier crops/s (8 views) |")
+          f"| pipeline / fp32 onnx detector | naive / pipeline | classifier crops/s (its views) |")
     print("|---|---|---|---|---|---|---|")
     ref = got.get("onnx", {}).get("det")
     for rt, r in got.items():

@@ -111,9 +111,32 @@ class ModelMeta:
     def __contains__(self, key: str) -> bool:
         return key in self.raw
 
-    def as_dict(self) -> dict[str, Any]:
-        """A plain (deep) copy of meta.json's content, to edit and save."""
-        return json.loads(json.dumps(self.raw))
+    def to_json(self) -> dict[str, Any]:
+        """meta.json's content (the inverse of ``of``): ``raw`` in its key order, with each typed
+        attribute that differs from what ``raw`` holds written over its key (a None one drops it);
+        a meta read and saved unchanged writes the same bytes."""
+        out = json.loads(json.dumps(dict(self.raw)))
+        base = ModelMeta.of(self.raw)
+        for key in _TYPED_KEYS:
+            value = getattr(self, key)
+            if value == getattr(base, key):
+                continue
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = json.loads(json.dumps(value, default=dict))
+        return out
+
+    def updated(self, drop: Iterable[str] = (), **keys: Any) -> ModelMeta:
+        """This meta with meta.json's ``keys`` set (typed or not) and those in ``drop`` removed, in
+        the same folder; the hashes are cleared (they were of the folder as read)."""
+        dropped = set(drop)
+        content = {k: v for k, v in self.to_json().items() if k not in dropped}
+        return ModelMeta.of(content | keys, self.folder)
+
+    def at(self, folder: str | Path) -> ModelMeta:
+        """This meta for another folder (the hashes cleared)."""
+        return ModelMeta.of(self.to_json(), folder)
 
     @classmethod
     def of(cls, meta: Mapping[str, Any] | ModelMeta, folder: str | Path = ".", version: str = "",
@@ -139,6 +162,10 @@ class ModelMeta:
             novelty=meta.get("novelty") or None, infer=dict(meta.get("infer") or {}), trained=meta.get("trained"),
             raw=meta)
 
+
+#: the typed attributes of ModelMeta that are meta.json keys of the same name
+_TYPED_KEYS = ("stage", "weights", "classes", "input_size", "crop_margin", "normalize", "colour_norm", "arch", "norm",
+               "encoder", "decoder_channels", "temperature", "tta", "tta_margin", "novelty", "infer", "trained")
 
 _STAGE_WORDS = {"detect": "detector", "segment": "segmenter", "classify": "classifier"}
 
@@ -327,26 +354,32 @@ def _files_id(hashes: Mapping[str, str]) -> str:
     return h.hexdigest()[:12]
 
 
-def save_model_dir(model_dir: str | Path, meta: dict[str, Any], config: Any,
-                   card: str | None = None) -> Path:
-    """Write meta.json, config.yaml and MODEL_CARD.md beside weights already in ``model_dir`` (meta
-    gets the ``head_hash`` of safetensors weights: the class order the head was trained with)."""
-    model_dir = Path(model_dir)
+def save_model_dir(meta: ModelMeta, config: Any = None, card: str | None = None) -> ModelMeta:
+    """Write a model folder's meta.json (``meta.to_json()``) into ``meta.folder``, beside weights
+    already there, with config.yaml and MODEL_CARD.md when given (else those are left as they are):
+    the one writer of every stage's model folder (classify, segment, detect, adapt) and of a meta
+    edited in place (novelty, slide guard). meta.json gets the smear version when it names none,
+    and the ``head_hash`` of safetensors weights (the class order the head was trained with).
+    Returns the meta as written (no hashes: ``load_model`` reads them)."""
+    model_dir = meta.folder
     model_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"smear_version": __version__, **meta}
-    missing = [k for k in REQUIRED_META if k not in meta]
+    content = meta.to_json()
+    if "smear_version" not in content:
+        content = {"smear_version": __version__, **content}
+    missing = [k for k in REQUIRED_META if k not in content]
     if missing:
         raise ModelError(f"{model_dir}: meta lacks {', '.join(missing)}")
-    weights = model_dir / str(meta["weights"])
+    weights = model_dir / str(content["weights"])
     if weights.suffix == ".safetensors" and weights.is_file():
-        meta[HEAD_HASH] = head_hash(meta, model_dir)
-    write_text_atomic(model_dir / META, json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    from smear.config import dump_config
+        content[HEAD_HASH] = head_hash(content, model_dir)
+    write_text_atomic(model_dir / META, json.dumps(content, indent=2, sort_keys=False) + "\n")
+    if config is not None:
+        from smear.config import dump_config
 
-    write_text_atomic(model_dir / CONFIG, dump_config(config))
+        write_text_atomic(model_dir / CONFIG, dump_config(config))
     if card is not None:
         write_text_atomic(model_dir / CARD, card)
-    return model_dir
+    return ModelMeta.of(content, model_dir)
 
 
 # ---------------------------------------------------------------- pickle without unpickling

@@ -12,7 +12,7 @@ import torch
 from test_classify_data import draw_cell, make_folders, write_png
 from typer.testing import CliRunner
 
-from smear.artifacts import save_model_dir
+from smear.artifacts import ModelMeta, save_model_dir
 from smear.classify.adapt import Recipe, adapt, fine_tune, heldout_split, write_model
 from smear.classify.lab_cells import parse_box, read_cells, read_corrections
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model
@@ -38,8 +38,8 @@ def source(tmp_path):
     meta = {"stage": "classify", "weights": WEIGHTS, "classes": list(FINE_CLASSES), "arch": TINY,
             "input_size": 32, "crop_margin": 1.3, "temperature": 1.5, "tta": 2, "trained": "2026-01-01",
             "normalize": {"mean": [0.8, 0.7, 0.75], "std": [0.2, 0.2, 0.2]}}
-    save_model_dir(d, meta, {"model": {"arch": TINY}, "data": {"cache_pad": 1.25},
-                             "train": {"augment": {"hed": 0.1, "scale": 0.2}}})
+    save_model_dir(ModelMeta.of(meta, d), {"model": {"arch": TINY}, "data": {"cache_pad": 1.25},
+                                              "train": {"augment": {"hed": 0.1, "scale": 0.2}}})
     return d
 
 

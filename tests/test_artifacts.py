@@ -71,3 +71,60 @@ def test_a_build_reads_and_hashes_each_model_folder_once(monkeypatch):
     assert stages.classifier is not None and stages.segmenter is not None
     assert len(reads) == len(set(reads)) == 3  # one meta.json read per folder
     assert len(hashes) == len(set(hashes)) >= 6  # no file hashed twice (weights and meta.json of each at least)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in shipped_dir("").iterdir() if (p / "meta.json").is_file()))
+def test_saving_a_shipped_meta_unchanged_writes_the_same_bytes(name, tmp_path):
+    """save_model_dir is the inverse of load_model: a shipped folder's meta, saved into a copy of the
+    folder, gives meta.json byte for byte, loads with the same hashes, and leaves config and card alone."""
+    import shutil
+
+    from smear.artifacts import save_model_dir
+
+    src = shipped_dir(name)
+    folder = tmp_path / name
+    shutil.copytree(src, folder)
+    meta = load_model(folder, json.loads((src / "meta.json").read_text())["stage"])
+    (folder / "config.yaml").write_text("left alone\n")
+    save_model_dir(meta)
+    assert (folder / "meta.json").read_bytes() == (src / "meta.json").read_bytes()
+    assert (folder / "config.yaml").read_text() == "left alone\n"
+    again = load_model(folder, meta.stage)
+    assert (again.version, again.meta_hash, again.files) == (meta.version, meta.meta_hash, meta.files)
+
+
+def test_the_typed_meta_is_what_is_saved(tmp_path):
+    """Typed attributes changed on a ModelMeta (dataclasses.replace) and keys set or dropped with
+    ``updated`` reach meta.json; untouched keys keep their order and values, the head hash stays."""
+    import shutil
+
+    from smear.artifacts import save_model_dir
+
+    folder = tmp_path / "clf"
+    shutil.copytree(shipped_dir("classifier"), folder)
+    meta = load_model(folder, "classify")
+    keys = list(meta.raw)
+    changed = dataclasses.replace(meta, temperature=2.5, novelty=None).updated(guard=None, note="edited",
+                                                                                drop=("metrics",))
+    assert (changed.temperature, changed.version) == (2.5, "")
+    written = save_model_dir(changed)
+    content = json.loads((folder / "meta.json").read_text())
+    assert content["temperature"] == 2.5 and content["note"] == "edited" and content["guard"] is None
+    assert "novelty" not in content and "metrics" not in content
+    assert list(content)[:-1] == [k for k in keys if k not in ("novelty", "metrics")]
+    assert content["head_hash"] == meta.raw["head_hash"] and written.temperature == 2.5
+    assert load_model(folder, "classify").temperature == 2.5
+
+
+def test_save_model_dir_stamps_the_version_and_refuses_a_meta_without_weights(tmp_path):
+    from smear import __version__
+    from smear.artifacts import save_model_dir
+
+    with pytest.raises(ModelError, match="meta lacks weights"):
+        save_model_dir(ModelMeta.of({"stage": "classify", "classes": []}, tmp_path / "m"))
+    save_model_dir(ModelMeta.of({"stage": "detect", "weights": "w.safetensors", "classes": []}, tmp_path / "m"),
+                   {"model": "x"}, card="# card\n")
+    content = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert list(content)[0] == "smear_version" and content["smear_version"] == __version__
+    assert (tmp_path / "m" / "MODEL_CARD.md").read_text() == "# card\n"
+    assert "model: x" in (tmp_path / "m" / "config.yaml").read_text()

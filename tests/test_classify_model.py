@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_classify_data import PBC_FOLDERS, draw_cell, make_pbc
 
-from smear.artifacts import load_meta, save_model_dir
+from smear.artifacts import ModelMeta, load_meta, save_model_dir
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.tensors import crops_to_tensor
 from smear.nn.weights import save_weights
@@ -31,7 +31,7 @@ def _model_dir(tmp_path, temperature=1.0):
     meta = {"stage": "classify", "weights": WEIGHTS, "classes": list(FINE_CLASSES), "arch": TINY,
             "input_size": 32, "crop_margin": 1.3, "temperature": temperature,
             "normalize": {"mean": [0.8, 0.7, 0.75], "std": [0.2, 0.2, 0.2]}}
-    save_model_dir(d, meta, {"model": {"arch": TINY}})
+    save_model_dir(ModelMeta.of(meta, d), {"model": {"arch": TINY}})
     return model, d
 
 

@@ -251,6 +251,7 @@ def test_train_guard_fits_a_run_and_the_model_runs_with_and_without_it(tmp_path)
     g = meta["guard"]
     assert (model / GUARD_FILE).is_file() and set(g["thresholds"]) == {"features", "novelty_mean", "confidence", "colour"}
     assert all(v > 0 for v in g["thresholds"].values()) and g["k"] == 4 and g["temperature_shift"] > 0
+    assert g["fit"]["one_source_slides"] == {} and g["fit"]["slides"] == 200 + 4 * 8  # too few val cells for one-source slides
     assert "## Slide guard" in (model / "MODEL_CARD.md").read_text()
     clf = CnnClassifier.from_dir(model, device="cpu")
     crops = [np.full((32, 32, 3), 200, np.uint8)] * 3
@@ -276,3 +277,22 @@ def test_a_broken_guard_file_is_one_model_error(tmp_path):
     with pytest.raises(ModelError, match="not the slide guard's statistics"):
         SlideGuard.from_dir(tmp_path, meta)
     assert SlideGuard.from_dir(tmp_path, {}) is None
+
+
+def test_the_guard_fit_draws_clean_slides_of_each_training_source_alone(tmp_path):
+    """A slide of one training lab alone is read well but sits further from the mixture: the fit draws
+    clean slides of each source with enough validation cells, found by the root that holds each file."""
+    from types import SimpleNamespace
+
+    from smear.classify.guard_fit import clean_slide_pools, sources_of
+
+    (tmp_path / "pbc").mkdir()
+    (tmp_path / "raabin").mkdir()
+    specs = [{"name": "pbc", "root": str(tmp_path / "pbc")}, {"name": "raabin", "root": str(tmp_path / "raabin")}]
+    items = [SimpleNamespace(path=tmp_path / "pbc" / "LY" / "a.jpg"), SimpleNamespace(path=tmp_path / "raabin" / "b.jpg"),
+             SimpleNamespace(path=tmp_path / "elsewhere" / "c.jpg")]
+    assert sources_of(items, specs) == ["pbc", "raabin", "?"]
+    pools, counts = clean_slide_pools(["pbc"] * 30 + ["raabin"] * 10 + ["pbc"] * 5)
+    assert counts == {"pbc": 100} and len(pools) == 300 and pools[:200] == [None] * 200
+    assert all(set(p.tolist()) == set(range(30)) | set(range(40, 45)) for p in pools[200:])
+    assert clean_slide_pools(None) == ([None] * 200, {})

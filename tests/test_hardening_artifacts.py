@@ -53,7 +53,7 @@ def test_the_shipped_model_folders_keep_their_contract():
     from smear.artifacts import head_hash, load_model, shipped_dir
 
     for name, stage in (("detector", "detect"), ("detector_stain", "detect"), ("classifier", "classify"),
-                        ("classifier_lite0", "classify"), ("segmenter", "segment")):
+                        ("classifier_mobilenet", "classify"), ("segmenter", "segment")):
         meta = load_model(shipped_dir(name), stage)
         assert meta["head_hash"] == head_hash(meta, shipped_dir(name))
 

@@ -198,7 +198,7 @@ def test_numpy_letterbox_and_nms_match_ultralytics():
 
 @pytest.mark.slow
 def test_torch_free_detector_matches_ultralytics_onnx(tmp_path, monkeypatch):
-    from smear.artifacts import save_model_dir
+    from smear.artifacts import ModelMeta, save_model_dir
     from smear.detect.onnx_yolo import NetYoloDetector
     from smear.detect.network import NETWORK, WEIGHTS, build_network, save_network, yolo
     from smear.detect.yolo import YoloDetector, onnx_weights
@@ -208,8 +208,8 @@ def test_torch_free_detector_matches_ultralytics_onnx(tmp_path, monkeypatch):
     folder.mkdir()
     save_network(build_network(dict(yolo("yolo11n.yaml").model.yaml, nc=3), 3), folder)
     infer = {"imgsz": 64, "conf": 0.0, "iou": 0.5, "max_det": 30, "border": 8.0}  # untrained: low scores
-    save_model_dir(folder, {"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
-                            "classes": ["wbc", "rbc", "platelet"], "infer": infer}, {"model": "tiny"})
+    save_model_dir(ModelMeta.of({"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
+                                 "classes": ["wbc", "rbc", "platelet"], "infer": infer}, folder), {"model": "tiny"})
     new = YoloDetector.from_dir(folder, runtime="onnx", batch=2)
     assert isinstance(new, NetYoloDetector)
     old = YoloDetector(onnx_weights(folder, 64, 2), device="cpu", batch=2, **infer)

@@ -88,7 +88,7 @@ def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
 
     from smear.segment.model import UnetSegmenter, build_unet
     from smear.nn.weights import save_weights
-    from smear.artifacts import save_model_dir
+    from smear.artifacts import ModelMeta, save_model_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     torch.manual_seed(0)
@@ -96,9 +96,10 @@ def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
     model_dir.mkdir()
     net = build_unet("tu-mobilenetv3_small_100", (32, 16, 16, 8, 8))
     save_weights(net, model_dir / "model.safetensors")
-    save_model_dir(model_dir, {"stage": "segment", "weights": "model.safetensors",
-                               "classes": ["background", "cytoplasm", "nucleus"], "encoder": "tu-mobilenetv3_small_100",
-                               "decoder_channels": [32, 16, 16, 8, 8], "input_size": 64, "crop_margin": 1.3}, {})
+    save_model_dir(ModelMeta.of({"stage": "segment", "weights": "model.safetensors",
+                                 "classes": ["background", "cytoplasm", "nucleus"], "encoder": "tu-mobilenetv3_small_100",
+                                 "decoder_channels": [32, 16, 16, 8, 8], "input_size": 64, "crop_margin": 1.3},
+                                model_dir), {})
     crops = list(np.random.default_rng(1).integers(0, 255, (3, 50, 50, 3), dtype=np.uint8))
     t = UnetSegmenter.from_dir(model_dir, device="cpu").probabilities(crops)
     o = UnetSegmenter.from_dir(model_dir, runtime="onnx").probabilities(crops)
@@ -135,4 +136,7 @@ def test_classify_tta_override(tmp_path):
     cfg = load_config("pipeline", None, ["detector=classical", "classify_tta=2", "runtime=torch"])
     stages = build_stages(cfg)
     assert stages.classifier.tta == 2
-    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch"])).classifier.tta == 8
+    # without the override, each model folder's own views: 1 for the default, 8 for the mobilenet
+    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch"])).classifier.tta == 1
+    assert build_stages(load_config("pipeline", None, ["detector=classical", "runtime=torch",
+                                                       "classifier_model=shipped:classifier_mobilenet"])).classifier.tta == 8

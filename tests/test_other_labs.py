@@ -118,6 +118,7 @@ def test_two_source_training_with_group_norm_reinhard_exclusion_and_novelty(tmp_
     meta = json.loads((run / "model" / "meta.json").read_text())
     assert meta["norm"] == "group" and meta["colour_norm"]["method"] == "reinhard" and meta["head"] == "hierarchical"
     assert [s["name"] for s in meta["data"]["sources"]] == ["pbc", "lab"]
+    assert "a lineage-first head" in (run / "model" / "MODEL_CARD.md").read_text()
     assert meta["novelty"]["threshold"] > 0 and (run / "model" / nov.NOVELTY_FILE).is_file()
     lab_train = json.loads((run / "split_lab.json").read_text())["train"]
     n_ba = sum(1 for row in train if row[1] == "BA")

@@ -173,7 +173,7 @@ def test_shipped_lite0_runs_alike_under_torch_and_onnx(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 255, (100, 100, 3), dtype=np.uint8) for _ in range(4)]
-    folder = shipped_dir("classifier_lite0")
+    folder = shipped_dir("classifier")
     s_t = CnnClassifier.from_dir(folder, device="cpu", runtime="torch").classify(crops)
     s_o = CnnClassifier.from_dir(folder, device="cpu", runtime="onnx").classify(crops)
     p_t, n_t, p_o, n_o = s_t.probs, s_t.novelty, s_o.probs, s_o.novelty

@@ -212,7 +212,7 @@ def test_model_init_takes_shipped_names_and_paths_from_any_folder(tmp_path, monk
     data = make_folders(tmp_path / "lab", {"LY": 6, "MO": 6})
     for spec, error in (("nowhere", "error: model.init nowhere: no such model folder"),
                         ("shipped:nothing", "error: shipped:nothing: no shipped model folder of that name"),
-                        ("shipped", "error: model.init shipped: its arch is 'mobilenetv3_small_100', the config's "
+                        ("shipped", "error: model.init shipped: its arch is 'tf_efficientnet_lite0', the config's "
                                     "'test_efficientnet'")):  # found and read: only the tiny arch differs
         out = tmp_path / f"run-{spec.replace(':', '-')}"
         res = runner.invoke(app, ["train", "classify", "--data", str(data), "--out", str(out), *TINY_CLASSIFY,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smear.artifacts import load_meta, save_model_dir
+from smear.artifacts import ModelMeta, load_meta, save_model_dir
 from smear.errors import ModelError
 from smear.types import Detection, Detector
 
@@ -22,9 +22,9 @@ def tiny_model_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("det")
     save_network(build_network(dict(yolo("yolo11n.yaml").model.yaml, nc=3), 3), folder)
-    save_model_dir(folder, {"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
-                            "classes": ["wbc", "rbc", "platelet"],
-                            "infer": {"imgsz": 64, "conf": 0.0, "iou": 0.5, "max_det": 50}}, {"model": "tiny"})
+    save_model_dir(ModelMeta.of({"stage": "detect", "weights": WEIGHTS, "network": NETWORK,
+                                 "classes": ["wbc", "rbc", "platelet"],
+                                 "infer": {"imgsz": 64, "conf": 0.0, "iou": 0.5, "max_det": 50}}, folder), {"model": "tiny"})
     return folder
 
 

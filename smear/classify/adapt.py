@@ -15,7 +15,7 @@ loss weights that balance the classes, and a fixed number of passes. Cells label
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import time
@@ -33,10 +33,12 @@ from smear.artifacts import (
     CARD,
     CONFIG,
     META,
+    ModelMeta,
     data_fingerprint,
     load_meta,
     load_model_config,
     model_version,
+    save_model_dir,
     shipped_dir,
 )
 from smear.nn.augment import BatchAugment
@@ -48,9 +50,10 @@ from smear.nn.weights import load_weights, save_weights
 from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import warmup_cosine
 from smear.devices import resolve_device, set_threads
-from smear.io import write_text_atomic
 from smear.errors import DataError, SmearError
 from smear.taxonomy import FINE_CLASSES
+
+_log = logging.getLogger(__name__)
 
 MIN_CALIBRATION = 10  # held-out cells needed to refit the temperature (fewer: the source's is kept)
 
@@ -252,7 +255,7 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
 
 
 def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
-              log: Callable[[str], None] = print, source_cells: Cells | None = None) -> Adapted:
+              log: Callable[[str], None] = _log.info, source_cells: Cells | None = None) -> Adapted:
     """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
     and refit its temperature on their held-out part; nothing is written. The source's novelty
     score is carried when only the classifier layer trains, refitted on ``source_cells`` (a sample
@@ -498,14 +501,7 @@ def write_model(adapted: Adapted, out: str | Path) -> Path:
             nov.save(tmp, adapted.novelty_stats)
         for path in adapted.guard_files:
             shutil.copy2(path, tmp / path.name)
-        from smear import __version__
-
-        meta = {"smear_version": __version__, **adapted.meta}
-        write_text_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
-        import yaml
-
-        write_text_atomic(tmp / CONFIG, yaml.safe_dump(adapted.config, sort_keys=False))
-        write_text_atomic(tmp / CARD, model_card(meta))
+        save_model_dir(ModelMeta.of(adapted.meta, tmp), adapted.config, card=model_card(adapted.meta))
         _check_out(out)
         if out.is_dir():
             out.rmdir()
@@ -582,7 +578,7 @@ def read_source_cells(roots: Sequence[str | Path], margin: float, size: int, per
 
 def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
           seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
-          recipe: Recipe | None = None, log: Callable[[str], None] = print,
+          recipe: Recipe | None = None, log: Callable[[str], None] = _log.info,
           fields: str | Path | None = None, limits: Limits = Limits(), force: bool = False,
           allow_worse: bool = False, source_data: Sequence[str | Path] = ()) -> Path:
     """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
@@ -601,7 +597,7 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
     out = Path(out)
     _check_out(out)
     source = resolve_model_dir(source, "classifier")
-    meta = load_model(source, "classify", required=("arch", "input_size", "crop_margin", "normalize")).as_dict()
+    meta = load_model(source, "classify", required=("arch", "input_size", "crop_margin", "normalize"))
     config = load_model_config(source)
     recipe = replace(recipe or Recipe(), seed=seed, heldout=limits.heldout, **({"epochs": int(epochs)} if epochs else {}))
     margin, wide = wide_geometry(meta, config)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from smear.artifacts import data_fingerprint
+from smear.artifacts import ModelMeta, data_fingerprint
 from smear.classify.model import WEIGHTS
 from smear.classify.sources import TrainingData
 from smear.config_models import ClassifyConfig
@@ -58,7 +59,7 @@ def classifier_meta(cfg: ClassifyConfig, data: TrainingData, scored: Scored, mea
     }
 
 
-def model_card(meta: dict[str, Any]) -> str:
+def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
     """The MODEL_CARD.md of a classifier model folder, from its meta."""
     tm, cal = meta["metrics"]["test"], meta["metrics"]["calibration"]
 
@@ -70,6 +71,9 @@ def model_card(meta: dict[str, Any]) -> str:
     trained = ("Fine-tuned from " + meta["fine_tuned_from"] if meta.get("fine_tuned_from") else "Trained from scratch")
     trained += " on " + ", ".join(f"{s_['name']} ({s_['root']}, sampling weight {s_['weight']:g})" for s_ in sources)
     colour = ", Reinhard colour normalisation to the training reference" if meta.get("colour_norm") else ""
+    if meta.get("head", "flat") == "hierarchical":
+        colour += ("; a lineage-first head (the neutrophil line or each other class first, then the stage "
+                   "within the neutrophil line)")
     novelty = ""
     if meta.get("novelty"):
         nv = meta["novelty"]

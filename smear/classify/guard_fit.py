@@ -4,7 +4,8 @@ acquisition shifts, and each training lab's colour statistics."""
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,6 +15,9 @@ from smear.classify.guard import (
     COLOUR_NAMES, FITTED, GUARD_FILE, SlideGuard, colour_stats, raw_evidence, residuals, save,
 )
 from smear.types import GuardSums
+
+_log = logging.getLogger(__name__)
+
 
 def random_shift(rng: np.random.Generator, strength: float) -> Callable[[np.ndarray], np.ndarray]:
     """One random acquisition shift, the same for every crop of a synthetic slide: stain mixing and
@@ -58,13 +62,41 @@ def _whiten(cov: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     return np.linalg.cholesky(np.linalg.inv(cov))
 
 
+def clean_slide_pools(val_sources: Sequence[str] | None, mixed: int = 200, each: int = 100, min_cells: int = 20
+                      ) -> tuple[list[np.ndarray | None], dict[str, int]]:
+    """The clean synthetic slides to draw: ``mixed`` of all validation cells (None), then ``each`` from
+    the cells of one source alone (their indices) for every source with ``min_cells`` or more; and
+    how many single-source slides each source got."""
+    pools: list[np.ndarray | None] = [None] * mixed
+    counts: dict[str, int] = {}
+    if val_sources is not None:
+        src = np.asarray([str(s) for s in val_sources])
+        for name in sorted(set(src.tolist())):
+            idx = np.flatnonzero(src == name)
+            if len(idx) >= min_cells:
+                pools += [idx] * each
+                counts[name] = each
+    return pools, counts
+
+
+def sources_of(items: Sequence[Any], specs: Sequence[dict[str, Any]]) -> list[str]:
+    """The name of the training source whose root holds each item's file ("?" for none)."""
+    roots = [Path(os.path.expanduser(str(spec["root"]))).resolve() for spec in specs]
+    return [next((str(spec["name"]) for spec, root in zip(specs, roots) if Path(it.path).resolve().is_relative_to(root)),
+                 "?") for it in items]
+
+
 def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops: dict[str, np.ndarray], *,
         k: int = 8, draws: int = 16, draw_cells: int = 80, slide_cells: int = 100, quantile: float = 0.99,
-        good_accuracy: float = 0.90, seed: int = 0, log: Callable[[str], None] = print
+        good_accuracy: float = 0.90, seed: int = 0, val_sources: Sequence[str] | None = None,
+        log: Callable[[str], None] = _log.info
         ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
     """Fit the slide guard of a classifier (``CnnClassifier`` with a novelty score) on validation
     crops and each training lab's crops (colour statistics only). Returns the tensors to store,
-    the meta entry, and the outputs of the synthetic slides (logits and labels, for calibration)."""
+    the meta entry, and the outputs of the synthetic slides (logits and labels, for calibration).
+    ``val_sources`` (the training source of each validation crop) adds clean slides drawn from one
+    source at a time beside the mixed ones: a slide of one training lab alone is read well, and its
+    mean novelty or confidence, further from the mixture's, must not set the guard off."""
     import torch
 
     from smear.classify import novelty as nov
@@ -115,9 +147,13 @@ def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops:
         pools.append(cell_table(s["logits"].numpy(), s["feats"], s["crops"], [val_labels[i] for i in s["idx"]])
                      + (s["strength"],))
     rows = []
+    clean_draws, per_source = clean_slide_pools(val_sources)
     for p, (vec, nr, top, acc, strength) in enumerate(pools):
-        for _ in range(200 if p == 0 else 8):
-            pick = rng.choice(len(vec), min(slide_cells, len(vec)), replace=p > 0)
+        for within in (clean_draws if p == 0 else [None] * 8):
+            if within is None:
+                pick = rng.choice(len(vec), min(slide_cells, len(vec)), replace=p > 0)
+            else:
+                pick = rng.choice(within, slide_cells, replace=len(within) < slide_cells)
             sums = GuardSums(n=len(pick), vector=vec[pick].astype(np.float64).sum(0), n_scored=len(pick),
                              novelty=float(nr[pick].sum()), n_prob=len(pick), prob=float(top[pick].sum()))
             raw = raw_evidence(sums, k, lab_means, lab_whiten)
@@ -139,7 +175,7 @@ def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops:
         "file": GUARD_FILE, "thresholds": thresholds, "quantile": quantile, "k": k, "min_cells": 20,
         "colour_names": list(COLOUR_NAMES), "labs": lab_names,
         "n_val": len(val_crops), "draws": draws, "draw_cells": draw_cells, "slide_cells": slide_cells,
-        "fit": {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad),
+        "fit": {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad), "one_source_slides": per_source,
                 "recall_bad": round(float(np.mean(fires)), 4) if fires else None,
                 "false_alarms_good": round(float(np.mean(false)), 4) if false else None,
                 "good": f"5-type accuracy >= {good_accuracy}", "bad": "5-type accuracy < 0.75"},
@@ -187,11 +223,11 @@ def type5_nll(logits: np.ndarray, labels: Sequence[str | None], classes: Sequenc
 
 
 def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: int = 500, max_lab: int = 2000,
-                draws: int = 16, log: Callable[[str], None] = print) -> dict[str, Any]:
+                draws: int = 16, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Fit the slide guard of a classifier model folder from its run folder (config.yaml and split
     files, as ``smear train novelty`` reads them) and write ``guard.safetensors`` and
     ``meta["guard"]`` into the model folder. Returns the meta entry."""
-    from smear.artifacts import META
+    from smear.artifacts import ModelMeta, load_meta, save_model_dir
     from smear.classify import data as cdata
     from smear.classify.crop_cache import readable_crops
     from smear.classify.model import CnnClassifier
@@ -221,18 +257,17 @@ def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: i
                                 int(d.split_seed))
         if items:
             labs[str(spec["name"])] = readable_crops(items, margin, size, d.cache_dir, d.workers, log)[1]
-    stats, gmeta, outputs = fit(clf, val_crops, [it.fine or it.group for it in val], labs, draws=draws, log=log)
+    stats, gmeta, outputs = fit(clf, val_crops, [it.fine or it.group for it in val], labs, draws=draws,
+                                val_sources=sources_of(val, specs), log=log)
     t_shift = fit_shift_temperature(outputs["logits"], list(outputs["labels"]), clf.classes)
     gmeta["temperature_shift"] = round(t_shift, 4)
     gmeta["temperature_shift_note"] = ("temperature minimising the 5-type NLL over the clean and shifted "
                                        "validation cells of the fit; measured, not applied")
     names = ", ".join(f"{s['name']} ({s['root']})" for s in specs)
     gmeta["fitted_on"] = (f"validation part of {names} ({len(val)} cells, clean and through {draws} random "
-                          f"acquisition shifts); colour per training lab from up to {max_lab} training cells each")
+                          f"acquisition shifts; clean slides mixed and of each source alone); colour per training lab from up to {max_lab} training cells each")
     save(model_dir, stats)
-    meta = json.loads((model_dir / META).read_text(encoding="utf-8"))
-    meta["guard"] = gmeta
-    write_text_atomic(model_dir / META, json.dumps(meta, indent=2) + "\n")
+    save_model_dir(ModelMeta.of(load_meta(model_dir), model_dir).updated(guard=gmeta))
     card = model_dir / "MODEL_CARD.md"
     if card.is_file():
         write_text_atomic(card, with_card_section(card.read_text(encoding="utf-8"), gmeta, f"smear train guard {run}"))

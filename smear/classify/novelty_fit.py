@@ -14,7 +14,6 @@ from smear.classify import data as cdata
 from smear.classify.crop_cache import readable_crops
 from smear.classify.sources import splits
 from smear.errors import ConfigError, SmearError
-from smear.io import write_text_atomic
 from smear.taxonomy import FINE_CLASSES, FINE_TO_GROUP8, GROUPS8
 
 _log = logging.getLogger(__name__)
@@ -29,9 +28,7 @@ def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: lis
     """Fit the per-cell novelty score of a classifier model folder (``smear.classify.novelty``) on
     its training crops, set its threshold at the ``quantile`` of the validation crops' scores,
     and write both into the folder (``novelty.safetensors`` and ``meta["novelty"]``)."""
-    import json
-
-    from smear.artifacts import META, load_meta
+    from smear.artifacts import ModelMeta, load_meta, save_model_dir
     from smear.classify import novelty as nov
     from smear.classify.model import CnnClassifier
 
@@ -53,18 +50,17 @@ def fit_novelty(model_dir: str | Path, train_crops: np.ndarray, train_items: lis
     val_d = nov.distances(val_feats.numpy(), stats)
     threshold = float(np.quantile(val_d, quantile))
     nov.save(model_dir, stats)
-    meta = load_meta(model_dir)
-    meta["novelty"] = {
+    novelty = {
         "method": "mahalanobis, shared covariance, pre-logit features (smear.classify.novelty)",
         "threshold": round(threshold, 4), "quantile": quantile, "n_fit": len(train_items),
         "n_val": len(val_crops), "fitted_on": fitted_on or "the run's training crops",
         "train_held": round(float((train_d > threshold).mean()), 4),
         "val_held": round(float((val_d > threshold).mean()), 4), "file": nov.NOVELTY_FILE,
     }
-    write_text_atomic(model_dir / META, json.dumps(meta, indent=2) + "\n")
-    log(f"novelty: threshold {threshold:.3f} (val quantile {quantile}); held {meta['novelty']['train_held']:.3f} "
-        f"of train, {meta['novelty']['val_held']:.3f} of val")
-    return meta["novelty"]
+    save_model_dir(ModelMeta.of(load_meta(model_dir), model_dir).updated(novelty=novelty))
+    log(f"novelty: threshold {threshold:.3f} (val quantile {quantile}); held {novelty['train_held']:.3f} "
+        f"of train, {novelty['val_held']:.3f} of val")
+    return novelty
 
 
 def fit_novelty_for_run(run: str | Path, model_dir: str | Path | None = None, quantile: float = 0.97,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smear.artifacts import save_model_dir
+from smear.artifacts import ModelMeta, save_model_dir
 from smear.classify import data as cdata
 from smear.classify.crop_cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
@@ -313,16 +313,15 @@ def _finish(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], Non
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(r.model, model_dir / WEIGHTS)
-    meta = classifier_meta(cfg, r.data, scored, r.mean, r.std, r.colour, r.best_epoch, r.wall)
-    save_model_dir(model_dir, meta, cfg, card=model_card(meta))
+    meta = ModelMeta.of(classifier_meta(cfg, r.data, scored, r.mean, r.std, r.colour, r.best_epoch, r.wall), model_dir)
+    save_model_dir(meta, cfg, card=model_card(meta))
     if m.novelty_quantile:
         wide = r.data.train_crops  # cut wider for augmentation: their centre is the inference crop
         centre = np.concatenate([to_uint8(eval_batch(torch.from_numpy(wide[i:i + 1024]), int(m.input_size)))
                                  for i in range(0, len(wide), 1024)])
-        meta["novelty"] = fit_novelty(model_dir, centre, r.data.train_items, r.data.val_crops,
-                                      float(m.novelty_quantile), log,
-                                      fitted_on="the training part of the run's sources; threshold on the validation part")
-        write_text_atomic(model_dir / "MODEL_CARD.md", model_card(meta))
+        novelty = fit_novelty(model_dir, centre, r.data.train_items, r.data.val_crops, float(m.novelty_quantile), log,
+                              fitted_on="the training part of the run's sources; threshold on the validation part")
+        write_text_atomic(model_dir / "MODEL_CARD.md", model_card(meta.updated(novelty=novelty)))
     log(f"model folder: {model_dir}")
     return model_dir
 

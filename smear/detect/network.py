@@ -176,7 +176,7 @@ def convert_folder(folder: str | Path) -> Path:
     """Convert a detector model folder whose weights are an ultralytics ``.pt`` into
     ``detector.safetensors`` + ``network.yaml`` (the .pt is removed, meta.json's ``weights`` and
     ``head_hash`` updated); a folder already converted only gets its head hash."""
-    from smear.artifacts import META, add_head_hash
+    from smear.artifacts import META, ModelMeta, add_head_hash, save_model_dir
 
     folder = Path(folder)
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
@@ -185,13 +185,10 @@ def convert_folder(folder: str | Path) -> Path:
     pt = folder / meta["weights"]
     if pt.suffix == ".pt":
         save_network(read_pt(pt), folder)
-        meta["weights"] = WEIGHTS
-        meta["network"] = NETWORK
-        from smear.io import write_text_atomic
-
-        write_text_atomic(folder / META, json.dumps(meta, indent=2) + "\n")
+        save_model_dir(ModelMeta.of(meta, folder).updated(weights=WEIGHTS, network=NETWORK))  # with its head hash
         pt.unlink()
-    add_head_hash(folder)
+    else:
+        add_head_hash(folder)
     return folder
 
 

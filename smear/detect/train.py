@@ -185,7 +185,7 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     """Turn a finished run into a model folder: weights, thresholds tuned on validation, meta, config."""
     from datetime import date
 
-    from smear.artifacts import data_fingerprint, save_model_dir
+    from smear.artifacts import ModelMeta, data_fingerprint, save_model_dir
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import evaluate_predictions, predict_samples, tune_conf
     from smear.detect.yolo import YoloDetector
@@ -219,5 +219,5 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     }
     if fine_tunes(cfg):
         meta["fine_tuned_from"] = str(cfg.model)
-    save_model_dir(model_dir, meta, cfg)
+    save_model_dir(ModelMeta.of(meta, model_dir), cfg)
     return model_dir

@@ -92,4 +92,4 @@ def _guard(metas) -> Any:
     from smear.classify.guard import SlideGuard
 
     meta = metas["classifier"]
-    return SlideGuard.from_dir(meta.folder, meta.as_dict()) if meta.novelty else None
+    return SlideGuard.from_dir(meta.folder, meta) if meta.novelty else None

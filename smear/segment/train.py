@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from smear.artifacts import save_model_dir
+from smear.artifacts import ModelMeta, save_model_dir
 from smear.io import write_text_atomic
 from smear.nn.augment import BatchAugment, eval_batch
 from smear.nn.tensors import Normalize, channel_stats
@@ -106,7 +105,7 @@ def train(cfg: SegmentConfig, out: str | Path, resume: bool = False, log: Callab
     trainee = loop.Trainee(model, optimizer, scheduler, BatchAugment(m.input_size, t.augment, seed=t.seed))
     fitted = loop.fit(run, t, trainee, _epochs(trainee, norm, data, cfg, device, on_batch), resume, log)
     load_weights(model, run.path / "best.safetensors")
-    return _finish(cfg, run.path, model, _meta(cfg, data, mean, std, fitted), log)
+    return _finish(cfg, run.path, model, _meta(cfg, run.path / "model", data, mean, std, fitted), log)
 
 
 @dataclass(frozen=True)
@@ -164,11 +163,11 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: _Crops, cfg: SegmentCo
                                                            f"{r['val_nucleus_dice']:.4f}")
 
 
-def _meta(cfg: SegmentConfig, data: _Crops, mean: list[float], std: list[float], fitted: loop.Fitted
-          ) -> dict[str, Any]:
-    """The model folder's meta.json (before the test figures)."""
+def _meta(cfg: SegmentConfig, folder: Path, data: _Crops, mean: list[float], std: list[float],
+          fitted: loop.Fitted) -> ModelMeta:
+    """The meta of the model folder ``folder`` (before the test figures)."""
     m = cfg.model
-    return {
+    return ModelMeta.of({
         "stage": "segment", "weights": WEIGHTS, "trained": date.today().isoformat(), "classes": list(LABELS),
         "arch": m.arch, "encoder": m.encoder,
         "decoder_channels": list(m.decoder_channels), "input_size": int(m.input_size),
@@ -178,23 +177,23 @@ def _meta(cfg: SegmentConfig, data: _Crops, mean: list[float], std: list[float],
         "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
         "training": {"best_epoch": fitted.best_epoch, "wall_minutes": round(fitted.wall_seconds / 60, 1),
                      "n_train": len(data.x_train), "n_val": len(data.x_val), "holdout": cfg.data.holdout},
-    }
+    }, folder)
 
 
-def _finish(cfg: SegmentConfig, out: Path, model: torch.nn.Module, meta: dict[str, Any],
+def _finish(cfg: SegmentConfig, out: Path, model: torch.nn.Module, meta: ModelMeta,
             log: Callable[[str], None]) -> Path:
     """Write the model folder, score it on the test crops (native size), and write the figures into it."""
-    model_dir = out / "model"
+    model_dir = meta.folder
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, model_dir / WEIGHTS)
-    save_model_dir(model_dir, meta, cfg)
+    save_model_dir(meta, cfg)
     seg = UnetSegmenter.from_dir(model_dir, device=str(next(model.parameters()).device))
     test_items = sdata.load_parts(cfg.data, float(cfg.model.crop_margin), None)["test"]
     metrics = evaluate_segmenter(seg, test_items) if test_items else {}
     if metrics:
         log(f"test (native-size crops): {summary_line(metrics)}")
     holdout = cfg.data.holdout
-    meta["metrics"] = {"split": "test" + (f" (holdout source {holdout})" if holdout else ""), "test": metrics}
-    save_model_dir(model_dir, meta, cfg)
+    save_model_dir(meta.updated(metrics={"split": "test" + (f" (holdout source {holdout})" if holdout else ""),
+                                         "test": metrics}), cfg)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return model_dir
