@@ -57,8 +57,8 @@ def _slides(root: Path, sizes: dict[str, int], bad: dict[str, int] | None = None
 
 
 def _texts(reports) -> tuple[str, str, str]:
-    rows = rep.summary_rows(reports)
-    return rep.to_csv(rep.summary_frame(rows)), rep.to_json(reports, rows), rep.cells_csv(reports)
+    diffs = rep.differentials(reports)
+    return rep.summary_csv(diffs), rep.to_json(reports, diffs), rep.cells_csv(reports)
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_ray_reports_match_local_for_one_and_several_slides(tmp_path, ray_local)
         assert _texts(remote) == _texts(local)
         assert [(s, i.field) for s, i in seen] == [(s.name, p.name) for s in slides for p in s.fields]  # in order
     assert [r.n_fields for r in remote] == [5, 3, 0] and [len(r.skipped) for r in remote] == [0, 1, 2]
-    assert rep.summary_rows(remote)[1]["n_skipped"] == 1
+    assert rep.differentials(remote)[1].n_skipped == 1
 
 
 @pytest.mark.slow

@@ -22,10 +22,10 @@ import numpy as np
 
 from smear.io import Slide, write_bytes_atomic
 from smear.pipeline.cache import FieldCache
-from smear.pipeline.run import Stages, _gather, classify_cells
+from smear.pipeline.run import Stages, _gather, classify_cells, field_view, with_views
 from smear.errors import ImageReadError, SmearError
 from smear.taxonomy import WBC_CLASSES, CellKind
-from smear.types import FieldResult, SkippedField, SlideRegion, SlideReport, WholeSlideInfo
+from smear.types import FieldResult, FieldView, SkippedField, SlideRegion, SlideReport, WholeSlideInfo
 from smear.wsi import finder
 from smear.wsi.slide import Level, WholeSlide, thumbnail
 
@@ -192,22 +192,26 @@ def iter_tiles(slide: WholeSlide, name: str, geo: Geometry, path: list[finder.Ti
     margin_px = geo.margin_l0 / geo.scale
 
     def load(tile: finder.TileScore):
+        """(cache key, the cached result or the tile's image or its read error, the tile's region, the
+        read's seconds, the tile's image for the views of a cached result)."""
         key = _tile_key(slide, geo, tile)
-        if cache is not None and resume:
-            hit = cache.get(slide.path, name, key=key, field=tile.name)
-            if hit is not None:
-                return key, hit, None, 0.0
+        hit = cache.get(slide.path, name, key=key, field=tile.name) if cache is not None and resume else None
+        if hit is not None and not stages.keep_views:
+            return key, hit, None, 0.0, None
         start = time.perf_counter()
         try:
             img, region = read_tile(slide, geo, tile.x0 - geo.margin_l0, tile.y0 - geo.margin_l0, side)
         except ImageReadError as exc:
-            return key, exc, None, time.perf_counter() - start
-        return key, img, region, time.perf_counter() - start
+            return (key, hit, None, 0.0, None) if hit is not None else (key, exc, None, time.perf_counter() - start,
+                                                                       None)
+        if hit is not None:  # read again for the page's views only
+            return key, hit, region, 0.0, img
+        return key, img, region, time.perf_counter() - start, None
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, path[0]) if path else None
         for k, tile in enumerate(path):
-            key, got, region, read_s = pending.result()
+            key, got, region, read_s, image = pending.result()
             pending = pool.submit(load, path[k + 1]) if k + 1 < len(path) else None
             counter.read_s += read_s
             region = region or SlideRegion(float(tile.x0 - geo.margin_l0), float(tile.y0 - geo.margin_l0),
@@ -219,6 +223,10 @@ def iter_tiles(slide: WholeSlide, name: str, geo: Geometry, path: list[finder.Ti
                 counter.tiles_read += 1
                 counter.from_cache += 1
                 fr = dataclasses.replace(got, region=region)
+                if stages.keep_views and image is None:  # the tile could not be read again: counted, not shown
+                    fr = dataclasses.replace(fr, view=FieldView(None, 1.0, ""))
+                elif stages.keep_views:  # masked again here, not in the reading thread
+                    fr = with_views(fr, image, stages.view_geometry, stages.segmenter)
             else:
                 counter.tiles_read += 1
                 h, w = got.shape[:2]
@@ -235,7 +243,7 @@ def iter_tiles(slide: WholeSlide, name: str, geo: Geometry, path: list[finder.Ti
                 fr = FieldResult(name, tile.name, w, h, dets, cells, str(slide.path))
                 if cache is not None:
                     cache.put(slide.path, fr, key=key)
-                fr = dataclasses.replace(fr, region=region)
+                fr = dataclasses.replace(fr, region=region, view=field_view(got) if stages.keep_views else None)
             if target_wbc is not None:
                 fr = _cut_at(fr, target_wbc - counter.identified, classified)
             counter.identified += _identified(fr, classified)
@@ -306,13 +314,3 @@ def run_whole_slide(path: str | Path, stages: Stages, settings: WsiSettings, *, 
              f"({len(counted)} tiles counted)")
     return dataclasses.replace(report, whole_slide=info)
 
-
-def reread(slide: WholeSlide, fr: FieldResult) -> np.ndarray:
-    """A counted tile's image read again from its slide, as the run saw it."""
-    region = fr.region
-    side_l0 = int(round(fr.width * region.scale))
-    geo = Geometry(region.mpp or 0.0, "", slide.level_for(region.scale), region.scale, side_l0, 0)
-    img, _ = read_tile(slide, geo, int(region.x0), int(region.y0), side_l0)
-    if img.shape[:2] != (fr.height, fr.width):
-        img = cv2.resize(img, (fr.width, fr.height), interpolation=cv2.INTER_AREA)
-    return img
