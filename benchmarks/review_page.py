@@ -1,5 +1,6 @@
 """Size of the HTML review page and how fast it opens and works in headless Chromium, for a slide of
-N WBCs (synthetic 640x480 fields, the page made exactly as `smear run --report html` makes it).
+N WBCs (synthetic 640x480 fields, the page made exactly as `smear run --report html` makes it: from
+the views the pipeline keeps in its results, ``pipeline.run.with_views``).
 
     python benchmarks/review_page.py --cells 2000 --per-field 6
     python benchmarks/review_page.py --cells 2000 --fields ../shared/data/bccd/test/images
@@ -24,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 from smear.config import default_config
+from smear.pipeline.run import with_views
 from smear.report.html import render_html
-from smear.report.tables import summary_rows
+from smear.report.tables import differentials
 from smear.synth import make_field
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import CellPrediction, Detection, FieldResult, SlideReport
@@ -70,8 +72,8 @@ def slide(folder: Path, n_cells: int, per_field: int, seed: int = 0, real: list[
             p = 0.4 if label == UNIDENTIFIED else 0.9
             probs = {c: (p if c == top else (1 - p) / (len(FINE_CLASSES) - 1)) for c in FINE_CLASSES}
             cells.append(CellPrediction(d, label, p, probs))
-        fields.append(FieldResult("slide", path.name, image.shape[1], image.shape[0], tuple(dets),
-                                  tuple(cells), str(path)))
+        fr = FieldResult("slide", path.name, image.shape[1], image.shape[0], tuple(dets), tuple(cells), str(path))
+        fields.append(with_views(fr, np.asarray(Image.open(path).convert("RGB")), (1.2, 96)))
     return SlideReport("slide", tuple(fields), classified=True)
 
 
@@ -126,7 +128,7 @@ def main() -> None:
                           ) if args.fields else None
             rep = slide(tmp / "slide", n, args.per_field, real=real)
             t0 = time.perf_counter()
-            html = render_html([rep], summary_rows([rep], cfg), cfg=cfg)
+            html = render_html([rep], differentials([rep], cfg), cfg=cfg)
             render_s = time.perf_counter() - t0
             page = tmp / "slide.html"
             page.write_text(html, encoding="utf-8")

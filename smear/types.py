@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:
     from smear.config_models import PipelineConfig
 
-from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
+from smear.taxonomy import FINE_CLASSES, GROUPS8, TYPES5, UNIDENTIFIED, CellKind
 
 
 # ---------------------------------------------------------------- results
@@ -49,6 +49,33 @@ class MaskStats:
         return self.nucleus_area_px / self.cell_area_px if self.cell_area_px else float("nan")
 
 
+#: what the review page shows, kept by the pipeline when a run makes the page (``Stages.keep_views``):
+#: each cell's crop at VIEW_CROP_PX square, each field at most VIEW_FIELD_PX on its long side
+VIEW_CROP_PX = 96
+VIEW_FIELD_PX = 640
+
+
+@dataclass(frozen=True)
+class CellView:
+    """What the review page shows of a classified cell, cut by the pipeline from the field it read:
+    the crop (the run's crop geometry, VIEW_CROP_PX square, RGB uint8) and, for a masked cell, the
+    segmenter's mask of it at the same size (0 background, 1 cytoplasm, 2 nucleus)."""
+
+    crop: np.ndarray
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FieldView:
+    """What the review page shows of a field: the image scaled by ``scale`` (<= 1) to at most
+    VIEW_FIELD_PX on its long side, and the sha256 of the decoded field's pixels (the page keys its
+    saved review by the content it shows; "" when the field could not be read for its view)."""
+
+    image: np.ndarray | None
+    scale: float
+    digest: str
+
+
 @dataclass(frozen=True)
 class CellPrediction:
     """A classified cell: its detection, label (a fine class or UNIDENTIFIED), calibrated probs."""
@@ -60,6 +87,7 @@ class CellPrediction:
     mask: MaskStats | None = None
     novelty: float | None = None  # distance to the nearest training class / its threshold; > 1: novel
     guard: tuple[float, ...] | None = None  # the slide guard's per-cell vector (smear.classify.guard)
+    view: CellView | None = field(default=None, compare=False, repr=False)  # kept for the review page
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,7 @@ class FieldResult:
     cells: tuple[CellPrediction, ...] = ()
     path: str = ""  # the field's image file (a whole slide's file), for reports that show it
     region: SlideRegion | None = None  # a tile of a whole slide: where it lies
+    view: FieldView | None = field(default=None, compare=False, repr=False)  # kept for the review page
 
     def count(self, kind: CellKind) -> int:
         return sum(1 for d in self.detections if d.kind == kind)
@@ -257,6 +286,22 @@ class Share:
     ci_high: float | None = None
 
 
+#: the first columns of a summary row, and its derived figures after the shares (Differential attributes)
+HEAD_COLUMNS = ("slide", "n_fields", "n_wbc", "n_unidentified")
+DERIVED_COLUMNS = ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
+                   "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share",
+                   "domain_score")
+
+
+def summary_columns() -> list[str]:
+    """The CSV report's columns of a slide (one without a whole-slide file), in order: the columns of
+    ``Differential.row`` with its lists left out and the flags joined last."""
+    shares = [f"{prefix}{name}_{part}" for prefix, names in (("", FINE_CLASSES), ("group_", GROUPS8),
+                                                            ("type_", TYPES5))
+              for name in names for part in ("n", "pct", "ci_low", "ci_high")]
+    return [*HEAD_COLUMNS, *shares, *DERIVED_COLUMNS, "domain_warning", "flags"]
+
+
 @dataclass(frozen=True)
 class Differential:
     """A slide's differential, as every report shows it: counts, shares per fine class, 8-group and
@@ -290,15 +335,12 @@ class Differential:
     def row(self) -> dict[str, Any]:
         """The flat summary row: the CSV columns in order (``SNE_pct``, ``group_ig_n``, ...), then
         'classified', 'domain_warnings', 'warnings' and 'flags' (lists)."""
-        out: dict[str, Any] = {"slide": self.slide, "n_fields": self.n_fields, "n_wbc": self.n_wbc,
-                               "n_unidentified": self.n_unidentified}
+        out: dict[str, Any] = {key: getattr(self, key) for key in HEAD_COLUMNS}
         for prefix, shares in (("", self.fine), ("group_", self.groups), ("type_", self.types)):
             for name, s in shares.items():
                 out.update({f"{prefix}{name}_n": s.n, f"{prefix}{name}_pct": s.pct,
                             f"{prefix}{name}_ci_low": s.ci_low, f"{prefix}{name}_ci_high": s.ci_high})
-        for key in ("nrbc_per_100_wbc", "n_rbc", "rbc_per_field", "n_platelet", "platelets_per_field",
-                    "platelets_per_100_rbc", "n_skipped", "n_wbc_detected", "wbc_needed", "novel_share",
-                    "domain_score"):
+        for key in DERIVED_COLUMNS:
             out[key] = getattr(self, key)
         if self.whole_slide is not None:
             out.update(self.whole_slide.row())
@@ -330,8 +372,6 @@ class RunResult:
     version: str
     audit: dict[str, Any]
     geometry: CropGeometry | None = None
-    segmenter: Segmenter | None = None  # the run's segmenter when it ran here (the page outlines its masks)
-    read_field: Any = None  # reads a whole-slide tile again for the page (None: fields are files)
     finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
 
     @property

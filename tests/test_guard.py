@@ -71,7 +71,7 @@ def test_differential_rules_wait_for_enough_cells_and_follow_the_config():
 
 
 def test_fitted_evidence_enters_the_score_csv_and_json():
-    from smear.report.tables import summary_frame, to_csv, to_json
+    from smear.report.tables import summary_csv, to_json
 
     rep = _slide(NORMAL, evidence={"features": 2.5, "colour": 1.3, "confidence": 0.4})
     d = differential(rep, CFG.report, CFG.flags, GCFG)
@@ -79,12 +79,11 @@ def test_fitted_evidence_enters_the_score_csv_and_json():
     w = d.domain_warnings[0]
     assert "features 2.50" in w and "colour 1.30" in w and "confidence" not in w
     assert w.index("features 2.50") < w.index("colour 1.30")  # strongest first
-    row = d.row()
-    header, line = to_csv(summary_frame([row])).splitlines()[:2]
+    header, line = summary_csv([d]).splitlines()[:2]
     cols = header.split(",")
     assert cols.index("domain_score") == cols.index("novel_share") + 1
     assert line.split(",")[cols.index("domain_score")] == "2.5" and "domain_evidence" not in cols
-    data = json.loads(to_json([rep], [row]))
+    data = json.loads(to_json([rep], [d]))
     summary = data["slides"][0]["summary"] if "slides" in data else data[0]
     assert summary["domain_evidence"]["features"] == 2.5 and summary["domain_warnings"][0] == w
 
@@ -166,6 +165,7 @@ def _pink(image: np.ndarray) -> np.ndarray:
                    0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_pipeline_guard_fires_on_a_shift_that_keeps_novelty_low(tmp_path):
     """Plain drawn fields pass; the same fields through a pink cast are read as EO with novelty 0.4:
     the novel share stays 0, and the guard fires on the differential, the colour and the features,

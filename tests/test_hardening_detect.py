@@ -187,6 +187,7 @@ print(os.environ["YOLO_OFFLINE"], os.environ["YOLO_AUTOINSTALL"], u.ONLINE, u.AU
 """
 
 
+@pytest.mark.slow
 def test_ultralytics_is_offline_and_never_installs_whatever_the_environment(tmp_path):
     import subprocess
     import sys

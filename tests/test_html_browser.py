@@ -13,7 +13,7 @@ from fakes import ContentClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
 from smear.report.html import render_html
-from smear.report.tables import summary_rows
+from smear.report.tables import differentials
 from smear.pipeline.run import Stages, run_slide
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,10 +33,11 @@ def test_report_renders_in_chromium(tmp_path):
         Image.fromarray(img).save(folder / f"f{i}.png")
         by_width[160 + i] = dets(3, 4, 1)
     [slide] = find_slides([folder])
-    stages = Stages(FakeDetector(by_width), ContentClassifier([("SNE", 0.9), ("LY", 0.3), ("ERB", 0.8)]))
+    stages = Stages(FakeDetector(by_width), ContentClassifier([("SNE", 0.9), ("LY", 0.3), ("ERB", 0.8)]),
+                    keep_views=True)
     rep = run_slide(slide, stages)
     page = tmp_path / "report.html"
-    write_text_atomic(page, render_html([rep], summary_rows([rep], default_config("pipeline"))))
+    write_text_atomic(page, render_html([rep], differentials([rep], default_config("pipeline"))))
     run = lambda *extra: subprocess.run(  # noqa: E731
         [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, page.as_uri()],
         capture_output=True, text=True, timeout=120)

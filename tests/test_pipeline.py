@@ -10,7 +10,7 @@ from PIL import Image
 
 from fakes import FakeClassifier, FakeDetector, dets
 from smear.io import find_slides
-from smear.report.tables import cells_csv, summary_frame, summary_rows, to_csv, to_json
+from smear.report.tables import cells_csv, differentials, summary_csv, summary_frame, to_csv, to_json
 from smear.pipeline.run import Stages, run_slide
 from smear.taxonomy import UNIDENTIFIED
 
@@ -39,7 +39,7 @@ def test_detector_only_counts_and_skip(tmp_path):
     assert [f.field for f in rep.fields] == ["a.png", "b.png"]
     assert [s.field for s in rep.skipped] == ["c.png"] and "c.png" in rep.skipped[0].reason
     assert det.batches == [2]  # the unreadable field's batch still ran the two good ones together
-    assert to_csv(summary_frame(summary_rows([rep]))) == (GOLDEN / "detector_only.csv").read_text()
+    assert summary_csv(differentials([rep])) == (GOLDEN / "detector_only.csv").read_text()
 
 
 def test_classified_counts_unidentified_and_golden(tmp_path):
@@ -50,7 +50,7 @@ def test_classified_counts_unidentified_and_golden(tmp_path):
     assert clf.calls == [5]  # the crops of both fields went to the classifier in one batch
     labels = [c.label for c in rep.cells()]
     assert labels == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]
-    df = summary_frame(summary_rows([rep]))
+    df = summary_frame(differentials([rep]))
     row = df.iloc[0]
     assert row["n_wbc"] == 3 and row["n_unidentified"] == 1 and row["ERB_n"] == 1
     wbc_pcts = [row[f"{c}_pct"] for c in ("SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO")]
@@ -69,7 +69,7 @@ def test_cells_csv_and_json(tmp_path):
     assert cells["kind"].value_counts().to_dict() == {"rbc": 9, "wbc": 5, "platelet": 1}
     assert cells.loc[cells.kind == "wbc", "label"].tolist() == ["SNE", "LY", UNIDENTIFIED, "MO", "ERB"]
     assert cells.loc[cells.kind == "rbc", "label"].isna().all()
-    js = to_json([rep], summary_rows([rep]))
+    js = to_json([rep], differentials([rep]))
     assert '"reason"' in js and "c.png" in js and "NaN" not in js
 
 
@@ -81,7 +81,7 @@ def test_streamed_slide_keeps_counts_not_fields(tmp_path):
     rep = run_slide(slide, stages, on_field=seen.append, keep_fields=False)
     assert rep.fields == () and rep.n_fields == 2 and len(seen) == 3
     assert rep.label_counts()["SNE"] == 1 and rep.label_counts()[UNIDENTIFIED] == 1
-    assert to_csv(summary_frame(summary_rows([rep]))) == (GOLDEN / "classified.csv").read_text()
+    assert summary_csv(differentials([rep])) == (GOLDEN / "classified.csv").read_text()
 
 
 def test_cells_writer_matches_cells_csv_and_is_atomic(tmp_path):

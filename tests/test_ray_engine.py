@@ -57,10 +57,11 @@ def _slides(root: Path, sizes: dict[str, int], bad: dict[str, int] | None = None
 
 
 def _texts(reports) -> tuple[str, str, str]:
-    rows = rep.summary_rows(reports)
-    return rep.to_csv(rep.summary_frame(rows)), rep.to_json(reports, rows), rep.cells_csv(reports)
+    diffs = rep.differentials(reports)
+    return rep.summary_csv(diffs), rep.to_json(reports, diffs), rep.cells_csv(reports)
 
 
+@pytest.mark.slow
 def test_ray_reports_match_local_for_one_and_several_slides(tmp_path, ray_local):
     folders = _slides(tmp_path, {"a": 5, "b": 3, "c": 0}, bad={"b": 1, "c": 2})  # c: every field unreadable
     build = SynthStages()
@@ -73,7 +74,7 @@ def test_ray_reports_match_local_for_one_and_several_slides(tmp_path, ray_local)
         assert _texts(remote) == _texts(local)
         assert [(s, i.field) for s, i in seen] == [(s.name, p.name) for s in slides for p in s.fields]  # in order
     assert [r.n_fields for r in remote] == [5, 3, 0] and [len(r.skipped) for r in remote] == [0, 1, 2]
-    assert rep.summary_rows(remote)[1]["n_skipped"] == 1
+    assert rep.differentials(remote)[1].n_skipped == 1
 
 
 @pytest.mark.slow
@@ -107,6 +108,7 @@ def test_a_killed_worker_is_replaced_and_its_fields_rerun(tmp_path, ray_local):
     assert _texts(remote) == _texts(run_slides(slides, SynthStages()()))
 
 
+@pytest.mark.slow
 def test_resumed_ray_run_after_an_interruption_gives_the_same_report(tmp_path, ray_local):
     folders = _slides(tmp_path / "in", {"a": 4, "b": 4})
     slides = find_slides(folders)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
-from fakes import ContentClassifier, FakeDetector, dets
+from fakes import ContentClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
 from smear.io import find_slides
 from smear.pipeline.cache import FieldCache
 from smear.report.html import render_html
-from smear.report.tables import cells_csv, summary_frame, summary_rows, to_csv, to_json
+from smear.report.tables import cells_csv, differentials, summary_csv, to_json
 from smear.pipeline.run import Stages, iter_field_results, run_slide
 
 CFG = default_config("pipeline")
@@ -38,8 +40,8 @@ def _stages(by_width):
 
 
 def _texts(rep):
-    rows = summary_rows([rep], CFG)
-    return to_csv(summary_frame(rows)), to_json([rep], rows), cells_csv([rep])
+    diffs = differentials([rep], CFG)
+    return summary_csv(diffs), to_json([rep], diffs), cells_csv([rep])
 
 
 def test_interrupted_run_resumes_to_identical_report(tmp_path):
@@ -71,11 +73,27 @@ def test_cache_is_keyed_by_content_and_version(tmp_path):
     assert cache.get(slide.fields[0], "slide") is None
 
 
+def test_resumed_run_makes_the_same_page(tmp_path):
+    """Fields from the cache (which keeps no pixels) get their views again, read and masked once more
+    by the pipeline: the resumed run's page is the fresh run's, outlines included."""
+    slide, by_width = _slide(tmp_path, n=5)
+
+    def stages():
+        return dataclasses.replace(_stages(by_width), segmenter=HalfMask(rest=1), keep_views=True)
+
+    cache = FieldCache(tmp_path / "cache", "v1")
+    fresh = run_slide(slide, stages(), cache=cache)
+    again = stages()
+    resumed = run_slide(slide, again, cache=cache, resume=True)
+    assert again.detector.batches == []  # every field came from the cache
+    page = lambda rep: render_html([rep], differentials([rep], CFG), cfg=CFG, audit={"date": "today"})  # noqa: E731
+    assert "N:C 0.50" in page(fresh) and page(resumed) == page(fresh)
+
+
 def test_html_report_is_self_contained(tmp_path):
     slide, by_width = _slide(tmp_path, n=3)
-    rep = run_slide(slide, _stages(by_width))
-    rows = summary_rows([rep], CFG)
-    page = render_html([rep], rows, gallery_per_class=5)
+    rep = run_slide(slide, dataclasses.replace(_stages(by_width), keep_views=True))
+    page = render_html([rep], differentials([rep], CFG), gallery_per_class=5)
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert "http://" not in page and "https://" not in page  # no external script, font or CDN
     assert "<script src" not in page and "<link" not in page and "@import" not in page and "url(" not in page

@@ -18,7 +18,7 @@ from fakes import FakeClassifier, FakeDetector, dets
 from smear.config import default_config
 from smear.io import find_slides, write_text_atomic
 from smear.report.html import render_html, slide_base
-from smear.report.tables import summary_frame, summary_rows, to_csv
+from smear.report.tables import differentials, summary_csv
 from smear.pipeline.run import Stages, run_slide
 from smear.taxonomy import FINE_CLASSES
 from smear.types import SkippedField, SlideReport, Tally
@@ -74,7 +74,7 @@ def _report(tmp_path):
         Image.fromarray(img).save(folder / name)
         by_width[160 + i] = dets(3, 20, 1)
     [slide] = find_slides([folder])
-    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5)
+    stages = Stages(FakeDetector(by_width), FakeClassifier(list(LABELS)), review_threshold=0.5, keep_views=True)
     return run_slide(slide, stages)
 
 
@@ -83,7 +83,7 @@ def page(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
     rep = _report(tmp)
     path = tmp / "report.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], CFG), cfg=CFG))
+    write_text_atomic(path, render_html([rep], differentials([rep], CFG), cfg=CFG))
     return rep, path
 
 
@@ -98,8 +98,8 @@ def _counted(base: dict, counts: dict[str, int], slide: str = "s1") -> SlideRepo
 
 
 def _python_csv(rep: SlideReport, cfg=CFG) -> tuple[str, dict]:
-    rows = summary_rows([rep], cfg)
-    return to_csv(summary_frame(rows)), rows[0]
+    diffs = differentials([rep], cfg)
+    return summary_csv(diffs), diffs[0].row()
 
 
 JS_ROW = ("const r = smearReview.summarize(arguments[0], arguments[0].counts);"
@@ -123,6 +123,32 @@ VECTORS = [
 ]
 
 
+def _random_vectors(n: int = 300, seed: int = 23) -> list[tuple[dict, dict]]:
+    """Seeded random label counts and fixed counts: sparse and even mixes, from no cell to 400, with
+    and without novelty scores, fitted evidence, red cells and skipped fields."""
+    rng = np.random.default_rng(seed)
+    labels = [*FINE_CLASSES, "UNIDENTIFIED", "ARTEFACT", "SMUDGE"]
+    out = []
+    for _ in range(n):
+        total = int(rng.choice([0, 1, 2, 7, 30, 99, 100, 150, 400]))
+        mix = rng.dirichlet(np.full(len(labels), float(rng.choice([0.1, 0.4, 2.0]))))
+        counts = {label: int(k) for label, k in zip(labels, rng.multinomial(total, mix)) if k}
+        n_scored = int(rng.choice([0, 10, 60]))
+        base = {"n_fields": int(rng.integers(0, 6)), "n_wbc_detected": int(rng.integers(0, 300)),
+                "n_rbc": int(rng.choice([0, 20, 150, 2000])), "n_platelet": int(rng.integers(0, 30)),
+                "n_scored": n_scored, "n_novel": int(rng.integers(0, n_scored + 1)),
+                "n_skipped": int(rng.integers(0, 2))}
+        if rng.random() < 0.3:
+            base["evidence"] = {name: float(rng.uniform(0.0, 3.0)) for name in ("features", "colour", "confidence")
+                                if rng.random() < 0.6}
+        out.append((counts, base))
+    return out
+
+
+JS_ROWS = ("return arguments[0].map((b) => { const r = smearReview.summarize(b, b.counts);"
+           "return [smearReview.summaryCsv(r), r.flags, r.warnings, r.domain_warnings]; });")
+
+
 def test_live_recount_agrees_with_python(browser, page):
     browser.get(page[1].as_uri())
     for counts, base in VECTORS:
@@ -134,13 +160,27 @@ def test_live_recount_agrees_with_python(browser, page):
     rep = _counted({**BASE, "classified": False}, {})
     want_csv, row = _python_csv(rep)
     assert browser.execute_script(JS_ROW, slide_base(rep))[0] == want_csv
+    # a few hundred seeded random vectors, recounted in one call: the rules and messages the page
+    # interprets (summary.FLAG_RULES, IMPLAUSIBLE_RULES, MESSAGES) give Python's rows to the byte
+    reps = [_counted(base, counts) for counts, base in _random_vectors()]
+    got = browser.execute_script(JS_ROWS, [slide_base(r) for r in reps])
+    said = []
+    for rep, row_js in zip(reps, got):
+        want_csv, row = _python_csv(rep)
+        assert row_js == [want_csv, row["flags"], row["warnings"], row["domain_warnings"]], slide_base(rep)
+        said += row["flags"] + row["domain_warnings"] + row["warnings"]
+    every = ("too few cells counted", "immature granulocytes present", "left shift", "NRBC present (",
+             "eosinophilia", "basophilia", "monocytosis", "lymphocytosis", "lymphopenia", "domain score",
+             "(ceiling", "WBC boxes to", "WBCs identified (minimum", "a differential almost no blood has (",
+             "WBCs unlike every class", "the cells' features drift")
+    assert len(got) == 300 and all(any(m in text for text in said) for m in every)  # every message was filled
 
 
 def test_exact_intervals_agree_with_python(browser, tmp_path):
     cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"ci_method": "exact", "confidence": 0.9})})
     rep = _counted(BASE, {"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14, "UNIDENTIFIED": 2})
     path = tmp_path / "exact.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    write_text_atomic(path, render_html([rep], differentials([rep], cfg), cfg=cfg))
     browser.get(path.as_uri())
     for counts in ({"SNE": 40, "BNE": 9, "MY": 1, "EO": 8, "LY": 15, "MO": 14}, {"LY": 3},
                    {"SNE": 1, "LY": 1}):
@@ -182,7 +222,7 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     css = lambda sel: browser.find_elements("css selector", sel)  # noqa: E731
-    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0])  # as Python printed it
+    assert _table(browser) == _expected_table(differentials([rep], CFG)[0].row())  # as Python printed it
     assert css(".n-left")[0].text == "9"
     queue = [c.get_attribute("data-id") for c in css(".cell")]
     first, second, third, fourth = queue[:4]
@@ -274,7 +314,7 @@ def test_review_by_click_and_key_then_sign_off_and_export(browser, page, downloa
     browser.execute_script("window.confirm = () => true")
     browser.find_element("id", "reset").click()
     assert gallery_of(first) == "UNIDENTIFIED" and css(".n-left")[0].text == "9"
-    assert _table(browser) == _expected_table(summary_rows([rep], CFG)[0]) and css(".signed")[0].text == ""
+    assert _table(browser) == _expected_table(differentials([rep], CFG)[0].row()) and css(".signed")[0].text == ""
     captions = css(".cell figcaption .fname")
     assert any(c.text == FIELD_NAMES[0] for c in captions)  # the field name stayed text
     assert not browser.find_elements("css selector", "figcaption b")
@@ -293,10 +333,11 @@ def _big_page(tmp_path) -> tuple[SlideReport, Path]:
         by_width[220 + i] = dets(20, 0, 0)
     [slide] = find_slides([folder])
     labels = [("LY", 0.3)] * 5 + [("EO", 0.9)] * 5 + [("SNE", 0.9)] * 70
-    rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5))
+    rep = run_slide(slide, Stages(FakeDetector(by_width), FakeClassifier(labels), review_threshold=0.5,
+                                  keep_views=True))
     cfg = CFG.model_copy(update={"report": CFG.report.model_copy(update={"signoff_requires_review": True})})
     path = tmp_path / "big.html"
-    write_text_atomic(path, render_html([rep], summary_rows([rep], cfg), cfg=cfg))
+    write_text_atomic(path, render_html([rep], differentials([rep], cfg), cfg=cfg))
     return rep, path
 
 

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,7 +18,7 @@ from fakes import FakeClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
 from smear.io import find_slides
 from smear.report.html import render_html
-from smear.report.tables import summary_rows
+from smear.report.tables import differentials
 from smear.pipeline.run import Stages, run_slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,10 @@ def _page(tmp_path, slide_name="s1", field_name="f0.png", tint=(100, 60, 150), *
     img[10:30, 10:30] = tint
     Image.fromarray(img).save(folder / field_name)
     [slide] = find_slides([folder])
-    stages = Stages(FakeDetector({120: dets(2, 3, 1)}), FakeClassifier([("SNE", 0.9), ("LY", 0.2)]), **kw)
+    stages = Stages(FakeDetector({120: dets(2, 3, 1)}), FakeClassifier([("SNE", 0.9), ("LY", 0.2)]),
+                    **{"keep_views": True, **kw})
     rep = dataclasses.replace(run_slide(slide, stages), slide=slide_name)  # any name, "/" included
-    return rep, render_html([rep], summary_rows([rep], CFG), cfg=CFG)
+    return rep, render_html([rep], differentials([rep], CFG), cfg=CFG)
 
 
 def test_every_string_is_escaped(tmp_path):
@@ -62,7 +64,7 @@ def test_audit_header_names_models_settings_and_version(tmp_path):
 
     rep, _ = _page(tmp_path)
     audit = audit_info(CFG, stages_version(CFG))
-    page = render_html([rep], summary_rows([rep], CFG), cfg=CFG, audit=audit)
+    page = render_html([rep], differentials([rep], CFG), cfg=CFG, audit=audit)
     assert {m["stage"] for m in audit["models"]} == {"detector", "classifier"}  # segment is off by default
     for m in audit["models"]:
         assert m["name"] in page and m["version"] in page and len(m["version"]) == 12
@@ -83,14 +85,26 @@ def _crops(page: str) -> list[np.ndarray]:
 
 
 def test_segmented_cells_show_their_outline_and_nc_ratio(tmp_path):
-    rep, page = _page(tmp_path, segmenter=HalfMask(rest=1))
+    """The crops and the masks' outlines are the pipeline's: the page is made with the fields gone."""
+    _, plain = _page(tmp_path / "plain")
+    rep, _ = _page(tmp_path / "masked", segmenter=HalfMask(rest=1))
+    for path in (tmp_path / "masked" / "s1").iterdir():
+        path.unlink()
+    page = render_html([rep], differentials([rep], CFG), cfg=CFG)  # no image read, no model run
     assert page.count("N:C 0.50") == 2
-    plain = _crops(page)
-    drawn = _crops(render_html([rep], summary_rows([rep], CFG), cfg=CFG, segmenter=HalfMask(rest=1),
-                               segment_size=16))
+    plain, drawn = _crops(plain), _crops(page)
     assert len(plain) == len(drawn) == 2
     cyan = lambda im: ((im[..., 0] < 120) & (im[..., 1] > 180) & (im[..., 2] > 180)).sum()  # noqa: E731
     assert cyan(plain[0]) == 0 and cyan(drawn[0]) > 50  # the nucleus outline (the left half of the crop)
+    assert page.count('<img alt="f0.png" src="data:image/jpeg;base64,') == 1  # the field, as the run kept it
+
+
+def test_a_page_needs_the_runs_views(tmp_path):
+    """Results made without views (Stages.keep_views off) are refused by name, not shown empty."""
+    rep, _ = _page(tmp_path, slide_name="s7")
+    bare = dataclasses.replace(rep, fields=tuple(dataclasses.replace(f, view=None) for f in rep.fields))
+    with pytest.raises(ValueError, match="s7: its field results hold no views"):
+        render_html([bare], differentials([bare], CFG), cfg=CFG)
 
 
 def test_templates_ship_as_package_data():
@@ -136,7 +150,7 @@ def test_saved_state_is_keyed_by_the_fields_content(tmp_path):
 def test_every_cell_is_on_the_page_once(tmp_path):
     """Cells past gallery_per_class are data the page shows on demand; each crop is in the file once."""
     rep, _ = _page(tmp_path)
-    page = render_html([rep], summary_rows([rep], CFG), gallery_per_class=0, cfg=CFG)
+    page = render_html([rep], differentials([rep], CFG), gallery_per_class=0, cfg=CFG)
     data = _data(page)["slides"][0]
     assert len(data["cells"]) == len(rep.cells()) == 2
     figures = re.findall(r'<figure class="cell"[^>]*data-id="([^"]+)"', page)

@@ -101,3 +101,28 @@ def test_differential_is_typed_and_frozen_and_its_row_is_the_summary():
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.n_wbc = 0  # type: ignore[misc]
     assert d.row() == differential(rep, CFG.report, CFG.flags, CFG.guard).row()
+
+
+def test_summary_columns_are_the_csv_reports():
+    """types.summary_columns (the page's recount writes its CSV in them) is the CSV report's header,
+    classified or not."""
+    from smear.report.tables import summary_csv
+    from smear.types import summary_columns
+
+    for rep in (_report({"SNE": 3, "LY": 1}, n_rbc=5), SlideReport("d", (), classified=False)):
+        header = summary_csv([differential(rep, CFG.report, CFG.flags)]).splitlines()[0]
+        assert header.split(",") == summary_columns()
+
+
+def test_flag_rules_fill_their_messages_and_name_their_classes():
+    """The rules the page interprets: each flag's message is filled by its quantity, and the classes
+    behind it are the ones its quantity sums (the page asks for their cells before sign-off)."""
+    from smear.report.html import FLAG_CLASSES
+    from smear.report.summary import FLAG_RULES, MESSAGES
+
+    row = _row({"SNE": 10, "BNE": 3, "MY": 2, "EO": 2, "LY": 1, "ERB": 2})
+    assert "left shift (bands + IG 27.8%): review" in row["flags"]  # (3 + 2) of 18
+    assert "NRBC present (11.11 per 100 WBC): review" in row["flags"]
+    assert FLAG_CLASSES["left_shift_pct"] == ["BNE", "MMY", "MY", "PMY"] and FLAG_CLASSES["nrbc_present_per_100_wbc"] == ["ERB"]
+    assert {key for key, *_ in FLAG_RULES} == set(CFG.flags.model_dump())  # a rule for every threshold
+    assert MESSAGES["too_few"].format(n=3, min_wbc=100) == "too few cells counted (3 < 100)"

@@ -4,6 +4,7 @@ density gradient; the finder picks the monolayer, counting stops at the target, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -225,21 +226,25 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
 
 
 @pytest.mark.slow
-def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide):
-    from smear.cli.wsi import WholeSlideRun
+def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide, tmp_path):
+    from smear.pipeline.cache import FieldCache
     from smear.report.html import render_html
 
-    rep = run_whole_slide(slide, _stages(), SETTINGS, target_wbc=5)
-    whole = WholeSlideRun([slide])
-    page = render_html([rep], [differential(rep).row()], read_field=whole.read_field)
+    stages = dataclasses.replace(_stages(), keep_views=True)
+    cache = FieldCache(tmp_path / "cache", "wsi-test")
+    rep = run_whole_slide(slide, stages, SETTINGS, target_wbc=5, cache=cache)
+    page = render_html([rep], [differential(rep)])
     assert 'id="qmap-0"' in page and "data:image/png;base64," in page
     assert page.count('id="s0-x') == rep.n_fields  # every counted tile is on the page, with its anchor
     first = rep.fields[0]
     assert 'class="pos" href="#s0-x' in page
     assert f"{first.field} <small>x " in page  # the tile's place on the slide
     assert "tiles counted of 33" in page and "per HPF" in page
-    tile = whole.read_field(first)
-    assert tile.shape == (first.height, first.width, 3)
+    assert first.view.image.shape == (first.height, first.width, 3)  # the tile as the run read it
+    again = run_whole_slide(slide, stages, SETTINGS, target_wbc=5, cache=cache, resume=True)
+    assert again.whole_slide.tiles_from_cache == again.n_fields == rep.n_fields
+    assert [f.view.digest for f in again.fields] == [f.view.digest for f in rep.fields]  # read again for the page
+    assert [c.view.crop.tobytes() for c in again.cells()] == [c.view.crop.tobytes() for c in rep.cells()]
 
 
 class _LocalTileEngine:
@@ -252,6 +257,7 @@ class _LocalTileEngine:
         from smear.pipeline.build import build_stages
 
         self.stages, self.cache, self.classified, self.guard = build_stages(build.cfg), cache, classified, guard
+        self.stages.keep_views = build.keep_views
         self.crop_geometry = self.stages.crop_geometry
 
     def __enter__(self):

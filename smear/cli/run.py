@@ -82,8 +82,7 @@ def run(
 
         ray = RayOptions(address, workers, gpus_per_worker, worker_logs=verbose())
     with terminate_cleanly():
-        result = _run_job(slides, cfg, resume, cells, report in (ReportFormat.json, ReportFormat.html), ray,
-                          whole.options(cfg, target_wbc, all_tiles, out, cells))
+        result = _run_job(slides, cfg, resume, cells, report, ray, whole.options(cfg, target_wbc, all_tiles, out, cells))
     _render(result, report, out)
 
 
@@ -113,9 +112,10 @@ def _render(result, report: ReportFormat, out: Optional[Path]) -> None:
         save(console.export_text(), out, result.cfg, result.finished)
 
 
-def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, whole):
+def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFormat, ray, whole):
     """``pipeline.run_job`` with a progress bar, writing --cells rows as fields finish (the whole-slide
-    files, ``whole``: smear.cli.wsi.WholeSlideRun, tile by tile)."""
+    files, ``whole``: smear.cli.wsi.WholeSlideRun, tile by tile); the fields' results are kept for a
+    JSON or HTML ``report``, with what the page shows for HTML."""
     from smear.cli.render import progress
     from smear.pipeline.job import run_job
     from smear.report import tables as rep
@@ -138,8 +138,9 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], keep: bool, ray, 
                     if writer is not None:
                         writer.write(slide_name, item)
                 advance()
-            result = run_job(slides, cfg, resume, keep_fields=keep, ray=ray, on_field=on_field, warn=warn,
-                             whole=whole or None)
+            result = run_job(slides, cfg, resume, keep_fields=report in (ReportFormat.json, ReportFormat.html),
+                             ray=ray, on_field=on_field, warn=warn, whole=whole or None,
+                             views=report == ReportFormat.html)
         if writer is not None:
             writer.close()
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,7 +17,6 @@ class WholeSlideRun:
     settings: Any = None
     target_wbc: Optional[int] = 200
     quality_dir: Optional[Path] = None
-    _slides: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.paths)
@@ -61,18 +60,6 @@ class WholeSlideRun:
                 on_field=lambda item, _n=path.stem: on_field(_n, item), keep_fields=keep,
                 quality_map_dir=self.quality_dir, warn=warn, engine=engine))
         return reports
-
-    def read_field(self, fr) -> Any:
-        """A counted tile's image again (for the HTML page), or None for a field of a folder slide."""
-        if fr.region is None:
-            return None
-        from smear.pipeline.wsi_run import reread
-        from smear.wsi.slide import WholeSlide
-
-        slide = self._slides.get(fr.path)
-        if slide is None:
-            slide = self._slides[fr.path] = WholeSlide(fr.path)
-        return reread(slide, fr)
 
 
 def _whole_in(folder: Path, recursive: bool) -> tuple[list[Path], bool]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 from smear.config_models import PipelineConfig
 from smear.io import Slide
 from smear.pipeline.run import FieldCallback, run_slides
-from smear.types import CropGeometry, FieldResult, RunResult, SkippedField, SlideReport
+from smear.types import CropGeometry, RunResult, SkippedField, SlideReport
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,16 @@ class WholeSlides(Protocol):
         """Each file counted into its SlideReport."""
         ...
 
-    def read_field(self, fr: FieldResult) -> Any:
-        """A counted tile's image again (the review page shows it), None for a field of a folder."""
-        ...
-
 
 def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, keep_fields: bool = True,
             ray: RayOptions | None = None, on_field: FieldCallback | None = None,
-            warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None) -> RunResult:
+            warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None,
+            views: bool = False) -> RunResult:
     """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
     then the tiles of the ``whole`` slide files the same way; ``on_field(slide_name, item)`` sees each field's result as
     it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
-    With ``keep_fields=False`` only the slides' counts are kept."""
+    With ``keep_fields=False`` only the slides' counts are kept; with ``views`` the kept results also hold
+    what the review page shows of each field and cell (``Stages.keep_views``)."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
     from smear.report.tables import differentials
 
@@ -61,10 +59,11 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     stages, engine = None, contextlib.nullcontext(None)
     if ray is None:
         stages = build_stages(cfg, metas)
+        stages.keep_views = views
     else:
         from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
 
-        engine = RayEngine(BuildFromConfig(cfg), field_batch=cfg.field_batch, cache=cache, address=ray.address,
+        engine = RayEngine(BuildFromConfig(cfg, keep_views=views), field_batch=cfg.field_batch, cache=cache, address=ray.address,
                            workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
                            worker_logs=ray.worker_logs, classified=cfg.classifier != "off",
                            guard=_guard(metas))
@@ -84,8 +83,6 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                                  warn or (lambda _m: None), engine=eng)
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
-                     segmenter=stages.segmenter if stages is not None else None,
-                     read_field=whole.read_field if whole is not None else None,
                      finished=(done[0], sum(len(s.fields) for s in slides)))
 
 

@@ -82,6 +82,7 @@ class BuildFromConfig:
     gave the worker, and the CPU when it gave none (a GPU node's other workers leave its GPUs alone)."""
 
     cfg: PipelineConfig
+    keep_views: bool = False  # the results hold what the review page shows (Stages.keep_views)
 
     def __call__(self) -> Stages:
         import ray
@@ -91,7 +92,9 @@ class BuildFromConfig:
         cfg = self.cfg
         if cfg.device.strip().lower() == "auto" and not ray.get_gpu_ids():
             cfg = cfg.model_copy(update={"device": "cpu"})
-        return build_stages(cfg)
+        stages = build_stages(cfg)
+        stages.keep_views = self.keep_views
+        return stages
 
 
 class FieldWorker:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
+import cv2
 import numpy as np
 
 from smear.io import Slide, check_exposure, image_pixels, pixel_budget, read_image
@@ -16,8 +19,8 @@ from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.errors import SmearError
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
-    CellPrediction, Classifier, Detection, Detector, FieldResult, GuardSums, MaskStats, Segmenter,
-    SkippedField, SlideReport, Tally,
+    VIEW_CROP_PX, VIEW_FIELD_PX, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
+    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
 )
 
 
@@ -35,11 +38,19 @@ class Stages:
     #: decoded field pixels held at once (the batch running and the one decoded ahead); None: io's auto
     pixel_budget: int | None = None
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
+    #: keep what the review page shows (a run that makes the page): each field at most VIEW_FIELD_PX on
+    #: its long side (under 1.3 MB) and each classified cell's crop and mask (37 KB), in its result
+    keep_views: bool = False
 
     @property
     def guard(self) -> Any:
         """The slide guard's statistics of the classifier (None when it has none)."""
         return getattr(self.classifier, "guard", None)  # CnnClassifier's, from its model folder
+
+    @property
+    def view_geometry(self) -> tuple[float, int] | None:
+        """The crop geometry of the cells whose views are kept: the classified ones (the page shows those)."""
+        return self.crop_geometry if self.keep_views and self.classifier is not None else None
 
     @property
     def crop_geometry(self) -> tuple[float, int] | None:
@@ -64,6 +75,48 @@ def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[floa
     return [scores.probs_of(i) for i in n], [scores.novelty_of(i) for i in n], [scores.guard_of(i) for i in n]
 
 
+def field_view(image: np.ndarray) -> FieldView:
+    """What the review page shows of a decoded field: the field at most VIEW_FIELD_PX on its long side,
+    and the sha256 of its pixels."""
+    digest = hashlib.sha256(image.tobytes()).hexdigest()
+    scale = VIEW_FIELD_PX / max(image.shape[:2])
+    if scale >= 1:
+        return FieldView(image, 1.0, digest)
+    return FieldView(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale, digest)
+
+
+def cell_view(image: np.ndarray, box_xyxy: tuple[float, float, float, float], margin: float,
+              fill: tuple[int, int, int], mask: np.ndarray | None = None, crop: np.ndarray | None = None) -> CellView:
+    """What the review page shows of a cell of ``image``: its crop at ``margin`` (``crop`` when it was cut
+    at VIEW_CROP_PX already) and the segmenter's ``mask`` of it, both VIEW_CROP_PX square."""
+    if crop is None or crop.shape[0] != VIEW_CROP_PX:
+        crop = cut_crop(image, box_xyxy, margin, VIEW_CROP_PX, fill)
+    if mask is not None:
+        mask = cv2.resize(mask, (VIEW_CROP_PX, VIEW_CROP_PX), interpolation=cv2.INTER_NEAREST)
+    return CellView(crop, mask)
+
+
+def with_views(fr: FieldResult, image: np.ndarray, geometry: tuple[float, int] | None,
+               segmenter: Segmenter | None = None) -> FieldResult:
+    """A result made without views (the cache keeps no pixels) with those a fresh run keeps, cut from
+    the field's ``image``: the cells' crops at the run's ``geometry`` (margin, size; None: no cell views,
+    as in a run that does not classify), its masked cells masked again by ``segmenter`` for their outline."""
+    cells = fr.cells
+    if geometry is not None and cells:
+        margin, size = geometry
+        fill = pad_value(image)
+        masks: list[np.ndarray | None] = [None] * len(cells)
+        masked = [i for i, c in enumerate(cells) if c.mask is not None]
+        if segmenter is not None and masked:
+            got = segmenter.segment([cut_crop(image, cells[i].detection.box_xyxy, margin, size, fill)
+                                     for i in masked])
+            for i, m in zip(masked, got):
+                masks[i] = m
+        cells = tuple(dataclasses.replace(c, view=cell_view(image, c.detection.box_xyxy, margin, fill, m))
+                      for c, m in zip(cells, masks))
+    return dataclasses.replace(fr, cells=cells, view=field_view(image))
+
+
 def _mask_stats(mask: np.ndarray, field_side: float) -> MaskStats:
     """Areas of a crop mask in field pixels (the crop covers ``field_side`` x ``field_side`` of the field)."""
     scale = (field_side / mask.shape[0]) ** 2
@@ -80,6 +133,7 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     if clf is None and seg is None:
         return [() for _ in images]
     margin, size = stages.crop_geometry
+    views = stages.view_geometry is not None
     owners, wbcs, crops, fills, sides = [], [], [], [], []
     for k, (image, dets) in enumerate(zip(images, detections)):
         fill = pad_value(image) if any(d.kind == CellKind.WBC for d in dets) else None
@@ -108,12 +162,14 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     else:
         novelty = guard = [None] * len(crops)
     cells: list[list[CellPrediction]] = [[] for _ in images]
-    for k, det, p, m, side, nv, gv in zip(owners, wbcs, probs, masks, sides, novelty, guard):
+    for k, det, p, m, side, nv, gv, crop, fill in zip(owners, wbcs, probs, masks, sides, novelty, guard, crops,
+                                                      fills):
         label, top = _label(p, stages.review_threshold) if p is not None else ("", 0.0)
         if nv is not None and nv > 1.0:
             label = UNIDENTIFIED  # unlike every class the model was trained on: a person looks
         stats = _mask_stats(m, side) if m is not None else None
-        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv, gv))
+        view = cell_view(images[k], det.box_xyxy, margin, fill, m, crop) if views else None
+        cells[k].append(CellPrediction(det, label, top, dict(p or {}), stats, nv, gv, view))
     return [tuple(c) for c in cells]
 
 
@@ -183,13 +239,27 @@ def iter_field_results(
                                          cells, str(path))
                 if cache is not None:
                     cache.put(path, done[path])
+                if stages.keep_views:
+                    done[path] = dataclasses.replace(done[path], view=field_view(img))
             loaded = good = img = None  # this run's pixels go before the next run is decoded ahead
             while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
-                yield done.pop(fields[emitted])
+                yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
                 emitted += 1
     while emitted < len(fields):
-        yield done.pop(fields[emitted])
+        yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
         emitted += 1
+
+
+def _viewed(item: FieldResult | SkippedField, stages: Stages, max_pixels: int) -> FieldResult | SkippedField:
+    """A result from the cache with its views, when the stages keep them: its field is read again (a
+    field that cannot be read now is still counted, its view empty)."""
+    if not stages.keep_views or isinstance(item, SkippedField) or item.view is not None:
+        return item
+    try:
+        image = read_image(item.path, max_pixels=max_pixels)
+    except SmearError:
+        return dataclasses.replace(item, view=FieldView(None, 1.0, ""))
+    return with_views(item, image, stages.view_geometry, stages.segmenter)
 
 
 def gather_report(slide: str, items: Iterable[FieldResult | SkippedField], *, classified: bool, guard: Any = None,

@@ -184,13 +184,3 @@ def _info(slide: WholeSlide, geo: Geometry, settings: WsiSettings, plan: finder.
         quality_map=str(target) if target is not None else "", quality_map_png=png, finder_s=round(finder_s, 3),
         read_s=round(counter.read_s, 3), detect_s=round(counter.detect_s, 3), tiles_from_cache=counter.from_cache)
 
-
-def reread(slide: WholeSlide, fr: FieldResult) -> np.ndarray:
-    """A counted tile's image read again from its slide, as the run saw it."""
-    region = fr.region
-    side_l0 = int(round(fr.width * region.scale))
-    geo = Geometry(region.mpp or 0.0, "", slide.level_for(region.scale), region.scale, side_l0, 0)
-    img, _ = read_tile(slide, geo, int(region.x0), int(region.y0), side_l0)
-    if img.shape[:2] != (fr.height, fr.width):
-        img = cv2.resize(img, (fr.width, fr.height), interpolation=cv2.INTER_AREA)
-    return img

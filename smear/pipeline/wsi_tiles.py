@@ -25,9 +25,9 @@ import numpy as np
 
 from smear.errors import ImageReadError
 from smear.pipeline.cache import FieldCache
-from smear.pipeline.run import Stages, classify_cells
+from smear.pipeline.run import Stages, classify_cells, field_view, with_views
 from smear.taxonomy import WBC_CLASSES, CellKind
-from smear.types import FieldResult, SkippedField, SlideRegion
+from smear.types import FieldResult, FieldView, SkippedField, SlideRegion
 from smear.wsi import finder
 from smear.wsi.slide import Level, WholeSlide
 
@@ -133,29 +133,39 @@ def _owned(fr_dets, cells, margin: float, core: float):
     return dets, tuple(c for c in cells if id(c.detection) in keep)
 
 
-def _load(slide: WholeSlide, job: TileJob, tile: finder.TileScore, cache: FieldCache | None, resume: bool):
-    """(cache key, the cached FieldResult or the tile's image or the ImageReadError, its region, read seconds)."""
+def _load(slide: WholeSlide, job: TileJob, tile: finder.TileScore, cache: FieldCache | None, resume: bool,
+          views: bool):
+    """(cache key, the cached FieldResult or the tile's image or the ImageReadError, its region, read
+    seconds, the tile's image for the ``views`` of a cached result: read again only for those)."""
     key = job.key(slide, tile)
-    if cache is not None and resume:
-        hit = cache.get(slide.path, job.name, key=key, field=tile.name)
-        if hit is not None:
-            return key, hit, job.region(tile), 0.0
+    hit = cache.get(slide.path, job.name, key=key, field=tile.name) if cache is not None and resume else None
+    if hit is not None and not views:
+        return key, hit, job.region(tile), 0.0, None
     start = time.perf_counter()
     try:
         img, region = read_tile(slide, job.geo, *placed(tile, job.side_l0), job.side_l0)
     except ImageReadError as exc:
-        return key, exc, None, time.perf_counter() - start
-    return key, img, region, time.perf_counter() - start
+        if hit is not None:
+            return key, hit, job.region(tile), 0.0, None
+        return key, exc, None, time.perf_counter() - start, None
+    if hit is not None:
+        return key, hit, region, 0.0, img
+    return key, img, region, time.perf_counter() - start, None
 
 
 def _run(slide: WholeSlide, job: TileJob, tile: finder.TileScore, stages: Stages, cache: FieldCache | None,
          loaded) -> TileOutcome:
     """The outcome of a loaded tile: the models run on its image, its cells kept to its core."""
-    key, got, region, read_s = loaded
+    key, got, region, read_s, image = loaded
     if isinstance(got, ImageReadError):
         return TileOutcome(tile, SkippedField(job.name, tile.name, str(got)), read_s=read_s)
     if isinstance(got, FieldResult):
-        return TileOutcome(tile, dataclasses.replace(got, region=region), cached=True, read_s=read_s)
+        fr = dataclasses.replace(got, region=region)
+        if stages.keep_views and image is None:  # the tile could not be read again: counted, not shown
+            fr = dataclasses.replace(fr, view=FieldView(None, 1.0, ""))
+        elif stages.keep_views:  # masked again here, not in the reading thread
+            fr = with_views(fr, image, stages.view_geometry, stages.segmenter)
+        return TileOutcome(tile, fr, cached=True, read_s=read_s)
     geo = job.geo
     margin_px = geo.margin_l0 / geo.scale
     h, w = got.shape[:2]
@@ -171,19 +181,23 @@ def _run(slide: WholeSlide, job: TileJob, tile: finder.TileScore, stages: Stages
     detect_s = time.perf_counter() - start
     if cache is not None:
         cache.put(slide.path, fr, key=key)
-    return TileOutcome(tile, dataclasses.replace(fr, region=region), read_s=read_s, detect_s=detect_s)
+    fr = dataclasses.replace(fr, region=region, view=field_view(got) if stages.keep_views else None)
+    return TileOutcome(tile, fr, read_s=read_s, detect_s=detect_s)
 
 
 def tile_outcomes(slide: WholeSlide, job: TileJob, tiles: Sequence[finder.TileScore], stages: Stages,
                   cache: FieldCache | None = None, resume: bool = False) -> Iterator[TileOutcome]:
     """Each tile's outcome, in order; the next tile is read in a background thread while the models
     run on this one. With a cache each result is stored as it is made; with ``resume`` a cached
-    tile is neither read nor run again."""
+    tile is not run again (nor read, unless the stages keep the views the review page shows)."""
+    def load(tile: finder.TileScore):
+        return _load(slide, job, tile, cache, resume, stages.keep_views)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load, slide, job, tiles[0], cache, resume) if tiles else None
+        pending = pool.submit(load, tiles[0]) if tiles else None
         for k, tile in enumerate(tiles):
             loaded = pending.result()
-            pending = pool.submit(_load, slide, job, tiles[k + 1], cache, resume) if k + 1 < len(tiles) else None
+            pending = pool.submit(load, tiles[k + 1]) if k + 1 < len(tiles) else None
             try:
                 yield _run(slide, job, tile, stages, cache, loaded)
             except GeneratorExit:

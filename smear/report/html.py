@@ -14,14 +14,12 @@ import numpy as np
 
 from smear import __version__
 from smear.config_models import PipelineConfig
-from smear.crops import cut_crop, pad_value
-from smear.io import read_image
-from smear.errors import SmearError
 from smear.taxonomy import (
     ARTEFACT, FINE_CLASSES, FINE_NAMES, FINE_TO_GROUP8, FINE_TO_TYPE5, GROUPS8, REVIEW_CLASSES, REVIEW_NAMES,
     SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
-from smear.types import Segmenter, SlideReport
+from smear.report.summary import FLAG_RULES, rule_classes
+from smear.types import Differential, FieldResult, SlideReport, summary_columns
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)
@@ -31,10 +29,7 @@ REVIEW_KEYS: dict[str, str] = {"SNE": "s", "BNE": "b", "MMY": "m", "MY": "y", "P
 GALLERY_ORDER = (UNIDENTIFIED, *REVIEW_CLASSES)
 #: the classes behind each flag (its key under ``flags:``): with ``report.signoff_requires_review`` every
 #: cell of a raised flag's classes, and every UNIDENTIFIED cell, must be reviewed before sign-off
-FLAG_CLASSES: dict[str, list[str]] = {
-    "ig_present_pct": ["MMY", "MY", "PMY"], "left_shift_pct": ["BNE", "MMY", "MY", "PMY"],
-    "nrbc_present_per_100_wbc": ["ERB"], "eosinophilia_pct": ["EO"], "basophilia_pct": ["BA"],
-    "monocytosis_pct": ["MO"], "lymphocytosis_pct": ["LY"], "lymphopenia_pct": ["LY"]}
+FLAG_CLASSES: dict[str, list[str]] = {key: rule_classes(name) for key, name, _side, _text in FLAG_RULES}
 NAMES = {**FINE_NAMES, **REVIEW_NAMES, UNIDENTIFIED: "unidentified: review first"}
 
 
@@ -51,33 +46,35 @@ def _b64_jpeg(image_rgb: np.ndarray, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _field_figure(image_rgb: np.ndarray, fr, max_side: int = 640) -> str:
-    bgr = np.ascontiguousarray(image_rgb[..., ::-1])
+def _field_figure(fr: FieldResult) -> str:
+    """The field as the pipeline kept it for the page, with its boxes and the cells' labels drawn."""
+    bgr = np.ascontiguousarray(fr.view.image[..., ::-1])
+    scale = fr.view.scale
     labels = {id(c.detection): c.label for c in fr.cells}
     for d in fr.detections:
-        x0, y0, x1, y1 = (int(round(v)) for v in d.box_xyxy)
+        x0, y0, x1, y1 = (int(round(v * scale)) for v in d.box_xyxy)
         cv2.rectangle(bgr, (x0, y0), (x1, y1), KIND_BGR[d.kind], 2)
         if id(d) in labels:
             cv2.putText(bgr, labels[id(d)], (x0 + 2, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                         KIND_BGR[d.kind], 1, cv2.LINE_AA)
-    scale = max_side / max(bgr.shape[:2])
-    if scale < 1:
-        bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     return _b64_jpeg(bgr[..., ::-1])
 
 
 def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
     """Everything the page's JavaScript needs to recompute a summary row exactly as
     summary.differential does: thresholds from the pipeline config, the taxonomy, the z values scipy
-    uses, the CSV columns."""
+    uses, the CSV columns, and the flag and guard rules with every message (recount.js interprets
+    them)."""
     from scipy.special import ndtri
     from scipy.stats import norm
 
-    from smear.report.tables import FORMULA_START, summary_frame
-    from smear.report.summary import ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART, differential
+    from smear.report.tables import FORMULA_START
+    from smear.report.summary import (
+        ADVICE, APART, EVIDENCE_TEXT, GROUPS_APART, IMPLAUSIBLE_RULES, MESSAGES, QUANTITIES,
+    )
 
     conf = float(cfg.report.confidence)
-    columns = list(summary_frame([differential(SlideReport("", (), classified=True)).row()]).columns)
+    columns = summary_columns()
     return {
         "report": cfg.report.model_dump(), "flags": cfg.flags.model_dump(), "guard": cfg.guard.model_dump(),
         "z_ci": float(ndtri(0.5 + 0.5 * conf)), "z_needed": float(norm.ppf(0.5 + conf / 2.0)),
@@ -86,6 +83,8 @@ def summary_config(cfg: PipelineConfig) -> dict[str, Any]:
         "to_type": {k: v for k, v in FINE_TO_TYPE5.items() if v}, "unidentified": UNIDENTIFIED,
         "advice": ADVICE, "evidence_text": EVIDENCE_TEXT, "columns": columns, "formula_start": list(FORMULA_START),
         "int_columns": [c for c in columns if c.endswith("_n") or c.startswith("n_") or c == "wbc_needed"],
+        "messages": MESSAGES, "quantities": list(QUANTITIES.items()), "flag_rules": FLAG_RULES,
+        "implausible_rules": IMPLAUSIBLE_RULES,
     }
 
 
@@ -146,39 +145,31 @@ def _whole_slide_view(info) -> dict[str, Any]:
     return {"info": info, "map": src, "skipped": ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in info.skipped.items())}
 
 
-def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_class: int,
-                crop_margin: float, segmenter: Segmenter | None,
-                segment_size: int, read_field=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what the template shows of a slide, what the script gets of it). Every cell is on the page:
-    the first ``gallery_per_class`` of each class as figures, the rest as data the script shows on
-    demand ("show all"); each crop is in the file once."""
+def _slide_view(rep: SlideReport, d: Differential, index: int,
+                gallery_per_class: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the template shows of a slide, what the script gets of it), from the views the pipeline
+    kept in its results. Every cell is on the page: the first ``gallery_per_class`` of each class as
+    figures, the rest as data the script shows on demand ("show all"); each crop is in the file once.
+    A field without a view (it could not be read again for a resumed run) shows no figure and no cells."""
+    if rep.fields and all(fr.view is None for fr in rep.fields):
+        raise ValueError(f"{rep.slide}: its field results hold no views; run the pipeline with "
+                         "Stages.keep_views (run_job(..., views=True)) to make the review page")
     by_label: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
-    fields, crops, to_mask, field_hashes = [], {}, {}, []
+    fields, field_hashes = [], []
     for k, fr in enumerate(rep.fields):
-        try:
-            image = read_field(fr) if read_field is not None and fr.region is not None else read_image(fr.path)
-        except SmearError:
-            field_hashes.append("")
+        field_hashes.append(fr.view.digest if fr.view is not None else "")  # the field's content, as shown
+        if fr.view is None or fr.view.image is None:
             continue
-        field_hashes.append(hashlib.sha256(image.tobytes()).hexdigest())  # the field's content, as shown
         where = _position(fr, (0.0, 0.0, float(fr.width), float(fr.height))) if fr.region is not None else ""
-        fields.append({"name": fr.field, "src": _field_figure(image, fr), "anchor": f"s{index}-{fr.field}",
+        fields.append({"name": fr.field, "src": _field_figure(fr), "anchor": f"s{index}-{fr.field}",
                        "where": where})
-        fill = pad_value(image)
         for j, c in enumerate(fr.cells):
-            if c.label not in by_label:
+            if c.label not in by_label or c.view is None:
                 continue
-            cell_id = f"s{index}f{k}c{j}"
-            by_label[c.label].append(_cell_entry(cell_id, fr, c, index))
-            crops[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, 96, fill)
-            if segmenter is not None and c.mask is not None:  # the crop the run segmented, masked again
-                to_mask[cell_id] = cut_crop(image, c.detection.box_xyxy, crop_margin, segment_size, fill)
-    if to_mask:
-        for cell_id, mask in zip(to_mask, segmenter.segment(list(to_mask.values()))):
-            crops[cell_id] = outline(crops[cell_id], mask)
-    for entries in by_label.values():
-        for entry in entries:
-            entry["src"] = _b64_jpeg(crops[entry["id"]])
+            entry = _cell_entry(f"s{index}f{k}c{j}", fr, c, index)
+            crop = c.view.crop if c.view.mask is None else outline(c.view.crop, c.view.mask)
+            entry["src"] = _b64_jpeg(crop)
+            by_label[c.label].append(entry)
     cells = [c for label in GALLERY_ORDER for c in by_label[label]]  # the review queue: unidentified first
     shown = {code: by_label[code][:max(0, gallery_per_class)] for code in GALLERY_ORDER}
     more = {c["id"]: {k: c[k] for k in MORE_KEYS}
@@ -189,12 +180,11 @@ def _slide_view(rep: SlideReport, row: dict[str, Any], index: int, gallery_per_c
     script_cells = [{k: c[k] for k in SCRIPT_KEYS} for c in cells]
     # the saved review state belongs to this content: the fields' bytes and the cells found on them
     key = hashlib.sha256(json.dumps([rep.slide, field_hashes, script_cells]).encode()).hexdigest()[:32]
-    view = {"index": index, "name": rep.slide, "row": row, "classified": rep.classified,
+    view = {"index": index, "name": rep.slide, "d": d, "classified": rep.classified,
             "wsi": _whole_slide_view(rep.whole_slide) if rep.whole_slide is not None else None,
             "galleries": galleries, "fields": fields, "n_queue": len(cells),
             "n_hidden": len(more),
-            "table": [{"code": c, "name": FINE_NAMES[c], "n": row.get(f"{c}_n"), "pct": row.get(f"{c}_pct"),
-                       "low": row.get(f"{c}_ci_low"), "high": row.get(f"{c}_ci_high")} for c in FINE_CLASSES]}
+            "table": [{"code": c, "name": FINE_NAMES[c], "share": d.fine[c]} for c in FINE_CLASSES]}
     return view, {"base": slide_base(rep), "cells": script_cells, "more": more,
                   "storage_key": f"smear-review:{key}"}
 
@@ -214,15 +204,13 @@ def audit_row(audit: dict[str, Any]) -> dict[str, str]:
     return row
 
 
-def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], gallery_per_class: int = 60,
-                crop_margin: float = 1.2, cfg: PipelineConfig | None = None,
-                audit: dict[str, Any] | None = None, segmenter: Segmenter | None = None,
-                segment_size: int = 96, read_field=None) -> str:
-    """The whole review page as one HTML string (images embedded as data URIs); ``cfg`` is the pipeline
-    config the rows were made with (its thresholds drive the page's live recount), ``audit`` what
-    build.audit_info says of the run; with the run's ``segmenter`` (and the ``segment_size`` of the
-    crops it was given) each masked crop shows its mask's outline; ``read_field(field_result)`` gives
-    the image of a whole slide's tile (its crops link to the tile and its place on the slide)."""
+def render_html(reports: Sequence[SlideReport], diffs: Sequence[Differential], gallery_per_class: int = 60,
+                cfg: PipelineConfig | None = None, audit: dict[str, Any] | None = None) -> str:
+    """The whole review page as one HTML string (images embedded as data URIs) of the slides' reports,
+    made with the views the pipeline keeps (``Stages.keep_views``: fields, crops and masks, each masked
+    crop with its mask's outline drawn), and their differentials; ``cfg`` is the pipeline config the
+    differentials were made with (its thresholds drive the page's live recount), ``audit`` what
+    build.audit_info says of the run. A whole slide's crops link to their tile and its place."""
     if cfg is None:
         from smear.config import default_config
 
@@ -230,8 +218,8 @@ def render_html(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]], 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     audit = {"smear": __version__, "date": now, "run_id": "", "models": [], "settings": {}, **(audit or {})}
     views, script = [], []
-    for i, (rep, row) in enumerate(zip(reports, rows)):
-        view, data = _slide_view(rep, row, i, gallery_per_class, crop_margin, segmenter, segment_size, read_field)
+    for i, (rep, d) in enumerate(zip(reports, diffs)):
+        view, data = _slide_view(rep, d, i, gallery_per_class)
         views.append(view)
         script.append(data)
     keys = [{"code": c, "key": REVIEW_KEYS[c], "name": NAMES[c]} for c in REVIEW_CLASSES]

@@ -62,30 +62,85 @@ def _shares(counts: dict[str, int], names: tuple[str, ...], apart: tuple[str, ..
     return out
 
 
+#: Every message of the flags, the domain guard and the count's warning, as ``str.format`` templates
+#: (specs: none, .Nf, g, .0%): filled here, and by the review page's recount (templates/recount.js) from
+#: the page's data (html.summary_config), so each is written once.
+MESSAGES = {
+    "too_few": "too few cells counted ({n} < {min_wbc})",
+    "few_wbc": ("{slide}: only {n_wbc} WBCs identified (minimum {min_wbc}); +/-{halfwidth:g} points at "
+                "{confidence:.0%} needs about {needed} WBCs"),
+    "domain": "unlike the training data or misread: domain score {score:.2f} (threshold {limit:g}); {why}; {advice}",
+    "why": "{meaning}{detail}: {key} {ratio:.2f}",
+    "why_novel": " ({n_novel} of {n_scored} WBCs, {share:.0f}%)",
+    "why_differential": " ({seen})",
+    "nrbc_ceiling": ("implausible: {nrbc:g} NRBC per 100 WBC (ceiling {ceiling:g}); red cells are likely being "
+                     "counted as nucleated cells; {advice}"),
+    "wbc_boxes": ("implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
+                  "the detector is likely taking red cells for white cells on this stain; {advice}"),
+}
+#: The quantities the rules read, besides each fine class's percentage (0.0 when it has none) and
+#: ``nrbc`` (NRBC per 100 WBC, 0.0 when none): each a sum, left to right from 0 as Python's ``sum``,
+#: of those and of the quantities before it.
+QUANTITIES: dict[str, tuple[str, ...]] = {
+    "ig": ("MMY", "MY", "PMY"), "left_shift": ("BNE", "ig"), "neutrophils": ("SNE", "BNE")}
+#: The review flags: the key under ``flags:`` that holds the threshold, the quantity, whether it fires
+#: "above" or "below" the threshold, the message (with the quantity as ``value``).
+FLAG_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("ig_present_pct", "ig", "above", "immature granulocytes present ({value:.1f}%): review"),
+    ("left_shift_pct", "left_shift", "above", "left shift (bands + IG {value:.1f}%): review"),
+    ("nrbc_present_per_100_wbc", "nrbc", "above", "NRBC present ({value} per 100 WBC): review"),
+    ("eosinophilia_pct", "EO", "above", "eosinophilia ({value:.1f}%): review"),
+    ("basophilia_pct", "BA", "above", "basophilia ({value:.1f}%): review"),
+    ("monocytosis_pct", "MO", "above", "monocytosis ({value:.1f}%): review"),
+    ("lymphocytosis_pct", "LY", "above", "lymphocytosis ({value:.1f}%): review"),
+    ("lymphopenia_pct", "LY", "below", "lymphopenia ({value:.1f}%): review"),
+)
+#: The slide guard's rules for a differential almost no blood has: terms (quantity, key under
+#: ``guard.implausible``, "above" or "below"), the rule's ratio the smallest of its terms' ratios to
+#: their thresholds (over 1 fires), and what it saw (the quantities by name). Unlike the clinical flags,
+#: these assume the typing may be wrong.
+IMPLAUSIBLE_RULES: tuple[tuple[tuple[tuple[str, str, str], ...], str], ...] = (
+    ((("EO", "eosinophil_pct", "above"), ("neutrophils", "eosinophil_neutrophil_max_pct", "below")),
+     "EO {EO:.1f}% with neutrophils {neutrophils:.1f}%"),
+    ((("BA", "basophil_pct", "above"),), "BA {BA:.1f}%"),
+    ((("PMY", "promyelocyte_pct", "above"),), "PMY {PMY:.1f}%"),
+    ((("MO", "monocyte_pct", "above"),), "MO {MO:.1f}%"),
+    ((("nrbc", "nrbc_per_100_wbc", "above"), ("LY", "nrbc_lymphocyte_max_pct", "below")),
+     "{nrbc:g} NRBC per 100 WBC with lymphocytes {LY:.1f}%"),
+)
+
+
+def rule_classes(name: str) -> list[str]:
+    """The fine classes a quantity counts (``nrbc``: the erythroblasts), in order."""
+    if name == "nrbc":
+        return ["ERB"]
+    return [c for term in QUANTITIES[name] for c in rule_classes(term)] if name in QUANTITIES else [name]
+
+
+def quantities(d: Differential) -> dict[str, float]:
+    """What the flag and guard rules read of a differential (QUANTITIES)."""
+    q = {code: d.fine[code].pct or 0.0 for code in FINE_CLASSES}
+    q["nrbc"] = d.nrbc_per_100_wbc or 0.0
+    for name, terms in QUANTITIES.items():
+        q[name] = sum(q[t] for t in terms)
+    return q
+
+
 def evaluate_flags(d: Differential, fcfg: Flags, min_wbc: int) -> list[str]:
-    """Review prompts from a slide's differential and the flag thresholds."""
+    """Review prompts from a slide's differential and the flag thresholds (FLAG_RULES)."""
     if not d.classified:
         return []
     flags = []
-    n = d.n_wbc
-    pct = lambda code: d.fine[code].pct or 0.0  # noqa: E731
-    ig = sum(pct(c) for c in ("MMY", "MY", "PMY"))
-    if n < min_wbc:
-        flags.append(f"too few cells counted ({n} < {min_wbc})")
-    if n == 0:
+    if d.n_wbc < min_wbc:
+        flags.append(MESSAGES["too_few"].format(n=d.n_wbc, min_wbc=min_wbc))
+    if d.n_wbc == 0:
         return flags
-    checks = [
-        (ig > fcfg.ig_present_pct, f"immature granulocytes present ({ig:.1f}%)"),
-        (pct("BNE") + ig > fcfg.left_shift_pct, f"left shift (bands + IG {pct('BNE') + ig:.1f}%)"),
-        ((d.nrbc_per_100_wbc or 0) > fcfg.nrbc_present_per_100_wbc,
-         f"NRBC present ({d.nrbc_per_100_wbc} per 100 WBC)"),
-        (pct("EO") > fcfg.eosinophilia_pct, f"eosinophilia ({pct('EO'):.1f}%)"),
-        (pct("BA") > fcfg.basophilia_pct, f"basophilia ({pct('BA'):.1f}%)"),
-        (pct("MO") > fcfg.monocytosis_pct, f"monocytosis ({pct('MO'):.1f}%)"),
-        (pct("LY") > fcfg.lymphocytosis_pct, f"lymphocytosis ({pct('LY'):.1f}%)"),
-        (pct("LY") < fcfg.lymphopenia_pct, f"lymphopenia ({pct('LY'):.1f}%)"),
-    ]
-    return flags + [text + ": review" for hit, text in checks if hit]
+    q = quantities(d)
+    for key, name, side, text in FLAG_RULES:
+        threshold = getattr(fcfg, key)
+        if q[name] > threshold if side == "above" else q[name] < threshold:
+            flags.append(text.format(value=q[name]))
+    return flags
 
 
 ADVICE = ("results are unreliable for this stain or scanner: review every cell, and adapt the "
@@ -107,23 +162,17 @@ def _ratio(value: float, threshold: float) -> float:
 
 
 def implausible_differential(d: Differential, icfg: Implausible) -> list[tuple[float, str]]:
-    """Rules for a differential almost no blood has, each (ratio to its threshold, what it saw); a
-    ratio over 1 fires. Unlike the clinical flags, these assume the typing may be wrong."""
+    """IMPLAUSIBLE_RULES on a differential, each (ratio to its threshold, what it saw); a ratio over 1
+    fires."""
     if not d.classified or not d.n_wbc:
         return []
-    pct = lambda code: d.fine[code].pct or 0.0  # noqa: E731
-    neut = pct("SNE") + pct("BNE")
-    nrbc, ly = d.nrbc_per_100_wbc or 0.0, pct("LY")
-    rules = [
-        (min(_ratio(pct("EO"), icfg.eosinophil_pct), _ratio(icfg.eosinophil_neutrophil_max_pct, neut)),
-         f"EO {pct('EO'):.1f}% with neutrophils {neut:.1f}%"),
-        (_ratio(pct("BA"), icfg.basophil_pct), f"BA {pct('BA'):.1f}%"),
-        (_ratio(pct("PMY"), icfg.promyelocyte_pct), f"PMY {pct('PMY'):.1f}%"),
-        (_ratio(pct("MO"), icfg.monocyte_pct), f"MO {pct('MO'):.1f}%"),
-        (min(_ratio(nrbc, icfg.nrbc_per_100_wbc), _ratio(icfg.nrbc_lymphocyte_max_pct, ly)),
-         f"{nrbc:g} NRBC per 100 WBC with lymphocytes {ly:.1f}%"),
-    ]
-    return [(round(r, 4), text) for r, text in rules]
+    q = quantities(d)
+    out = []
+    for terms, text in IMPLAUSIBLE_RULES:
+        ratios = [_ratio(q[name], getattr(icfg, key)) if side == "above" else _ratio(getattr(icfg, key), q[name])
+                  for name, key, side in terms]
+        out.append((round(min(ratios), 4), text.format(**q)))
+    return out
 
 
 def domain_evidence(d: Differential, n_scored: int, n_novel: int, fitted: dict[str, float],
@@ -158,20 +207,18 @@ def domain_warnings(d: Differential, n_scored: int, n_novel: int, gcfg: Guard,
         for v, k in fired:
             detail = ""
             if k == "novel_share":
-                detail = f" ({n_novel} of {n_scored} WBCs, {100.0 * n_novel / n_scored:.0f}%)"
+                detail = MESSAGES["why_novel"].format(n_novel=n_novel, n_scored=n_scored,
+                                                      share=100.0 * n_novel / n_scored)
             elif k == "differential":
-                detail = f" ({'; '.join(seen)})"
-            why.append(f"{EVIDENCE_TEXT.get(k, k)}{detail}: {k} {v:.2f}")
-        out.append(f"unlike the training data or misread: domain score {score:.2f} (threshold {limit:g}); "
-                   f"{'; '.join(why)}; {ADVICE}")
+                detail = MESSAGES["why_differential"].format(seen="; ".join(seen))
+            why.append(MESSAGES["why"].format(meaning=EVIDENCE_TEXT.get(k, k), detail=detail, key=k, ratio=v))
+        out.append(MESSAGES["domain"].format(score=score, limit=limit, why="; ".join(why), advice=ADVICE))
     nrbc = d.nrbc_per_100_wbc
     if nrbc is not None and nrbc > gcfg.max_nrbc_per_100_wbc:
-        out.append(f"implausible: {nrbc:g} NRBC per 100 WBC (ceiling {gcfg.max_nrbc_per_100_wbc:g}); red cells "
-                   f"are likely being counted as nucleated cells; {ADVICE}")
+        out.append(MESSAGES["nrbc_ceiling"].format(nrbc=nrbc, ceiling=gcfg.max_nrbc_per_100_wbc, advice=ADVICE))
     n_rbc, n_wbc = d.n_rbc or 0, d.n_wbc_detected or 0
     if n_rbc >= gcfg.min_rbc and n_wbc / n_rbc > gcfg.max_wbc_per_rbc:
-        out.append(f"implausible: {n_wbc} WBC boxes to {n_rbc} RBCs (a smear has far fewer white than red cells); "
-                   f"the detector is likely taking red cells for white cells on this stain; {ADVICE}")
+        out.append(MESSAGES["wbc_boxes"].format(n_wbc=n_wbc, n_rbc=n_rbc, advice=ADVICE))
     return (round(score, 4) if score is not None else None), evidence, out
 
 
@@ -210,9 +257,9 @@ def differential(report: SlideReport, rcfg: ReportSection | None = None,
         whole_slide=report.whole_slide)
     warnings = []
     if report.classified and n_wbc < rcfg.min_wbc:
-        warnings.append(f"{report.slide}: only {n_wbc} WBCs identified (minimum {rcfg.min_wbc}); "
-                        f"+/-{rcfg.target_halfwidth_pct:g} points at {rcfg.confidence:.0%} needs about"
-                        f" {needed} WBCs")
+        warnings.append(MESSAGES["few_wbc"].format(slide=report.slide, n_wbc=n_wbc, min_wbc=rcfg.min_wbc,
+                                                   halfwidth=rcfg.target_halfwidth_pct,
+                                                   confidence=rcfg.confidence, needed=needed))
     score, evidence, guard = domain_warnings(d, n_scored, n_novel, gcfg, report.evidence)
     return dataclasses.replace(
         d, domain_score=score, domain_evidence=evidence, domain_warnings=tuple(guard),

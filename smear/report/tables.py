@@ -35,15 +35,12 @@ def differentials(reports: Sequence[SlideReport], cfg: PipelineConfig | None = N
     return [differential(r, cfg.report, cfg.flags, cfg.guard) for r in reports]
 
 
-def summary_rows(reports: Sequence[SlideReport], cfg: PipelineConfig | None = None) -> list[dict[str, Any]]:
-    """The summary row of each slide (``Differential.row``); ``cfg`` is the pipeline config."""
-    return [d.row() for d in differentials(reports, cfg)]
-
-
-def summary_frame(rows: Sequence[dict[str, Any]]):
-    """Summary rows as the CSV table: one row per slide, flags joined by '; '."""
+def summary_frame(diffs: Sequence[Differential]):
+    """The slides' differentials as the CSV table: one row per slide (``Differential.row``), flags
+    joined by '; '."""
     table = []
-    for row in rows:
+    for d in diffs:
+        row = d.row()
         out = {k: v for k, v in row.items() if k not in ("classified", "warnings", "flags", "domain_warnings",
                                                          "domain_evidence")}
         out["flags"] = "; ".join(row["flags"])
@@ -51,6 +48,11 @@ def summary_frame(rows: Sequence[dict[str, Any]]):
     import pandas as pd  # here, not at import: a table or JSON report needs no pandas (start-up)
 
     return pd.DataFrame(table)
+
+
+def summary_csv(diffs: Sequence[Differential]) -> str:
+    """The summary CSV report of the slides' differentials."""
+    return to_csv(summary_frame(diffs))
 
 
 def field_cell_rows(slide: str, fr: FieldResult) -> list[dict[str, Any]]:
@@ -151,10 +153,12 @@ def cells_csv(reports: Sequence[SlideReport]) -> str:
     return buf.getvalue()
 
 
-def to_json(reports: Sequence[SlideReport], rows: Sequence[dict[str, Any]]) -> str:
-    """Summary plus per-field results and skipped fields, as JSON text."""
+def to_json(reports: Sequence[SlideReport], diffs: Sequence[Differential]) -> str:
+    """Each slide's differential (``Differential.row``) plus its per-field results and skipped
+    fields, as JSON text."""
     out = []
-    for rep, row in zip(reports, rows):
+    for rep, d in zip(reports, diffs):
+        row = d.row()
         fields = []
         for fr in rep.fields:
             fields.append({

@@ -18,18 +18,15 @@ def render(result: RunResult, fmt: str) -> str:
     """The report of ``result`` as text in ``fmt`` (csv | json | html)."""
     from smear.report import tables
 
-    rows = [d.row() for d in result.differentials]
     if fmt == "csv":
-        return tables.to_csv(tables.summary_frame(rows))
+        return tables.summary_csv(result.differentials)
     if fmt == "json":
-        return tables.to_json(result.reports, rows)
+        return tables.to_json(result.reports, result.differentials)
     if fmt == "html":
         from smear.report.html import render_html
 
-        crops = {} if result.geometry is None else {"crop_margin": result.geometry.margin,
-                                                    "segment_size": result.geometry.size}
-        return render_html(result.reports, rows, result.cfg.report.gallery_per_class, cfg=result.cfg,
-                           audit=result.audit, segmenter=result.segmenter, read_field=result.read_field, **crops)
+        return render_html(result.reports, result.differentials, result.cfg.report.gallery_per_class,
+                           cfg=result.cfg, audit=result.audit)
     raise ValueError(f"unknown report format {fmt!r}: one of {', '.join(FORMATS)}")
 
 

@@ -1,7 +1,9 @@
-/* The differential recounted in the browser: a port of smear/pipeline/summary.py (summarize,
-   evaluate_flags, domain_warnings, proportion_ci, cells_needed) and of report.to_csv, with the
-   thresholds, z values and CSV columns the Python report used (C, from the page's #smear-data).
-   Numbers are printed as Python prints them, so the two agree to the byte. */
+/* The differential recounted in the browser, as smear/report/summary.py counts it (differential,
+   proportion_ci, cells_needed) and report.to_csv writes it, with the thresholds, z values and CSV
+   columns the Python report used (C, from the page's #smear-data). The flag and guard rules and every
+   message are data from summary.py (C.quantities, C.flag_rules, C.implausible_rules, C.messages):
+   this file interprets them, and fills the str.format templates as Python does, so the two agree to
+   the byte. */
 function smearRecount(C) {
   "use strict";
   // ------------------------------------------------------------ numbers as Python prints them
@@ -46,8 +48,25 @@ function smearRecount(C) {
     if (exp < -4 || exp >= 6) return `${strip(mant)}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
     return strip(x.toFixed(Math.max(0, 5 - exp)));
   }
-  /* str() of a config value (JSON drops a float's ".0": configs hold ints where the text prints one) */
-  const pyStr = String;
+  /* A float for format(): JSON drops a float's ".0", so a value that Python holds as a float and
+     prints with str() is given as F(x); plain numbers are ints. */
+  const F = (x) => ({ float: x });
+  /* A str.format template filled as Python fills it: {name} (text as it is, an int's digits, F(x) as
+     Python's str of a float, null as None), {name:.Nf}, {name:g} and {name:.N%}. */
+  function format(template, vars) {
+    return template.replace(/\{(\w+)(?::([^}]*))?\}/g, (_, name, spec) => {
+      if (!(name in vars)) throw new Error(`no value for {${name}} in "${template}"`);
+      let v = vars[name];
+      const isFloat = v !== null && typeof v === "object" && "float" in v;
+      if (isFloat) v = v.float;
+      let m;
+      if (!spec) return v === null ? "None" : isFloat ? pyFloat(v) : String(v);
+      if ((m = /^\.(\d+)f$/.exec(spec))) return fixed(v, Number(m[1]));
+      if (spec === "g") return pyG(v);
+      if ((m = /^\.(\d+)%$/.exec(spec))) return fixed(v * 100, Number(m[1])) + "%";
+      throw new Error(`format spec "${spec}" in "${template}" is not interpreted here`);
+    });
+  }
 
   // ------------------------------------------------------------ confidence intervals (scipy's binomtest)
 
@@ -120,7 +139,7 @@ function smearRecount(C) {
     return Math.ceil(z * z * pq / (halfwidthPct / 100.0) ** 2);
   }
 
-  // ------------------------------------------------------------ the summary row (summary.summarize)
+  // ------------------------------------------------------------ the summary row (summary.differential)
 
   function view(row, counts, names, apart, n, prefix, classified) {
     for (const name of names) {
@@ -141,48 +160,45 @@ function smearRecount(C) {
     for (const [c, k] of Object.entries(counts)) if (map[c] === key) s += k;
     return s;
   }
+  /* summary.quantities: what the rules read, each fine class's percentage (0 when none), nrbc and the
+     sums of C.quantities (left to right from 0, as Python's sum) */
+  function quantities(row) {
+    const q = {};
+    for (const c of C.fine) q[c] = row[`${c}_pct`] || 0.0;
+    q.nrbc = row.nrbc_per_100_wbc || 0.0;
+    for (const [name, terms] of C.quantities) q[name] = terms.reduce((s, t) => s + q[t], 0);
+    return q;
+  }
+  /* summary.evaluate_flags over C.flag_rules; row.flag_keys: the flags raised (the page asks for
+     their classes' cells) */
   function evaluateFlags(row, fcfg, minWbc) {
+    row.flag_keys = [];
     if (!row.classified) return [];
     const flags = [];
     const n = row.n_wbc;
-    const pct = (code) => row[`${code}_pct`] || 0.0;
-    const ig = 0 + pct("MMY") + pct("MY") + pct("PMY");
-    if (n < minWbc) flags.push(`too few cells counted (${n} < ${pyStr(minWbc)})`);
+    if (n < minWbc) flags.push(format(C.messages.too_few, { n, min_wbc: minWbc }));
     if (n === 0) return flags;
-    const nrbc = row.nrbc_per_100_wbc;
-    const checks = [
-      [ig > fcfg.ig_present_pct, `immature granulocytes present (${fixed(ig, 1)}%)`, "ig_present_pct"],
-      [pct("BNE") + ig > fcfg.left_shift_pct, `left shift (bands + IG ${fixed(pct("BNE") + ig, 1)}%)`, "left_shift_pct"],
-      [(nrbc || 0) > fcfg.nrbc_present_per_100_wbc,
-        `NRBC present (${nrbc === null ? "None" : pyFloat(nrbc)} per 100 WBC)`, "nrbc_present_per_100_wbc"],
-      [pct("EO") > fcfg.eosinophilia_pct, `eosinophilia (${fixed(pct("EO"), 1)}%)`, "eosinophilia_pct"],
-      [pct("BA") > fcfg.basophilia_pct, `basophilia (${fixed(pct("BA"), 1)}%)`, "basophilia_pct"],
-      [pct("MO") > fcfg.monocytosis_pct, `monocytosis (${fixed(pct("MO"), 1)}%)`, "monocytosis_pct"],
-      [pct("LY") > fcfg.lymphocytosis_pct, `lymphocytosis (${fixed(pct("LY"), 1)}%)`, "lymphocytosis_pct"],
-      [pct("LY") < fcfg.lymphopenia_pct, `lymphopenia (${fixed(pct("LY"), 1)}%)`, "lymphopenia_pct"],
-    ];
-    const raised = checks.filter(([hit]) => hit);
-    row.flag_keys = raised.map(([, , key]) => key);  // which flags: the page asks for their classes' cells
-    return flags.concat(raised.map(([, text]) => text + ": review"));
+    const q = quantities(row);
+    for (const [key, name, side, text] of C.flag_rules) {
+      const threshold = fcfg[key];
+      if (side === "above" ? q[name] > threshold : q[name] < threshold) {
+        flags.push(format(text, { value: F(q[name]) }));
+        row.flag_keys.push(key);
+      }
+    }
+    return flags;
   }
   const CAP = 99.0;  /* summary.EVIDENCE_CAP */
   function ratio(value, threshold) { return threshold <= 0 ? CAP : Math.min(CAP, value / threshold); }
-  /* summary.implausible_differential */
+  /* summary.implausible_differential over C.implausible_rules */
   function implausible(row, ic) {
     if (!row.classified || !row.n_wbc) return [];
-    const pct = (c) => row[`${c}_pct`] || 0.0;
-    const neut = pct("SNE") + pct("BNE");
-    const nrbc = row.nrbc_per_100_wbc || 0.0, ly = pct("LY");
-    const rules = [
-      [Math.min(ratio(pct("EO"), ic.eosinophil_pct), ratio(ic.eosinophil_neutrophil_max_pct, neut)),
-        `EO ${fixed(pct("EO"), 1)}% with neutrophils ${fixed(neut, 1)}%`],
-      [ratio(pct("BA"), ic.basophil_pct), `BA ${fixed(pct("BA"), 1)}%`],
-      [ratio(pct("PMY"), ic.promyelocyte_pct), `PMY ${fixed(pct("PMY"), 1)}%`],
-      [ratio(pct("MO"), ic.monocyte_pct), `MO ${fixed(pct("MO"), 1)}%`],
-      [Math.min(ratio(nrbc, ic.nrbc_per_100_wbc), ratio(ic.nrbc_lymphocyte_max_pct, ly)),
-        `${pyG(nrbc)} NRBC per 100 WBC with lymphocytes ${fixed(ly, 1)}%`],
-    ];
-    return rules.map(([r, text]) => [pyRound(r, 4), text]);
+    const q = quantities(row), vars = {};
+    for (const [name, v] of Object.entries(q)) vars[name] = F(v);
+    return C.implausible_rules.map(([terms, text]) => {
+      const ratios = terms.map(([name, key, side]) => side === "above" ? ratio(q[name], ic[key]) : ratio(ic[key], q[name]));
+      return [pyRound(Math.min(...ratios), 4), format(text, vars)];
+    });
   }
   /* summary.domain_warnings: [score, evidence, warnings] */
   function domainWarnings(row, nScored, nNovel, g, fitted) {
@@ -200,24 +216,22 @@ function smearRecount(C) {
     if (score !== null && score > limit) {
       const fired = Object.entries(evidence).filter(([, v]) => v > limit)
         .sort((a, b) => (b[1] - a[1]) || (a[0] < b[0] ? 1 : a[0] > b[0] ? -1 : 0));
+      const M = C.messages;
       const why = fired.map(([k, v]) => {
         let detail = "";
-        if (k === "novel_share") detail = ` (${nNovel} of ${nScored} WBCs, ${fixed(100.0 * nNovel / nScored, 0)}%)`;
-        else if (k === "differential") detail = ` (${seen.join("; ")})`;
-        return `${C.evidence_text[k] || k}${detail}: ${k} ${fixed(v, 2)}`;
+        if (k === "novel_share") detail = format(M.why_novel, { n_novel: nNovel, n_scored: nScored, share: F(100.0 * nNovel / nScored) });
+        else if (k === "differential") detail = format(M.why_differential, { seen: seen.join("; ") });
+        return format(M.why, { meaning: C.evidence_text[k] || k, detail, key: k, ratio: F(v) });
       });
-      out.push(`unlike the training data or misread: domain score ${fixed(score, 2)} (threshold ${pyG(limit)}); ` +
-        `${why.join("; ")}; ${advice}`);
+      out.push(format(M.domain, { score: F(score), limit: F(limit), why: why.join("; "), advice }));
     }
     const nrbc = row.nrbc_per_100_wbc;
     if (nrbc !== null && nrbc !== undefined && nrbc > g.max_nrbc_per_100_wbc) {
-      out.push(`implausible: ${pyG(nrbc)} NRBC per 100 WBC (ceiling ${pyG(g.max_nrbc_per_100_wbc)}); red cells ` +
-        `are likely being counted as nucleated cells; ${advice}`);
+      out.push(format(C.messages.nrbc_ceiling, { nrbc: F(nrbc), ceiling: F(g.max_nrbc_per_100_wbc), advice }));
     }
     const nRbc = row.n_rbc || 0, nWbc = row.n_wbc_detected || 0;
     if (nRbc >= g.min_rbc && nWbc / nRbc > g.max_wbc_per_rbc) {
-      out.push(`implausible: ${nWbc} WBC boxes to ${nRbc} RBCs (a smear has far fewer white than red cells); ` +
-        `the detector is likely taking red cells for white cells on this stain; ${advice}`);
+      out.push(format(C.messages.wbc_boxes, { n_wbc: nWbc, n_rbc: nRbc, advice }));
     }
     return [score === null ? null : pyRound(score, 4), evidence, out];
   }
@@ -256,8 +270,8 @@ function smearRecount(C) {
     row.domain_warnings = guard;
     row.warnings = [];
     if (classified && nWbc < rcfg.min_wbc) {
-      row.warnings.push(`${base.slide}: only ${nWbc} WBCs identified (minimum ${pyStr(rcfg.min_wbc)}); ` +
-        `+/-${pyG(rcfg.target_halfwidth_pct)} points at ${fixed(rcfg.confidence * 100, 0)}% needs about ${needed} WBCs`);
+      row.warnings.push(format(C.messages.few_wbc, { slide: base.slide, n_wbc: nWbc, min_wbc: rcfg.min_wbc,
+        halfwidth: F(rcfg.target_halfwidth_pct), confidence: F(rcfg.confidence), needed }));
     }
     row.flag_keys = [];
     row.flags = C.flags ? evaluateFlags(row, C.flags, rcfg.min_wbc) : [];
@@ -294,5 +308,5 @@ function smearRecount(C) {
     return csvText(C.columns, [summaryValues(row)]);
   }
 
-  return { summarize, summaryCsv, summaryValues, csvSafe, csvText, num, fixed, pyFloat, pyG };
+  return { summarize, summaryCsv, summaryValues, csvSafe, csvText, num, fixed, pyFloat, pyG, format, F };
 }
