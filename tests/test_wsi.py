@@ -106,15 +106,11 @@ def test_sharpness_tells_blur_apart():
 
 @pytest.mark.slow
 def test_finder_picks_the_monolayer_and_skips_blurred_and_empty(slide):
-    import time
-
-    with WholeSlide(slide) as s:
+    with WholeSlide(slide) as s:  # its speed is a benchmark's (benchmarks/wsi.py --finder), not a test's
         geo = geometry(s, SETTINGS)
-        start = time.perf_counter()
         ds = SETTINGS.finder_mpp / geo.mpp
         plan = finder.plan(thumbnail(s, ds), ds, geo.tile_l0, s.width, s.height, SETTINGS.finder,
                            lambda t: read_tile(s, geo, t.x0 + 64, t.y0 + 64, 384)[0])
-        seconds = time.perf_counter() - start
     assert len(plan.tiles) == ROWS * len(COLUMNS)
     kinds = [kind_of(*_block(t.name)) for t in plan.path]
     assert kinds.count("mono") / len(kinds) >= 0.95
@@ -126,7 +122,6 @@ def test_finder_picks_the_monolayer_and_skips_blurred_and_empty(slide):
     judged = {_block(t.name): t.kind for t in plan.tiles}
     assert all(judged[b] == "blurred" for b in [(1, 4), (1, 5)])
     assert judged[(2, 6)] == "empty" and all(judged[(r, 0)] == "thick" for r in range(ROWS))
-    assert seconds < 5.0
     # a lab's order: from the feathered edge's side of the monolayer towards the thick end, column by column
     cols = [t.col for t in plan.path]
     assert cols == sorted(cols, reverse=True)
