@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from adapt_curve import draw  # noqa: E402
 
 from smear.artifacts import load_meta, resolve_model_dir  # noqa: E402
-from smear.classify.adapt import Limits, adapt  # noqa: E402
+from smear.classify.adapt import Brakes, Inputs, Limits, Recipe, adapt  # noqa: E402
 from smear.classify.evaluate import lab_row  # noqa: E402
 from smear.classify.model import CnnClassifier  # noqa: E402
 from smear.crops import cut_crop  # noqa: E402
@@ -123,14 +123,16 @@ def main() -> None:
                 logs: list[str] = []
                 t0 = time.perf_counter()
                 entry = {"scenario": name, "seed": seed, "k": k, "rows": k * repeat, "n_rest": len(rest)}
+                inputs = Inputs(source_data=kwargs.get("source_data", ()))
+                force = bool(kwargs.get("force"))
                 try:
-                    adapt([path], out, source, seed=seed, log=logs.append, limits=Limits(), **kwargs)
+                    adapt([path], out, source, Recipe(seed=seed), inputs, Brakes(Limits(), force), log=logs.append)
                 except SmearError as exc:
                     entry.update(refused=str(exc), hint=exc.hint)
                     if "worse than its source" in str(exc):  # what the refused model would have done
                         kept = out.with_name(out.name + "_allowed")
-                        adapt([path], kept, source, seed=seed, log=logs.append, limits=Limits(), allow_worse=True,
-                              **kwargs)
+                        adapt([path], kept, source, Recipe(seed=seed), inputs,
+                              Brakes(Limits(), force, allow_worse=True), log=logs.append)
                         entry["rest_if_written"] = scores(CnnClassifier.from_dir(kept, device="cpu"),
                                                           [crops[i] for i in rest], [labels[i] for i in rest])
                         entry["rest_source"] = scores(src, [crops[i] for i in rest], [labels[i] for i in rest])

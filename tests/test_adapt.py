@@ -13,7 +13,7 @@ from test_classify_data import draw_cell, make_folders, write_png
 from typer.testing import CliRunner
 
 from smear.artifacts import ModelMeta, save_model_dir
-from smear.classify.adapt import Recipe, adapt, fine_tune, heldout_split, write_model
+from smear.classify.adapt import Brakes, Inputs, Recipe, adapt, fine_tune, heldout_split, write_model
 from smear.classify.lab_cells import parse_box, read_cells, read_corrections
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.weights import save_weights
@@ -51,8 +51,8 @@ def _weights(folder):
 
 def test_adapt_on_class_folders_writes_a_loadable_folder(tmp_path, source):
     data = make_folders(tmp_path / "lab", CLASSES, size=40)
-    out = adapt([data], tmp_path / "adapted", source, seed=0, cache_dir=tmp_path / "cache",
-                recipe=FAST, log=lambda m: None, allow_worse=True)
+    out = adapt([data], tmp_path / "adapted", source, FAST, Inputs(cache_dir=tmp_path / "cache"),
+                Brakes(allow_worse=True), log=lambda m: None)
     before, after = _weights(source), _weights(out)
     trained = [k for k in before if not torch.equal(before[k], after[k])]
     assert trained and any("classifier" in k for k in trained)
@@ -110,8 +110,8 @@ def test_adapt_from_corrections_csv(tmp_path, source):
     rows = [(f"{x + d},{y + d},{x + d + 30},{y + d + 30}", lab) for d, lab in ((0, "LY"), (3, "MO"), (6, "neutrophil"))
             for x, y in ((10, 10), (50, 50), (80, 20), (20, 80))]
     _, path = _field_csv(tmp_path, rows)
-    out = adapt([path], tmp_path / "out", source, recipe=FAST, log=lambda m: None, force=True, allow_worse=True,
-                fields=tmp_path)
+    out = adapt([path], tmp_path / "out", source, FAST, Inputs(fields=tmp_path), Brakes(force=True, allow_worse=True),
+                log=lambda m: None)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["adaptation"]["cells"] == 12 and meta["adaptation"]["brakes"]["forced"]
     assert "Adapted with `--force`" in (out / "MODEL_CARD.md").read_text()
@@ -227,7 +227,7 @@ def _lab_csv(tmp_path, counts, predicted="SNE"):
 def test_too_few_cells_are_refused_with_the_counts_and_the_force_flag(tmp_path, source):
     path = _lab_csv(tmp_path, {"LY": 6, "MO": 5, "neutrophil": 3})
     with pytest.raises(SmearError) as err:
-        adapt([path], tmp_path / "out", source, recipe=FAST, log=lambda m: None, fields=tmp_path)
+        adapt([path], tmp_path / "out", source, FAST, Inputs(fields=tmp_path), log=lambda m: None)
     msg = str(err.value)
     assert "14 usable cells (LY 6, MO 5, neutrophil 3)" in msg and "at least 20" in msg and "\n" not in msg
     assert "--force" in err.value.hint and not (tmp_path / "out").exists()
@@ -242,7 +242,7 @@ def test_too_few_cells_of_a_corrected_class_are_refused(tmp_path, source):
 
     path = _lab_csv(tmp_path, {"LY": 10, "MO": 10, "EO": 1})
     with pytest.raises(SmearError, match=r"too few cells of a corrected class \(EO 1\).*at least 2"):
-        adapt([path], tmp_path / "out", source, recipe=FAST, log=lambda m: None, fields=tmp_path)
+        adapt([path], tmp_path / "out", source, FAST, Inputs(fields=tmp_path), log=lambda m: None)
     # cells the reviewer confirmed (predicted == corrected) do not count as corrected classes
     path = _lab_csv(tmp_path / "b", {"LY": 10, "MO": 10, "EO": 1}, predicted="EO")
     cells = read_cells([path], 1.625, 40, fields=tmp_path / "b")
@@ -285,13 +285,13 @@ def test_a_worse_model_is_refused_and_nothing_is_written(tmp_path, source, monke
 
     monkeypatch.setattr(adapt_mod, "_train", worse)
     with pytest.raises(SmearError) as err:
-        adapt([data], tmp_path / "out", source, recipe=FAST, cache_dir=tmp_path / "c", log=lambda m: None)
+        adapt([data], tmp_path / "out", source, FAST, Inputs(cache_dir=tmp_path / "c"), log=lambda m: None)
     msg = str(err.value)
     assert "worse than its source on the 5 held-out cells" in msg and "0.800 -> 0.000" in msg
     assert "nothing written" in msg and "--allow-worse" in err.value.hint and "\n" not in msg
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    out = adapt([data], tmp_path / "out", source, recipe=FAST, cache_dir=tmp_path / "c", log=lambda m: None,
-                allow_worse=True)
+    out = adapt([data], tmp_path / "out", source, FAST, Inputs(cache_dir=tmp_path / "c"), Brakes(allow_worse=True),
+                log=lambda m: None)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["metrics"]["heldout"]["after"]["type5_accuracy"] == 0.0 and meta["adaptation"]["brakes"]["allow_worse"]
     card = (out / "MODEL_CARD.md").read_text()
@@ -321,8 +321,8 @@ def test_adapting_without_source_data_keeps_the_source_guard(tmp_path, source):
     _with_novelty(source)
     data = make_folders(tmp_path / "lab", CLASSES, size=40)
     logs = []
-    out = adapt([data], tmp_path / "out", source, recipe=FAST, cache_dir=tmp_path / "c", log=logs.append,
-                allow_worse=True)
+    out = adapt([data], tmp_path / "out", source, FAST, Inputs(cache_dir=tmp_path / "c"), Brakes(allow_worse=True),
+                log=logs.append)
     before, after = _weights(source), _weights(out)
     assert {k for k in before if not torch.equal(before[k], after[k])} <= {"classifier.weight", "classifier.bias"}
     assert (out / "novelty.safetensors").read_bytes() == (source / "novelty.safetensors").read_bytes()
@@ -341,8 +341,8 @@ def test_adapting_with_source_data_refits_the_novelty_score(tmp_path, source):
     _with_novelty(source)
     data = make_folders(tmp_path / "lab", CLASSES, size=40)
     src = make_folders(tmp_path / "src", {"SNE": 8, "LY": 8, "MO": 8, "EO": 8, "BA": 8}, size=40)
-    out = adapt([data], tmp_path / "out", source, recipe=FAST, cache_dir=tmp_path / "c", log=lambda m: None,
-                allow_worse=True, source_data=[src])
+    out = adapt([data], tmp_path / "out", source, FAST, Inputs(cache_dir=tmp_path / "c", source_data=[src]),
+                Brakes(allow_worse=True), log=lambda m: None)
     before, after = _weights(source), _weights(out)
     trained = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("blocks.") for k in trained)  # the last blocks trained, not only the head

@@ -209,23 +209,61 @@ def _load(source: Path, meta: dict[str, Any], dev) -> tuple[torch.nn.Module, Nor
     return net, Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
 
 
-def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, meta: dict[str, Any],
-           config: dict[str, Any], dev, log: Callable[[str], None], held: int = 0) -> None:
+@dataclass(frozen=True)
+class _Source:
+    """The source model folder, read once: its path, meta and config, and the device asked for."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    device: str         # as asked ("cpu", "auto", ...): the adapted classifier's device
+    dev: torch.device   # resolved: where the network trains
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def tta(self) -> int:
+        return int(self.meta.get("tta", 1))
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature", 1.0))
+
+
+def _open_source(source: Path, device: str) -> _Source:
+    """Read and check the classifier model folder ``source``; resolve ``device``."""
+    meta, config = load_meta(source), load_model_config(source)
+    if meta.get("stage") != "classify":
+        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
+    if tuple(meta["classes"]) != FINE_CLASSES:
+        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
+    return _Source(source, meta, config, device, resolve_device(device))
+
+
+def _trainable(net: torch.nn.Module, train_blocks: int) -> tuple[Partial, list[torch.nn.Parameter]]:
+    """Freeze ``net`` but for ``trainable_parts``; the model to train and its trained parameters."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    parts = trainable_parts(net, train_blocks)
+    params = [p for part in parts for p in part.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return Partial(net, parts), params
+
+
+def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, src: _Source,
+           log: Callable[[str], None], held: int = 0) -> None:
     """Train ``trainable_parts`` of ``net`` on ``train`` in place, as the recipe says."""
-    size = int(meta["input_size"])
+    size, dev = src.size, src.dev
     if recipe.adabn:
         from smear.nn.augment import eval_batch, to_uint8
         from smear.classify.model import adapt_batchnorm
 
         centre = to_uint8(eval_batch(torch.from_numpy(train.crops), size))
-        adapt_batchnorm(CnnClassifier(net, meta, device=str(dev)), list(centre))
-    for p in net.parameters():
-        p.requires_grad_(False)
-    parts = trainable_parts(net, recipe.train_blocks)
-    params = [p for part in parts for p in part.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    model = Partial(net, parts)
+        adapt_batchnorm(CnnClassifier(net, src.meta, device=str(dev)), list(centre))
+    model, params = _trainable(net, recipe.train_blocks)
     fine, group = label_indices(train.fine, train.group)
     weights, group_w = stratum_weights(train, recipe.class_weight_power)
     per_epoch = -(-max(len(train), recipe.batch) // recipe.batch) * recipe.batch  # whole batches
@@ -235,7 +273,7 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     scheduler = warmup_cosine(optimizer, max(1, steps // 10), steps)
     if recipe.augment not in ("source", "mild"):
         raise SmearError(f"adapt augment {recipe.augment!r}: use source or mild")
-    strengths = (config.get("train") or {}).get("augment") if recipe.augment == "source" else None
+    strengths = (src.config.get("train") or {}).get("augment") if recipe.augment == "source" else None
     augment = BatchAugment(size, strengths, seed=recipe.seed)
     log(f"adapt: {len(train)} training cells, {held} held out; {recipe.epochs} passes, "
         f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
@@ -254,49 +292,66 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     net.eval()
 
 
-def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
-              log: Callable[[str], None] = _log.info, source_cells: Cells | None = None) -> Adapted:
-    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
-    and refit its temperature on their held-out part; nothing is written. The source's novelty
-    score is carried when only the classifier layer trains, refitted on ``source_cells`` (a sample
-    of the source's training data) plus the lab's training cells when more trains, else dropped."""
-    t0 = time.perf_counter()
-    source = Path(source)
-    meta, config = load_meta(source), load_model_config(source)
-    if meta.get("stage") != "classify":
-        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
-    if tuple(meta["classes"]) != FINE_CLASSES:
-        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
-    size, tta, dev = int(meta["input_size"]), int(meta.get("tta", 1)), resolve_device(device)
-    set_threads()
-    torch.manual_seed(recipe.seed)
-    net, norm = _load(source, meta, dev)
+@dataclass(frozen=True)
+class _Fitted:
+    """What training on the lab's cells gave: the folder's network, the split, the held-out figures."""
 
-    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed, cells.groups)
-    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
-    before = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
-    t_source = float(meta.get("temperature", 1.0))
+    net: torch.nn.Module
+    train: Cells
+    held: Cells
+    figures: dict[str, dict[str, Any]]
+    temperature: float
+    calibrated: str  # where the temperature comes from
 
-    _train(net, norm, train, recipe, meta, config, dev, log, held=len(held))
 
-    after = evaluate(net, norm, held.crops, size, recipe.batch, dev, tta)
+def _calibrate(after: torch.Tensor, held: Cells, t_source: float) -> tuple[float, str]:
+    """The temperature refitted on the held-out cells, or the source's when they are too few; and why."""
     h_fine, h_group = label_indices(held.fine, held.group)
     if len(held) >= MIN_CALIBRATION:
-        temperature, calibrated = fit_temperature_mixed(after, h_fine, h_group), "held-out cells"
-    else:
-        temperature, calibrated = t_source, f"kept from the source model (under {MIN_CALIBRATION} held-out cells)"
+        return fit_temperature_mixed(after, h_fine, h_group), "held-out cells"
+    return t_source, f"kept from the source model (under {MIN_CALIBRATION} held-out cells)"
+
+
+def _fit(net: torch.nn.Module, norm: Normalize, cells: Cells, recipe: Recipe, src: _Source,
+         log: Callable[[str], None]) -> _Fitted:
+    """Split off the held-out cells, train on the rest, and measure before and after on them; with
+    ``recipe.refit_all`` the folder's network is then the source's trained again on every cell."""
+    tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed, cells.groups)
+    train, held = cells.subset(tr_idx), cells.subset(ho_idx)
+    before = evaluate(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
+    t_source = src.temperature
+
+    _train(net, norm, train, recipe, src, log, held=len(held))
+
+    after = evaluate(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
+    temperature, calibrated = _calibrate(after, held, t_source)
     labels = held.labels()
     figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),
                "after": _scores(torch.softmax(after / temperature, 1).numpy(), labels)}
     if recipe.refit_all and len(held):  # the figures stand; the folder's model learns from every cell
-        net, _ = _load(source, meta, dev)
+        net, _ = _load(src.path, src.meta, src.dev)
         torch.manual_seed(recipe.seed)
-        _train(net, norm, cells, recipe, meta, config, dev, log)
-    has_novelty = bool(meta.get("novelty"))
+        _train(net, norm, cells, recipe, src, log)
+    return _Fitted(net, train, held, figures, temperature, calibrated)
+
+
+@dataclass(frozen=True)
+class _Guard:
+    """What becomes of the source's novelty score: kept, refitted (``novelty`` and ``stats``) or dropped."""
+
+    keep: bool
+    novelty: dict[str, Any] | None
+    stats: dict[str, np.ndarray] | None
+    why: str
+
+
+def _guard(fit: _Fitted, src: _Source, recipe: Recipe, source_cells: Cells | None,
+           log: Callable[[str], None]) -> _Guard:
+    has_novelty = bool(src.meta.get("novelty"))
     keep_novelty = recipe.train_blocks == 0 and has_novelty
-    novelty, stats = (dict(meta["novelty"]), None) if keep_novelty else (None, None)
+    novelty, stats = (dict(src.meta["novelty"]), None) if keep_novelty else (None, None)
     if has_novelty and not keep_novelty and source_cells is not None:
-        novelty, stats = refit_novelty(net, meta, source_cells, train, held, recipe, dev, log)
+        novelty, stats = refit_novelty(fit.net, src.meta, source_cells, fit.train, fit.held, recipe, src.dev, log)
     if keep_novelty:
         why = "kept: the features were not trained"
     elif novelty is not None:
@@ -304,39 +359,65 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     else:
         why = ("dropped: the trained layers change the features its statistics were fitted on" if has_novelty
                else "none in the source model")
+    return _Guard(keep_novelty, novelty, stats, why)
+
+
+def _adapted_meta(src: _Source, cells: Cells, recipe: Recipe, fit: _Fitted, guard: _Guard,
+                  t0: float) -> dict[str, Any]:
+    """meta.json of the adapted model: the source's, less what no longer holds, plus the adaptation."""
+    meta, train, held = src.meta, fit.train, fit.held
     # the source's other guard statistics (the slide guard: meta "guard" and its file) hold while the
     # features are the source's, i.e. when only the classifier layer trained; else they are not carried
-    dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if keep_novelty
+    dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if guard.keep
                                                                                        else GUARD_META)
     new_meta = {k: v for k, v in meta.items() if k not in dropped}
     new_meta.update({
-        "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(temperature, 6),
-        "adapted_from": {"model": source_name(source), "weights_sha256": model_version(source),
-                         "trained": meta.get("trained"), "temperature": t_source},
+        "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(fit.temperature, 6),
+        "adapted_from": {"model": source_name(src.path), "weights_sha256": model_version(src.path),
+                         "trained": meta.get("trained"), "temperature": src.temperature},
         "adaptation": {
             "cells": len(cells), "n_train": len(cells) if recipe.refit_all else len(train),
             "n_heldout": len(held),
             "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
-            "data": cells.origin, "recipe": asdict(recipe), "temperature_from": calibrated,
-            "novelty": why, "wall_seconds": round(time.perf_counter() - t0, 1)},
+            "data": cells.origin, "recipe": asdict(recipe), "temperature_from": fit.calibrated,
+            "novelty": guard.why, "wall_seconds": round(time.perf_counter() - t0, 1)},
         "metrics": {"split": f"held-out part of the lab's cells ({len(held)} of {len(cells)}: stratified by class, "
                              f"copies of one cell kept together, seed {recipe.seed}, share {recipe.heldout})",
-                    "heldout": figures},
+                    "heldout": fit.figures},
         "data": {"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
         "data_fingerprint": data_fingerprint(set(cells.files)),
     })
-    if novelty is not None:
-        new_meta["novelty"] = novelty
-    new_config = {**config, "adapt": {"source": str(source), **asdict(recipe)}}
-    clf = CnnClassifier(net, new_meta, device=device, batch=recipe.batch)
-    log(f"held out ({len(held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
-        f"{_f(figures['after'].get('type5_accuracy'))}; T {t_source:.3f} -> {temperature:.3f} ({calibrated})")
-    carried = guard_files(source, meta) if keep_novelty else ()
-    if not keep_novelty and guard_files(source, meta):
+    if guard.novelty is not None:
+        new_meta["novelty"] = guard.novelty
+    return new_meta
+
+
+def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
+              log: Callable[[str], None] = _log.info, source_cells: Cells | None = None) -> Adapted:
+    """Fine-tune the classifier model folder ``source`` on ``cells`` (cut with ``wide_geometry``)
+    and refit its temperature on their held-out part; nothing is written. The source's novelty
+    score is carried when only the classifier layer trains, refitted on ``source_cells`` (a sample
+    of the source's training data) plus the lab's training cells when more trains, else dropped."""
+    t0 = time.perf_counter()
+    src = _open_source(Path(source), device)
+    set_threads()
+    torch.manual_seed(recipe.seed)
+    net, norm = _load(src.path, src.meta, src.dev)
+    fit = _fit(net, norm, cells, recipe, src, log)
+    guard = _guard(fit, src, recipe, source_cells, log)
+    new_meta = _adapted_meta(src, cells, recipe, fit, guard, t0)
+    new_config = {**src.config, "adapt": {"source": str(src.path), **asdict(recipe)}}
+    clf = CnnClassifier(fit.net, new_meta, device=device, batch=recipe.batch)
+    figures = fit.figures
+    log(f"held out ({len(fit.held)} cells): 5-type accuracy {_f(figures['before'].get('type5_accuracy'))} -> "
+        f"{_f(figures['after'].get('type5_accuracy'))}; T {src.temperature:.3f} -> {fit.temperature:.3f} "
+        f"({fit.calibrated})")
+    others = guard_files(src.path, src.meta)
+    if not guard.keep and others:
         log(f"not carried (fitted on the source's features, which the trained layers changed): "
-            f"{', '.join(p.name for p in guard_files(source, meta))}")
-    return Adapted(clf, new_meta, new_config, source / meta["novelty"]["file"] if keep_novelty else None,
-                   stats, carried)
+            f"{', '.join(p.name for p in others)}")
+    return Adapted(clf, new_meta, new_config, src.path / src.meta["novelty"]["file"] if guard.keep else None,
+                   guard.stats, others if guard.keep else ())
 
 
 #: meta.json keys of guard statistics besides the novelty score (the slide guard, smear.classify.guard)
@@ -576,19 +657,40 @@ def read_source_cells(roots: Sequence[str | Path], margin: float, size: int, per
     return cells
 
 
-def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", epochs: int | None = None,
-          seed: int = 0, layout: str = "auto", device: str = "cpu", cache_dir: str | Path | None = None,
-          recipe: Recipe | None = None, log: Callable[[str], None] = _log.info,
-          fields: str | Path | None = None, limits: Limits = Limits(), force: bool = False,
-          allow_worse: bool = False, source_data: Sequence[str | Path] = ()) -> Path:
-    """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
-    write the adapted model folder ``out`` (refused if it holds files); returns ``out``. ``fields``:
-    where the fields that corrections CSVs name are (a slide folder, or the folder of slides).
+@dataclass(frozen=True)
+class Inputs:
+    """Where ``adapt`` reads cells from: ``layout`` of dataset folders (auto | pbc | folders | csv),
+    ``fields`` (where the fields that corrections CSVs name are: a slide folder, or the folder of
+    slides), the crop cache, and ``source_data`` (the source model's training data, for refitting
+    its novelty score)."""
 
-    Brakes: under ``limits`` cells is refused (``force``: adapt anyway); an adapted model worse than
-    its source on the held-out cells is not written (``allow_worse``: written anyway). The adapted
-    model keeps a guard: with ``source_data`` (the source's training data) the last blocks train and
-    the novelty score is refitted; without it only the classifier layer trains and the source's
+    layout: str = "auto"
+    fields: str | Path | None = None
+    cache_dir: str | Path | None = None
+    source_data: Sequence[str | Path] = ()
+
+
+@dataclass(frozen=True)
+class Brakes:
+    """What ``adapt`` refuses (``limits``), and the overrides: ``force`` adapts on fewer cells,
+    ``allow_worse`` writes a model worse than its source on the held-out cells."""
+
+    limits: Limits = Limits()
+    force: bool = False
+    allow_worse: bool = False
+
+
+def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shipped", recipe: Recipe | None = None,
+          inputs: Inputs = Inputs(), brakes: Brakes = Brakes(), device: str = "cpu",
+          log: Callable[[str], None] = _log.info) -> Path:
+    """Fine-tune a classifier model folder (default the shipped one) on a lab's labelled cells and
+    write the adapted model folder ``out`` (refused if it holds files); returns ``out``. ``recipe``
+    (default ``Recipe()``) gives the passes and the seed; its held-out share is ``limits.heldout``.
+
+    Brakes: under ``brakes.limits`` cells is refused (``force``: adapt anyway); an adapted model worse
+    than its source on the held-out cells is not written (``allow_worse``: written anyway). The adapted
+    model keeps a guard: with ``inputs.source_data`` (the source's training data) the last blocks train
+    and the novelty score is refitted; without it only the classifier layer trains and the source's
     guard is carried."""
     from dataclasses import replace
 
@@ -599,11 +701,12 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
     source = resolve_model_dir(source, "classifier")
     meta = load_model(source, "classify", required=("arch", "input_size", "crop_margin", "normalize"))
     config = load_model_config(source)
-    recipe = replace(recipe or Recipe(), seed=seed, heldout=limits.heldout, **({"epochs": int(epochs)} if epochs else {}))
+    limits = brakes.limits
+    recipe = replace(recipe or Recipe(), heldout=limits.heldout)
     margin, wide = wide_geometry(meta, config)
-    cells = read_cells(data, margin, wide, layout, cache_dir, log, fields, limits.max_rows)
+    cells = read_cells(data, margin, wide, inputs.layout, inputs.cache_dir, log, inputs.fields, limits.max_rows)
     log(f"cells: {len(cells)} ({', '.join(f'{c} {n}' for c, n in sorted(Counter(cells.labels()).items()))})")
-    if force:
+    if brakes.force:
         try:
             check_enough(cells, limits)
         except DataError as exc:
@@ -612,17 +715,18 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
         check_enough(cells, limits)
     source_cells = None
     if meta.get("novelty") and recipe.train_blocks != 0:
-        if source_data:
-            source_cells = read_source_cells(source_data, margin, wide, limits.source_per_class, seed, cache_dir, log)
+        if inputs.source_data:
+            source_cells = read_source_cells(inputs.source_data, margin, wide, limits.source_per_class, recipe.seed,
+                                             inputs.cache_dir, log)
         else:
             recipe = replace(recipe, train_blocks=0)
             log("adapt: training the classifier layer only, so that the source's novelty score stays valid "
                 "(--source-data with the source's training data trains the last blocks too and refits it)")
     adapted = fine_tune(cells, source, recipe, device, log, source_cells)
     adapted.meta["adaptation"]["brakes"] = {
-        "limits": asdict(limits), "forced": bool(force), "allow_worse": bool(allow_worse),
-        "source_data": [str(p) for p in source_data]}
-    if allow_worse:
+        "limits": asdict(limits), "forced": bool(brakes.force), "allow_worse": bool(brakes.allow_worse),
+        "source_data": [str(p) for p in inputs.source_data]}
+    if brakes.allow_worse:
         try:
             check_not_worse(adapted)
         except SmearError as exc:

@@ -119,14 +119,15 @@ def adapt(
     set_: SetOpt = None,
 ) -> None:
     """Fine-tune a classifier on a lab's labelled cells; refuses too few cells and a worse model."""
-    from smear.classify.adapt import Limits, run_line
+    from smear.classify.adapt import Brakes, Inputs, Limits, Recipe, run_line
     from smear.classify.adapt import adapt as adapt_model
     from smear.config import load_config
 
     limits = Limits(**load_config("classify", config, set_ or []).adapt.model_dump())
-    model_dir = adapt_model(data, out, from_, epochs, seed, layout, device,
-                            log=lambda m: err_console.print(m, markup=False), fields=fields, limits=limits,
-                            force=force, allow_worse=allow_worse, source_data=source_data or ())
+    recipe = Recipe(seed=seed, **({"epochs": int(epochs)} if epochs else {}))
+    model_dir = adapt_model(data, out, from_, recipe, Inputs(layout, fields, source_data=source_data or ()),
+                            Brakes(limits, force, allow_worse), device,
+                            log=lambda m: err_console.print(m, markup=False))
     out_console.print(f"model folder: {model_dir}\nuse it with:\n  {run_line(model_dir)}")
 
 
