@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -86,9 +87,23 @@ def sources_of(items: Sequence[Any], specs: Sequence[dict[str, Any]]) -> list[st
                  "?") for it in items]
 
 
+@dataclass(frozen=True)
+class GuardFitSettings:
+    """How the slide guard is fitted: ``k`` stain-change directions, ``draws`` random acquisition
+    shifts of ``draw_cells`` validation cells each, synthetic slides of ``slide_cells`` cells, the
+    thresholds at ``quantile`` of the slides read at 5-type accuracy >= ``good_accuracy``."""
+
+    k: int = 8
+    draws: int = 16
+    draw_cells: int = 80
+    slide_cells: int = 100
+    quantile: float = 0.99
+    good_accuracy: float = 0.90
+    seed: int = 0
+
+
 def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops: dict[str, np.ndarray], *,
-        k: int = 8, draws: int = 16, draw_cells: int = 80, slide_cells: int = 100, quantile: float = 0.99,
-        good_accuracy: float = 0.90, seed: int = 0, val_sources: Sequence[str] | None = None,
+        settings: GuardFitSettings = GuardFitSettings(), val_sources: Sequence[str] | None = None,
         log: Callable[[str], None] = _log.info
         ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
     """Fit the slide guard of a classifier (``CnnClassifier`` with a novelty score) on validation
@@ -105,49 +120,100 @@ def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops:
         raise ValueError("the slide guard needs the classifier's novelty score (smear train novelty first)")
     if not isinstance(clf.model, nov.WithFeatures):
         clf.model = nov.WithFeatures(clf.model).eval()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     val_labels = list(val_labels)
     log(f"guard: clean validation cells ({len(val_crops)})")
-    logits0, feats0 = clf.outputs(list(val_crops))
-    r0 = residuals(feats0.numpy(), clf.novelty_stats)
+    clean = _Outputs(*clf.outputs(list(val_crops)), crops=list(val_crops), labels=val_labels)
+    shifted = _shifted_outputs(clf, val_crops, val_labels, settings, rng, log)
+    lab_names = sorted(lab_crops)
+    stats = _guard_stats(clf, clean, shifted, [lab_crops[n] for n in lab_names], settings.k)
+    pools = [_cell_table(clf, SlideGuard(stats, {"thresholds": {}}), o) for o in [clean, *shifted]]
+    clean_draws, per_source = clean_slide_pools(val_sources)
+    rows = _synthetic_slides(pools, clean_draws, stats, settings.slide_cells, rng)
+    thresholds, fit_info = _thresholds(rows, settings, log)
+    k = int(stats["projection"].shape[1])
+    meta = {
+        "method": "slide evidence against validation slides (smear.classify.guard)",
+        "file": GUARD_FILE, "thresholds": thresholds, "quantile": settings.quantile, "k": k, "min_cells": 20,
+        "colour_names": list(COLOUR_NAMES), "labs": lab_names, "n_val": len(val_crops), "draws": settings.draws,
+        "draw_cells": settings.draw_cells, "slide_cells": settings.slide_cells,
+        "fit": {**fit_info, "one_source_slides": per_source},
+    }
+    meta["fit"] = {key: meta["fit"][key] for key in ("slides", "good_slides", "bad_slides", "one_source_slides",
+                                                      "recall_bad", "false_alarms_good", "good", "bad")}
+    outputs = {"logits": torch.cat([o.logits for o in [clean, *shifted]]).numpy(),
+               "labels": np.array([str(x) for o in [clean, *shifted] for x in o.labels])}
+    return stats, meta, outputs
+
+
+@dataclass
+class _Outputs:
+    """The network's outputs on one pool of crops (clean validation cells, or one random shift of
+    some of them), with the crops, their labels and the shift's strength (0 for the clean pool)."""
+
+    logits: Any
+    feats_t: Any
+    crops: list[np.ndarray]
+    labels: list[str | None]
+    idx: np.ndarray | None = None
+    strength: float = 0.0
+
+    @property
+    def feats(self) -> np.ndarray:
+        return self.feats_t.numpy()
+
+
+def _shifted_outputs(clf, val_crops: np.ndarray, val_labels: list[str | None], settings: GuardFitSettings,
+                     rng: np.random.Generator, log: Callable[[str], None]) -> list[_Outputs]:
+    """``settings.draws`` random acquisition shifts, each of ``draw_cells`` validation cells, through the network."""
     shifted = []
-    for d in range(draws):
+    for d in range(settings.draws):
         strength = float(rng.uniform(0.0, 1.6))
-        idx = rng.choice(len(val_crops), min(draw_cells, len(val_crops)), replace=False)
+        idx = rng.choice(len(val_crops), min(settings.draw_cells, len(val_crops)), replace=False)
         shift = random_shift(rng, strength)
         crops = [shift(c) for c in val_crops[idx]]
-        logits, feats = clf.outputs(crops)
-        shifted.append({"idx": idx, "strength": strength, "logits": logits, "feats": feats.numpy(),
-                        "crops": crops})
-        log(f"guard: synthetic shift {d + 1}/{draws} (strength {strength:.2f})")
-    deltas = np.stack([(residuals(s["feats"], clf.novelty_stats) - r0[s["idx"]]).mean(0) for s in shifted])
+        shifted.append(_Outputs(*clf.outputs(crops), crops=crops, labels=[val_labels[i] for i in idx], idx=idx,
+                                strength=strength))
+        log(f"guard: synthetic shift {d + 1}/{settings.draws} (strength {strength:.2f})")
+    return shifted
+
+
+def _guard_stats(clf, clean: _Outputs, shifted: list[_Outputs], lab_crops: list[np.ndarray], k: int
+                 ) -> dict[str, np.ndarray]:
+    """The guard's tensors: the ``k`` directions the shifts move the whitened residuals along (SVD of
+    the mean moves), the clean cells' null statistics on them, and each training lab's colour statistics."""
+    r0 = residuals(clean.feats, clf.novelty_stats)
+    deltas = np.stack([(residuals(s.feats, clf.novelty_stats) - r0[s.idx]).mean(0) for s in shifted])
     _, _, vt = np.linalg.svd(deltas, full_matrices=False)
     k = int(min(k, len(deltas)))
     projection = vt[:k].T.astype(np.float32)  # D x K, orthonormal columns
     p0 = r0 @ projection
-    null_mean = p0.mean(0)
-    null_whiten = _whiten(np.cov(p0, rowvar=False).reshape(k, k))
-    lab_names = sorted(lab_crops)
-    lab_stats = [colour_stats(list(lab_crops[n])) for n in lab_names]
-    lab_means = np.stack([s.mean(0) for s in lab_stats])
-    lab_whiten = np.stack([_whiten(np.cov(s, rowvar=False)) for s in lab_stats])
-    stats = {"projection": projection, "null_mean": null_mean.astype(np.float32),
-             "null_whiten": null_whiten.astype(np.float32), "lab_means": lab_means.astype(np.float32),
-             "lab_whiten": lab_whiten.astype(np.float32)}
-    guard = SlideGuard(stats, {"thresholds": {}})
+    lab_stats = [colour_stats(list(crops)) for crops in lab_crops]
+    return {"projection": projection, "null_mean": p0.mean(0).astype(np.float32),
+            "null_whiten": _whiten(np.cov(p0, rowvar=False).reshape(k, k)).astype(np.float32),
+            "lab_means": np.stack([s.mean(0) for s in lab_stats]).astype(np.float32),
+            "lab_whiten": np.stack([_whiten(np.cov(s, rowvar=False)) for s in lab_stats]).astype(np.float32)}
 
-    def cell_table(logits, feats, crops, labels):
-        probs = torch.softmax(torch.as_tensor(logits) / clf.temperature, 1).numpy()
-        nov_ratio = nov.distances(feats, clf.novelty_stats) / clf.novelty_threshold
-        vec = guard.cell_vectors(feats, clf.novelty_stats, crops)
-        return vec, nov_ratio, probs.max(1), type5_accuracy(probs, labels, clf.classes)
 
-    pools = [cell_table(logits0.numpy(), feats0.numpy(), list(val_crops), val_labels) + (0.0,)]
-    for s in shifted:
-        pools.append(cell_table(s["logits"].numpy(), s["feats"], s["crops"], [val_labels[i] for i in s["idx"]])
-                     + (s["strength"],))
+def _cell_table(clf, guard: SlideGuard, o: _Outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per cell of a pool: the guard's vector, the novelty ratio, the top probability and whether its
+    5-type call is right; and the pool's shift strength."""
+    import torch
+
+    from smear.classify import novelty as nov
+
+    probs = torch.softmax(torch.as_tensor(o.logits.numpy()) / clf.temperature, 1).numpy()
+    nov_ratio = nov.distances(o.feats, clf.novelty_stats) / clf.novelty_threshold
+    vec = guard.cell_vectors(o.feats, clf.novelty_stats, o.crops)
+    return vec, nov_ratio, probs.max(1), type5_accuracy(probs, o.labels, clf.classes), o.strength
+
+
+def _synthetic_slides(pools: list[tuple], clean_draws: list[np.ndarray | None], stats: dict[str, np.ndarray],
+                      slide_cells: int, rng: np.random.Generator) -> list[dict[str, float]]:
+    """The raw evidence and 5-type accuracy of each synthetic slide: ``clean_draws`` from the clean
+    pool (mixed or of one source), 8 from each shifted pool (drawn with replacement)."""
+    k = int(stats["projection"].shape[1])
     rows = []
-    clean_draws, per_source = clean_slide_pools(val_sources)
     for p, (vec, nr, top, acc, strength) in enumerate(pools):
         for within in (clean_draws if p == 0 else [None] * 8):
             if within is None:
@@ -156,36 +222,34 @@ def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops:
                 pick = rng.choice(within, slide_cells, replace=len(within) < slide_cells)
             sums = GuardSums(n=len(pick), vector=vec[pick].astype(np.float64).sum(0), n_scored=len(pick),
                              novelty=float(nr[pick].sum()), n_prob=len(pick), prob=float(top[pick].sum()))
-            raw = raw_evidence(sums, k, lab_means, lab_whiten)
+            raw = raw_evidence(sums, k, stats["lab_means"], stats["lab_whiten"])
             a = acc[pick]
             rows.append({**raw, "accuracy": float(np.nanmean(a)) if np.isfinite(a).any() else 0.0,
                          "strength": strength})
-    good = [r for r in rows if r["accuracy"] >= good_accuracy]
+    return rows
+
+
+def _thresholds(rows: list[dict[str, float]], settings: GuardFitSettings, log: Callable[[str], None]
+                ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Each evidence's threshold (its ``quantile`` over the slides read well) and how the guard does
+    on the synthetic slides themselves."""
+    good = [r for r in rows if r["accuracy"] >= settings.good_accuracy]
     bad = [r for r in rows if r["accuracy"] < 0.75]
     base = good
     if len(good) < 20:  # a classifier that reads few slides well: its clean validation slides set the bar
         base = [r for r in rows if r["strength"] == 0.0]
-        log(f"guard: only {len(good)} synthetic slides read at >= {good_accuracy}; thresholds from the clean ones")
-    thresholds = {e: round(float(np.quantile([r[e] for r in base], quantile)), 6) for e in FITTED}
+        log(f"guard: only {len(good)} synthetic slides read at >= {settings.good_accuracy}; thresholds from the clean ones")
+    thresholds = {e: round(float(np.quantile([r[e] for r in base], settings.quantile)), 6) for e in FITTED}
     thresholds = {e: max(v, 1e-6) for e, v in thresholds.items()}
     fires = [any(r[e] > thresholds[e] for e in FITTED) for r in bad]
     false = [any(r[e] > thresholds[e] for e in FITTED) for r in good]
-    meta = {
-        "method": "slide evidence against validation slides (smear.classify.guard)",
-        "file": GUARD_FILE, "thresholds": thresholds, "quantile": quantile, "k": k, "min_cells": 20,
-        "colour_names": list(COLOUR_NAMES), "labs": lab_names,
-        "n_val": len(val_crops), "draws": draws, "draw_cells": draw_cells, "slide_cells": slide_cells,
-        "fit": {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad), "one_source_slides": per_source,
-                "recall_bad": round(float(np.mean(fires)), 4) if fires else None,
-                "false_alarms_good": round(float(np.mean(false)), 4) if false else None,
-                "good": f"5-type accuracy >= {good_accuracy}", "bad": "5-type accuracy < 0.75"},
-    }
-    log(f"guard: thresholds {thresholds}; on its own synthetic slides: recall {meta['fit']['recall_bad']} "
-        f"({len(bad)} read < 0.75), false alarms {meta['fit']['false_alarms_good']} ({len(good)} read >= 0.90)")
-    outputs = {"logits": torch.cat([logits0] + [s["logits"] for s in shifted]).numpy(),
-               "labels": np.array([str(x) for x in val_labels] + [str(val_labels[i]) for s in shifted
-                                                                  for i in s["idx"]])}
-    return stats, meta, outputs
+    info = {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad),
+            "recall_bad": round(float(np.mean(fires)), 4) if fires else None,
+            "false_alarms_good": round(float(np.mean(false)), 4) if false else None,
+            "good": f"5-type accuracy >= {settings.good_accuracy}", "bad": "5-type accuracy < 0.75"}
+    log(f"guard: thresholds {thresholds}; on its own synthetic slides: recall {info['recall_bad']} "
+        f"({len(bad)} read < 0.75), false alarms {info['false_alarms_good']} ({len(good)} read >= 0.90)")
+    return thresholds, info
 
 
 def fit_shift_temperature(logits: np.ndarray, labels: Sequence[str | None], classes: Sequence[str]) -> float:
@@ -257,8 +321,8 @@ def fit_for_run(run: str | Path, model_dir: str | Path | None = None, max_val: i
                                 int(d.split_seed))
         if items:
             labs[str(spec["name"])] = readable_crops(items, margin, size, d.cache_dir, d.workers, log)[1]
-    stats, gmeta, outputs = fit(clf, val_crops, [it.fine or it.group for it in val], labs, draws=draws,
-                                val_sources=sources_of(val, specs), log=log)
+    stats, gmeta, outputs = fit(clf, val_crops, [it.fine or it.group for it in val], labs,
+                                settings=GuardFitSettings(draws=draws), val_sources=sources_of(val, specs), log=log)
     t_shift = fit_shift_temperature(outputs["logits"], list(outputs["labels"]), clf.classes)
     gmeta["temperature_shift"] = round(t_shift, 4)
     gmeta["temperature_shift_note"] = ("temperature minimising the 5-type NLL over the clean and shifted "
