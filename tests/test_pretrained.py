@@ -208,6 +208,7 @@ def test_artefacts_are_jigsaws_smudges_or_cut_cells_of_the_batch():
 
 def test_outlier_exposure_adds_a_uniform_target_term_on_artefacts_of_the_batch(monkeypatch):
     from smear.classify import train as ctrain
+    from smear.nn import loop
     from smear.nn.augment import BatchAugment
     from smear.nn.tensors import Normalize
 
@@ -222,10 +223,10 @@ def test_outlier_exposure_adds_a_uniform_target_term_on_artefacts_of_the_batch(m
     losses = {}
     for share in (0.0, 0.5):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        row = ctrain.train_one_epoch(model, Normalize([0.5] * 3, [0.5] * 3), opt, sched, crops, labels,
-                                     BatchAugment(32, {"dihedral": False}, seed=0), 4,
-                                     {**args, "outlier_share": share, "outlier_weight": 1.0}, 1, "cpu",
-                                     np.arange(8), prefetch=False)
+        trainee = loop.Trainee(model, opt, sched, BatchAugment(32, {"dihedral": False}, seed=0))
+        data = ctrain.EpochData(crops, labels, 4, {**args, "outlier_share": share, "outlier_weight": 1.0},
+                                Normalize([0.5] * 3, [0.5] * 3), "cpu", loop.Feed(prefetch=False))
+        row = ctrain.train_one_epoch(trainee, data, 1, np.arange(8))
         losses[share] = row["train_loss"]
     assert seen == [2, 2]  # half of each batch of 4, drawn again as non-cells
     assert losses[0.5] > losses[0.0] + 1.0  # + the cross-entropy to uniform (>= log 11 minus the entropy gap)

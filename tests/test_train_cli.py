@@ -106,8 +106,8 @@ def test_train_one_epoch_reports_each_batch():
     sched = loop.warmup_cosine(opt, 1, 3)
     calls = []
     batches = loop.epoch_batches(np.arange(6), 2)
-    loop.train_one_epoch(model, lambda x: model(x).pow(2).mean(), opt, sched, batches,
-                         lambda idx: torch.ones(len(idx), 2), epoch=4, on_batch=lambda *a: calls.append(a))
+    loop.train_one_epoch(loop.Trainee(model, opt, sched, None), lambda x: model(x).pow(2).mean(), batches,
+                         lambda idx: torch.ones(len(idx), 2), epoch=4, feed=loop.Feed(on_batch=lambda *a: calls.append(a)))
     assert calls == [(4, 1, 3), (4, 2, 3), (4, 3, 3)]
 
 

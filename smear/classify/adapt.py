@@ -47,8 +47,8 @@ from smear.classify.lab_cells import Cells, read_cells, wide_geometry
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.tensors import Normalize
 from smear.nn.weights import load_weights, save_weights
-from smear.classify.train import evaluate, label_indices, mixed_loss, train_one_epoch
-from smear.nn.loop import warmup_cosine
+from smear.classify.train import EpochData, evaluate, label_indices, mixed_loss, train_one_epoch
+from smear.nn.loop import Feed, Trainee, warmup_cosine
 from smear.devices import resolve_device, set_threads
 from smear.errors import DataError, SmearError
 from smear.taxonomy import FINE_CLASSES
@@ -278,13 +278,13 @@ def _train(net: torch.nn.Module, norm: Normalize, train: Cells, recipe: Recipe, 
     log(f"adapt: {len(train)} training cells, {held} held out; {recipe.epochs} passes, "
         f"{sum(p.numel() for p in params) / 1e6:.2f} M of {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
         f"parameters trained")
+    trainee = Trainee(model, optimizer, scheduler, augment)
+    loss_args = {"class_weights": weights, "smoothing": recipe.label_smoothing, "group_weight": group_w}
+    data = EpochData(train.crops, (fine, group), recipe.batch, loss_args, norm, dev, Feed(prefetch=False))
     for epoch in range(1, recipe.epochs + 1):
         rng = np.random.default_rng([recipe.seed, epoch])
         order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-per_epoch // len(train)))])
-        stats = train_one_epoch(model, norm, optimizer, scheduler, train.crops, (fine, group), augment,
-                                recipe.batch, {"class_weights": weights, "smoothing": recipe.label_smoothing,
-                                               "group_weight": group_w}, epoch, dev, order[:per_epoch],
-                                prefetch=False)
+        stats = train_one_epoch(trainee, data, epoch, order[:per_epoch])
         if epoch == 1 or epoch % 10 == 0 or epoch == recipe.epochs:
             log(f"  pass {epoch}/{recipe.epochs}: loss {stats['train_loss']:.4f}")
     for p in net.parameters():

@@ -90,17 +90,31 @@ def label_indices(fine: Sequence[str | None], group: Sequence[str]) -> tuple[tor
             torch.tensor([GROUPS8.index(g) for g in group], dtype=torch.long))
 
 
-def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels: tuple[torch.Tensor, torch.Tensor],
-                    augment: BatchAugment, batch: int, loss_args: dict[str, Any], epoch: int, device,
-                    order: np.ndarray, prefetch: bool = True, log: Callable[[str], None] | None = None,
-                    on_batch: loop.OnBatch | None = None) -> dict[str, float]:
-    """One pass over ``order`` (whole batches only) with ``mixed_loss``; ``labels`` = (fine, group)."""
-    fine, group = labels
+@dataclass(frozen=True)
+class EpochData:
+    """What every epoch of a classifier run trains on with ``mixed_loss``: the crops and their
+    ``(fine, group)`` label indices, the batch size, ``mixed_loss``'s keyword arguments (plus
+    ``outlier_share`` and ``outlier_weight`` for outlier exposure), the normalisation and device the
+    network runs with, and how batches are fed."""
+
+    crops: np.ndarray
+    labels: tuple[torch.Tensor, torch.Tensor]
+    batch: int
+    loss_args: dict[str, Any]
+    norm: Normalize
+    device: Any
+    feed: loop.Feed = loop.Feed(prefetch=True)
+
+
+def train_one_epoch(trainee: loop.Trainee, data: EpochData, epoch: int, order: np.ndarray) -> dict[str, float]:
+    """One pass over ``order`` (whole batches only) of ``trainee`` (its augmentation makes the batches)."""
+    model, augment, norm, device = trainee.model, trainee.augment, data.norm, data.device
+    crops, (fine, group) = data.crops, data.labels
 
     def make(idx: np.ndarray):
         return idx, augment(torch.from_numpy(crops[idx]))
 
-    loss_args = dict(loss_args)
+    loss_args = dict(data.loss_args)
     oe_share, oe_weight = float(loss_args.pop("outlier_share", 0.0)), float(loss_args.pop("outlier_weight", 0.0))
     gen = torch.Generator().manual_seed(int(epoch))
 
@@ -114,8 +128,7 @@ def train_one_epoch(model, norm, optimizer, scheduler, crops: np.ndarray, labels
             loss = loss + oe_weight * -F.log_softmax(model(norm(art)).float(), dim=1).mean(1).mean()
         return loss
 
-    return loop.train_one_epoch(model, loss_of, optimizer, scheduler, loop.epoch_batches(order, batch), make,
-                                epoch, prefetch=prefetch, progress=log, on_batch=on_batch)
+    return loop.train_one_epoch(trainee, loss_of, loop.epoch_batches(order, data.batch), make, epoch, data.feed)
 
 
 @torch.no_grad()
@@ -176,12 +189,12 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: TrainingData, cfg: Cla
                  "outlier_share": float(t.outlier_share), "outlier_weight": float(t.outlier_weight)}
     src_weights = [spec["weight"] for spec in data.specs]
     epoch_items = int(t.epoch_items) if t.epoch_items else None
+    epoch_data = EpochData(data.train_crops, labels, batch, loss_args, norm, device,
+                           loop.Feed(prefetch=bool(t.prefetch), progress=log, on_batch=on_batch))
 
     def train_epoch(epoch: int) -> dict[str, float]:
         order = epoch_order(data.src_of, src_weights, epoch_items, int(t.seed), epoch)
-        return train_one_epoch(trainee.model, norm, trainee.optimizer, trainee.scheduler, data.train_crops, labels,
-                               trainee.augment, batch, loss_args, epoch, device, order, prefetch=bool(t.prefetch),
-                               log=log, on_batch=on_batch)
+        return train_one_epoch(trainee, epoch_data, epoch, order)
 
     def validate(_epoch: int) -> tuple[float, dict[str, Any]]:
         probs = torch.softmax(evaluate(trainee.model, norm, data.val_crops, size, batch, device), 1).numpy()

@@ -80,13 +80,24 @@ def epoch_batches(order: np.ndarray, batch: int) -> list[np.ndarray]:
     return [np.sort(order[b * batch:(b + 1) * batch]) for b in range(n_batches)]
 
 
-def train_one_epoch(model: torch.nn.Module, loss_of: Callable[[Any], torch.Tensor], optimizer, scheduler,
-                    batches: Sequence[np.ndarray], make: Callable[[np.ndarray], Any], epoch: int,
-                    prefetch: bool = False, progress: Callable[[str], None] | None = None,
-                    on_batch: OnBatch | None = None) -> dict[str, float]:
-    """One pass over ``batches`` (index arrays): ``make(idx)`` builds a batch (in a background thread
-    with ``prefetch``), ``loss_of(batch)`` its loss, one optimizer step each; ``progress`` gets a
-    line every 50 batches, ``on_batch(epoch, done, total)`` is called after each."""
+@dataclass(frozen=True)
+class Feed:
+    """How an epoch's batches are fed and reported: ``prefetch`` builds the next batches in a
+    background thread; ``progress`` gets a line every 50 batches; ``on_batch(epoch, done, total)``
+    is called after each."""
+
+    prefetch: bool = False
+    progress: Callable[[str], None] | None = None
+    on_batch: OnBatch | None = None
+
+
+def train_one_epoch(trainee: Trainee, loss_of: Callable[[Any], torch.Tensor], batches: Sequence[np.ndarray],
+                    make: Callable[[np.ndarray], Any], epoch: int, feed: Feed = Feed()) -> dict[str, float]:
+    """One pass over ``batches`` (index arrays) of ``trainee``'s model: ``make(idx)`` builds a batch,
+    ``loss_of(batch)`` its loss, one optimizer and scheduler step each; ``feed`` says how batches
+    are fed and reported."""
+    model, optimizer, scheduler = trainee.model, trainee.optimizer, trainee.scheduler
+    prefetch, progress, on_batch = feed.prefetch, feed.progress, feed.on_batch
     model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
     stream = _prefetch(batches, make) if prefetch else ((i, make(i)) for i in batches)

@@ -148,8 +148,8 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: _Crops, cfg: SegmentCo
 
     def train_epoch(epoch: int) -> dict[str, float]:
         order = np.random.default_rng([int(t.seed), epoch]).permutation(len(data.x_train))
-        return loop.train_one_epoch(model, loss_of, trainee.optimizer, trainee.scheduler,
-                                    loop.epoch_batches(order, int(t.batch)), make, epoch, on_batch=on_batch)
+        return loop.train_one_epoch(trainee, loss_of, loop.epoch_batches(order, int(t.batch)), make, epoch,
+                                    loop.Feed(on_batch=on_batch))
 
     def validate(_epoch: int) -> tuple[float, dict[str, float]]:
         pred = _predict(model, norm, data.x_val, size, int(t.batch), device)
