@@ -155,7 +155,7 @@ import json, resource, sys, time
 from pathlib import Path
 from smear.config import load_config
 from smear.pipeline.build import build_stages
-from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
+from smear.pipeline.wsi_run import SlideOutputs, WsiSettings, run_whole_slide
 from smear.report.tables import CellsWriter
 from smear.taxonomy import WBC_CLASSES
 path, target, cells = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -175,7 +175,7 @@ def on_field(fr):
                 marks[k] = round(time.perf_counter() - start, 1)
                 cpu_marks[k] = round(time.process_time() - cpu0, 1)
 rep = run_whole_slide(Path(path), stages, settings, target_wbc=None if target == "all" else int(target),
-                      on_field=on_field, keep_fields=False)
+                      outputs=SlideOutputs(on_field=on_field, keep_fields=False))
 total, cpu = time.perf_counter() - start, time.process_time() - cpu0
 writer.close()
 w = rep.whole_slide

@@ -172,7 +172,7 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
     from wsi_synth import BLOCK, gradient_slide
 
     from smear.pipeline.ray_engine import PER_WORKER, TILES_PER_CALL
-    from smear.pipeline.wsi_run import WsiSettings, run_whole_slide
+    from smear.pipeline.wsi_run import SlideOutputs, WsiSettings, run_whole_slide
     from smear.taxonomy import WBC_CLASSES
 
     def same(rep):  # every report text (the JSON's less the seconds it took), and each tile's place
@@ -190,7 +190,8 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
     seen = []
     workers = 2
     with RayEngine(SynthStages(log=str(log)), workers=workers, cache=FieldCache(tmp_path / "cache", "synth")) as engine:
-        remote = run_whole_slide(slide, None, settings, target_wbc=7, engine=engine, on_field=seen.append)
+        remote = run_whole_slide(slide, None, settings, target_wbc=7, engine=engine,
+                                 outputs=SlideOutputs(on_field=seen.append))
         ran = len(list(log.iterdir()))  # tiles the workers ran the models on so far
         resumed = run_whole_slide(slide, None, settings, target_wbc=7, engine=engine, resume=True)
     assert same(remote) == same(local)

@@ -20,7 +20,7 @@ from fakes import ContentClassifier  # noqa: E402
 from wsi_synth import BLOCK, COLUMNS, MPP, ROWS, gradient_slide, kind_of  # noqa: E402
 
 from smear.pipeline.run import Stages  # noqa: E402
-from smear.pipeline.wsi_run import WsiSettings, geometry, read_tile, run_whole_slide  # noqa: E402
+from smear.pipeline.wsi_run import SlideOutputs, WsiSettings, geometry, read_tile, run_whole_slide  # noqa: E402
 from smear.report.summary import differential  # noqa: E402
 from smear.taxonomy import CellKind  # noqa: E402
 from smear.wsi import finder  # noqa: E402
@@ -129,7 +129,7 @@ def test_finder_picks_the_monolayer_and_skips_blurred_and_empty(slide):
 
 @pytest.mark.slow
 def test_count_stops_at_the_target_then_all_reads_every_monolayer_tile(slide, tmp_path):
-    rep = run_whole_slide(slide, _stages(), SETTINGS, target_wbc=7, quality_map_dir=tmp_path)
+    rep = run_whole_slide(slide, _stages(), SETTINGS, target_wbc=7, outputs=SlideOutputs(quality_map_dir=tmp_path))
     d = differential(rep)
     info = rep.whole_slide
     assert d.n_wbc == 7 and info.reached_target

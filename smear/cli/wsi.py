@@ -51,14 +51,14 @@ class WholeSlideRun:
             engine=None) -> list:
         """Each file counted into its SlideReport, with ``stages`` here or on the ``engine``'s workers;
         ``on_field(slide_name, item)`` per counted tile."""
-        from smear.pipeline.wsi_run import run_whole_slide
+        from smear.pipeline.wsi_run import SlideOutputs, run_whole_slide
 
         reports = []
         for path in self.paths:
-            reports.append(run_whole_slide(
-                path, stages, self.settings, target_wbc=self.target_wbc, cache=cache, resume=resume,
-                on_field=lambda item, _n=path.stem: on_field(_n, item), keep_fields=keep,
-                quality_map_dir=self.quality_dir, warn=warn, engine=engine))
+            outputs = SlideOutputs(on_field=lambda item, _n=path.stem: on_field(_n, item), keep_fields=keep,
+                                   quality_map_dir=self.quality_dir, warn=warn)
+            reports.append(run_whole_slide(path, stages, self.settings, target_wbc=self.target_wbc, cache=cache,
+                                           resume=resume, outputs=outputs, engine=engine))
         return reports
 
 

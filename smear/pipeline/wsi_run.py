@@ -123,11 +123,32 @@ def find_monolayer(slide: WholeSlide, geo: Geometry, settings: WsiSettings) -> f
     return finder.plan(thumb, ds, geo.tile_l0, slide.width, slide.height, settings.finder, probe)
 
 
+@dataclass(frozen=True)
+class SlideOutputs:
+    """How a whole-slide run names and hands back what it found besides its report: the report's
+    slide ``name`` (default: the file's stem), each counted tile to ``on_field``, the fields kept in
+    the report (``keep_fields``; else running counts only), the quality map written into
+    ``quality_map_dir`` (None: only in the report), warnings to ``warn``."""
+
+    name: str | None = None
+    on_field: Callable[[FieldResult | SkippedField], None] | None = None
+    keep_fields: bool = True
+    quality_map_dir: Path | None = None
+    warn: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What the finder found on a slide, and the time it took."""
+
+    geo: Geometry
+    plan: finder.Plan
+    finder_s: float
+
+
 def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettings, *, target_wbc: int | None = 200,
-                    cache: FieldCache | None = None, resume: bool = False,
-                    on_field: Callable[[FieldResult | SkippedField], None] | None = None, keep_fields: bool = True,
-                    quality_map_dir: Path | None = None, warn: Callable[[str], None] | None = None,
-                    name: str | None = None, engine: TileEngine | None = None) -> SlideReport:
+                    cache: FieldCache | None = None, resume: bool = False, outputs: SlideOutputs = SlideOutputs(),
+                    engine: TileEngine | None = None) -> SlideReport:
     """One whole-slide file counted into its SlideReport (``whole_slide`` says what was read and
     skipped); ``target_wbc=None`` counts every monolayer tile. With an ``engine`` the tiles run
     there (on its stages, with its cache; ``stages`` may be None) and are counted here in the same
@@ -135,32 +156,33 @@ def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettin
     if engine is None and stages is None:
         raise ValueError("run_whole_slide needs stages or an engine")
     path = Path(path)
-    name = name or path.stem
+    name, warn = outputs.name or path.stem, outputs.warn
     classified, guard = ((engine.classified, engine.guard) if engine is not None
                          else (stages.classifier is not None, stages.guard))
     with WholeSlide(path) as slide:
         geo = geometry(slide, settings, warn)
         start = time.perf_counter()
         plan = find_monolayer(slide, geo, settings)
-        finder_s = time.perf_counter() - start
+        found = _Found(geo, plan, time.perf_counter() - start)
         job = TileJob(str(path), name, geo, settings.finder.min_focus)
         outcomes = (engine.tiles(job, plan.path, resume) if engine is not None
                     else tile_outcomes(slide, job, plan.path, stages, cache, resume))
         counter = Counter()
         report = gather_report(name, count_until(outcomes, target_wbc, classified, counter), classified=classified,
-                               guard=guard, on_field=on_field, keep_fields=keep_fields)
-    info = _info(slide, geo, settings, plan, counter, len(report.skipped), target_wbc,
-                 quality_map_path(quality_map_dir, name), finder_s)
+                               guard=guard, on_field=outputs.on_field, keep_fields=outputs.keep_fields)
+    info = _info(slide, found, settings, counter, len(report.skipped), target_wbc,
+                 quality_map_path(outputs.quality_map_dir, name))
     if warn is not None and target_wbc is not None and not info.reached_target:
         warn(f"{name}: the monolayer ran out at {counter.identified} of {target_wbc} white cells "
              f"({info.tiles_counted} tiles counted)")
     return dataclasses.replace(report, whole_slide=info)
 
 
-def _info(slide: WholeSlide, geo: Geometry, settings: WsiSettings, plan: finder.Plan, counter: Counter,
-          n_unreadable: int, target_wbc: int | None, target: Path | None, finder_s: float) -> WholeSlideInfo:
+def _info(slide: WholeSlide, found: _Found, settings: WsiSettings, counter: Counter, n_unreadable: int,
+          target_wbc: int | None, target: Path | None) -> WholeSlideInfo:
     """What the run read, skipped and found besides the cells; the quality map drawn (and written
     to ``target`` when given)."""
+    geo, plan, finder_s = found.geo, found.plan, found.finder_s
     counted = set(counter.counted)
     png = cv2.imencode(".png", finder.quality_map(plan, counted)[..., ::-1])[1].tobytes()
     if target is not None:
