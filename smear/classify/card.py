@@ -71,9 +71,8 @@ def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
     trained = ("Fine-tuned from " + meta["fine_tuned_from"] if meta.get("fine_tuned_from") else "Trained from scratch")
     trained += " on " + ", ".join(f"{s_['name']} ({s_['root']}, sampling weight {s_['weight']:g})" for s_ in sources)
     colour = ", Reinhard colour normalisation to the training reference" if meta.get("colour_norm") else ""
-    if meta.get("head", "flat") == "hierarchical":
-        colour += ("; a lineage-first head (the neutrophil line or each other class first, then the stage "
-                   "within the neutrophil line)")
+    head = ("; a lineage-first head (the neutrophil line or each other class first, then the stage within the "
+            "neutrophil line)") if meta.get("head", "flat") == "hierarchical" else ""
     novelty = ""
     if meta.get("novelty"):
         nv = meta["novelty"]
@@ -83,7 +82,7 @@ def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
 
 11 fine classes ({', '.join(meta['classes'])}) from single-cell crops: a square of side = the
 WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. {trained};
-{meta.get('norm', 'batch')} normalisation layers{colour}; temperature-scaled on the validation split
+{meta.get('norm', 'batch')} normalisation layers{colour}{head}; temperature-scaled on the validation split
 (T = {meta['temperature']:.3f}); predictions average {meta['tta']} rotation/flip view(s) of each crop.{novelty}
 
 ## Test split of the first source (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})

@@ -127,20 +127,19 @@ def fit(clf, val_crops: np.ndarray, val_labels: Sequence[str | None], lab_crops:
     shifted = _shifted_outputs(clf, val_crops, val_labels, settings, rng, log)
     lab_names = sorted(lab_crops)
     stats = _guard_stats(clf, clean, shifted, [lab_crops[n] for n in lab_names], settings.k)
-    pools = [_cell_table(clf, SlideGuard(stats, {"thresholds": {}}), o) for o in [clean, *shifted]]
+    guard = SlideGuard(stats, {"thresholds": {}})
+    pools = [_cell_table(clf, guard, o) for o in [clean, *shifted]]
     clean_draws, per_source = clean_slide_pools(val_sources)
     rows = _synthetic_slides(pools, clean_draws, stats, settings.slide_cells, rng)
-    thresholds, fit_info = _thresholds(rows, settings, log)
+    thresholds, fit_info = _thresholds(rows, settings, per_source, log)
     k = int(stats["projection"].shape[1])
     meta = {
         "method": "slide evidence against validation slides (smear.classify.guard)",
         "file": GUARD_FILE, "thresholds": thresholds, "quantile": settings.quantile, "k": k, "min_cells": 20,
         "colour_names": list(COLOUR_NAMES), "labs": lab_names, "n_val": len(val_crops), "draws": settings.draws,
         "draw_cells": settings.draw_cells, "slide_cells": settings.slide_cells,
-        "fit": {**fit_info, "one_source_slides": per_source},
+        "fit": fit_info,
     }
-    meta["fit"] = {key: meta["fit"][key] for key in ("slides", "good_slides", "bad_slides", "one_source_slides",
-                                                      "recall_bad", "false_alarms_good", "good", "bad")}
     outputs = {"logits": torch.cat([o.logits for o in [clean, *shifted]]).numpy(),
                "labels": np.array([str(x) for o in [clean, *shifted] for x in o.labels])}
     return stats, meta, outputs
@@ -202,7 +201,7 @@ def _cell_table(clf, guard: SlideGuard, o: _Outputs) -> tuple[np.ndarray, np.nda
 
     from smear.classify import novelty as nov
 
-    probs = torch.softmax(torch.as_tensor(o.logits.numpy()) / clf.temperature, 1).numpy()
+    probs = torch.softmax(o.logits / clf.temperature, 1).numpy()
     nov_ratio = nov.distances(o.feats, clf.novelty_stats) / clf.novelty_threshold
     vec = guard.cell_vectors(o.feats, clf.novelty_stats, o.crops)
     return vec, nov_ratio, probs.max(1), type5_accuracy(probs, o.labels, clf.classes), o.strength
@@ -229,10 +228,10 @@ def _synthetic_slides(pools: list[tuple], clean_draws: list[np.ndarray | None], 
     return rows
 
 
-def _thresholds(rows: list[dict[str, float]], settings: GuardFitSettings, log: Callable[[str], None]
-                ) -> tuple[dict[str, float], dict[str, Any]]:
+def _thresholds(rows: list[dict[str, float]], settings: GuardFitSettings, per_source: dict[str, int],
+                log: Callable[[str], None]) -> tuple[dict[str, float], dict[str, Any]]:
     """Each evidence's threshold (its ``quantile`` over the slides read well) and how the guard does
-    on the synthetic slides themselves."""
+    on the synthetic slides themselves (``per_source``: the clean slides drawn of one source alone)."""
     good = [r for r in rows if r["accuracy"] >= settings.good_accuracy]
     bad = [r for r in rows if r["accuracy"] < 0.75]
     base = good
@@ -243,7 +242,7 @@ def _thresholds(rows: list[dict[str, float]], settings: GuardFitSettings, log: C
     thresholds = {e: max(v, 1e-6) for e, v in thresholds.items()}
     fires = [any(r[e] > thresholds[e] for e in FITTED) for r in bad]
     false = [any(r[e] > thresholds[e] for e in FITTED) for r in good]
-    info = {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad),
+    info = {"slides": len(rows), "good_slides": len(good), "bad_slides": len(bad), "one_source_slides": per_source,
             "recall_bad": round(float(np.mean(fires)), 4) if fires else None,
             "false_alarms_good": round(float(np.mean(false)), 4) if false else None,
             "good": f"5-type accuracy >= {settings.good_accuracy}", "bad": "5-type accuracy < 0.75"}

@@ -386,27 +386,28 @@ class RayEngine:
 
 
 def _wait_gone(pids: Sequence[int], timeout_s: float) -> None:
-    """Waits, at most ``timeout_s``, until these processes of this machine have exited (a zombie
-    counts as exited), so that nothing they write lands after the engine has closed."""
+    """Waits, at most ``timeout_s``, until these processes of this machine have exited, so that
+    nothing they write lands after the engine has closed."""
     deadline = time.monotonic() + timeout_s
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                if not Path("/proc/self").exists():  # no procfs: ask the kernel
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
-                        break
-                    except OSError:
-                        pass
-                else:
-                    break
-            else:
-                if state in ("Z", "X"):
-                    break
-            time.sleep(0.05)
+    while not all(_exited(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process of this machine is gone (a zombie counts as gone): /proc where there is one,
+    else a signal 0."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        if Path("/proc/self").exists():
+            return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
