@@ -188,6 +188,7 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     from smear.artifacts import ModelMeta, data_fingerprint, save_model_dir
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import evaluate_predictions, predict_samples, tune_conf
+    from smear.detect.settings import YoloSettings
     from smear.detect.yolo import YoloDetector
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
@@ -201,8 +202,8 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     infer = cfg.infer.model_dump()
     data_yaml = data_dir(cfg, run_dir) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
-    det = YoloDetector(model_dir / WEIGHTS, imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
-                       max_det=infer["max_det"], device=device, border=infer["border"])
+    scored = YoloSettings.of({k: infer[k] for k in ("imgsz", "iou", "max_det", "border")} | {"conf": 0.001})
+    det = YoloDetector(model_dir / WEIGHTS, scored, device=device)  # every box scored, to tune the thresholds
     preds = predict_samples(det, val)
     conf = tune_conf(val, preds)
     metrics = evaluate_predictions(val, preds, conf)
