@@ -210,15 +210,12 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     log(f"validation: mAP50 {metrics['map50']}, tuned conf {({k.value: v for k, v in conf.items()})}")
     infer["per_class_conf"] = {k.value: v for k, v in conf.items()}
     infer["conf"] = min(conf.values())
-    meta = {
-        "stage": "detect", "weights": WEIGHTS, "network": NETWORK, "classes": ["wbc", "rbc", "platelet"],
-        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
-        "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
-        "infer": infer, "trained": date.today().isoformat(),
-        "metrics": {"val": {"split": val_split_name(cfg.data), **metrics}},
-        "data_fingerprint": data_fingerprint(s.image for s in val),
-    }
-    if fine_tunes(cfg):
-        meta["fine_tuned_from"] = str(cfg.model)
-    save_model_dir(ModelMeta.of(meta, model_dir), cfg)
+    meta = ModelMeta(folder=model_dir, stage="detect", weights=WEIGHTS, classes=("wbc", "rbc", "platelet"),
+                     infer=infer, trained=date.today().isoformat(), extra={
+                         "network": NETWORK, "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
+                         "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
+                         "metrics": {"val": {"split": val_split_name(cfg.data), **metrics}},
+                         "data_fingerprint": data_fingerprint(s.image for s in val),
+                         **({"fine_tuned_from": str(cfg.model)} if fine_tunes(cfg) else {})})
+    save_model_dir(meta, cfg)
     return model_dir
