@@ -47,7 +47,7 @@ from smear.classify.lab_cells import Cells, read_cells, wide_geometry
 from smear.classify.model import WEIGHTS, CnnClassifier, build_model
 from smear.nn.tensors import Normalize
 from smear.nn.weights import load_weights, save_weights
-from smear.classify.train import EpochData, evaluate, label_indices, mixed_loss, train_one_epoch
+from smear.classify.train import EpochData, eval_logits, label_indices, mixed_loss, train_one_epoch
 from smear.nn.loop import Feed, Trainee, warmup_cosine
 from smear.devices import resolve_device, set_threads
 from smear.errors import DataError, SmearError
@@ -318,12 +318,12 @@ def _fit(net: torch.nn.Module, norm: Normalize, cells: Cells, recipe: Recipe, sr
     ``recipe.refit_all`` the folder's network is then the source's trained again on every cell."""
     tr_idx, ho_idx = heldout_split(cells.strata, recipe.heldout, recipe.seed, cells.groups)
     train, held = cells.subset(tr_idx), cells.subset(ho_idx)
-    before = evaluate(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
+    before = eval_logits(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
     t_source = src.temperature
 
     _train(net, norm, train, recipe, src, log, held=len(held))
 
-    after = evaluate(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
+    after = eval_logits(net, norm, held.crops, src.size, recipe.batch, src.dev, src.tta)
     temperature, calibrated = _calibrate(after, held, t_source)
     labels = held.labels()
     figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),

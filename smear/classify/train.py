@@ -132,7 +132,7 @@ def train_one_epoch(trainee: loop.Trainee, data: EpochData, epoch: int, order: n
 
 
 @torch.no_grad()
-def evaluate(model, norm, crops: np.ndarray, size: int, batch: int, device, tta: int = 1) -> torch.Tensor:
+def eval_logits(model, norm, crops: np.ndarray, size: int, batch: int, device, tta: int = 1) -> torch.Tensor:
     """Logits (CPU, float) of evaluation crops, no augmentation; ``tta`` > 1 averages the logits
     of that many rotations/flips, as ``CnnClassifier`` does with the same meta."""
     model.eval()
@@ -197,7 +197,7 @@ def _epochs(trainee: loop.Trainee, norm: Normalize, data: TrainingData, cfg: Cla
         return train_one_epoch(trainee, epoch_data, epoch, order)
 
     def validate(_epoch: int) -> tuple[float, dict[str, Any]]:
-        probs = torch.softmax(evaluate(trainee.model, norm, data.val_crops, size, batch, device), 1).numpy()
+        probs = torch.softmax(eval_logits(trainee.model, norm, data.val_crops, size, batch, device), 1).numpy()
         vm = classification_metrics(probs, val_labels)
         score = vm["macro_f1"] if vm["macro_f1"] is not None else vm["group8_macro_f1"]
         return score, {"val_nll": vm["nll"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
@@ -360,7 +360,7 @@ def _score(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], None
     m, d = cfg.model, cfg.data
     size, batch, tta = int(m.input_size), int(cfg.train.batch), int(m.tta)
     val_items = r.data.val_items
-    val_logits = evaluate(r.model, r.norm, r.data.val_crops, size, batch, r.device, tta)
+    val_logits = eval_logits(r.model, r.norm, r.data.val_crops, size, batch, r.device, tta)
     fine_rows = [i for i, it in enumerate(val_items) if it.fine is not None]
     y_val = torch.tensor([FINE_CLASSES.index(val_items[i].fine) for i in fine_rows], dtype=torch.long)
     temperature = fit_temperature(val_logits[fine_rows], y_val)
@@ -371,7 +371,7 @@ def _score(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], None
     test_items, test_crops, _ = (readable_crops(r.data.test_items, float(m.crop_margin), size, d.cache_dir,
                                                 d.workers, log) if r.data.test_items
                                  else ([], np.zeros((0, size, size, 3), np.uint8), []))
-    test_logits = evaluate(r.model, r.norm, test_crops, size, batch, r.device, tta)
+    test_logits = eval_logits(r.model, r.norm, test_crops, size, batch, r.device, tta)
     test_m = classification_metrics(torch.softmax(test_logits / temperature, 1).numpy(),
                                     [it.fine or it.group for it in test_items])
     log(f"test: {summary_line(test_m)}")
