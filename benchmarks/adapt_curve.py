@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smear.artifacts import load_meta, load_model_config, resolve_model_dir  # noqa: E402
+from smear.artifacts import ModelMeta, load_meta, load_model_config, resolve_model_dir  # noqa: E402
 from smear.classify.adapt import Recipe, fine_tune  # noqa: E402
 from smear.classify.evaluate import lab_row  # noqa: E402
 from smear.classify.lab_cells import Cells, read_dataset, wide_geometry  # noqa: E402
@@ -90,7 +90,7 @@ def _value(default, text: str):
 
 def run(args) -> dict:
     source = resolve_model_dir(args.model, "classifier")
-    meta = load_meta(source)
+    meta = ModelMeta.of(load_meta(source), source)
     margin, wide = wide_geometry(meta, load_model_config(source))
     base = Recipe()
     recipe = replace(base, **{k: _value(getattr(base, k), v) for k, v in (s.split("=", 1) for s in args.set)})

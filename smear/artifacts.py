@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import MISSING, InitVar, dataclass, field, fields
+from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -17,7 +17,7 @@ import yaml
 
 from smear import __version__
 from smear.errors import ModelError
-from smear.io import read_json, write_text_atomic
+from smear.io import write_text_atomic
 from smear.taxonomy import FINE_CLASSES, CellKind
 
 META = "meta.json"
@@ -49,20 +49,28 @@ def resolve_model_dir(spec: str | Path, default_name: str) -> Path:
 
 def load_meta(model_dir: str | Path) -> dict[str, Any]:
     """Read and check a model folder's meta.json; raises ModelError naming what is missing."""
-    model_dir = Path(model_dir)
+    return _read_meta(Path(model_dir))[0]
+
+
+def _read_meta(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """``load_meta`` and the SHA-256 of meta.json's bytes, the file opened once."""
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: model folder not found")
     meta_path = model_dir / META
     if not meta_path.is_file():
         raise ModelError(f"{meta_path}: missing (a model folder needs {META})")
-    meta = read_json(meta_path, ModelError)
+    data = meta_path.read_bytes()
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{meta_path}: not valid JSON ({exc.msg})") from exc
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ModelError(f"{meta_path}: missing keys {', '.join(missing)}")
     weights = model_dir / meta["weights"]
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing")
-    return meta
+    return meta, hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class ModelMeta:
     colour_norm: Mapping[str, Any] | None = None
     arch: str | None = None
     norm: str = "batch"
+    head: str | None = None  # the classifier's head: "hierarchical", or None for the flat one
     encoder: str | None = None
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
     temperature: float = 1.0
@@ -165,7 +174,7 @@ class ModelMeta:
             onnx_hash=onnx_hash,
             input_size=opt("input_size", int), crop_margin=opt("crop_margin", float),
             normalize=meta.get("normalize"), colour_norm=meta.get("colour_norm") or None, arch=meta.get("arch"),
-            norm=str(meta.get("norm", "batch")), encoder=meta.get("encoder"),
+            norm=str(meta.get("norm", "batch")), head=meta.get("head"), encoder=meta.get("encoder"),
             decoder_channels=tuple(meta.get("decoder_channels", cls.decoder_channels)),
             temperature=float(meta.get("temperature", 1.0)), tta=int(meta.get("tta", 1)),
             tta_margin=float(meta.get("tta_margin") or 0.0),
@@ -175,7 +184,7 @@ class ModelMeta:
 
 #: the typed attributes of ModelMeta that are meta.json keys of the same name
 _TYPED_KEYS = ("stage", "weights", "classes", "input_size", "crop_margin", "normalize", "colour_norm", "arch", "norm",
-               "encoder", "decoder_channels", "temperature", "tta", "tta_margin", "novelty", "infer", "trained")
+               "head", "encoder", "decoder_channels", "temperature", "tta", "tta_margin", "novelty", "infer", "trained")
 
 #: meta.json's keys, in the order each stage's builder writes them (typed attributes and ``extra``
 #: keys alike): classify.card.classifier_meta, segment.train._meta, detect.train.package
@@ -220,10 +229,12 @@ def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable
     """The checked, typed meta of a model folder of ``stage`` (detect | segment | classify), read once
     (a ModelMeta given is checked and returned): ModelError naming the folder when it is another
     stage's or lacks one of the ``required`` keys."""
+    meta_digest = None
     if isinstance(model_dir, ModelMeta):
         meta, folder = model_dir.raw, model_dir.folder
     else:
-        meta, folder = load_meta(model_dir), Path(model_dir)
+        folder = Path(model_dir)
+        meta, meta_digest = _read_meta(folder)
     if meta.get("stage") != stage:
         raise ModelError(f"{folder}: not a {_STAGE_WORDS.get(stage, stage)} model folder "
                          f"(stage {meta.get('stage')!r})")
@@ -231,13 +242,21 @@ def load_model(model_dir: str | Path | ModelMeta, stage: str, required: Iterable
     if missing:
         raise ModelError(f"{folder}/meta.json: missing keys {', '.join(missing)}")
     if isinstance(model_dir, ModelMeta):
-        return model_dir
+        # one read already (hashed), or one made in memory: its folder's files hashed, its content kept
+        return model_dir if model_dir.files else _hashed(model_dir, folder)
     check_contract(meta, folder, stage)
-    hashes = {p.name: file_sha256(p) for p in runtime_files(folder, meta)}  # each file hashed once
-    weights = str(meta["weights"])
-    return ModelMeta.of(meta, folder, version=(hashes.get(weights) or file_sha256(folder / weights))[:12],
-                        meta_hash=(hashes.get(META) or "")[:12], files=_files_id(hashes),
-                        onnx_hash=(hashes.get(ONNX_FILE) or "")[:12])
+    return _hashed(ModelMeta.of(meta, folder), folder, meta_digest)
+
+
+def _hashed(meta: ModelMeta, folder: Path, meta_digest: str | None = None) -> ModelMeta:
+    """``meta`` with the hashes of its folder's runtime files, each file hashed once (meta.json's
+    ``meta_digest``: the SHA-256 of the bytes read already)."""
+    hashes = {p.name: meta_digest if p.name == META and meta_digest else file_sha256(p)
+              for p in runtime_files(folder, meta.raw)}
+    weights = str(meta.raw["weights"])
+    return replace(meta, version=(hashes.get(weights) or file_sha256(folder / weights))[:12],
+                   meta_hash=(hashes.get(META) or "")[:12], files=_files_id(hashes),
+                   onnx_hash=(hashes.get(ONNX_FILE) or "")[:12])
 
 
 #: the classes each stage's network must be trained on (any order; the order is checked by head_hash)

@@ -429,15 +429,24 @@ class ClassScores:
         return None if self.guard is None else tuple(float(x) for x in self.guard[i])
 
 
+class SlideEvidence(Protocol):
+    """A classifier's slide guard (smear.classify.guard.SlideGuard): a slide's evidence of being
+    misread, from the sums of its cells' guard vectors."""
+
+    def evidence(self, sums: GuardSums) -> dict[str, float]: ...
+
+
 @runtime_checkable
 class Classifier(Protocol):
     """Labels WBC crops with calibrated probabilities over FINE_CLASSES, and with a novelty score when
     the model has one.
 
-    ``crop_margin`` and ``input_size`` state the crop geometry the classifier was trained on.
+    ``crop_margin`` and ``input_size`` state the crop geometry the classifier was trained on;
+    ``guard`` is its slide guard (None when its model has none), which judges each slide's cells.
     """
 
     crop_margin: float
     input_size: int
+    guard: SlideEvidence | None
 
     def classify(self, crops: Sequence[np.ndarray]) -> ClassScores: ...

@@ -27,6 +27,7 @@ class FakeClassifier:
 
     crop_margin = 1.2
     input_size = 16
+    guard = None  # no slide guard
 
     def __init__(self, labels: list[tuple[str, float]]):
         self.labels = list(labels)
@@ -66,6 +67,7 @@ class ContentClassifier:
 
     crop_margin = 1.2
     input_size = 16
+    guard = None  # no slide guard
 
     def __init__(self, labels: list[tuple[str, float]]):
         self.labels = labels

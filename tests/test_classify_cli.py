@@ -8,6 +8,7 @@ import pytest
 from test_classify_data import PBC_FOLDERS, make_pbc
 from typer.testing import CliRunner
 
+from smear.artifacts import ModelMeta
 from smear.cli import app
 
 
@@ -120,7 +121,7 @@ def test_grad_cam_points_at_the_evidence():
     torch.manual_seed(0)
     meta = {"classes": ["SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET"],
             "crop_margin": 1.3, "input_size": 32}
-    clf = CnnClassifier(Quarter(), meta, device="cpu")
+    clf = CnnClassifier(Quarter(), ModelMeta.of(meta), device="cpu")
     crop = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     [ex] = grad_cam(clf, [crop], ["LY"], layer="conv")
     assert ex.target == "LY"

@@ -135,7 +135,7 @@ def test_tta_over_all_eight_views_is_rotation_invariant():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(11))
     meta = {"classes": ["SNE", "BNE", "MMY", "MY", "PMY", "EO", "BA", "LY", "MO", "ERB", "PLATELET"],
             "crop_margin": 1.3, "input_size": 16, "tta": 8}
-    clf = CnnClassifier(net, meta, device="cpu")
+    clf = CnnClassifier(net, ModelMeta.of(meta), device="cpu")
     crop = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     turned = np.ascontiguousarray(np.rot90(crop))
     a, b = clf.outputs([crop])[0], clf.outputs([turned])[0]

@@ -69,14 +69,15 @@ def test_the_onnx_cache_key_covers_meta_json(tmp_path, monkeypatch):
     from hostile import copy_model
 
     import smear.nn.onnx as onnx
+    from smear.artifacts import load_model
 
     names = []
     monkeypatch.setattr(onnx, "cached_onnx", lambda path, make: names.append(path.name) or path)
     folder = copy_model("classifier", tmp_path / "clf")
-    onnx.onnx_for(folder, "classify", lambda: None)
+    onnx.onnx_for(load_model(folder, "classify"), "classify", lambda: None)
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "crop_margin": 1.5}))
-    onnx.onnx_for(folder, "classify", lambda: None)
+    onnx.onnx_for(load_model(folder, "classify"), "classify", lambda: None)
     assert len(set(names)) == 2, names
 
 

@@ -11,6 +11,7 @@ import torch
 from test_classify_data import make_folders, make_pbc
 from typer.testing import CliRunner
 
+from smear.artifacts import ModelMeta
 from smear.nn import augment as A
 from smear.classify import novelty as nov
 from smear.nn.colour import lab_stats, reinhard
@@ -171,13 +172,13 @@ def test_group_norm_model_has_no_batchnorm_and_adabn_adapts_only_batchnorm():
     from smear.classify.model import CnnClassifier
 
     meta = {"classes": list(FINE_CLASSES), "crop_margin": 1.3, "input_size": 32}
-    bn_clf = CnnClassifier(build_model("test_efficientnet"), meta, device="cpu")
+    bn_clf = CnnClassifier(build_model("test_efficientnet"), ModelMeta.of(meta), device="cpu")
     bn = [m for m in bn_clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
     before = bn.running_mean.clone()
     dark = [np.full((32, 32, 3), 30, np.uint8)] * 8
     assert adapt_batchnorm(bn_clf, dark) > 0
     assert not torch.allclose(bn.running_mean, before) and not bn.training
-    assert adapt_batchnorm(CnnClassifier(gn, meta, device="cpu"), dark) == 0
+    assert adapt_batchnorm(CnnClassifier(gn, ModelMeta.of(meta), device="cpu"), dark) == 0
 
 
 # ---------------------------------------------------------------- novelty
@@ -216,6 +217,7 @@ def test_novel_cells_go_to_unidentified_in_the_pipeline(tmp_path):
 
     class NoveltyClassifier:
         crop_margin, input_size = 1.2, 16
+        guard = None
 
         def classify(self, crops):
             probs = np.full((len(crops), len(FINE_CLASSES)), 0.001)

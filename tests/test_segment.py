@@ -283,6 +283,7 @@ def test_mask_background_paints_out_background():
 
     class Recorder:
         crop_margin, input_size = 2.0, 32
+        guard = None
 
         def __init__(self):
             self.crops = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from smear.artifacts import ModelMeta
 from smear.classify.model import CnnClassifier
 from smear.taxonomy import FINE_CLASSES
 
@@ -42,7 +43,7 @@ def _crops() -> list[np.ndarray]:
 def _clf(margin: float | None) -> CnnClassifier:
     meta = {"classes": list(FINE_CLASSES), "crop_margin": 1.3, "input_size": 16, "tta": 8, "temperature": 1.0,
             "tta_margin": margin}
-    return CnnClassifier(Asymmetric(), meta, device="cpu")
+    return CnnClassifier(Asymmetric(), ModelMeta.of(meta), device="cpu")
 
 
 def test_margin_sends_only_unsure_crops_through_every_view():

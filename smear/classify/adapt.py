@@ -21,7 +21,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -204,9 +204,10 @@ def _scores(probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
     return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def _load(source: Path, meta: dict[str, Any], dev) -> tuple[torch.nn.Module, Normalize]:
-    net = load_weights(build_model(meta["arch"], norm=meta.get("norm", "batch"), head=meta.get("head", "flat")), source / meta["weights"]).to(dev)
-    return net, Normalize(meta["normalize"]["mean"], meta["normalize"]["std"], meta.get("colour_norm")).to(dev)
+def _load(meta: ModelMeta, dev) -> tuple[torch.nn.Module, Normalize]:
+    net = load_weights(build_model(str(meta.arch), norm=meta.norm, head=meta.head or "flat"), meta.weights_path).to(dev)
+    norm = meta.normalize or {}
+    return net, Normalize(norm["mean"], norm["std"], meta.colour_norm).to(dev)
 
 
 @dataclass(frozen=True)
@@ -214,31 +215,31 @@ class _Source:
     """The source model folder, read once: its path, meta and config, and the device asked for."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: ModelMeta
     config: dict[str, Any]
     device: str         # as asked ("cpu", "auto", ...): the adapted classifier's device
     dev: torch.device   # resolved: where the network trains
 
     @property
     def size(self) -> int:
-        return int(self.meta["input_size"])
+        return int(self.meta.input_size)  # type: ignore[arg-type]
 
     @property
     def tta(self) -> int:
-        return int(self.meta.get("tta", 1))
+        return self.meta.tta
 
     @property
     def temperature(self) -> float:
-        return float(self.meta.get("temperature", 1.0))
+        return self.meta.temperature
 
 
 def _open_source(source: Path, device: str) -> _Source:
     """Read and check the classifier model folder ``source``; resolve ``device``."""
-    meta, config = load_meta(source), load_model_config(source)
-    if meta.get("stage") != "classify":
-        raise SmearError(f"{source}: not a classifier model folder (stage {meta.get('stage')!r})")
-    if tuple(meta["classes"]) != FINE_CLASSES:
-        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta['classes'])})")
+    meta, config = ModelMeta.of(load_meta(source), source), load_model_config(source)
+    if meta.stage != "classify":
+        raise SmearError(f"{source}: not a classifier model folder (stage {meta.raw.get('stage')!r})")
+    if meta.classes != FINE_CLASSES:
+        raise SmearError(f"{source}: its classes are not smear's 11 ({', '.join(meta.classes)})")
     return _Source(source, meta, config, device, resolve_device(device))
 
 
@@ -347,9 +348,9 @@ class _Guard:
 
 def _guard(fit: _Fitted, src: _Source, recipe: Recipe, source_cells: Cells | None,
            log: Callable[[str], None]) -> _Guard:
-    has_novelty = bool(src.meta.get("novelty"))
+    has_novelty = bool(src.meta.novelty)
     keep_novelty = recipe.train_blocks == 0 and has_novelty
-    novelty, stats = (dict(src.meta["novelty"]), None) if keep_novelty else (None, None)
+    novelty, stats = (dict(src.meta.novelty or {}), None) if keep_novelty else (None, None)
     if has_novelty and not keep_novelty and source_cells is not None:
         novelty, stats = refit_novelty(fit.net, src.meta, source_cells, fit.train, fit.held, recipe, src.dev, log)
     if keep_novelty:
@@ -371,10 +372,10 @@ def _adapted_meta(src: _Source, cells: Cells, recipe: Recipe, fit: _Fitted, guar
     # features are the source's, i.e. when only the classifier layer trained; else they are not carried
     dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if guard.keep
                                                                                        else GUARD_META)
-    return ModelMeta.of(meta).updated(
+    return meta.updated(
         drop=dropped, weights=WEIGHTS, trained=date.today().isoformat(), temperature=round(fit.temperature, 6),
         adapted_from={"model": source_name(src.path), "weights_sha256": model_version(src.path),
-                      "trained": meta.get("trained"), "temperature": src.temperature},
+                      "trained": meta.trained, "temperature": src.temperature},
         adaptation={
             "cells": len(cells), "n_train": len(cells) if recipe.refit_all else len(train),
             "n_heldout": len(held),
@@ -399,7 +400,7 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     src = _open_source(Path(source), device)
     set_threads()
     torch.manual_seed(recipe.seed)
-    net, norm = _load(src.path, src.meta, src.dev)
+    net, norm = _load(src.meta, src.dev)
     fit = _fit(net, norm, cells, recipe, src, log)
     guard = _guard(fit, src, recipe, source_cells, log)
     new_meta = _adapted_meta(src, cells, recipe, fit, guard, t0)
@@ -413,7 +414,7 @@ def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), devic
     if not guard.keep and others:
         log(f"not carried (fitted on the source's features, which the trained layers changed): "
             f"{', '.join(p.name for p in others)}")
-    return Adapted(clf, new_meta, new_config, src.path / src.meta["novelty"]["file"] if guard.keep else None,
+    return Adapted(clf, new_meta, new_config, src.path / (src.meta.novelty or {})["file"] if guard.keep else None,
                    guard.stats, others if guard.keep else ())
 
 
@@ -423,16 +424,16 @@ GUARD_META = ("guard",)
 MODEL_FILES = frozenset({WEIGHTS, META, CONFIG, CARD, "model.onnx"})
 
 
-def guard_files(source: Path, meta: dict[str, Any]) -> tuple[Path, ...]:
+def guard_files(source: Path, meta: ModelMeta) -> tuple[Path, ...]:
     """The source folder's guard files other than the novelty statistics (e.g. the slide guard's
     ``guard.safetensors``): every regular file that is not the weights, meta, config, card or ONNX graph."""
-    skip = MODEL_FILES | {meta.get("weights", WEIGHTS), (meta.get("novelty") or {}).get("file", "")}
+    skip = MODEL_FILES | {meta.weights or WEIGHTS, (meta.novelty or {}).get("file", "")}
     return tuple(sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink() and p.name not in skip
                         and not p.name.startswith(".")))
 
 
 @torch.no_grad()
-def refit_novelty(net: torch.nn.Module, meta: dict[str, Any], source_cells: Cells, train: Cells, held: Cells,
+def refit_novelty(net: torch.nn.Module, meta: ModelMeta, source_cells: Cells, train: Cells, held: Cells,
                   recipe: Recipe, dev, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The novelty score of the adapted network (``smear.classify.novelty``), fitted on the features of
     four fifths of ``source_cells`` and the lab's training cells; its threshold is the source's
@@ -442,12 +443,13 @@ def refit_novelty(net: torch.nn.Module, meta: dict[str, Any], source_cells: Cell
     from smear.nn.augment import eval_batch, to_uint8
     from smear.taxonomy import GROUPS8
 
-    quantile = float(meta["novelty"].get("quantile", 0.97))
+    novelty = dict(meta.novelty or {})
+    quantile = float(novelty.get("quantile", 0.97))
     src_fit, src_val = heldout_split(source_cells.strata, 0.2, recipe.seed, source_cells.groups)
     fit_cells = [source_cells.subset(src_fit), train]
     val_cells = [source_cells.subset(src_val), held]
-    clf = CnnClassifier(nov.WithFeatures(net).eval(), {**meta, "novelty": {}}, device=str(dev), batch=recipe.batch)
-    size = int(meta["input_size"])
+    clf = CnnClassifier(nov.WithFeatures(net).eval(), replace(meta, novelty=None), device=str(dev), batch=recipe.batch)
+    size = int(meta.input_size)  # type: ignore[arg-type]
 
     def features(part: Cells) -> tuple[torch.Tensor, torch.Tensor]:
         centre = to_uint8(eval_batch(torch.from_numpy(part.crops), size))
@@ -469,7 +471,7 @@ def refit_novelty(net: torch.nn.Module, meta: dict[str, Any], source_cells: Cell
     n_src, n_lab = len(src_fit), len(train)
     log(f"novelty refitted on {n_src} source and {n_lab} lab cells: threshold {threshold:.3f} "
         f"(quantile {quantile} of {len(val_d)} held-out cells)")
-    return {"method": meta["novelty"].get("method", "mahalanobis, shared covariance, pre-logit features "
+    return {"method": novelty.get("method", "mahalanobis, shared covariance, pre-logit features "
                                                     "(smear.classify.novelty)"),
             "threshold": round(threshold, 4), "quantile": quantile, "n_fit": n_src + n_lab, "n_val": len(val_d),
             "fitted_on": f"smear adapt: {n_src} cells of the source's data ({source_cells.origin}) and the lab's "
@@ -513,11 +515,11 @@ def model_card(meta: ModelMeta) -> str:
     bn = "re-estimated on the training cells" if r.get("adabn") else "of the source kept"
     refit = (f" The folder's model was then trained again, on all {a['cells']} cells, with the same recipe and "
              "that temperature." if r.get("refit_all") and a["n_heldout"] else "")
-    return f"""# Leukocyte classifier adapted to a lab ({meta['arch']}, {meta['input_size']} px)
+    return f"""# Leukocyte classifier adapted to a lab ({meta.arch}, {meta.input_size} px)
 
-Adapted by `smear adapt` on {meta['trained']} from the classifier model folder `{src['model']}`
+Adapted by `smear adapt` on {meta.trained} from the classifier model folder `{src['model']}`
 (weights sha256 {src['weights_sha256']}..., trained {src['trained']}). Same 11 classes, crop
-geometry and input normalisation as the source; temperature T = {meta['temperature']:.3f} (the
+geometry and input normalisation as the source; temperature T = {meta.temperature:.3f} (the
 source's {src['temperature']:.3f}), {a['temperature_from']}.
 
 ## Cells used
@@ -711,7 +713,7 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
     else:
         check_enough(cells, limits)
     source_cells = None
-    if meta.get("novelty") and recipe.train_blocks != 0:
+    if meta.novelty and recipe.train_blocks != 0:
         if inputs.source_data:
             source_cells = read_source_cells(inputs.source_data, margin, wide, limits.source_per_class, recipe.seed,
                                              inputs.cache_dir, log)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -51,8 +50,9 @@ def classifier_meta(cfg: ClassifyConfig, folder: Path, data: TrainingData, score
         trained=date.today().isoformat(), arch=m.arch, input_size=int(m.input_size),
         crop_margin=float(m.crop_margin), normalize={"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
         temperature=round(float(scored.temperature), 6), tta=int(m.tta), norm=str(m.norm), colour_norm=colour or None,
+        head=str(m.head) if str(m.head) != "flat" else None,
         extra={
-            "crop": CROP, **({"head": str(m.head)} if str(m.head) != "flat" else {}),
+            "crop": CROP,
             "metrics": {"split": "test", "split_file": "split.json (run folder)",
                         "test": {k: scored.test[k] for k in HEAD} | {"per_class": scored.test["per_class"]},
                         "val": {k: scored.val[k] for k in HEAD}, "calibration": {"split": "val", **scored.calibration}},
@@ -65,7 +65,7 @@ def classifier_meta(cfg: ClassifyConfig, folder: Path, data: TrainingData, score
         })
 
 
-def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
+def model_card(meta: ModelMeta) -> str:
     """The MODEL_CARD.md of a classifier model folder, from its meta."""
     tm, cal = meta["metrics"]["test"], meta["metrics"]["calibration"]
 
@@ -76,20 +76,20 @@ def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:
     sources = meta["data"].get("sources") or [{"name": "data", "root": meta["data"]["root"], "weight": 1.0}]
     trained = ("Fine-tuned from " + meta["fine_tuned_from"] if meta.get("fine_tuned_from") else "Trained from scratch")
     trained += " on " + ", ".join(f"{s_['name']} ({s_['root']}, sampling weight {s_['weight']:g})" for s_ in sources)
-    colour = ", Reinhard colour normalisation to the training reference" if meta.get("colour_norm") else ""
+    colour = ", Reinhard colour normalisation to the training reference" if meta.colour_norm else ""
     head = ("; a lineage-first head (the neutrophil line or each other class first, then the stage within the "
-            "neutrophil line)") if meta.get("head", "flat") == "hierarchical" else ""
+            "neutrophil line)") if meta.head == "hierarchical" else ""
     novelty = ""
-    if meta.get("novelty"):
-        nv = meta["novelty"]
+    if meta.novelty:
+        nv = meta.novelty
         novelty = (f"\nA per-cell novelty score ({nv['method']}) sends cells unlike every training class to "
                    f"UNIDENTIFIED: threshold {nv['threshold']} (validation quantile {nv['quantile']}).")
-    return f"""# Leukocyte classifier ({meta['arch']}, {meta['input_size']} px)
+    return f"""# Leukocyte classifier ({meta.arch}, {meta.input_size} px)
 
-11 fine classes ({', '.join(meta['classes'])}) from single-cell crops: a square of side = the
-WBC box's long side x {meta['crop_margin']}, resized to {meta['input_size']} px. {trained};
-{meta.get('norm', 'batch')} normalisation layers{colour}{head}; temperature-scaled on the validation split
-(T = {meta['temperature']:.3f}); predictions average {meta['tta']} rotation/flip view(s) of each crop.{novelty}
+11 fine classes ({', '.join(meta.classes)}) from single-cell crops: a square of side = the
+WBC box's long side x {meta.crop_margin}, resized to {meta.input_size} px. {trained};
+{meta.norm} normalisation layers{colour}{head}; temperature-scaled on the validation split
+(T = {meta.temperature:.3f}); predictions average {meta.tta} rotation/flip view(s) of each crop.{novelty}
 
 ## Test split of the first source (n = {tm['n']}; data fingerprint {meta['data_fingerprint']})
 accuracy {f(tm['accuracy'])}, macro-F1 {f(tm['macro_f1'])}, Cohen's kappa {f(tm['kappa'])};

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from smear.artifacts import ModelMeta
 
 #: crops an INT8 classifier is calibrated on (spread evenly over the training items), in batches of 32
 CALIBRATION_CROPS = 256
@@ -25,7 +25,7 @@ def training_items(root: str | Path) -> list:
     return stratified_split(items, (0.7, 0.15, 0.15), 0)[0] if pbc else list(items)
 
 
-def calibration_crops(root: str | Path, meta: Mapping[str, Any], n: int = CALIBRATION_CROPS):
+def calibration_crops(root: str | Path, meta: ModelMeta, n: int = CALIBRATION_CROPS):
     """A ``smear.nn.runtime.Calibration`` of ``n`` training crops from ``root``: each cut as the
     pipeline cuts cells (crop margin, input size), normalised, in one of the 8 views the TTA averages."""
     from smear.nn.runtime import Calibration, RuntimeUnavailable
@@ -34,8 +34,8 @@ def calibration_crops(root: str | Path, meta: Mapping[str, Any], n: int = CALIBR
     if not items:
         raise RuntimeUnavailable(f"{root}: no training crops to calibrate the INT8 classifier on")
     picked = [items[round(i)] for i in np.linspace(0, len(items) - 1, min(n, len(items)))]
-    margin, size = float(meta["crop_margin"]), int(meta["input_size"])
-    norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
+    margin, size = float(meta.crop_margin), int(meta.input_size)  # type: ignore[arg-type]
+    norm = meta.normalize or {"mean": [0.0] * 3, "std": [1.0] * 3}
     mean = np.asarray(norm["mean"], np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(norm["std"], np.float32).reshape(1, 3, 1, 1)
 
@@ -44,12 +44,12 @@ def calibration_crops(root: str | Path, meta: Mapping[str, Any], n: int = CALIBR
 
         crops, _, _ = build_crops(picked, margin, size, workers=1)
         x = crops.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-        if meta.get("colour_norm"):  # the per-image colour normalisation runs before mean/std, as at inference
+        if meta.colour_norm:  # the per-image colour normalisation runs before mean/std, as at inference
             import torch
 
             from smear.nn.tensors import Normalize
 
-            x = Normalize(norm["mean"], norm["std"], meta["colour_norm"])(torch.from_numpy(x)).numpy()
+            x = Normalize(norm["mean"], norm["std"], meta.colour_norm)(torch.from_numpy(x)).numpy()
         else:
             x = (x - mean) / std
         views = [np.ascontiguousarray(_view(v, k % 8)) for k, v in enumerate(x)]  # crop i in view i mod 8

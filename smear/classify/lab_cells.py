@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from smear.artifacts import ModelMeta
 from smear.classify.data import label_from_name, load_items
 from smear.crops import cut_crop
 from smear.io import read_image
@@ -72,9 +73,9 @@ class Cells:
         return list(range(len(self))) if self.groups is None else list(self.groups)
 
 
-def wide_geometry(meta: dict[str, Any], config: dict[str, Any]) -> tuple[float, int]:
+def wide_geometry(meta: ModelMeta, config: dict[str, Any]) -> tuple[float, int]:
     """The margin and side of the training crops: the model's crop, ``data.cache_pad`` times wider."""
-    size, margin = int(meta["input_size"]), float(meta["crop_margin"])
+    size, margin = int(meta.input_size), float(meta.crop_margin)  # type: ignore[arg-type]
     wide = round(size * float((config.get("data") or {}).get("cache_pad", 1.25)))
     return margin * wide / size, wide
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from smear.artifacts import load_model
+from smear.artifacts import ModelMeta, load_model
 from smear.errors import ModelError
 from smear.taxonomy import FINE_CLASSES
 from smear.types import ClassScores
@@ -124,26 +124,28 @@ def build_model(arch: str, num_classes: int = len(FINE_CLASSES), drop_rate: floa
 class CnnClassifier:
     """The classify stage: crops -> calibrated probabilities over FINE_CLASSES (``Classifier``)."""
 
-    def __init__(self, model: Any, meta: dict[str, Any], device: str = "auto", batch: int = 64,
+    def __init__(self, model: Any, meta: ModelMeta, device: str = "auto", batch: int = 64,
                  tta: int | None = None):
+        if meta.crop_margin is None or meta.input_size is None:
+            raise ModelError(f"{meta.folder}: the classifier's meta names no crop_margin or input_size")
         self.meta = meta
-        self.classes: tuple[str, ...] = tuple(meta["classes"])
-        self.crop_margin = float(meta["crop_margin"])
-        self.input_size = int(meta["input_size"])
-        self.temperature = float(meta.get("temperature", 1.0))
+        self.classes: tuple[str, ...] = tuple(meta.classes)
+        self.crop_margin = float(meta.crop_margin)
+        self.input_size = int(meta.input_size)
+        self.temperature = float(meta.temperature)
         # views averaged per crop (1-8); the temperature was fitted with the meta's own
-        self.tta = int(meta.get("tta", 1) if tta is None else tta)
+        self.tta = int(meta.tta if tta is None else tta)
         if not 1 <= self.tta <= 8:
             raise ModelError(f"tta {self.tta}: must be 1 to 8")
         # selective TTA: the extra views only for crops whose one-view top probability is under this
         # margin (the unsure ones, where views change answers); None or 0: every crop gets every view
-        self.tta_margin = float(meta.get("tta_margin") or 0.0)
+        self.tta_margin = float(meta.tta_margin)
         self.batch = int(batch)
-        norm = meta.get("normalize", {"mean": [0.0] * 3, "std": [1.0] * 3})
+        norm = meta.normalize or {"mean": [0.0] * 3, "std": [1.0] * 3}
         self.mean = np.asarray(norm["mean"], np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(norm["std"], np.float32).reshape(1, 3, 1, 1)
         # a network run by onnxruntime/OpenVINO without colour normalisation: numpy only, no torch
-        self.numpy_only = hasattr(model, "run") and not meta.get("colour_norm")
+        self.numpy_only = hasattr(model, "run") and not meta.colour_norm
         if self.numpy_only:
             self.device, self.normalize, self.model = None, None, model
         else:
@@ -152,26 +154,24 @@ class CnnClassifier:
             self.device, self.normalize, self.model = place(model, meta, device)
         self.half = self.device is not None and self.device.type == "cuda"  # autocast to fp16 on CUDA
         self.novelty_stats: dict[str, Any] | None = None  # set by from_dir when meta names one
-        self.novelty_threshold = float(meta.get("novelty", {}).get("threshold", 0.0))
+        self.novelty_threshold = float((meta.novelty or {}).get("threshold", 0.0))
         self.guard = None  # the slide guard's statistics (smear.classify.guard.SlideGuard), set by from_dir
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 64,
+    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", batch: int = 64,
                  runtime: str = "torch", tta: int | None = None, calibration: str | Path | None = None
                  ) -> CnnClassifier:
-        """Load a classifier model folder (meta.json + safetensors weights); any ``runtime`` but torch
-        runs the network's ONNX export (onnxruntime or OpenVINO, fp32 or INT8; see smear.nn.runtime);
-        ``calibration``: the PBC folder whose training split calibrates the INT8 runtimes."""
+        """Load a classifier model folder (meta.json + safetensors weights; or its meta, read already);
+        any ``runtime`` but torch runs the network's ONNX export (onnxruntime or OpenVINO, fp32 or INT8;
+        see smear.nn.runtime); ``calibration``: the PBC folder whose training split calibrates the INT8 runtimes."""
         meta = load_model(model_dir, "classify", required=("arch", "input_size", "crop_margin"))
-        model_dir = meta.folder
-
-        novelty = meta.get("novelty")
+        novelty = bool(meta.novelty)
 
         def torch_model():
             from smear.nn.weights import load_weights
 
-            model = build_model(meta["arch"], num_classes=len(meta["classes"]), norm=meta.get("norm", "batch"),
-                                head=meta.get("head", "flat"))
+            model = build_model(str(meta.arch), num_classes=len(meta.classes), norm=meta.norm,
+                                head=meta.head or "flat")
             model = load_weights(model, meta.weights_path)
             if novelty:
                 from smear.classify.novelty import WithFeatures
@@ -187,15 +187,15 @@ class CnnClassifier:
 
             def calib():
                 return calibration_crops(calibration, meta)
-        net = load_network(model_dir, "classify-feat" if novelty else "classify", torch_model, runtime, calib)
+        net = load_network(meta, "classify-feat" if novelty else "classify", torch_model, runtime, calib)
         clf = cls(net, meta, device="cpu" if runtime != "torch" else device, batch=batch, tta=tta)
         if novelty:
             from smear.classify import novelty as nov
 
-            clf.novelty_stats = nov.load(model_dir)
+            clf.novelty_stats = nov.load(meta.folder)
             from smear.classify.guard import SlideGuard
 
-            clf.guard = SlideGuard.from_dir(model_dir, meta)
+            clf.guard = SlideGuard.from_dir(meta.folder, meta)
         return clf
 
     @property

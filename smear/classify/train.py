@@ -275,28 +275,28 @@ def _imagenet_model(m: ClassifyModel, log: Callable[[str], None]
 
 def _init_from(model: torch.nn.Module, m: ClassifyModel) -> tuple[list[float], list[float]]:
     """Load ``model.init`` (a classifier model folder) into ``model``; returns its input normalisation."""
-    from smear.artifacts import load_meta
+    from smear.artifacts import ModelMeta, load_meta
 
     folder = init_folder(m.init)
-    meta = load_meta(folder)
-    if meta.get("stage") != "classify":
+    meta = ModelMeta.of(load_meta(folder), folder)
+    if meta.stage != "classify":
         raise ConfigError(f"model.init {m.init}: not a classifier model folder")
-    head = meta.get("head", "flat")
-    for key, want in (("arch", m.arch), ("norm", str(m.norm)), ("head", str(m.head))):
-        have = meta.get(key, {"norm": "batch", "head": "flat"}.get(key))
+    head = meta.head or "flat"
+    for key, have, want in (("arch", meta.arch, m.arch), ("norm", meta.norm, str(m.norm)), ("head", head, str(m.head))):
         if have != want and not (key == "head" and (have, want) == ("flat", "hierarchical")):
             raise ConfigError(f"model.init {m.init}: its {key} is {have!r}, the config's {want!r}",
                               hint=f"set model.{key} to match, or train from scratch")
-    if meta.get("input_size") != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
-        _log.info(f"init: {m.init} was trained at {meta.get('input_size')} px, this run trains at {m.input_size} px")
+    if meta.input_size != int(m.input_size):  # a pooled CNN: fine-tuning at another size is FixRes
+        _log.info(f"init: {m.init} was trained at {meta.input_size} px, this run trains at {m.input_size} px")
     if head == str(m.head):
-        load_weights(model, folder / meta["weights"])
+        load_weights(model, meta.weights_path)
     else:
         from safetensors.torch import load_file
 
-        model.load_state_dict(flat_to_hierarchical(load_file(str(folder / meta["weights"])), model), strict=True)
+        model.load_state_dict(flat_to_hierarchical(load_file(str(meta.weights_path)), model), strict=True)
         _log.info(f"init: the hierarchical head starts from {m.init}'s flat head")
-    return list(meta["normalize"]["mean"]), list(meta["normalize"]["std"])
+    norm = meta.normalize or {}
+    return list(norm["mean"]), list(norm["std"])
 
 
 def flat_to_hierarchical(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,26 +8,25 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from smear.artifacts import load_meta, load_model
+from smear.artifacts import ModelMeta, load_model
 from smear.detect.settings import YoloSettings
 from smear.taxonomy import CellKind
 from smear.types import Detection
 
 
-def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
-    """The folder's ``model.onnx``, or one exported from its weights into the cache on first use."""
-    from smear.artifacts import files_version
+def onnx_weights(model: str | Path | ModelMeta, imgsz: int, batch: int) -> Path:
+    """The folder's ``model.onnx``, or one exported from its weights into the cache on first use
+    (``model``: the folder, or its meta read already)."""
     from smear.detect.network import export_onnx
     from smear.nn.onnx import ONNX_NAME, cached_onnx, check_onnx, onnx_cache_dir
 
-    own = Path(model_dir) / ONNX_NAME
+    meta = load_model(model, "detect")  # a meta read already is not read again
+    own = meta.folder / ONNX_NAME
     if own.is_file():
         return check_onnx(own)  # one that does not load: torch, with a warning (not a traceback mid-run)
     # the export's input shape is fixed: a new imgsz or batch (meta or --set) needs its own file
-    meta = load_meta(model_dir)
-    weights = Path(model_dir) / meta["weights"]
-    return cached_onnx(onnx_cache_dir() / f"detect-{files_version(model_dir)}-{imgsz}px-b{batch}.onnx",
-                       lambda path: export_onnx(weights, path, imgsz, batch, classes=meta["classes"]))
+    return cached_onnx(onnx_cache_dir() / f"detect-{meta.files}-{imgsz}px-b{batch}.onnx",
+                       lambda path: export_onnx(meta.weights_path, path, imgsz, batch, classes=list(meta.classes)))
 
 
 class YoloDetector:
@@ -56,21 +55,20 @@ class YoloDetector:
         self.field_scale, self.tile_above, self.tile_overlap = s.field_scale, s.tile_above, s.tile_overlap
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
+    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", runtime: str = "torch",
                  calibration: Sequence[Path] | None = None, **overrides: Any):
-        """Load a detector model folder (weights + meta.json with classes and thresholds). Any
-        ``runtime`` but torch runs its ONNX export without torch or ultralytics (``NetYoloDetector``,
-        same pre/post-processing), converted or quantised as the runtime asks; ``calibration``: the
-        training fields the INT8 runtimes are calibrated on (without them they run in fp32)."""
+        """Load a detector model folder (weights + meta.json with classes and thresholds; or its meta,
+        read already). Any ``runtime`` but torch runs its ONNX export without torch or ultralytics
+        (``NetYoloDetector``, same pre/post-processing), converted or quantised as the runtime asks;
+        ``calibration``: the training fields the INT8 runtimes are calibrated on (without them they run in fp32)."""
         meta = load_model(model_dir, "detect")
-        model_dir = meta.folder
-        infer = dict(meta.get("infer", {})) | overrides
+        infer = dict(meta.infer) | overrides
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
         settings = YoloSettings.of(infer)
         if runtime != "torch":
-            return net_detector(model_dir, meta, settings, runtime, calibration)
-        return cls(meta.weights_path, settings, names=meta["classes"], device=device)
+            return net_detector(meta, settings, runtime, calibration)
+        return cls(meta.weights_path, settings, names=meta.classes, device=device)
 
     def tiled(self):
         """This detector behind the tiler its meta asks for: fields over ``tile_above`` x the
@@ -126,16 +124,15 @@ class YoloDetector:
 CALIBRATION_FIELDS = 96
 
 
-def net_detector(model_dir: str | Path, meta: Any, settings: YoloSettings, runtime: str,
-                 calibration: Sequence[Path] | None = None):
-    """A ``NetYoloDetector`` on the folder's ONNX (exported on first use), for ``runtime``."""
-    from smear.artifacts import files_version
+def net_detector(meta: ModelMeta, settings: YoloSettings, runtime: str, calibration: Sequence[Path] | None = None):
+    """A ``NetYoloDetector`` on the ONNX of the folder whose meta (read already) is ``meta``
+    (exported on first use), for ``runtime``."""
     from smear.detect.onnx_yolo import NetYoloDetector, head_nodes
     from smear.nn.runtime import INT8_RUNTIMES, Calibration, open_net, runtime_model
 
     imgsz, batch = settings.imgsz, settings.batch
-    fp32 = onnx_weights(model_dir, imgsz, batch)
-    det = NetYoloDetector(None, meta["classes"], settings)
+    fp32 = onnx_weights(meta, imgsz, batch)
+    det = NetYoloDetector(None, meta.classes, settings)
     if runtime in INT8_RUNTIMES and not calibration:
         runtime = runtime.removesuffix("-int8")  # no training fields to calibrate on: fp32 (the caller warns)
     calib = None
@@ -150,7 +147,7 @@ def net_detector(model_dir: str | Path, meta: Any, settings: YoloSettings, runti
 
         names = tuple(f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in picked)
         calib = lambda: Calibration(names, batches)  # noqa: E731
-    path = runtime_model(fp32, runtime, f"detect-{files_version(model_dir)}-{imgsz}px", calib, exclude_onnx=head_nodes,
+    path = runtime_model(fp32, runtime, f"detect-{meta.files}-{imgsz}px", calib, exclude_onnx=head_nodes,
                          ignored_openvino=OPENVINO_HEAD)
     det.net, det.path = open_net(path, runtime), path
     return det

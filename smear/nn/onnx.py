@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from smear.artifacts import ONNX_FILE, cache_dir, files_version, load_meta
+from smear.artifacts import ONNX_FILE, ModelMeta, cache_dir
 from smear.devices import default_threads
 from smear.io import atomic_path
 from smear.nn.runtime import check_runtime
@@ -117,34 +117,40 @@ class OnnxNet:
         return self
 
 
-def onnx_for(model_dir: str | Path, stage: str, build_torch) -> Path:
-    """The ONNX file of a model folder: its own ``model.onnx``, or one exported into the cache from
-    ``build_torch()`` (a loaded torch network) on first use."""
-    model_dir = Path(model_dir)
-    own = model_dir / ONNX_NAME
+def _files(meta: ModelMeta) -> str:
+    """``meta.files``, the id of the folder's runtime files that keys the ONNX cache (a meta read by
+    ``load_model``: the folder is not read again here)."""
+    if not meta.files:
+        raise ValueError(f"{meta.folder}: a meta without its files' hashes (read it with smear.artifacts.load_model)")
+    return meta.files
+
+
+def onnx_for(meta: ModelMeta, stage: str, build_torch) -> Path:
+    """The ONNX file of a model folder (``meta``: its meta, read already): its own ``model.onnx``, or
+    one exported into the cache from ``build_torch()`` (a loaded torch network) on first use."""
+    own = meta.folder / ONNX_NAME
     if own.is_file():
         return own
-    meta = load_meta(model_dir)
     # keyed by the weights and meta.json: a new input size or class count is a new export, not a stale graph
-    return cached_onnx(onnx_cache_dir() / f"{stage}-{files_version(model_dir)}.onnx",
-                       lambda path: export_module(build_torch(), path, int(meta["input_size"])))
+    return cached_onnx(onnx_cache_dir() / f"{stage}-{_files(meta)}.onnx",
+                       lambda path: export_module(build_torch(), path, int(meta.input_size)))
 
 
-def load_network(model_dir: str | Path, stage: str, build_torch, runtime: str = "torch", calibration=None):
-    """The stage's network: ``build_torch()`` (torch weights loaded), or for any other runtime an
-    ``OnnxNet`` on the folder's ONNX file (exported from ``build_torch()`` on first use), converted or
-    quantised as ``runtime`` asks (``smear.nn.runtime``; ``calibration``: the INT8 runtimes' samples,
-    without which they run the same runtime in fp32)."""
+def load_network(meta: ModelMeta, stage: str, build_torch, runtime: str = "torch", calibration=None):
+    """The stage's network (``meta``: its model folder's meta, read already): ``build_torch()`` (torch
+    weights loaded), or for any other runtime an ``OnnxNet`` on the folder's ONNX file (exported from
+    ``build_torch()`` on first use), converted or quantised as ``runtime`` asks (``smear.nn.runtime``;
+    ``calibration``: the INT8 runtimes' samples, without which they run the same runtime in fp32)."""
     from smear.nn.runtime import INT8_RUNTIMES, runtime_model
 
     if check_runtime(runtime) == "torch":
         return build_torch()
     if runtime in INT8_RUNTIMES and calibration is None:
         runtime = runtime.removesuffix("-int8")
-    fp32 = onnx_for(model_dir, stage, build_torch)
+    fp32 = onnx_for(meta, stage, build_torch)
     # the head after the global pool (features and logits, read by the novelty score and the
     # calibrated probabilities) stays fp32: quantised with the body, every cell was scored novel
-    key = f"{stage}-{files_version(model_dir)}" + ("-head32" if runtime == "onnx-int8" else "")
+    key = f"{stage}-{_files(meta)}" + ("-head32" if runtime == "onnx-int8" else "")
     path = runtime_model(fp32, runtime, key, calibration, exclude_onnx=after_last_pool)
     return OnnxNet(path, runtime=runtime)
 

@@ -167,23 +167,34 @@ def result_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {_SETTING_NAMES.get(k, k): dumped[k] for k in RESULT_SETTINGS}
 
 
+#: (config key, stage name, the model folder's stage) of each model a pipeline may run
+_MODELS = (("detector_model", "detector", "detect"), ("classifier_model", "classifier", "classify"),
+           ("segmenter_model", "segmenter", "segment"))
+
+
+def _names_in_use(cfg: PipelineConfig) -> list[str]:
+    """The stage names whose model folders the config runs (detector, classifier, segmenter)."""
+    on = {"detector": cfg.detector == "yolo", "classifier": cfg.classifier != "off", "segmenter": cfg.segmenter == "unet"}
+    return [name for _key, name, _stage in _MODELS if on[name]]
+
+
 def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
     """(config key, stage name, model folder) of each model folder the config runs."""
-    out = []
-    for key, name, on in (("detector_model", "detector", cfg.detector == "yolo"),
-                          ("classifier_model", "classifier", cfg.classifier != "off"),
-                          ("segmenter_model", "segmenter", cfg.segmenter == "unet")):
-        if on:
-            out.append((key, name, resolve_model_dir(getattr(cfg, key), name)))
-    return out
-
-
-_STAGE_OF = {"detector": "detect", "classifier": "classify", "segmenter": "segment"}
+    names = _names_in_use(cfg)
+    return [(key, name, resolve_model_dir(getattr(cfg, key), name)) for key, name, _stage in _MODELS if name in names]
 
 
 def model_metas(cfg: PipelineConfig) -> Metas:
     """The typed meta of each model folder the config runs, each read and hashed once."""
-    return {name: load_model(model_dir, _STAGE_OF[name]) for _key, name, model_dir in models_in_use(cfg)}
+    stage_of = {name: stage for _key, name, stage in _MODELS}
+    return {name: load_model(model_dir, stage_of[name]) for _key, name, model_dir in models_in_use(cfg)}
+
+
+def _in_use(cfg: PipelineConfig, metas: Metas) -> list[tuple[str, ModelMeta]]:
+    """(config key, meta) of each model folder the config runs, from the metas read already (no
+    folder is resolved or read again)."""
+    names = _names_in_use(cfg)
+    return [(key, metas[name]) for key, name, _stage in _MODELS if name in names]
 
 
 def stages_version(cfg: PipelineConfig, metas: Metas | None = None) -> str:
@@ -195,8 +206,8 @@ def stages_version(cfg: PipelineConfig, metas: Metas | None = None) -> str:
     metas = model_metas(cfg) if metas is None else metas
     parts: dict[str, Any] = result_settings(cfg)
     parts["smear"] = __version__
-    for key, name, _model_dir in models_in_use(cfg):
-        parts[key] = metas[name].files  # every file that runs (weights, ONNX, network YAML, statistics)
+    for key, meta in _in_use(cfg, metas):
+        parts[key] = meta.files  # every file that runs (weights, ONNX, network YAML, statistics)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -205,11 +216,9 @@ def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> 
     hash, model.onnx hash where it has one, and the hash of all its files that run), the settings
     that change results and the run id (the page adds smear's version and the date)."""
     metas = model_metas(cfg) if metas is None else metas
-    models = []
-    for _key, name, model_dir in models_in_use(cfg):
-        meta = metas[name]
-        models.append({"stage": name, "folder": str(model_dir), "name": Path(model_dir).name,
-                       "version": meta.version, "meta": meta.meta_hash, "onnx": meta.onnx_hash, "files": meta.files})
+    names = {key: name for key, name, _stage in _MODELS}
+    models = [{"stage": names[key], "folder": str(meta.folder), "name": meta.folder.name, "version": meta.version,
+               "meta": meta.meta_hash, "onnx": meta.onnx_hash, "files": meta.files} for key, meta in _in_use(cfg, metas)]
     settings = result_settings(cfg)
     settings.update({f"report.{k}": v for k, v in cfg.report.model_dump(exclude={"gallery_per_class"}).items()})
     return {"run_id": run_id, "models": models, "settings": settings}

@@ -20,7 +20,7 @@ from smear.errors import SmearError
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
     VIEW_CROP_PX, VIEW_FIELD_PX, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
-    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
+    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideEvidence, SlideReport, Tally,
 )
 
 
@@ -43,9 +43,9 @@ class Stages:
     keep_views: bool = False
 
     @property
-    def guard(self) -> Any:
+    def guard(self) -> SlideEvidence | None:
         """The slide guard's statistics of the classifier (None when it has none)."""
-        return getattr(self.classifier, "guard", None)  # CnnClassifier's, from its model folder
+        return None if self.classifier is None else self.classifier.guard
 
     @property
     def view_geometry(self) -> tuple[float, int] | None:

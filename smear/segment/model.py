@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from smear.artifacts import load_model
+from smear.artifacts import ModelMeta, load_model
 from smear.nn.onnx import load_network
 from smear.nn.tensors import crops_to_tensor, place
 from smear.nn.weights import load_weights
@@ -40,26 +39,26 @@ class UnetSegmenter:
     Crops of any size are resized to the model's input (``input_size``, a multiple of 32) and the
     class probabilities are resized back before the arg-max, so masks follow the crop's pixels."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str = "auto", batch: int = 32):
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: str = "auto", batch: int = 32):
+        if meta.crop_margin is None or meta.input_size is None:
+            raise ModelError(f"{meta.folder}: the segmenter's meta names no crop_margin or input_size")
         self.meta = meta
-        self.crop_margin = float(meta["crop_margin"])
-        self.input_size = int(meta["input_size"])
+        self.crop_margin = float(meta.crop_margin)
+        self.input_size = int(meta.input_size)
         self.batch = int(batch)
         self.device, self.normalize, self.model = place(model, meta, device)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch: int = 32,
+    def from_dir(cls, model_dir: str | Path | ModelMeta, device: str = "auto", batch: int = 32,
                  runtime: str = "torch") -> UnetSegmenter:
-        """Load a segmenter model folder; ``runtime='onnx'`` runs it with onnxruntime."""
+        """Load a segmenter model folder (or its meta, read already); ``runtime='onnx'`` runs it with onnxruntime."""
         meta = load_model(model_dir, "segment", required=("encoder", "input_size", "crop_margin"))
-        model_dir = meta.folder
 
         def torch_model() -> torch.nn.Module:
-            model = build_unet(meta["encoder"], meta.get("decoder_channels", (128, 64, 32, 16, 16)),
-                               meta.get("arch", "Unet"))
+            model = build_unet(str(meta.encoder), meta.decoder_channels, meta.arch or "Unet")
             return load_weights(model, meta.weights_path)
 
-        net = load_network(model_dir, "segment", torch_model, runtime)
+        net = load_network(meta, "segment", torch_model, runtime)
         return cls(net, meta, device="cpu" if runtime != "torch" else device, batch=batch)
 
     @torch.no_grad()
