@@ -57,20 +57,36 @@ def test_load_model_gives_a_frozen_meta_and_names_a_wrong_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_build_reads_and_hashes_each_model_folder_once(monkeypatch):
-    """build_stages reads each meta.json once and hashes each file that runs once."""
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_a_build_reads_and_hashes_each_model_folder_once(runtime, monkeypatch):
+    """build_stages opens each meta.json once and hashes each file that runs once, under torch and
+    under ONNX (whose cache keys come from the meta read, not from the folder read again), and
+    resolves each model folder once."""
+    import io
+    from collections import Counter
+    from pathlib import Path
+
     from smear import artifacts
     from smear.config import load_config
-    from smear.pipeline.build import build_stages
+    from smear.pipeline import build
 
-    reads, hashes = [], []
-    real_read, real_hash = artifacts.load_meta, artifacts.file_sha256
-    monkeypatch.setattr(artifacts, "load_meta", lambda d: reads.append(str(d)) or real_read(d))
-    monkeypatch.setattr(artifacts, "file_sha256", lambda p: hashes.append(str(p)) or real_hash(p))
-    stages = build_stages(load_config("pipeline", None, ["runtime=torch", "device=cpu", "segmenter=unet"]))
+    opens, hashes, resolved = Counter(), Counter(), []
+    real_open, real_hash, real_resolve = io.open, artifacts.file_sha256, build.resolve_model_dir
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith("meta.json"):
+            opens[Path(file).parent.name] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib opens through io.open
+    monkeypatch.setattr(artifacts, "file_sha256", lambda p: hashes.update([str(p)]) or real_hash(p))
+    monkeypatch.setattr(build, "resolve_model_dir", lambda *a: resolved.append(a) or real_resolve(*a))
+    stages = build.build_stages(load_config("pipeline", None, [f"runtime={runtime}", "device=cpu", "segmenter=unet"]))
     assert stages.classifier is not None and stages.segmenter is not None
-    assert len(reads) == len(set(reads)) == 3  # one meta.json read per folder
-    assert len(hashes) == len(set(hashes)) >= 6  # no file hashed twice (weights and meta.json of each at least)
+    assert opens == {"detector": 1, "classifier": 1, "segmenter": 1}  # one meta.json read per folder
+    assert set(hashes.values()) == {1} and len(hashes) >= 3  # no file hashed twice (the weights of each at least)
+    assert {Path(p).parent.name for p in hashes} == {"detector", "classifier", "segmenter"}
+    assert len(resolved) == 3
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in shipped_dir("").iterdir() if (p / "meta.json").is_file()))
