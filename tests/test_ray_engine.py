@@ -202,3 +202,59 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
     assert ran < info.tiles_read + info.skipped["not_reached"]  # not the whole path
     assert same(resumed) == same(local)
     assert resumed.whole_slide.tiles_from_cache == run_here > 0  # per tile, written by the workers
+
+
+class _WorkerInThisProcess:
+    """Stands in for RayEngine in ``run_job(..., ray=...)`` (no Ray): keeps what the driver hands it and
+    runs the fields on the stages a worker builds (here SynthStages', not the config's models)."""
+
+    made: list[_WorkerInThisProcess] = []
+
+    def __init__(self, build, field_batch: int = 8, cache=None, classified: bool = True, guard=None, **_options):
+        self.build, self.classified, self.guard = build, classified, guard
+        self.stages = SynthStages()()
+        self.crop_geometry = self.stages.crop_geometry
+        type(self).made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        return None
+
+    def results(self, slides, max_pixels, resume):
+        from smear.pipeline.run import iter_field_results
+
+        for s in slides:
+            yield from iter_field_results(s, self.stages, max_pixels, None, resume)
+
+
+def test_with_the_ray_engine_the_driver_builds_no_stage(tmp_path, monkeypatch):
+    """run_job with ``ray``: the driver reads the model folders' metas (the version, the audit, the slide
+    guard's statistics) but builds no stage and loads no network; the workers build from the config."""
+    import smear.nn.onnx
+    import smear.pipeline.ray_engine as ray_engine
+    from smear.classify.model import CnnClassifier
+    from smear.config import load_config
+    from smear.detect.yolo import YoloDetector
+    from smear.pipeline import build
+    from smear.pipeline.job import RayOptions, run_job
+    from smear.segment.model import UnetSegmenter
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the driver built a stage")
+
+    monkeypatch.setattr(build, "build_stages", refuse)
+    for stage in (YoloDetector, CnnClassifier, UnetSegmenter):
+        monkeypatch.setattr(stage, "from_dir", classmethod(refuse))
+    monkeypatch.setattr(smear.nn.onnx, "load_network", refuse)
+    monkeypatch.setattr(ray_engine, "RayEngine", _WorkerInThisProcess)
+    _WorkerInThisProcess.made = []
+    (folder,) = _slides(tmp_path, {"s": 2})
+    cfg = load_config("pipeline", None, ["segmenter=unet", "cache_dir=off", "runtime=onnx"])
+    result = run_job(find_slides([folder]), cfg, ray=RayOptions(workers=1))
+    (engine,) = _WorkerInThisProcess.made
+    assert isinstance(engine.build, ray_engine.BuildFromConfig) and engine.build.cfg == cfg  # the workers build
+    assert engine.classified and engine.guard is not None  # the shipped classifier's slide guard, read here
+    assert result.reports[0].n_fields == 2 and result.geometry is not None
+    assert [m["stage"] for m in result.audit["models"]] == ["detector", "classifier", "segmenter"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,7 +111,7 @@ class SlideGuard:
         self.min_cells = int(meta.get("min_cells", 20))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, meta: dict[str, Any] | None = None) -> SlideGuard | None:
+    def from_dir(cls, model_dir: str | Path, meta: Mapping[str, Any] | None = None) -> SlideGuard | None:
         """The guard of a classifier model folder, or None when it has none."""
         model_dir = Path(model_dir)
         if meta is None:

@@ -179,13 +179,13 @@ def convert_folder(folder: str | Path) -> Path:
     from smear.artifacts import META, ModelMeta, add_head_hash, save_model_dir
 
     folder = Path(folder)
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    if meta.get("stage") != "detect":
+    meta = ModelMeta.of(json.loads((folder / META).read_text(encoding="utf-8")), folder)
+    if meta.stage != "detect":
         raise ModelError(f"{folder}: not a detector model folder")
-    pt = folder / meta["weights"]
+    pt = meta.weights_path
     if pt.suffix == ".pt":
         save_network(read_pt(pt), folder)
-        save_model_dir(ModelMeta.of(meta, folder).updated(weights=WEIGHTS, network=NETWORK))  # with its head hash
+        save_model_dir(meta.updated(weights=WEIGHTS, network=NETWORK))  # with its head hash
         pt.unlink()
     else:
         add_head_hash(folder)
