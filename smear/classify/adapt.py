@@ -330,7 +330,7 @@ def _fit(net: torch.nn.Module, norm: Normalize, cells: Cells, recipe: Recipe, sr
     figures = {"before": _scores(torch.softmax(before / t_source, 1).numpy(), labels),
                "after": _scores(torch.softmax(after / temperature, 1).numpy(), labels)}
     if recipe.refit_all and len(held):  # the figures stand; the folder's model learns from every cell
-        net, _ = _load(src.path, src.meta, src.dev)
+        net, _ = _load(src.meta, src.dev)
         torch.manual_seed(recipe.seed)
         _train(net, norm, cells, recipe, src, log)
     return _Fitted(net, train, held, figures, temperature, calibrated)
