@@ -261,7 +261,7 @@ class _LocalTileEngine:
     def __exit__(self, *_exc):
         return None
 
-    def tiles(self, job, tiles, resume):
+    def tiles(self, job, tiles, resume, target_wbc=None):
         from smear.pipeline.wsi_tiles import tile_outcomes
 
         with WholeSlide(job.path) as s:
@@ -320,3 +320,28 @@ def test_a_folder_of_slide_files_and_fields(tmp_path):
     assert whole.paths == [a] and rest == [scans]
     [fields] = find_slides(rest)
     assert [p.name for p in fields.fields] == ["field.png"]  # the pyramid is not read as a field
+
+
+def test_tile_budget_keeps_in_flight_what_the_missing_white_cells_need():
+    from smear.pipeline.wsi_tiles import TileBudget, TileOutcome
+    from smear.types import Detection, FieldResult
+
+    def tile(n_wbc: int) -> TileOutcome:
+        dets = tuple(Detection((4.0 * k, 0.0, 4.0 * k + 3, 3.0), CellKind.WBC) for k in range(n_wbc))
+        return TileOutcome(None, FieldResult("s", "t", 64, 64, dets))
+
+    budget = TileBudget(target_wbc=100, classified=False, most=8, start=4, prior_wbc=0.5)
+    assert budget.window() == 4  # before the first results: one call a worker, the target far at the prior
+    for _ in range(4):
+        budget.took(tile(10))
+    assert budget.window() == 6  # 60 missing at 10 a tile
+    budget.took(tile(0))
+    budget.took(TileOutcome(None, None))  # blurred when read: a tile without cells
+    assert budget.wbc == 40 and budget.window() == 8  # 60 missing at 40 / 6 a tile: 9, at most 8
+    for _ in range(5):
+        budget.took(tile(11))
+    assert budget.window() == 1  # 5 missing at 95 / 11 a tile
+    assert TileBudget(5, False, 8, 4, prior_wbc=2.0).window() == 3  # a near target at the prior
+    assert TileBudget(5, False, 8, 4, prior_wbc=0.0).window() == 4  # no prior: the first calls
+    assert TileBudget(None, False, 8, 4, prior_wbc=2.0).window() == 8  # --all
+

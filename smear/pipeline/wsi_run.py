@@ -165,7 +165,7 @@ def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettin
         plan = find_monolayer(slide, geo, settings)
         found = _Found(geo, plan, time.perf_counter() - start)
         job = TileJob(str(path), name, geo, settings.finder.min_focus)
-        outcomes = (engine.tiles(job, plan.path, resume) if engine is not None
+        outcomes = (engine.tiles(job, plan.path, resume, target_wbc=target_wbc) if engine is not None
                     else tile_outcomes(slide, job, plan.path, stages, cache, resume))
         counter = Counter()
         report = gather_report(name, count_until(outcomes, target_wbc, classified, counter), classified=classified,
