@@ -372,7 +372,8 @@ class RunResult:
     version: str
     audit: dict[str, Any]
     geometry: CropGeometry | None = None
-    finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
+    finished: tuple[int, int] | None = None  # (fields and whole-slide tiles whose result was made, all fields of
+    #                                            the field slides and the whole-slide tiles reached)
 
     @property
     def masks(self) -> bool:
