@@ -196,8 +196,8 @@ def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(
     assert same(remote) == same(local)
     assert [f.field for f in seen] == [f.field for f in local.fields]  # in the finder's order
     run_here = info.tiles_read - info.skipped["blurred_on_read"]
-    # at most 2 tiles run past the last one counted (the fixed window of 2 calls of 2 tiles a worker ran 4-7)
-    assert run_here <= ran <= run_here + 2
+    # at most 1 tile run past the last one counted (the fixed window of 2 calls of 2 tiles a worker ran 3-4)
+    assert run_here <= ran <= run_here + 1
     assert ran < info.tiles_read + info.skipped["not_reached"]  # not the whole path
     assert same(resumed) == same(local)
     assert resumed.whole_slide.tiles_from_cache == run_here > 0  # per tile, written by the workers
