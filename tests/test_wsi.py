@@ -350,13 +350,13 @@ def test_tile_budget_keeps_in_flight_what_the_missing_white_cells_need():
 def test_run_job_counts_a_whole_slides_tiles_as_finished(slide):
     from smear.cli.wsi import WholeSlideRun
     from smear.config import load_config
-    from smear.pipeline.job import run_job
+    from smear.pipeline.job import JobOutputs, run_job
 
     cfg = load_config("pipeline", None, [f"wsi.tile_px={BLOCK}", "wsi.margin_px=64", "detector=classical",
                                          "classifier=off", "cache_dir=off"])
     seen = []
     result = run_job([], cfg, whole=WholeSlideRun([slide]).options(cfg, 6, False, None, None),
-                     on_field=lambda _name, item: seen.append(item))
+                     outputs=JobOutputs(on_field=lambda _name, item: seen.append(item)))
     (rep,) = result.reports
     assert rep.whole_slide.tiles_counted == len(seen) > 1
     assert result.finished == (len(seen), len(seen))  # the tiles, as a field slide's fields would be
