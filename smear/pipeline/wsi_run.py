@@ -187,7 +187,7 @@ def _info(slide: WholeSlide, found: _Found, settings: WsiSettings, counter: Coun
     png = cv2.imencode(".png", finder.quality_map(plan, counted)[..., ::-1])[1].tobytes()
     if target is not None:
         write_bytes_atomic(target, png)
-    area = len(counted) * (geo.tile_l0 * geo.mpp) ** 2 / 1e6
+    area = len(counted) * geo.tile_mm2
     hpf_mm2 = math.pi * (settings.hpf_diameter_um / 2000.0) ** 2
     per_hpf = round(counter.platelets / area * hpf_mm2, 2) if area > 0 else None
     known = geo.mpp_source in ("file", "config")
