@@ -207,9 +207,14 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
     cells = list(csv.DictReader((out / "cells.csv").open()))
     wbc = [c for c in cells if c["kind"] == "wbc"]
     assert len(wbc) == 6
+    from smear.wsi.slide import WholeSlide
+
+    ws = WholeSlide(slide)
     for c in cells:
         x, y = (int(v[1:]) for v in c["field"].split("_"))
         assert x <= (float(c["x0_l0"]) + float(c["x1_l0"])) / 2 < x + BLOCK  # the tile owns its cells
+        assert 0 <= float(c["x0_l0"]) <= float(c["x1_l0"]) <= ws.width  # on the slide, margins or not
+        assert 0 <= float(c["y0_l0"]) <= float(c["y1_l0"]) <= ws.height
         assert float(c["x_um"]) == pytest.approx((float(c["x0_l0"]) + float(c["x1_l0"])) / 2 * MPP, abs=0.02)
     res = _run([str(slide), "--report", "json", "--out", str(out / "r.json"), "--all", *TEST_SET], tmp_path)
     assert res.exit_code == 0, res.output
@@ -360,3 +365,13 @@ def test_run_job_counts_a_whole_slides_tiles_as_finished(slide):
     (rep,) = result.reports
     assert rep.whole_slide.tiles_counted == len(seen) > 1
     assert result.finished == (len(seen), len(seen))  # the tiles, as a field slide's fields would be
+
+
+def test_a_box_in_a_tile_margin_past_the_slide_edge_is_clipped_to_the_slide():
+    """A top-left tile's margin reaches past the slide (read as white): its boxes stay on the slide."""
+    from smear.types import SlideRegion
+
+    region = SlideRegion(-40.0, -40.0, 2.0, 0.25, extent=(1000, 800))
+    assert region.level0((10.0, 15.0, 60.0, 70.0)) == (0.0, 0.0, 80.0, 100.0)
+    assert region.level0((500.0, 400.0, 530.0, 430.0)) == (960.0, 760.0, 1000.0, 800.0)
+    assert SlideRegion(-40.0, -40.0, 2.0).level0((10.0, 15.0, 60.0, 70.0)) == (-20.0, -10.0, 80.0, 100.0)

@@ -102,7 +102,7 @@ def geometry(slide: WholeSlide, settings: WsiSettings, warn: Callable[[str], Non
     scale = settings.detector_mpp / mpp
     level = slide.level_for(scale)
     return Geometry(mpp, source, level, scale, max(1, int(round(settings.tile_px * scale))),
-                    max(0, int(round(settings.margin_px * scale))))
+                    max(0, int(round(settings.margin_px * scale))), (slide.width, slide.height))
 
 
 def quality_map_path(folder: Path | None, name: str) -> Path | None:

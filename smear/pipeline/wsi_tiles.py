@@ -34,7 +34,8 @@ from smear.wsi.slide import Level, WholeSlide
 
 @dataclass(frozen=True)
 class Geometry:
-    """How a slide is read: pixel size, level, level-0 px per detector px, tile core and margin."""
+    """How a slide is read: pixel size, level, level-0 px per detector px, tile core and margin, and
+    the slide's level-0 width and height."""
 
     mpp: float
     mpp_source: str
@@ -42,6 +43,7 @@ class Geometry:
     scale: float
     tile_l0: int
     margin_l0: int
+    extent: tuple[int, int]
 
     @property
     def tile_mm2(self) -> float:
@@ -57,7 +59,7 @@ def _sides(geo: Geometry, side_l0: int) -> tuple[int, int]:
 def region_of(geo: Geometry, x0: int, y0: int, side_l0: int) -> SlideRegion:
     """Where ``read_tile`` of this square lies on the slide (without reading it)."""
     side_lv, out = _sides(geo, side_l0)
-    return SlideRegion(float(x0), float(y0), side_lv * geo.level.downsample / out, geo.mpp)
+    return SlideRegion(float(x0), float(y0), side_lv * geo.level.downsample / out, geo.mpp, geo.extent)
 
 
 def read_tile(slide: WholeSlide, geo: Geometry, x0: int, y0: int, side_l0: int) -> tuple[np.ndarray, SlideRegion]:
