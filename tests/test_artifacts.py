@@ -44,6 +44,7 @@ def test_load_model_gives_a_frozen_meta_and_names_a_wrong_stage(tmp_path):
     assert meta.version == file_sha256(meta.weights_path)[:12] and meta.meta_hash == file_sha256(
         meta.folder / "meta.json")[:12]
     assert isinstance(meta.crop_margin, float) and meta.temperature > 0 and meta.normalize["mean"]
+    assert meta.head == "hierarchical" and load_model(shipped_dir("classifier_mobilenet"), "classify").head is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         meta.stage = "detect"  # type: ignore[misc]
     with pytest.raises(ModelError, match="not a detector model folder"):
