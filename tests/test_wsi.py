@@ -251,8 +251,8 @@ class _LocalTileEngine:
     def __init__(self, build, cache=None, classified=True, guard=None, **_options):
         from smear.pipeline.build import build_stages
 
-        self.stages, self.cache, self.classified, self.guard = build_stages(build.cfg), cache, classified, guard
-        self.stages.keep_views = build.keep_views
+        self.stages = build_stages(build.cfg, views=build.keep_views)
+        self.cache, self.classified, self.guard = cache, classified, guard
         self.crop_geometry = self.stages.crop_geometry
 
     def __enter__(self):

@@ -215,8 +215,9 @@ def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> 
     return {"run_id": run_id, "models": models, "settings": settings}
 
 
-def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
-    """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already)."""
+def build_stages(cfg: PipelineConfig, metas: Metas | None = None, *, views: bool = False) -> Stages:
+    """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already).
+    With ``views`` their results keep what the review page shows (``Stages.keep_views``)."""
     from smear.devices import resolve_device
 
     _runtime(cfg)
@@ -239,7 +240,7 @@ def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch,
                   version=stages_version(cfg, metas),
-                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
+                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels), keep_views=views)
 
 
 def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:

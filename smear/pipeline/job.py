@@ -58,8 +58,7 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     cache = build_cache(cfg, version, warn=warn)
     stages, engine = None, contextlib.nullcontext(None)
     if ray is None:
-        stages = build_stages(cfg, metas)
-        stages.keep_views = views
+        stages = build_stages(cfg, metas, views=views)
     else:
         from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
 

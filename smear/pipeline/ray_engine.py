@@ -92,9 +92,7 @@ class BuildFromConfig:
         cfg = self.cfg
         if cfg.device.strip().lower() == "auto" and not ray.get_gpu_ids():
             cfg = cfg.model_copy(update={"device": "cpu"})
-        stages = build_stages(cfg)
-        stages.keep_views = self.keep_views
-        return stages
+        return build_stages(cfg, views=self.keep_views)
 
 
 class FieldWorker:

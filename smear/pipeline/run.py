@@ -24,9 +24,10 @@ from smear.types import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stages:
-    """The stages a run uses; only the detector is required."""
+    """The stages a run uses; only the detector is required. Made whole by their builder
+    (``smear.pipeline.build.build_stages``), never changed after."""
 
     detector: Detector
     classifier: Classifier | None = None
