@@ -19,7 +19,7 @@ from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.errors import SmearError
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
-    VIEW_CROP_PX, VIEW_FIELD_PX, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
+    VIEW_CROP_PX, VIEW_FIELD_PX, VIEW_JPEG_QUALITY, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
     FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
 )
 
@@ -76,25 +76,33 @@ def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[floa
     return [scores.probs_of(i) for i in n], [scores.novelty_of(i) for i in n], [scores.guard_of(i) for i in n]
 
 
+def _jpeg(image_rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", np.ascontiguousarray(image_rgb[..., ::-1]),
+                        [cv2.IMWRITE_JPEG_QUALITY, VIEW_JPEG_QUALITY])[1].tobytes()
+
+
 def field_view(image: np.ndarray) -> FieldView:
-    """What the review page shows of a decoded field: the field at most VIEW_FIELD_PX on its long side,
-    and the sha256 of its pixels."""
+    """What the review page shows of a decoded field: the field at most VIEW_FIELD_PX on its long side
+    (JPEG bytes), and the sha256 of its pixels."""
     digest = hashlib.sha256(image.tobytes()).hexdigest()
     scale = VIEW_FIELD_PX / max(image.shape[:2])
     if scale >= 1:
-        return FieldView(image, 1.0, digest)
-    return FieldView(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale, digest)
+        return FieldView(_jpeg(image), 1.0, digest)
+    return FieldView(_jpeg(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)), scale, digest)
 
 
 def cell_view(image: np.ndarray, box_xyxy: tuple[float, float, float, float], margin: float,
               fill: tuple[int, int, int], mask: np.ndarray | None = None, crop: np.ndarray | None = None) -> CellView:
     """What the review page shows of a cell of ``image``: its crop at ``margin`` (``crop`` when it was cut
-    at VIEW_CROP_PX already) and the segmenter's ``mask`` of it, both VIEW_CROP_PX square."""
+    at VIEW_CROP_PX already) as JPEG bytes and the segmenter's ``mask`` of it as PNG bytes, both
+    VIEW_CROP_PX square."""
     if crop is None or crop.shape[0] != VIEW_CROP_PX:
         crop = cut_crop(image, box_xyxy, margin, VIEW_CROP_PX, fill)
+    png = None
     if mask is not None:
         mask = cv2.resize(mask, (VIEW_CROP_PX, VIEW_CROP_PX), interpolation=cv2.INTER_NEAREST)
-    return CellView(crop, mask)
+        png = cv2.imencode(".png", mask)[1].tobytes()
+    return CellView(_jpeg(crop), png)
 
 
 def with_views(fr: FieldResult, image: np.ndarray, geometry: tuple[float, int] | None,
