@@ -220,7 +220,8 @@ def iter_field_results(
     cache every result is stored as it is made; with ``resume`` cached fields are not run again.
     """
     fields = list(slide.fields)
-    cached = {p: cache.get(p, slide.name) for p in fields} if cache is not None and resume else {}
+    cached = ({p: cache.get(p, slide.name, views=stages.keep_views) for p in fields}
+              if cache is not None and resume else {})
     todo = [p for p in fields if cached.get(p) is None]
     budget = stages.pixel_budget or pixel_budget("auto", max_pixels)
     sized = _batches(todo, stages.field_batch, budget)
@@ -245,30 +246,33 @@ def iter_field_results(
             all_cells = classify_cells([img for _, img in good], all_dets, stages)
             for (path, img), dets, cells in zip(good, all_dets, all_cells):
                 done[path] = FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets),
-                                         cells, str(path))
+                                         cells, str(path), view=field_view(img) if stages.keep_views else None)
                 if cache is not None:
-                    cache.put(path, done[path])
-                if stages.keep_views:
-                    done[path] = dataclasses.replace(done[path], view=field_view(img))
+                    cache.put(path, done[path])  # with its views beside it, when kept
             loaded = good = img = None  # this run's pixels go before the next run is decoded ahead
             while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
-                yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
+                yield _viewed(done.pop(fields[emitted]), stages, max_pixels, cache)
                 emitted += 1
     while emitted < len(fields):
-        yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
+        yield _viewed(done.pop(fields[emitted]), stages, max_pixels, cache)
         emitted += 1
 
 
-def _viewed(item: FieldResult | SkippedField, stages: Stages, max_pixels: int) -> FieldResult | SkippedField:
-    """A result from the cache with its views, when the stages keep them: its field is read again (a
-    field that cannot be read now is still counted, its view empty)."""
+def _viewed(item: FieldResult | SkippedField, stages: Stages, max_pixels: int,
+            cache: FieldCache | None) -> FieldResult | SkippedField:
+    """A result from the cache with its views, when the stages keep them and the cache had none for it:
+    its field is read (and masked) again, and the views stored for the next time (a field that cannot
+    be read now is still counted, its view empty)."""
     if not stages.keep_views or isinstance(item, SkippedField) or item.view is not None:
         return item
     try:
         image = read_image(item.path, max_pixels=max_pixels)
     except SmearError:
         return dataclasses.replace(item, view=FieldView(None, 1.0, ""))
-    return with_views(item, image, stages.view_geometry, stages.segmenter)
+    item = with_views(item, image, stages.view_geometry, stages.segmenter)
+    if cache is not None:
+        cache.put_views(Path(item.path), item)
+    return item
 
 
 def gather_report(slide: str, items: Iterable[FieldResult | SkippedField], *, classified: bool, guard: Any = None,
