@@ -73,7 +73,7 @@ def run(
     from smear.cli.wsi import check_whole_slides
 
     whole, paths = check_whole_slides(paths, target_wbc, all_tiles, recursive)
-    slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
+    slides = find_slides(paths, recursive=recursive, empty_slides=True) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     ray = None
     if engine == EngineName.ray:
@@ -139,7 +139,7 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
                         writer.write(slide_name, item)
                 advance()
             result = run_job(slides, cfg, resume, keep_fields=report in (ReportFormat.json, ReportFormat.html),
-                             ray=ray, on_field=on_field, warn=warn, whole=whole or None,
+                             ray=ray, on_field=on_field, whole=whole or None,
                              views=report == ReportFormat.html)
         if writer is not None:
             writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from smear.io import pixel_budget
 from smear.pipeline.run import Stages
 from smear.errors import ModelError
 from smear.types import Detector, Segmenter
+
+_log = logging.getLogger(__name__)
 
 
 def _runtime(cfg: PipelineConfig) -> str:
@@ -26,8 +29,6 @@ def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
     installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
     cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error.
     ``warned``: messages already given (one build of the stages says each once)."""
-    import warnings
-
     from smear.nn.runtime import RuntimeUnavailable
 
     warned = set() if warned is None else warned
@@ -35,7 +36,7 @@ def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
     def _warn_once(message: str) -> None:
         if message not in warned:
             warned.add(message)
-            warnings.warn(message, stacklevel=4)
+            _log.warning(message)
 
     runtime = _runtime(cfg)
     if runtime == "torch":
@@ -261,7 +262,7 @@ def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
 
 def build_cache(cfg: PipelineConfig, version: str, warn=None):
     """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
-    ``warn`` hears of refused entries and of a cache that cannot be written."""
+    ``warn`` (default: this module's logger) hears of refused entries and of a cache that cannot be written."""
     from smear.artifacts import cache_setting
     from smear.pipeline.cache import FieldCache
 

@@ -9,6 +9,7 @@ report layer's job (``smear.report.write``); progress and warnings go to the cal
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -16,6 +17,8 @@ from smear.config_models import PipelineConfig
 from smear.io import Slide
 from smear.pipeline.run import FieldCallback, run_slides
 from smear.types import CropGeometry, RunResult, SkippedField, SlideReport
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class WholeSlides(Protocol):
     here, or on the Ray engine's workers."""
 
     def run(self, stages: Any, cache: Any, resume: bool, on_field: FieldCallback, keep: bool,
-            warn: Callable[[str], None], engine: Any = None) -> list[SlideReport]:
+            warn: Callable[[str], None] | None, engine: Any = None) -> list[SlideReport]:
         """Each file counted into its SlideReport."""
         ...
 
@@ -44,16 +47,16 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
             views: bool = False) -> RunResult:
     """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
     then the tiles of the ``whole`` slide files the same way; ``on_field(slide_name, item)`` sees each field's result as
-    it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score.
-    With ``keep_fields=False`` only the slides' counts are kept; with ``views`` the kept results also hold
+    it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score (None: the
+    logger of each module that warns). With ``keep_fields=False`` only the slides' counts are kept; with ``views`` the kept results also hold
     what the review page shows of each field and cell (``Stages.keep_views``)."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
     from smear.report.tables import differentials
 
     metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
     notice = guard_notice(cfg, metas)
-    if notice and warn is not None:
-        warn(notice)
+    if notice:
+        (warn or _log.warning)(notice)
     version = stages_version(cfg, metas)
     cache = build_cache(cfg, version, warn=warn)
     stages, engine = None, contextlib.nullcontext(None)
@@ -79,7 +82,7 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
         geometry = (stages or eng).crop_geometry
         if whole is not None:
             reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
-                                 warn or (lambda _m: None), engine=eng)
+                                 warn, engine=eng)
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
                      finished=(done[0], sum(len(s.fields) for s in slides)))
