@@ -48,8 +48,8 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
     then the tiles of the ``whole`` slide files the same way; ``on_field(slide_name, item)`` sees each field's result as
     it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score (None: the
-    logger of each module that warns). With ``keep_fields=False`` only the slides' counts are kept; with ``views`` the kept results also hold
-    what the review page shows of each field and cell (``Stages.keep_views``)."""
+    logger of each module that warns). With ``keep_fields=False`` only the slides' counts are kept; with ``views``
+    the kept results also hold what the review page shows of each field and cell (``Stages.keep_views``)."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
     from smear.report.tables import differentials
 

@@ -19,8 +19,8 @@ from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.errors import SmearError
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
-    VIEW_CROP_PX, VIEW_FIELD_PX, VIEW_JPEG_QUALITY, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
-    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
+    VIEW_CROP_PX, VIEW_FIELD_PX, VIEW_JPEG_QUALITY, CellPrediction, CellView, Classifier, Detection, Detector,
+    FieldResult, FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideReport, Tally,
 )
 
 
@@ -39,8 +39,9 @@ class Stages:
     #: decoded field pixels held at once (the batch running and the one decoded ahead); None: io's auto
     pixel_budget: int | None = None
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
-    #: keep what the review page shows (a run that makes the page): each field at most VIEW_FIELD_PX on
-    #: its long side (under 1.3 MB) and each classified cell's crop and mask (37 KB), in its result
+    #: keep what the review page shows (a run that makes the page), encoded, in its results: each field at
+    #: most VIEW_FIELD_PX on its long side (a BCCD field: 22 KB) and each classified cell's crop and mask
+    #: (about 3 KB)
     keep_views: bool = False
 
     @property
@@ -107,9 +108,10 @@ def cell_view(image: np.ndarray, box_xyxy: tuple[float, float, float, float], ma
 
 def with_views(fr: FieldResult, image: np.ndarray, geometry: tuple[float, int] | None,
                segmenter: Segmenter | None = None) -> FieldResult:
-    """A result made without views (the cache keeps no pixels) with those a fresh run keeps, cut from
-    the field's ``image``: the cells' crops at the run's ``geometry`` (margin, size; None: no cell views,
-    as in a run that does not classify), its masked cells masked again by ``segmenter`` for their outline."""
+    """A result made without views (a cached one whose views the cache does not hold) with those a
+    fresh run keeps, cut from the field's ``image``: the cells' crops at the run's ``geometry`` (margin,
+    size; None: no cell views, as in a run that does not classify), its masked cells masked again by
+    ``segmenter`` for their outline."""
     cells = fr.cells
     if geometry is not None and cells:
         margin, size = geometry

@@ -19,7 +19,7 @@ from smear.taxonomy import (
     SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
 from smear.report.summary import FLAG_RULES, rule_classes
-from smear.types import Differential, FieldResult, SlideReport, summary_columns
+from smear.types import VIEW_JPEG_QUALITY, Differential, FieldResult, SlideReport, summary_columns
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)
@@ -41,7 +41,7 @@ def _environment():
                               lstrip_blocks=True)
 
 
-def _b64_jpeg(image_rgb: np.ndarray, quality: int = 80) -> str:
+def _b64_jpeg(image_rgb: np.ndarray, quality: int = VIEW_JPEG_QUALITY) -> str:
     ok, buf = cv2.imencode(".jpg", image_rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
