@@ -137,13 +137,13 @@ class Stitched:
 
 
 def write_slide(path: Path, gigapixels: float, sources) -> dict:
-    from smear.wsi.write import write_pyramid
+    from smear.wsi.write import TiffTiles, write_pyramid
 
     height = int(round((gigapixels * 1e9 / 1.6) ** 0.5 / 256)) * 256
     width = int(round(gigapixels * 1e9 / height / 256)) * 256
     st = Stitched(width, height, sources)
     start = time.perf_counter()
-    write_pyramid(path, width, height, st.render, MPP, levels=6, tile=512, compression="jpeg", quality=90)
+    write_pyramid(path, width, height, st.render, MPP, levels=6, tiles=TiffTiles(512, "jpeg", quality=90))
     seconds = time.perf_counter() - start
     return {"gigapixels": round(width * height / 1e9, 3), "width": width, "height": height, "fields": st.n_fields,
             "write_s": round(seconds, 1), "fields_per_s_written": round(st.n_fields / seconds, 1),

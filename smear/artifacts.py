@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, InitVar, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -70,7 +70,10 @@ class ModelMeta:
     """A model folder's meta.json, read and checked once (as timm's ``PretrainedCfg``): the stage,
     the weights file, the class names in order, the input and crop geometry, the normalisation, the
     tuned thresholds and temperature, and the hashes that identify the folder. ``raw`` is meta.json
-    as written (metrics, data, training), for what shows or edits it."""
+    as written (metrics, data, training), for what shows or edits it.
+
+    A stage's builder makes a new one from the typed attributes and ``extra``, meta.json's other
+    keys (metrics, data, training...): ``raw`` is then laid out in the stage's ``META_LAYOUT`` order."""
 
     folder: Path
     stage: str
@@ -95,6 +98,13 @@ class ModelMeta:
     infer: Mapping[str, Any] = field(default_factory=dict)
     trained: str | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    extra: InitVar[Mapping[str, Any] | None] = None
+
+    def __post_init__(self, extra: Mapping[str, Any] | None) -> None:
+        if not self.raw and (self.stage or extra):  # a new meta, not one read: meta.json's content laid out
+            object.__setattr__(self, "raw", _laid_out(self, extra or {}))
+        elif extra:
+            raise ValueError("ModelMeta: extra keys go with a new meta (raw empty); updated() sets keys of one read")
 
     @property
     def weights_path(self) -> Path:
@@ -166,6 +176,42 @@ class ModelMeta:
 #: the typed attributes of ModelMeta that are meta.json keys of the same name
 _TYPED_KEYS = ("stage", "weights", "classes", "input_size", "crop_margin", "normalize", "colour_norm", "arch", "norm",
                "encoder", "decoder_channels", "temperature", "tta", "tta_margin", "novelty", "infer", "trained")
+
+#: meta.json's keys, in the order each stage's builder writes them (typed attributes and ``extra``
+#: keys alike): classify.card.classifier_meta, segment.train._meta, detect.train.package
+META_LAYOUT: dict[str, tuple[str, ...]] = {
+    "classify": ("stage", "weights", "trained", "classes", "arch", "input_size", "crop_margin", "crop", "normalize",
+                 "temperature", "tta", "norm", "head", "colour_norm", "metrics", "data", "fine_tuned_from",
+                 "data_fingerprint", "training"),
+    "segment": ("stage", "weights", "trained", "classes", "arch", "encoder", "decoder_channels", "input_size",
+                "crop_margin", "crop", "normalize", "training"),
+    "detect": ("stage", "weights", "network", "classes", "architecture", "input", "infer", "trained", "metrics",
+               "data_fingerprint", "fine_tuned_from"),
+}
+
+
+def _laid_out(meta: ModelMeta, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """meta.json's content of a new ``meta``: the keys its stage's META_LAYOUT names, in that order (a
+    typed attribute that is None, or an extra key not given, left out), then the other ``extra`` keys
+    in their order, then the typed attributes the layout does not name that differ from their default."""
+    typed = [k for k in extra if k in _TYPED_KEYS]
+    if typed:
+        raise ValueError(f"ModelMeta: extra keys that are typed attributes (set them as such): {', '.join(typed)}")
+    layout = META_LAYOUT.get(meta.stage, ("stage", "weights", "classes"))
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(ModelMeta) if f.name in _TYPED_KEYS}
+    out: dict[str, Any] = {}
+    for key in (*layout, *extra, *_TYPED_KEYS):
+        if key in out or (key in extra) == (key in _TYPED_KEYS):  # placed already, or neither kind (not given)
+            continue
+        if key in extra:
+            out[key] = extra[key]
+            continue
+        value = getattr(meta, key)
+        if value is not None and (key in layout or value != defaults[key]):
+            out[key] = json.loads(json.dumps(value, default=dict))
+    return out
+
 
 _STAGE_WORDS = {"detect": "detector", "segment": "segmenter", "classify": "classifier"}
 

@@ -56,11 +56,24 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell_px: float) -> n
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _shape(rng, h, w, cx, cy, rx, ry, angle, wobble, soft):
-    """Alpha (0..1) of a wobbly ellipse centred at (cx, cy) in an h x w patch, and its radial coordinate."""
+@dataclass(frozen=True)
+class _Ellipse:
+    """An ellipse in a patch: centre (cx, cy) in patch px, radii along its axes, the axes' angle (rad)."""
+
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    angle: float
+
+
+def _shape(rng, hw: tuple[int, int], e: _Ellipse, wobble, soft):
+    """Alpha (0..1) of the wobbly ellipse ``e`` in an h x w patch, and its radial coordinate."""
+    h, w = hw
+    rx, ry = e.rx, e.ry
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx, dy = xx + 0.5 - cx, yy + 0.5 - cy
-    c, s = np.cos(angle), np.sin(angle)
+    dx, dy = xx + 0.5 - e.cx, yy + 0.5 - e.cy
+    c, s = np.cos(e.angle), np.sin(e.angle)
     u, v = dx * c + dy * s, -dx * s + dy * c
     z = (u + 1j * v).astype(np.complex64)
     z /= np.maximum(np.abs(z), 1e-3)  # e^{i theta}; harmonics by powers, cheaper than arctan2 + cos
@@ -109,7 +122,7 @@ def _draw_rbc(cv: _Canvas, rng, cx, cy, r, stain):
     win = cv.window(cx, cy, r * 1.25 + 3)
     h, w = win[3] - win[1], win[2] - win[0]
     ecc = rng.uniform(0.88, 1.0)
-    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * ecc, rng.uniform(0, np.pi), 0.15,
+    alpha, d = _shape(rng, (h, w), _Ellipse(cx - win[0], cy - win[1], r, r * ecc, rng.uniform(0, np.pi)), 0.15,
                       rng.uniform(2.0, 3.5))
     pallor = rng.uniform(0.45, 0.8)
     profile = 1.0 - pallor * np.exp(-(d / rng.uniform(0.4, 0.55)) ** 4) + 0.2 * np.exp(-((d - 0.8) / 0.12) ** 2)
@@ -157,8 +170,8 @@ def _nucleus(kind: str, r: float, size: int, rng) -> np.ndarray:
 def _draw_wbc(cv: _Canvas, rng, cx, cy, kind, r, stain):
     half = int(r * 1.2) + 4
     size = 2 * half + 1
-    alpha, _ = _shape(rng, size, size, half + 0.5, half + 0.5, r, r * rng.uniform(0.88, 1.0),
-                      rng.uniform(0, np.pi), 0.05, 2.5)
+    alpha, _ = _shape(rng, (size, size), _Ellipse(half + 0.5, half + 0.5, r, r * rng.uniform(0.88, 1.0),
+                                                  rng.uniform(0, np.pi)), 0.05, 2.5)
     nuc = _nucleus(kind, r, size, rng) * (alpha > 0.6)
     gx0, gy0 = int(cx) - half, int(cy) - half
     win = cv.window(gx0 + half, gy0 + half, half)
@@ -187,8 +200,8 @@ def _draw_platelet(cv: _Canvas, rng, cx, cy, stain):
     r = rng.uniform(9.0, 15.0)
     win = cv.window(cx, cy, r * 1.6 + 3)
     h, w = win[3] - win[1], win[2] - win[0]
-    alpha, d = _shape(rng, h, w, cx - win[0], cy - win[1], r, r * rng.uniform(0.65, 0.95), rng.uniform(0, np.pi),
-                      0.3, 1.5)
+    alpha, d = _shape(rng, (h, w), _Ellipse(cx - win[0], cy - win[1], r, r * rng.uniform(0.65, 0.95),
+                                            rng.uniform(0, np.pi)), 0.3, 1.5)
     grain = np.clip(1.0 + 0.35 * _smooth_noise(rng, h, w, 2.5), 0.3, 1.8)
     core = 0.3 + 1.0 * np.exp(-(d / rng.uniform(0.45, 0.65)) ** 2)
     cv.add(win, alpha * grain * core * stain * rng.uniform(0.8, 1.2), OD_PLATELET)

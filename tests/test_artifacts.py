@@ -116,6 +116,23 @@ def test_the_typed_meta_is_what_is_saved(tmp_path):
     assert load_model(folder, "classify").temperature == 2.5
 
 
+def test_a_new_meta_is_laid_out_in_its_stages_order(tmp_path):
+    """A builder's ModelMeta (typed attributes plus ``extra`` keys) holds meta.json in its stage's
+    META_LAYOUT order, unknown extra keys after; a typed attribute left None, or at its default outside
+    the layout, is not written; a typed key among the extras is refused."""
+    meta = ModelMeta(folder=tmp_path, stage="segment", weights="w.safetensors", classes=("background", "nucleus"),
+                     trained="2026-12-07", arch="unet", encoder="resnet18", input_size=64, crop_margin=1.2,
+                     normalize={"mean": [0.5] * 3, "std": [0.2] * 3}, tta_margin=0.1,
+                     extra={"note": "x", "training": {"best_epoch": 2}, "crop": "square"})
+    assert list(meta.raw) == ["stage", "weights", "trained", "classes", "arch", "encoder", "decoder_channels",
+                              "input_size", "crop_margin", "crop", "normalize", "training", "note", "tta_margin"]
+    assert meta.to_json() == meta.raw and meta["classes"] == ["background", "nucleus"] and meta["note"] == "x"
+    assert meta.raw["decoder_channels"] == [128, 64, 32, 16, 16] and "temperature" not in meta.raw
+    assert ModelMeta.of(meta.to_json(), tmp_path) == meta
+    with pytest.raises(ValueError, match="temperature"):
+        ModelMeta(folder=tmp_path, stage="classify", weights="w", classes=(), extra={"temperature": 2.0})
+
+
 def test_save_model_dir_stamps_the_version_and_refuses_a_meta_without_weights(tmp_path):
     from smear import __version__
     from smear.artifacts import save_model_dir

@@ -203,6 +203,7 @@ def test_torch_free_detector_matches_ultralytics_onnx(tmp_path, monkeypatch):
     from smear.artifacts import ModelMeta, save_model_dir
     from smear.detect.onnx_yolo import NetYoloDetector
     from smear.detect.network import NETWORK, WEIGHTS, build_network, save_network, yolo
+    from smear.detect.settings import YoloSettings
     from smear.detect.yolo import YoloDetector, onnx_weights
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -214,7 +215,7 @@ def test_torch_free_detector_matches_ultralytics_onnx(tmp_path, monkeypatch):
                                  "classes": ["wbc", "rbc", "platelet"], "infer": infer}, folder), {"model": "tiny"})
     new = YoloDetector.from_dir(folder, runtime="onnx", batch=2)
     assert isinstance(new, NetYoloDetector)
-    old = YoloDetector(onnx_weights(folder, 64, 2), device="cpu", batch=2, **infer)
+    old = YoloDetector(onnx_weights(folder, 64, 2), YoloSettings.of(infer | {"batch": 2}), device="cpu")
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 255, s, dtype=np.uint8) for s in ((48, 80, 3), (48, 80, 3), (70, 50, 3))]
     a, b = new.detect(images), old.detect(images)

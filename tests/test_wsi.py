@@ -25,7 +25,7 @@ from smear.report.summary import differential  # noqa: E402
 from smear.taxonomy import CellKind  # noqa: E402
 from smear.wsi import finder  # noqa: E402
 from smear.wsi.slide import WholeSlide, is_whole_slide, thumbnail  # noqa: E402
-from smear.wsi.write import write_pyramid  # noqa: E402
+from smear.wsi.write import TiffTiles, write_pyramid  # noqa: E402
 
 SETTINGS = WsiSettings(tile_px=BLOCK, margin_px=64)  # one reading tile per block of the synthetic slide
 LABELS = [("LY", 0.9), ("SNE", 0.85), ("MO", 0.8)]
@@ -59,7 +59,8 @@ def _flat(value: int):
 
 @pytest.mark.parametrize("compression", ["jpeg", "lzw"])
 def test_pyramid_levels_mpp_and_regions(tmp_path, compression):
-    path = write_pyramid(tmp_path / "p.tif", 1200, 900, _flat(180), mpp=0.25, levels=3, compression=compression)
+    path = write_pyramid(tmp_path / "p.tif", 1200, 900, _flat(180), mpp=0.25, levels=3,
+                         tiles=TiffTiles(compression=compression))
     assert is_whole_slide(path)
     with WholeSlide(path) as s:
         assert [lv.downsample for lv in s.levels] == [1.0, 2.0, 4.0]

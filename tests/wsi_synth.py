@@ -56,7 +56,7 @@ def _level0() -> np.ndarray:
 
 def gradient_slide(path: Path, mpp: float | None = MPP, compression: str = "jpeg", levels: int = 3) -> Path:
     """The gradient slide as a pyramidal TIFF at ``path`` (level 0: 5632 x 1536 px)."""
-    from smear.wsi.write import write_pyramid
+    from smear.wsi.write import TiffTiles, write_pyramid
 
     full = _level0()
     height, width = full.shape[:2]
@@ -67,4 +67,4 @@ def gradient_slide(path: Path, mpp: float | None = MPP, compression: str = "jpeg
             pyramid[ds] = cv2.resize(full, (width // ds, height // ds), interpolation=cv2.INTER_AREA)
         return pyramid[ds][y0:y0 + h, x0:x0 + w]
 
-    return write_pyramid(path, width, height, render, mpp, levels=levels, tile=256, compression=compression)
+    return write_pyramid(path, width, height, render, mpp, levels=levels, tiles=TiffTiles(256, compression))

@@ -181,7 +181,7 @@ class Adapted:
     """An adapted classifier in memory, with the meta and config its model folder gets."""
 
     classifier: CnnClassifier
-    meta: dict[str, Any]
+    meta: ModelMeta
     config: dict[str, Any]
     novelty_file: Path | None  # the source's novelty statistics, still valid (features untouched)
     novelty_stats: dict[str, np.ndarray] | None = None  # refitted novelty statistics (features trained)
@@ -363,33 +363,30 @@ def _guard(fit: _Fitted, src: _Source, recipe: Recipe, source_cells: Cells | Non
 
 
 def _adapted_meta(src: _Source, cells: Cells, recipe: Recipe, fit: _Fitted, guard: _Guard,
-                  t0: float) -> dict[str, Any]:
-    """meta.json of the adapted model: the source's, less what no longer holds, plus the adaptation."""
+                  t0: float) -> ModelMeta:
+    """The adapted model's meta: the source's, less what no longer holds, plus the adaptation (keys
+    the source has keep their place in meta.json, new ones follow)."""
     meta, train, held = src.meta, fit.train, fit.held
     # the source's other guard statistics (the slide guard: meta "guard" and its file) hold while the
     # features are the source's, i.e. when only the classifier layer trained; else they are not carried
     dropped = ("metrics", "novelty", "training", "fine_tuned_from", "smear_version") + (() if guard.keep
                                                                                        else GUARD_META)
-    new_meta = {k: v for k, v in meta.items() if k not in dropped}
-    new_meta.update({
-        "weights": WEIGHTS, "trained": date.today().isoformat(), "temperature": round(fit.temperature, 6),
-        "adapted_from": {"model": source_name(src.path), "weights_sha256": model_version(src.path),
-                         "trained": meta.get("trained"), "temperature": src.temperature},
-        "adaptation": {
+    return ModelMeta.of(meta).updated(
+        drop=dropped, weights=WEIGHTS, trained=date.today().isoformat(), temperature=round(fit.temperature, 6),
+        adapted_from={"model": source_name(src.path), "weights_sha256": model_version(src.path),
+                      "trained": meta.get("trained"), "temperature": src.temperature},
+        adaptation={
             "cells": len(cells), "n_train": len(cells) if recipe.refit_all else len(train),
             "n_heldout": len(held),
             "per_class": dict(sorted(Counter(cells.labels()).items())), "skipped": cells.skipped,
             "data": cells.origin, "recipe": asdict(recipe), "temperature_from": fit.calibrated,
             "novelty": guard.why, "wall_seconds": round(time.perf_counter() - t0, 1)},
-        "metrics": {"split": f"held-out part of the lab's cells ({len(held)} of {len(cells)}: stratified by class, "
-                             f"copies of one cell kept together, seed {recipe.seed}, share {recipe.heldout})",
-                    "heldout": fit.figures},
-        "data": {"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
-        "data_fingerprint": data_fingerprint(set(cells.files)),
-    })
-    if guard.novelty is not None:
-        new_meta["novelty"] = guard.novelty
-    return new_meta
+        metrics={"split": f"held-out part of the lab's cells ({len(held)} of {len(cells)}: stratified by class, "
+                          f"copies of one cell kept together, seed {recipe.seed}, share {recipe.heldout})",
+                 "heldout": fit.figures},
+        data={"fingerprint": data_fingerprint(set(cells.files)), "n_train": len(train), "n_val": len(held)},
+        data_fingerprint=data_fingerprint(set(cells.files)),
+        **({"novelty": guard.novelty} if guard.novelty is not None else {}))
 
 
 def fine_tune(cells: Cells, source: str | Path, recipe: Recipe = Recipe(), device: str = "cpu",
@@ -495,7 +492,7 @@ def _f(v) -> str:
 # ---------------------------------------------------------------- the model folder
 
 
-def model_card(meta: dict[str, Any]) -> str:
+def model_card(meta: ModelMeta) -> str:
     """MODEL_CARD.md of an adapted classifier: source model, cells used, before/after figures."""
     a, src = meta["adaptation"], meta["adapted_from"]
     fig = meta["metrics"]["heldout"]
@@ -582,7 +579,7 @@ def write_model(adapted: Adapted, out: str | Path) -> Path:
             nov.save(tmp, adapted.novelty_stats)
         for path in adapted.guard_files:
             shutil.copy2(path, tmp / path.name)
-        save_model_dir(ModelMeta.of(adapted.meta, tmp), adapted.config, card=model_card(adapted.meta))
+        save_model_dir(adapted.meta.at(tmp), adapted.config, card=model_card(adapted.meta))
         _check_out(out)
         if out.is_dir():
             out.rmdir()
@@ -723,9 +720,9 @@ def adapt(data: Sequence[str | Path], out: str | Path, source: str | Path = "shi
             log("adapt: training the classifier layer only, so that the source's novelty score stays valid "
                 "(--source-data with the source's training data trains the last blocks too and refits it)")
     adapted = fine_tune(cells, source, recipe, device, log, source_cells)
-    adapted.meta["adaptation"]["brakes"] = {
+    adapted.meta = adapted.meta.updated(adaptation={**adapted.meta["adaptation"], "brakes": {
         "limits": asdict(limits), "forced": bool(brakes.force), "allow_worse": bool(brakes.allow_worse),
-        "source_data": [str(p) for p in inputs.source_data]}
+        "source_data": [str(p) for p in inputs.source_data]}})
     if brakes.allow_worse:
         try:
             check_not_worse(adapted)

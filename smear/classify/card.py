@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 from smear.artifacts import ModelMeta, data_fingerprint
@@ -30,33 +31,38 @@ class Scored:
     test_items: list[Any]
 
 
-def classifier_meta(cfg: ClassifyConfig, data: TrainingData, scored: Scored, mean: list[float], std: list[float],
-                    colour: dict[str, Any] | None, best_epoch: int, wall_seconds: float) -> dict[str, Any]:
-    """The meta.json of a classifier trained on ``data`` (before its novelty score is fitted)."""
+#: how a classifier's crops are cut (meta.json's ``crop``)
+CROP = ("square of side = long side of the WBC box x crop_margin, resized to input_size (smear.crops.cut_crop); "
+        "training boxes from smear.classify.cellbox.find_cell_box")
+
+
+def classifier_meta(cfg: ClassifyConfig, folder: Path, data: TrainingData, scored: Scored,
+                    mean_std: tuple[list[float], list[float]], colour: dict[str, Any] | None, best_epoch: int,
+                    wall_seconds: float) -> ModelMeta:
+    """The meta of a classifier trained on ``data``, for its model folder ``folder`` (before its
+    novelty score is fitted): ``mean_std`` is its input normalisation, ``colour`` its colour one."""
     m, d = cfg.model, cfg.data
+    mean, std = mean_std
     fingerprint = data_fingerprint(it.path for it in [*data.train_items, *data.val_items, *scored.test_items])
     sources = ({"sources": [{k: v for k, v in spec.items() if k != "split"} for spec in data.specs]}
                if len(data.specs) > 1 else {})
-    return {
-        "stage": "classify", "weights": WEIGHTS, "trained": date.today().isoformat(),
-        "classes": list(FINE_CLASSES), "arch": m.arch,
-        "input_size": int(m.input_size), "crop_margin": float(m.crop_margin),
-        "crop": "square of side = long side of the WBC box x crop_margin, resized to input_size "
-                "(smear.crops.cut_crop); training boxes from smear.classify.cellbox.find_cell_box",
-        "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "temperature": round(float(scored.temperature), 6), "tta": int(m.tta), "norm": str(m.norm),
-        **({"head": str(m.head)} if str(m.head) != "flat" else {}),
-        **({"colour_norm": colour} if colour else {}),
-        "metrics": {"split": "test", "split_file": "split.json (run folder)",
-                    "test": {k: scored.test[k] for k in HEAD} | {"per_class": scored.test["per_class"]},
-                    "val": {k: scored.val[k] for k in HEAD}, "calibration": {"split": "val", **scored.calibration}},
-        "data": {"root": str(d.root), "fingerprint": fingerprint, "n_train": len(data.train_items),
-                 "n_val": len(data.val_items), "n_test": len(scored.test_items), "split_seed": d.split_seed,
-                 **sources},
-        **({"fine_tuned_from": str(m.init)} if m.init else {}),
-        "data_fingerprint": fingerprint,
-        "training": {"best_epoch": best_epoch, "wall_minutes": round(wall_seconds / 60, 1)},
-    }
+    return ModelMeta(
+        folder=Path(folder), stage="classify", weights=WEIGHTS, classes=FINE_CLASSES,
+        trained=date.today().isoformat(), arch=m.arch, input_size=int(m.input_size),
+        crop_margin=float(m.crop_margin), normalize={"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
+        temperature=round(float(scored.temperature), 6), tta=int(m.tta), norm=str(m.norm), colour_norm=colour or None,
+        extra={
+            "crop": CROP, **({"head": str(m.head)} if str(m.head) != "flat" else {}),
+            "metrics": {"split": "test", "split_file": "split.json (run folder)",
+                        "test": {k: scored.test[k] for k in HEAD} | {"per_class": scored.test["per_class"]},
+                        "val": {k: scored.val[k] for k in HEAD}, "calibration": {"split": "val", **scored.calibration}},
+            "data": {"root": str(d.root), "fingerprint": fingerprint, "n_train": len(data.train_items),
+                     "n_val": len(data.val_items), "n_test": len(scored.test_items), "split_seed": d.split_seed,
+                     **sources},
+            **({"fine_tuned_from": str(m.init)} if m.init else {}),
+            "data_fingerprint": fingerprint,
+            "training": {"best_epoch": best_epoch, "wall_minutes": round(wall_seconds / 60, 1)},
+        })
 
 
 def model_card(meta: Mapping[str, Any] | ModelMeta) -> str:

@@ -17,6 +17,7 @@ import logging
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,23 +200,35 @@ def write_report(metrics: dict[str, Any], out: str | Path, name: str, plots: boo
     plot_confusion(metrics["type5_confusion"], out / f"{name}_confusion_type5.png", f"{name}: 5 types")
 
 
-def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", split: str | Path | None = None,
-             part: str = "test", out: str | Path | None = None, device: str = "auto",
-             cache_dir: str | Path | None = None, log: Callable[[str], None] | None = _log.info,
-             segmenter: Any = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Metrics of a classifier model folder on a dataset (or one part of a saved split), crops
+@dataclass(frozen=True)
+class EvalData:
+    """The labelled cells ``evaluate`` scores: the dataset ``root`` read as ``layout`` (auto | pbc |
+    folders | csv), or, with a saved ``split`` JSON of it, that split's ``part`` (train | val | test)."""
+
+    root: str | Path
+    layout: str = "auto"
+    split: str | Path | None = None
+    part: str = "test"
+
+
+def evaluate(model_dir: str | Path, data: EvalData | str | Path, out: str | Path | None = None,
+             device: str = "auto", cache_dir: str | Path | None = None,
+             log: Callable[[str], None] | None = _log.info, segmenter: Any = None,
+             warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Metrics of a classifier model folder on a dataset (a path: all of it, read as ``auto``), crops
     cut with the model's own geometry; writes JSON and confusion PNGs into ``out`` if given.
     With a ``segmenter`` each crop's background is painted out before classification."""
     from smear.classify.crop_cache import readable_crops
     from smear.classify.data import load_items, load_split
     from smear.classify.model import CnnClassifier
 
+    data = data if isinstance(data, EvalData) else EvalData(data)
     clf = CnnClassifier.from_dir(model_dir, device=device)
-    if split is not None:
-        parts = dict(zip(("train", "val", "test"), load_split(split, data)))
-        items = parts[part]
+    if data.split is not None:
+        parts = dict(zip(("train", "val", "test"), load_split(data.split, data.root)))
+        items = parts[data.part]
     else:
-        items = load_items(data, layout)
+        items = load_items(data.root, data.layout)
     items, crops_arr, skipped = readable_crops(items, clf.crop_margin, clf.input_size, cache_dir, log=log,
                                                warn=warn)
     crops = list(crops_arr)
@@ -226,12 +239,12 @@ def evaluate(model_dir: str | Path, data: str | Path, layout: str = "auto", spli
         crops = [paint_background(c, m) for c, m in zip(crops, masks)]
     probs = clf.classify(crops).probs
     m = classification_metrics(probs, [it.fine or it.group for it in items], clf.classes)
-    m["data"] = str(data) if split is None else f"{data} ({part} of {split})"
+    m["data"] = str(data.root) if data.split is None else f"{data.root} ({data.part} of {data.split})"
     m["n_skipped"] = len(skipped)
     if log is not None:
         log(summary_line(m))
     if out is not None:
-        write_report(m, out, Path(str(data)).name if split is None else part)
+        write_report(m, out, Path(str(data.root)).name if data.split is None else data.part)
     return m
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smear.artifacts import ModelMeta, save_model_dir
+from smear.artifacts import save_model_dir
 from smear.classify import data as cdata
 from smear.classify.crop_cache import readable_crops
 from smear.classify.calibrate import calibration_report, fit_temperature
@@ -326,7 +326,7 @@ def _finish(cfg: ClassifyConfig, out: Path, r: Trained, log: Callable[[str], Non
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     save_weights(r.model, model_dir / WEIGHTS)
-    meta = ModelMeta.of(classifier_meta(cfg, r.data, scored, r.mean, r.std, r.colour, r.best_epoch, r.wall), model_dir)
+    meta = classifier_meta(cfg, model_dir, r.data, scored, (r.mean, r.std), r.colour, r.best_epoch, r.wall)
     save_model_dir(meta, cfg, card=model_card(meta))
     if m.novelty_quantile:
         wide = r.data.train_crops  # cut wider for augmentation: their centre is the inference crop

@@ -96,13 +96,12 @@ def eval_classify(
     import json
 
     from smear.artifacts import resolve_model_dir
-    from smear.classify.evaluate import evaluate
+    from smear.classify.evaluate import EvalData, evaluate
     from smear.pipeline.build import build_segmenter
 
     seg = build_segmenter(_pipeline(segment.value, segmenter_model, device))
-    m = evaluate(resolve_model_dir(model, "classifier"), data, layout=layout, split=split, part=part, out=out,
-                 device=device, log=None if json_ else show, segmenter=seg,
-                 warn=warn)
+    m = evaluate(resolve_model_dir(model, "classifier"), EvalData(data, layout=layout, split=split, part=part),
+                 out=out, device=device, log=None if json_ else show, segmenter=seg, warn=warn)
     if json_:
         keys = ("accuracy", "macro_f1", "kappa", "ece", "per_class", "group8_accuracy", "type5_accuracy", "n",
                 "n_skipped")

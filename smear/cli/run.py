@@ -117,7 +117,7 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
     files, ``whole``: smear.cli.wsi.WholeSlideRun, tile by tile); the fields' results are kept for a
     JSON or HTML ``report``, with what the page shows for HTML."""
     from smear.cli.render import progress
-    from smear.pipeline.job import run_job
+    from smear.pipeline.job import JobOutputs, run_job
     from smear.report import tables as rep
     from smear.report.write import kept_hint
     from smear.types import SkippedField
@@ -138,9 +138,9 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
                     if writer is not None:
                         writer.write(slide_name, item)
                 advance()
-            result = run_job(slides, cfg, resume, keep_fields=report in (ReportFormat.json, ReportFormat.html),
-                             ray=ray, on_field=on_field, whole=whole or None,
-                             views=report == ReportFormat.html)
+            outputs = JobOutputs(on_field, keep_fields=report in (ReportFormat.json, ReportFormat.html),
+                                 views=report == ReportFormat.html)  # warnings: the logger's, as the library's
+            result = run_job(slides, cfg, resume, ray=ray, whole=whole or None, outputs=outputs)
         if writer is not None:
             writer.close()
     except OSError as exc:

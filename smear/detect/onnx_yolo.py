@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from smear.detect.settings import YoloSettings
 from smear.taxonomy import CellKind
 from smear.types import Detection
 
@@ -109,17 +110,15 @@ class NetYoloDetector:
     """The Detector protocol on a YOLO network run by ``smear.nn.runtime`` (no torch, no ultralytics);
     same settings, border and per-class thresholds as ``YoloDetector``."""
 
-    def __init__(self, net: Any, names: Sequence[str], imgsz: int, conf: float, iou: float, max_det: int,
-                 batch: int, per_class_conf: dict[str, float] | None = None, border: float = 0.0,
-                 field_scale: int = 640, tile_above: float = 1.5, tile_overlap: float = 0.2,
-                 path: Path | None = None):
+    def __init__(self, net: Any, names: Sequence[str], settings: YoloSettings, path: Path | None = None):
+        s = settings
         self.net, self.path = net, path
         self.kinds = [CellKind(n) for n in names]
-        self.imgsz, self.conf, self.iou = int(imgsz), float(conf), float(iou)
-        self.max_det, self.batch = int(max_det), int(batch)
-        self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
-        self.border = float(border)
-        self.field_scale, self.tile_above, self.tile_overlap = int(field_scale), float(tile_above), float(tile_overlap)
+        self.imgsz, self.conf, self.iou = s.imgsz, s.conf, s.iou
+        self.max_det, self.batch = s.max_det, s.batch
+        self.per_class_conf = {CellKind(k): float(v) for k, v in s.per_class_conf.items()}
+        self.border = s.border
+        self.field_scale, self.tile_above, self.tile_overlap = s.field_scale, s.tile_above, s.tile_overlap
 
     def tiled(self):
         """This detector behind the tiler its meta asks for (as ``YoloDetector.tiled``)."""

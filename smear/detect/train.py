@@ -188,6 +188,7 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     from smear.artifacts import ModelMeta, data_fingerprint, save_model_dir
     from smear.detect.data import load_dataset
     from smear.detect.evaluate import evaluate_predictions, predict_samples, tune_conf
+    from smear.detect.settings import YoloSettings
     from smear.detect.yolo import YoloDetector
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
@@ -201,23 +202,20 @@ def package(run_dir: Path, cfg: DetectConfig, model_dir: Path, device: str = "au
     infer = cfg.infer.model_dump()
     data_yaml = data_dir(cfg, run_dir) / "data.yaml"
     val, _ = load_dataset(data_yaml, split="val")
-    det = YoloDetector(model_dir / WEIGHTS, imgsz=infer["imgsz"], conf=0.001, iou=infer["iou"],
-                       max_det=infer["max_det"], device=device, border=infer["border"])
+    scored = YoloSettings.of({k: infer[k] for k in ("imgsz", "iou", "max_det", "border")} | {"conf": 0.001})
+    det = YoloDetector(model_dir / WEIGHTS, scored, device=device)  # every box scored, to tune the thresholds
     preds = predict_samples(det, val)
     conf = tune_conf(val, preds)
     metrics = evaluate_predictions(val, preds, conf)
     log(f"validation: mAP50 {metrics['map50']}, tuned conf {({k.value: v for k, v in conf.items()})}")
     infer["per_class_conf"] = {k.value: v for k, v in conf.items()}
     infer["conf"] = min(conf.values())
-    meta = {
-        "stage": "detect", "weights": WEIGHTS, "network": NETWORK, "classes": ["wbc", "rbc", "platelet"],
-        "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
-        "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
-        "infer": infer, "trained": date.today().isoformat(),
-        "metrics": {"val": {"split": val_split_name(cfg.data), **metrics}},
-        "data_fingerprint": data_fingerprint(s.image for s in val),
-    }
-    if fine_tunes(cfg):
-        meta["fine_tuned_from"] = str(cfg.model)
-    save_model_dir(ModelMeta.of(meta, model_dir), cfg)
+    meta = ModelMeta(folder=model_dir, stage="detect", weights=WEIGHTS, classes=("wbc", "rbc", "platelet"),
+                     infer=infer, trained=date.today().isoformat(), extra={
+                         "network": NETWORK, "architecture": Path(det.model.model.yaml.get("yaml_file", cfg.model)).name,
+                         "input": {"imgsz": infer["imgsz"], "color": "RGB in, BGR to ultralytics"},
+                         "metrics": {"val": {"split": val_split_name(cfg.data), **metrics}},
+                         "data_fingerprint": data_fingerprint(s.image for s in val),
+                         **({"fine_tuned_from": str(cfg.model)} if fine_tunes(cfg) else {})})
+    save_model_dir(meta, cfg)
     return model_dir

@@ -9,18 +9,9 @@ import cv2
 import numpy as np
 
 from smear.artifacts import load_meta, load_model
+from smear.detect.settings import YoloSettings
 from smear.taxonomy import CellKind
 from smear.types import Detection
-
-
-def infer_defaults() -> dict[str, Any]:
-    """The detector's inference settings where a model's meta names none: the ``infer:`` section of
-    the shipped detect.yaml, the one place they are written."""
-    from smear.config import default_config
-
-    infer = default_config("detect").infer.model_dump()
-    infer.pop("border")  # what a model is trained with (meta's infer.border); one whose meta names none has none
-    return infer
 
 
 def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
@@ -42,33 +33,27 @@ def onnx_weights(model_dir: str | Path, imgsz: int, batch: int) -> Path:
 class YoloDetector:
     """An ultralytics detector; ``names[i]`` is the CellKind value of class id i."""
 
-    def __init__(self, weights: str | Path, names: Sequence[str] = ("wbc", "rbc", "platelet"),
-                 imgsz: int | None = None, conf: float | None = None, iou: float | None = None,
-                 max_det: int | None = None, batch: int | None = None, device: str = "auto",
-                 per_class_conf: dict[str, float] | None = None, border: float = 0.0):
+    def __init__(self, weights: str | Path, settings: YoloSettings | None = None,
+                 names: Sequence[str] = ("wbc", "rbc", "platelet"), device: str = "auto"):
         from smear.detect.network import yolo
         from smear.devices import resolve_device, set_threads
 
-        d = infer_defaults()
+        s = YoloSettings.of() if settings is None else settings
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             set_threads()
         self.model = yolo(weights, classes=tuple(names))
         self.half = self.device.type == "cuda"  # fp16 on CUDA (benchmarks/gpu_speed.py sets it to compare fp32)
         self.kinds = [CellKind(n) for n in names]
-        self.imgsz = int(d["imgsz"] if imgsz is None else imgsz)
-        self.conf = float(d["conf"] if conf is None else conf)
-        self.iou = float(d["iou"] if iou is None else iou)
-        self.max_det = int(d["max_det"] if max_det is None else max_det)
-        self.batch = int(d["batch"] if batch is None else batch)
-        self.per_class_conf = {CellKind(k): float(v) for k, v in (per_class_conf or {}).items()}
+        self.imgsz, self.conf, self.iou = s.imgsz, s.conf, s.iou
+        self.max_det, self.batch = s.max_det, s.batch
+        self.per_class_conf = {CellKind(k): float(v) for k, v in s.per_class_conf.items()}
         # Gray border (px at the network's input scale) put round each field before it is resized:
         # ultralytics' own validation letterbox adds half a stride (16 px), and the trained model
         # draws its boxes to fit cells only when that border is there (see the model card).
-        self.border = float(border)
+        self.border = s.border
         # Tiling of large fields: fields over tile_above x field_scale are cut into field_scale tiles.
-        self.field_scale, self.tile_above, self.tile_overlap = (int(d["field_scale"]), float(d["tile_above"]),
-                                                                float(d["tile_overlap"]))
+        self.field_scale, self.tile_above, self.tile_overlap = s.field_scale, s.tile_above, s.tile_overlap
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", runtime: str = "torch",
@@ -79,19 +64,13 @@ class YoloDetector:
         training fields the INT8 runtimes are calibrated on (without them they run in fp32)."""
         meta = load_model(model_dir, "detect")
         model_dir = meta.folder
-        infer = infer_defaults() | dict(meta.get("infer", {}))
-        infer.update(overrides)
-        keys = ("imgsz", "conf", "iou", "max_det", "batch", "per_class_conf", "border")
+        infer = dict(meta.get("infer", {})) | overrides
         if overrides.get("conf") is not None and "per_class_conf" not in overrides:
             infer.pop("per_class_conf", None)  # an explicit conf replaces the tuned ones
+        settings = YoloSettings.of(infer)
         if runtime != "torch":
-            return net_detector(model_dir, meta, infer, runtime, calibration)
-        det = cls(meta.weights_path, names=meta["classes"], device=device,
-                  **{k: infer[k] for k in keys if k in infer})
-        det.field_scale = int(infer["field_scale"])
-        det.tile_above = float(infer["tile_above"])
-        det.tile_overlap = float(infer["tile_overlap"])
-        return det
+            return net_detector(model_dir, meta, settings, runtime, calibration)
+        return cls(meta.weights_path, settings, names=meta["classes"], device=device)
 
     def tiled(self):
         """This detector behind the tiler its meta asks for: fields over ``tile_above`` x the
@@ -147,18 +126,16 @@ class YoloDetector:
 CALIBRATION_FIELDS = 96
 
 
-def net_detector(model_dir: str | Path, meta: Any, infer: dict[str, Any], runtime: str,
+def net_detector(model_dir: str | Path, meta: Any, settings: YoloSettings, runtime: str,
                  calibration: Sequence[Path] | None = None):
     """A ``NetYoloDetector`` on the folder's ONNX (exported on first use), for ``runtime``."""
     from smear.artifacts import files_version
     from smear.detect.onnx_yolo import NetYoloDetector, head_nodes
     from smear.nn.runtime import INT8_RUNTIMES, Calibration, open_net, runtime_model
 
-    imgsz, batch = int(infer["imgsz"]), int(infer["batch"])
+    imgsz, batch = settings.imgsz, settings.batch
     fp32 = onnx_weights(model_dir, imgsz, batch)
-    settings = {k: infer[k] for k in ("conf", "iou", "max_det", "per_class_conf", "border") if k in infer}
-    det = NetYoloDetector(None, meta["classes"], imgsz=imgsz, batch=batch, field_scale=int(infer["field_scale"]),
-                          tile_above=float(infer["tile_above"]), tile_overlap=float(infer["tile_overlap"]), **settings)
+    det = NetYoloDetector(None, meta["classes"], settings)
     if runtime in INT8_RUNTIMES and not calibration:
         runtime = runtime.removesuffix("-int8")  # no training fields to calibrate on: fp32 (the caller warns)
     calib = None

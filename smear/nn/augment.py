@@ -80,11 +80,13 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def affine_theta(b: int, h: int, w: int, size: int, scale: float = 0.0, shift: float = 0.0,
+def affine_theta(shape: tuple[int, int, int], size: int, scale: float = 0.0, shift: float = 0.0,
                  rotate_deg: float = 0.0, dihedral: bool = True,
                  gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random B x 2 x 3 sampling maps (``F.affine_grid``) from a ``size`` output square to an H x W
-    input: rotation (k x 90 deg + small angle), flip, scale and shift of each image about its centre."""
+    """Random B x 2 x 3 sampling maps (``F.affine_grid``) from a ``size`` output square to a batch of
+    ``shape`` (B, H, W): rotation (k x 90 deg + small angle), flip, scale and shift of each image about
+    its centre."""
+    b, h, w = shape
     angle = _uniform(b, -rotate_deg, rotate_deg, gen) * (math.pi / 180.0)
     if dihedral:
         angle = angle + torch.randint(0, 4, (b,), generator=gen).float() * (math.pi / 2)
@@ -114,7 +116,7 @@ def affine_warp(x: torch.Tensor, size: int, scale: float = 0.0, shift: float = 0
     """Random rotation (k x 90 deg + small angle), flip, scale and shift of each image, sampling
     the central ``size`` square (scale 1 = the same pixels as ``center_crop``)."""
     b, _, h, w = x.shape
-    return warp(x, affine_theta(b, h, w, size, scale, shift, rotate_deg, dihedral, gen), size)
+    return warp(x, affine_theta((b, h, w), size, scale, shift, rotate_deg, dihedral, gen), size)
 
 
 def hed_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -320,8 +322,7 @@ class BatchAugment:
         """Images and their label masks (B x H x W uint8) through the same geometric warp (masks
         sampled nearest), then photometric jitter of the images only."""
         s, g = self.s, self.gen
-        b, h, w = masks_u8.shape
-        theta = affine_theta(b, h, w, self.size, s.scale, s.shift, s.rotate_deg, bool(s.dihedral), g)
+        theta = affine_theta(tuple(masks_u8.shape), self.size, s.scale, s.shift, s.rotate_deg, bool(s.dihedral), g)
         x = warp(to_float(batch_u8), theta, self.size)
         m = warp(masks_u8[:, None].float(), theta, self.size, mode="nearest")[:, 0].round().to(torch.uint8)
         return self._photometric(x), m

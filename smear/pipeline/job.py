@@ -31,6 +31,20 @@ class RayOptions:
     worker_logs: bool = False
 
 
+@dataclass(frozen=True)
+class JobOutputs:
+    """What a run hands back besides its result, and how much it keeps: each field's result (or
+    skip) to ``on_field(slide_name, item)`` as it is made, warnings (refused cache entries, a
+    classifier without a novelty score) to ``warn`` (None: the logger of each module that warns),
+    the fields kept in the reports (``keep_fields``; else the slides' counts only) and, with
+    ``views``, what the review page shows of each kept field and cell (``Stages.keep_views``)."""
+
+    on_field: FieldCallback | None = None
+    warn: Callable[[str], None] | None = None
+    keep_fields: bool = True
+    views: bool = False
+
+
 class WholeSlides(Protocol):
     """Whole-slide files a run counts after the field slides (``smear.cli.wsi``): with the stages
     here, or on the Ray engine's workers."""
@@ -41,18 +55,15 @@ class WholeSlides(Protocol):
         ...
 
 
-def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, keep_fields: bool = True,
-            ray: RayOptions | None = None, on_field: FieldCallback | None = None,
-            warn: Callable[[str], None] | None = None, whole: WholeSlides | None = None,
-            views: bool = False) -> RunResult:
+def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, ray: RayOptions | None = None,
+            whole: WholeSlides | None = None, outputs: JobOutputs = JobOutputs()) -> RunResult:
     """Every field of ``slides`` through the stages ``cfg`` names, locally or on Ray workers (``ray``),
-    then the tiles of the ``whole`` slide files the same way; ``on_field(slide_name, item)`` sees each field's result as
-    it is made, ``warn`` hears of refused cache entries and of a classifier without a novelty score (None: the
-    logger of each module that warns). With ``keep_fields=False`` only the slides' counts are kept; with ``views``
-    the kept results also hold what the review page shows of each field and cell (``Stages.keep_views``)."""
+    then the tiles of the ``whole`` slide files the same way; ``outputs`` says where each field's
+    result and the warnings go, and what the result keeps of the fields."""
     from smear.pipeline.build import audit_info, build_cache, build_stages, guard_notice, model_metas, stages_version
     from smear.report.tables import differentials
 
+    on_field, warn, keep_fields, views = outputs.on_field, outputs.warn, outputs.keep_fields, outputs.views
     metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
     notice = guard_notice(cfg, metas)
     if notice:

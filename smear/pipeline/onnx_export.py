@@ -40,12 +40,10 @@ def export_model_dir(stage: str, model_dir: str | Path, out: str | Path, force: 
     meta = ModelMeta.of(load_meta(out), out)
     if stage == "detector":
         from smear.detect.network import export_onnx
+        from smear.detect.settings import YoloSettings
 
-        from smear.detect.yolo import infer_defaults
-
-        infer = infer_defaults() | dict(meta.infer)
-        export_onnx(meta.weights_path, out / ONNX_NAME, int(infer["imgsz"]), int(infer["batch"]),
-                    classes=list(meta.classes))
+        infer = YoloSettings.of(meta.infer)
+        export_onnx(meta.weights_path, out / ONNX_NAME, infer.imgsz, infer.batch, classes=list(meta.classes))
     elif stage == "classifier":
         from smear.classify.model import CnnClassifier
 

@@ -159,7 +159,7 @@ def _slide_view(rep: SlideReport, d: Differential, index: int,
     A field without a view (it could not be read again for a resumed run) shows no figure and no cells."""
     if rep.fields and all(fr.view is None for fr in rep.fields):
         raise ValueError(f"{rep.slide}: its field results hold no views; run the pipeline with "
-                         "Stages.keep_views (run_job(..., views=True)) to make the review page")
+                         "Stages.keep_views (run_job(..., outputs=JobOutputs(views=True))) to make the review page")
     by_label: dict[str, list[dict[str, Any]]] = {c: [] for c in GALLERY_ORDER}
     fields, field_hashes = [], []
     for k, fr in enumerate(rep.fields):

@@ -167,17 +167,14 @@ def _meta(cfg: SegmentConfig, folder: Path, data: _Crops, mean: list[float], std
           fitted: loop.Fitted) -> ModelMeta:
     """The meta of the model folder ``folder`` (before the test figures)."""
     m = cfg.model
-    return ModelMeta.of({
-        "stage": "segment", "weights": WEIGHTS, "trained": date.today().isoformat(), "classes": list(LABELS),
-        "arch": m.arch, "encoder": m.encoder,
-        "decoder_channels": list(m.decoder_channels), "input_size": int(m.input_size),
-        "crop_margin": float(m.crop_margin),
-        "crop": "square of side = long side of the WBC box x crop_margin (smear.crops.cut_crop), resized to "
-                "input_size; the mask comes back at the crop's size",
-        "normalize": {"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
-        "training": {"best_epoch": fitted.best_epoch, "wall_minutes": round(fitted.wall_seconds / 60, 1),
-                     "n_train": len(data.x_train), "n_val": len(data.x_val), "holdout": cfg.data.holdout},
-    }, folder)
+    return ModelMeta(
+        folder=folder, stage="segment", weights=WEIGHTS, classes=tuple(LABELS), trained=date.today().isoformat(),
+        arch=m.arch, encoder=m.encoder, decoder_channels=tuple(m.decoder_channels), input_size=int(m.input_size),
+        crop_margin=float(m.crop_margin), normalize={"mean": mean, "std": std, "input_range": "RGB in [0, 1]"},
+        extra={"crop": "square of side = long side of the WBC box x crop_margin (smear.crops.cut_crop), resized "
+                       "to input_size; the mask comes back at the crop's size",
+               "training": {"best_epoch": fitted.best_epoch, "wall_minutes": round(fitted.wall_seconds / 60, 1),
+                            "n_train": len(data.x_train), "n_val": len(data.x_val), "holdout": cfg.data.holdout}})
 
 
 def _finish(cfg: SegmentConfig, out: Path, model: torch.nn.Module, meta: ModelMeta,

@@ -4,6 +4,7 @@ imagecodecs (the test extra)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,14 +15,25 @@ import numpy as np
 Renderer = Callable[[int, int, int, int, float], np.ndarray]
 
 
+@dataclass(frozen=True)
+class TiffTiles:
+    """How a pyramid's tiles are stored: ``size`` px square, ``compression`` jpeg (at JPEG
+    ``quality``) or lzw."""
+
+    size: int = 256
+    compression: str = "jpeg"
+    quality: int = 90
+
+
 def write_pyramid(path: str | Path, width: int, height: int, render: Renderer, mpp: float | None,
-                  levels: int = 3, tile: int = 256, compression: str = "jpeg", quality: int = 90) -> Path:
-    """A tiled TIFF with ``levels`` levels (each half the last), JPEG or LZW tiles, the pixel size in
+                  levels: int = 3, tiles: TiffTiles = TiffTiles()) -> Path:
+    """A tiled TIFF with ``levels`` levels (each half the last), JPEG or LZW ``tiles``, the pixel size in
     its resolution tags (``mpp`` um per level-0 px; None writes none)."""
     import tifffile
 
     path = Path(path)
-    args = {"jpeg": {"level": quality}}.get(compression, None)
+    tile, compression = tiles.size, tiles.compression
+    args = {"jpeg": {"level": tiles.quality}}.get(compression, None)
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**31) as tw:
         for k in range(levels):
             ds = 2 ** k
