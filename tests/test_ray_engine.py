@@ -134,7 +134,11 @@ def test_html_report_on_ray_shows_the_local_engines_cells_and_outlines(tmp_path,
     send them back with the results; the page is the local engine's, every field, crop and outline."""
     from smear.report.html import render_html
 
-    slides = find_slides(_slides(tmp_path, {"s": 3}))
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for k in range(3):  # fields with white cells (the small ones of _slides have none to show)
+        write_image_atomic(folder / f"f{k}.png", make_field(seed=k, width=320, height=240, n_wbc=2).image_rgb)
+    slides = find_slides([folder])
     build = SynthStages(views=True)
     local = run_slides(slides, build())
     with RayEngine(build, field_batch=build.field_batch, workers=1) as engine:
