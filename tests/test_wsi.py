@@ -242,7 +242,7 @@ def test_html_page_shows_the_quality_map_and_links_crops_to_their_place(slide, t
     assert shown.shape == (first.height, first.width, 3)  # the tile as the run read it
     again = run_whole_slide(slide, stages, SETTINGS, target_wbc=5, cache=cache, resume=True)
     assert again.whole_slide.tiles_from_cache == again.n_fields == rep.n_fields
-    assert [f.view.digest for f in again.fields] == [f.view.digest for f in rep.fields]  # read again for the page
+    assert [f.view.digest for f in again.fields] == [f.view.digest for f in rep.fields]  # from beside the cache entries
     assert [c.view for c in again.cells()] == [c.view for c in rep.cells()]
 
 
