@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -184,13 +185,18 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     return [tuple(c) for c in cells]
 
 
-def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | SmearError]]:
-    out: list[tuple[Path, np.ndarray | SmearError]] = []
+def _read_batch(paths: Sequence[Path], max_pixels: int, views: bool = False
+                ) -> list[tuple[Path, np.ndarray | SmearError, FieldView | None]]:
+    """Each field decoded (or the error that stopped it) and, with ``views``, what the review page shows
+    of it: made here, in the reading thread, while the models run on the batch before."""
+    out: list[tuple[Path, np.ndarray | SmearError, FieldView | None]] = []
     for path in paths:
         try:
-            out.append((path, check_exposure(read_image(path, max_pixels=max_pixels), path)))
+            image = check_exposure(read_image(path, max_pixels=max_pixels), path)
         except SmearError as exc:
-            out.append((path, exc))
+            out.append((path, exc, None))
+            continue
+        out.append((path, image, field_view(image) if views else None))
     return out
 
 
@@ -231,27 +237,29 @@ def iter_field_results(
     done: dict[Path, FieldResult | SkippedField] = {k: v for k, v in cached.items() if v is not None}
     position = {p: i for i, p in enumerate(fields)}
     emitted = 0
+    read = functools.partial(_read_batch, max_pixels=max_pixels, views=stages.keep_views)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_batch, batches[0], max_pixels) if batches else None
+        pending = pool.submit(read, batches[0]) if batches else None
         for k, batch in enumerate(batches):
-            loaded = pending.result() if pending is not None else _read_batch(batch, max_pixels)
+            loaded = pending.result() if pending is not None else read(batch)
             # decode the next run while this one runs, when the two fit the pixel budget together
             ahead = k + 1 < len(batches) and sized[k][1] + sized[k + 1][1] <= budget
-            pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if ahead else None
+            pending = pool.submit(read, batches[k + 1]) if ahead else None
             good = []
-            for path, img in loaded:
+            for path, img, view in loaded:
                 if isinstance(img, SmearError):
                     done[path] = SkippedField(slide.name, path.name, str(img))
                 else:
-                    good.append((path, img))
-            all_dets = stages.detector.detect([img for _, img in good]) if good else []
-            all_cells = classify_cells([img for _, img in good], all_dets, stages)
-            for (path, img), dets, cells in zip(good, all_dets, all_cells):
+                    good.append((path, img, view))
+            images = [img for _, img, _ in good]
+            all_dets = stages.detector.detect(images) if good else []
+            all_cells = classify_cells(images, all_dets, stages)
+            for (path, img, view), dets, cells in zip(good, all_dets, all_cells):
                 done[path] = FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets),
-                                         cells, str(path), view=field_view(img) if stages.keep_views else None)
+                                         cells, str(path), view=view)
                 if cache is not None:
                     cache.put(path, done[path])  # with its views beside it, when kept
-            loaded = good = img = None  # this run's pixels go before the next run is decoded ahead
+            loaded = good = images = img = None  # this run's pixels go before the next run is decoded ahead
             while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
                 yield _viewed(done.pop(fields[emitted]), stages, max_pixels, cache)
                 emitted += 1
