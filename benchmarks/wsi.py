@@ -4,7 +4,8 @@ Usage: nice -n 10 python benchmarks/wsi.py [--sizes 0.1 0.3 1.0] [--out /tmp/sme
        [--all-sizes 0.1 0.3 1.0] [--keep]
        python benchmarks/wsi.py --finder SLIDE   (the finder's wall and CPU seconds on one slide file)
        python benchmarks/wsi.py --write-only --sizes 1.0 --out /tmp/smear-wsi   (write the slide, keep it)
-       python benchmarks/wsi.py --slide SLIDE [--target 200 | --all]   (count a slide written before)
+       python benchmarks/wsi.py --slide SLIDE [--target 200 | --all] [--engine ray [--workers 2]]
+                                                          (count a slide written before)
 
 Fields of BCCD train and TXL-PBC train (../shared/data) are scaled so that their median red-cell box
 is BCCD's (102 px), cut or padded to 640x480, and laid in a grid with 12 px of glass between them on
@@ -18,6 +19,12 @@ to the 200-WBC differential, split into finder, reading (in the reader thread, o
 detection + classification. Each time is given as wall-clock seconds and as CPU seconds of the
 process (all its threads): on a shared machine the wall clock says more about the other jobs than
 about smear. The stitched files are deleted at the end unless --keep.
+
+`--slide SLIDE --engine ray` counts on a local Ray instance of --workers CPUs (one worker a CPU,
+SMEAR_THREADS=1 in each) as `smear run --engine ray` does. The CPU seconds are then those of every
+process under the driver (Ray's daemons and the workers, from psutil), the workers' own apart; the
+peak memory is each process's VmHWM (the driver's, each worker's, the daemons' sum); the workers say
+how many tiles they ran, so that the tiles run past the target show.
 """
 
 from __future__ import annotations
@@ -151,21 +158,74 @@ def write_slide(path: Path, gigapixels: float, sources) -> dict:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 from pathlib import Path
+import psutil
 from smear.config import load_config
 from smear.pipeline.build import build_stages
 from smear.pipeline.wsi_run import SlideOutputs, WsiSettings, run_whole_slide
 from smear.report.tables import CellsWriter
 from smear.taxonomy import WBC_CLASSES
-path, target, cells = sys.argv[1], sys.argv[2], sys.argv[3]
+path, target, cells, engine_name, workers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 cfg = load_config("pipeline", None, ["cache_dir=off", "runtime=onnx", "device=cpu"])
-stages = build_stages(cfg)
 settings = WsiSettings.from_config(cfg.wsi)
+me = psutil.Process()
+
+
+def cpu_by_pid():
+    # user + system seconds of this process and every process under it (Ray's daemons and workers)
+    out = {}
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def hwm_mb(pid):
+    # a process's peak resident memory (VmHWM), MB
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+engine = stages = None
+if engine_name == "ray":
+    import ray
+    import smear.pipeline.ray_engine as ray_engine
+
+    class CountingWorker(ray_engine.FieldWorker):
+        # a worker that also says how many tiles it ran
+        n_tiles = 0
+
+        def run_tiles(self, job, tiles, resume):
+            out = super().run_tiles(job, tiles, resume)
+            self.n_tiles += len(tiles)
+            return out
+
+        def ran(self):
+            return self.n_tiles
+
+    ray_engine.FieldWorker = CountingWorker
+    env = {"SMEAR_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    with ray_engine._loopback_only(ray):
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    engine = ray_engine.RayEngine(ray_engine.BuildFromConfig(cfg), workers=workers).__enter__()
+else:
+    stages = build_stages(cfg)
 writer = CellsWriter(cells, slide_coords=True)
 marks, cpu_marks = {}, {}
 n = [0]
-start, cpu0 = time.perf_counter(), time.process_time()
+start, cpu0 = time.perf_counter(), cpu_by_pid()
+
+
+def cpu_since(now):
+    return sum(now.values()) - sum(v for pid, v in cpu0.items() if pid in now)
+
+
 def on_field(fr):
     if hasattr(fr, "cells"):
         writer.write("bench", fr)
@@ -173,29 +233,43 @@ def on_field(fr):
         for k in (100, 200):
             if n[0] >= k and k not in marks:
                 marks[k] = round(time.perf_counter() - start, 1)
-                cpu_marks[k] = round(time.process_time() - cpu0, 1)
+                cpu_marks[k] = round(cpu_since(cpu_by_pid()), 1)
 rep = run_whole_slide(Path(path), stages, settings, target_wbc=None if target == "all" else int(target),
-                      outputs=SlideOutputs(on_field=on_field, keep_fields=False))
-total, cpu = time.perf_counter() - start, time.process_time() - cpu0
+                      outputs=SlideOutputs(on_field=on_field, keep_fields=False), engine=engine)
+total = time.perf_counter() - start
+extra = {}
+if engine is not None:
+    ran = sum(ray.get([a.ran.remote() for a in engine.actors]))  # queued behind the calls still running
+    now = cpu_by_pid()
+    extra = {"workers": workers, "tiles_run_by_workers": ran, "ray_cpu_s_workers": round(sum(
+        now.get(pid, 0) - cpu0.get(pid, 0) for pid in engine.pids), 1), "ray_cpu_s_driver": round(now[me.pid] - cpu0[me.pid], 1),
+        "workers_peak_rss_mb": [hwm_mb(pid) for pid in engine.pids],
+        "ray_daemons_peak_rss_mb": sum(hwm_mb(pid) for pid in now if pid != me.pid and pid not in engine.pids)}
+cpu = cpu_since(cpu_by_pid())
+if engine is not None:
+    engine.__exit__(None, None, None)
+    ray.shutdown()
 writer.close()
 w = rep.whole_slide
-print(json.dumps({"target": target, "total_s": round(total, 1), "cpu_s": round(cpu, 1),
+print(json.dumps({"target": target, "engine": engine_name, "total_s": round(total, 1), "cpu_s": round(cpu, 1),
                   "first_100_s": marks.get(100), "first_100_cpu_s": cpu_marks.get(100),
-                  "first_200_s": marks.get(200), "first_200_cpu_s": cpu_marks.get(200), "wbc": n[0], "finder_s": w.finder_s, "read_s": w.read_s,
+                  "first_200_s": marks.get(200), "first_200_cpu_s": cpu_marks.get(200), "wbc": n[0],
+                  "finder_s": w.finder_s, "read_s": w.read_s,
                   "detect_s": w.detect_s, "tiles_total": w.tiles_total, "tiles_counted": w.tiles_counted,
                   "tiles_read": w.tiles_read, "skipped": w.skipped, "area_mm2": w.area_mm2,
                   "platelets_per_hpf": w.platelets_per_hpf, "platelets_1e9_per_l": w.platelets_1e9_per_l,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "peak_rss_mb": hwm_mb(me.pid), "load_avg": [round(x, 2) for x in os.getloadavg()], **extra}))
 """
 
 
-def count(path: Path, target: str, cells: Path) -> dict:
+def count(path: Path, target: str, cells: Path, engine: str = "local", workers: int = 2) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), target, str(cells)], capture_output=True,
-                         text=True, env=env)
+    load = [round(x, 2) for x in os.getloadavg()]
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), target, str(cells), engine, str(workers)],
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load_avg_before": load}
 
 
 def time_finder(path: Path) -> str:
@@ -234,6 +308,9 @@ def main() -> None:
     ap.add_argument("--write-only", action="store_true", help="write the stitched slides (kept), count nothing")
     ap.add_argument("--slide", type=Path, default=None, help="count this slide file, written before")
     ap.add_argument("--all", action="store_true", help="with --slide: count every monolayer tile")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="with --slide: count here, or on "
+                    "Ray workers (a local Ray of --workers CPUs, one worker a CPU, 1 thread each)")
+    ap.add_argument("--workers", type=int, default=2, help="with --engine ray: workers")
     args = ap.parse_args()
     if args.finder is not None:
         print(time_finder(args.finder))
@@ -241,7 +318,8 @@ def main() -> None:
     if args.slide is not None:
         target = "all" if args.all else str(args.target)
         args.out.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(count(args.slide, target, args.out / f"cells_{args.slide.stem}_{target}.csv")), flush=True)
+        cells = args.out / f"cells_{args.slide.stem}_{target}_{args.engine}.csv"
+        print(json.dumps(count(args.slide, target, cells, args.engine, args.workers)), flush=True)
         return
     if not (DATA / "bccd").exists():
         raise SystemExit(f"real data not present: {DATA}")

@@ -98,18 +98,26 @@ class CellPrediction:
 @dataclass(frozen=True)
 class SlideRegion:
     """Where a field cut from a whole-slide file lies on it: its top-left in level-0 pixels, level-0
-    pixels per field pixel, and micrometres per level-0 pixel (None when unknown)."""
+    pixels per field pixel, micrometres per level-0 pixel (None when unknown), and the slide's
+    level-0 width and height (None: unknown). A tile's margin may reach past the slide's edge (read
+    as white): boxes are clipped to the slide."""
 
     x0: float
     y0: float
     scale: float
     mpp: float | None = None
+    extent: tuple[int, int] | None = None
 
     def level0(self, box_xyxy: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        """A field box in level-0 pixels of the slide."""
+        """A field box in level-0 pixels of the slide, inside the slide."""
         x0, y0, x1, y1 = box_xyxy
-        return (self.x0 + x0 * self.scale, self.y0 + y0 * self.scale, self.x0 + x1 * self.scale,
-                self.y0 + y1 * self.scale)
+        box = (self.x0 + x0 * self.scale, self.y0 + y0 * self.scale, self.x0 + x1 * self.scale,
+               self.y0 + y1 * self.scale)
+        if self.extent is None:
+            return box
+        w, h = self.extent
+        return (min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w),
+                min(max(box[3], 0.0), h))
 
 
 @dataclass(frozen=True)
@@ -377,7 +385,8 @@ class RunResult:
     version: str
     audit: dict[str, Any]
     geometry: CropGeometry | None = None
-    finished: tuple[int, int] | None = None  # (fields whose result was made, all fields of the field slides)
+    finished: tuple[int, int] | None = None  # (fields and whole-slide tiles whose result was made, all fields of
+    #                                            the field slides and the whole-slide tiles reached)
 
     @property
     def masks(self) -> bool:

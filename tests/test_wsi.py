@@ -207,9 +207,14 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
     cells = list(csv.DictReader((out / "cells.csv").open()))
     wbc = [c for c in cells if c["kind"] == "wbc"]
     assert len(wbc) == 6
+    from smear.wsi.slide import WholeSlide
+
+    ws = WholeSlide(slide)
     for c in cells:
         x, y = (int(v[1:]) for v in c["field"].split("_"))
         assert x <= (float(c["x0_l0"]) + float(c["x1_l0"])) / 2 < x + BLOCK  # the tile owns its cells
+        assert 0 <= float(c["x0_l0"]) <= float(c["x1_l0"]) <= ws.width  # on the slide, margins or not
+        assert 0 <= float(c["y0_l0"]) <= float(c["y1_l0"]) <= ws.height
         assert float(c["x_um"]) == pytest.approx((float(c["x0_l0"]) + float(c["x1_l0"])) / 2 * MPP, abs=0.02)
     res = _run([str(slide), "--report", "json", "--out", str(out / "r.json"), "--all", *TEST_SET], tmp_path)
     assert res.exit_code == 0, res.output
@@ -265,7 +270,7 @@ class _LocalTileEngine:
     def __exit__(self, *_exc):
         return None
 
-    def tiles(self, job, tiles, resume):
+    def tiles(self, job, tiles, resume, target_wbc=None):
         from smear.pipeline.wsi_tiles import tile_outcomes
 
         with WholeSlide(job.path) as s:
@@ -324,3 +329,52 @@ def test_a_folder_of_slide_files_and_fields(tmp_path):
     assert whole.paths == [a] and rest == [scans]
     [fields] = find_slides(rest)
     assert [p.name for p in fields.fields] == ["field.png"]  # the pyramid is not read as a field
+
+
+def test_tile_budget_keeps_in_flight_what_the_missing_white_cells_need():
+    from smear.pipeline.wsi_tiles import TileBudget, TileOutcome
+    from smear.types import Detection, FieldResult
+
+    def tile(n_wbc: int) -> TileOutcome:
+        dets = tuple(Detection((4.0 * k, 0.0, 4.0 * k + 3, 3.0), CellKind.WBC) for k in range(n_wbc))
+        return TileOutcome(None, FieldResult("s", "t", 64, 64, dets))
+
+    budget = TileBudget(target_wbc=100, classified=False, most=8, start=4, prior_wbc=0.5)
+    assert budget.window() == 4  # before the first results: one call a worker, the target far at the prior
+    for _ in range(4):
+        budget.took(tile(10))
+    assert budget.window() == 6  # 60 missing at 10 a tile
+    budget.took(tile(0))
+    budget.took(TileOutcome(None, None))  # blurred when read: a tile without cells
+    assert budget.wbc == 40 and budget.window() == 8  # 60 missing at 40 / 6 a tile: 9, at most 8
+    for _ in range(5):
+        budget.took(tile(11))
+    assert budget.window() == 1  # 5 missing at 95 / 11 a tile
+    assert TileBudget(5, False, 8, 4, prior_wbc=2.0).window() == 3  # a near target at the prior
+    assert TileBudget(5, False, 8, 4, prior_wbc=0.0).window() == 4  # no prior: the first calls
+    assert TileBudget(None, False, 8, 4, prior_wbc=2.0).window() == 8  # --all
+
+
+def test_run_job_counts_a_whole_slides_tiles_as_finished(slide):
+    from smear.cli.wsi import WholeSlideRun
+    from smear.config import load_config
+    from smear.pipeline.job import JobOutputs, run_job
+
+    cfg = load_config("pipeline", None, [f"wsi.tile_px={BLOCK}", "wsi.margin_px=64", "detector=classical",
+                                         "classifier=off", "cache_dir=off"])
+    seen = []
+    result = run_job([], cfg, whole=WholeSlideRun([slide]).options(cfg, 6, False, None, None),
+                     outputs=JobOutputs(on_field=lambda _name, item: seen.append(item)))
+    (rep,) = result.reports
+    assert rep.whole_slide.tiles_counted == len(seen) > 1
+    assert result.finished == (len(seen), len(seen))  # the tiles, as a field slide's fields would be
+
+
+def test_a_box_in_a_tile_margin_past_the_slide_edge_is_clipped_to_the_slide():
+    """A top-left tile's margin reaches past the slide (read as white): its boxes stay on the slide."""
+    from smear.types import SlideRegion
+
+    region = SlideRegion(-40.0, -40.0, 2.0, 0.25, extent=(1000, 800))
+    assert region.level0((10.0, 15.0, 60.0, 70.0)) == (0.0, 0.0, 80.0, 100.0)
+    assert region.level0((500.0, 400.0, 530.0, 430.0)) == (960.0, 760.0, 1000.0, 800.0)
+    assert SlideRegion(-40.0, -40.0, 2.0).level0((10.0, 15.0, 60.0, 70.0)) == (-20.0, -10.0, 80.0, 100.0)

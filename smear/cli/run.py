@@ -123,13 +123,14 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
     from smear.types import SkippedField
 
     n_fields = sum(len(s.fields) for s in slides)
-    finished = [0]  # fields whose result is made (and cached): what a --resume after a failure skips
+    finished = [0, 0]  # results made (and cached): what a --resume after a failure skips; fields and tiles seen
     writer = None
     try:
         if cells is not None:
             writer = rep.CellsWriter(cells, masks=cfg.segmenter != "off", slide_coords=bool(whole))
         with progress(err_console, total=None if whole else n_fields) as advance:
             def on_field(slide_name, item):
+                finished[1] += 1
                 if isinstance(item, SkippedField):
                     if n_fields > 1:
                         warn(f"skipped {item.reason}")
@@ -149,7 +150,7 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
         if writer is not None:
             writer.abort()
         raise SmearError(f"{cells}: cannot write the cells table ({exc.strerror or exc})",
-                         hint=kept_hint(cfg, finished[0], n_fields)) from exc
+                         hint=kept_hint(cfg, finished[0], max(n_fields, finished[1]))) from exc  # + whole-slide tiles
     except BaseException:
         if writer is not None:
             writer.abort()

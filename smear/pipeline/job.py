@@ -80,23 +80,26 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                            workers=ray.workers, gpus_per_worker=ray.gpus_per_worker, warn=warn,
                            worker_logs=ray.worker_logs, classified=cfg.classifier != "off",
                            guard=_guard(metas))
-    done = [0]
+    done = [0, 0]  # results made (fields and whole-slide tiles); whole-slide tiles reached (made or unreadable)
 
     def each(name: str, item) -> None:
         done[0] += not isinstance(item, SkippedField)
         if on_field is not None:
             on_field(name, item)
 
+    def tile(name: str, item) -> None:
+        done[1] += 1
+        each(name, item)
+
     with engine as eng:
         reports = (run_slides(slides, stages, cfg.io.max_pixels, each, cache, resume, keep_fields, engine=eng)
                    if slides else [])
         geometry = (stages or eng).crop_geometry
         if whole is not None:
-            reports += whole.run(stages, cache, resume, on_field or (lambda _name, _item: None), keep_fields,
-                                 warn, engine=eng)
+            reports += whole.run(stages, cache, resume, tile, keep_fields, warn, engine=eng)
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
-                     finished=(done[0], sum(len(s.fields) for s in slides)))
+                     finished=(done[0], sum(len(s.fields) for s in slides) + done[1]))
 
 
 def _guard(metas) -> Any:

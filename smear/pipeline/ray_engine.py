@@ -10,8 +10,10 @@ dataset layer (and pyarrow) for what is here a list of paths and an ordered stre
 A whole slide (``tiles``) goes the same way: the driver finds the monolayer (reading, no model) and
 hands the workers the reading path a few tiles a call; each worker opens the file from shared
 storage, runs ``wsi_tiles.tile_outcomes`` on its tiles and writes the cache; the driver counts the
-outcomes in path order and stops sending tiles once the target is reached, cancelling those in
-flight (at most a window of calls is ever sent past the stop).
+outcomes in path order and stops at the target, cancelling the calls in flight (a call that has
+started runs to its end). So that few tiles are run past the stop, the tiles in flight are about as
+many as the white cells still missing need at the rate counted so far (``wsi_tiles.TileBudget``),
+and a call holds fewer tiles as the count nears the target.
 
 Ray is imported only by the functions here that need it, so the module loads without the extra.
 """
@@ -40,7 +42,7 @@ INSTALL = 'pip install "smear[ray]"'
 RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
 EXIT_WAIT_S = 10.0  # the most a closing engine waits for its killed workers to exit
 PER_WORKER = 2   # runs queued on each worker, so it never waits for the driver between runs
-TILES_PER_CALL = 2  # whole-slide tiles a call: the second is read while the models run on the first
+TILES_PER_CALL = 2  # whole-slide tiles a call (at most): the second is read while the models run on the first
 START_TIMEOUT_S = 600.0
 
 Item = FieldResult | SkippedField
@@ -323,11 +325,12 @@ class RayEngine:
         self._note(notes)
         return items
 
-    def _ordered(self, calls: int, send: Callable[[Any, int], Any], what: Callable[[int], str],
-                 window: int) -> Generator[list, None, None]:
-        """The results of calls 0 .. ``calls`` - 1 in order: ``send(actor, i)`` starts call i on a
-        worker; at most ``window`` calls are sent and not yet given out (it bounds the driver's memory
-        and the work past a stop); closing the generator cancels the calls in flight."""
+    def _ordered(self, send: Callable[[Any, int, int], Any], what: Callable[[int], str]
+                 ) -> Generator[list, None, None]:
+        """The results of the calls ``send`` starts, in the order started: ``send(actor, i, given)``
+        starts call i on that worker and returns its object ref, or None when no call is to start now
+        (``given`` calls are given out; with all of them given out, None means that none is left). At
+        most PER_WORKER calls wait on a worker; closing the generator cancels the calls in flight."""
         ray = require_ray()
         if not self.actors:
             raise SmearError("RayEngine runs inside `with RayEngine(...)`")
@@ -336,16 +339,21 @@ class RayEngine:
         done: dict[int, list] = {}
         sent = given = 0
         try:
-            while given < calls:
-                while sent < calls and sent - given < window and min(load) < PER_WORKER:
+            while True:
+                while min(load) < PER_WORKER:
                     k = load.index(min(load))
-                    flying[send(self.actors[k], sent)] = (sent, k)
+                    ref = send(self.actors[k], sent, given)
+                    if ref is None:
+                        break
+                    flying[ref] = (sent, k)
                     load[k] += 1
                     sent += 1
                 if given in done:
                     yield done.pop(given)
                     given += 1
                     continue
+                if not flying:
+                    return
                 ready, _ = ray.wait(list(flying), num_returns=1)
                 for ref in ready:
                     index, k = flying.pop(ref)
@@ -359,33 +367,52 @@ class RayEngine:
                     pass
 
     def results(self, slides: Sequence[Slide], max_pixels: int, resume: bool) -> Generator[Item, None, None]:
-        """One result or SkippedField per field of every slide, in slide and field order."""
+        """One result or SkippedField per field of every slide, in slide and field order (a window of
+        2 x PER_WORKER calls a worker sent and not yet given out: it bounds the driver's memory)."""
         todo = chunks(slides, self.field_batch)
+        window = 2 * PER_WORKER * len(self.actors)
 
-        def send(actor, i: int):
+        def send(actor, i: int, given: int):
+            if i >= len(todo) or i - given >= window:
+                return None
             return actor.run.remote(todo[i].slide, todo[i].fields, max_pixels, resume)
 
         def what(i: int) -> str:
             return f"{todo[i].slide}: {todo[i].fields[0].name} .. {todo[i].fields[-1].name}"
 
-        with contextlib.closing(self._ordered(len(todo), send, what, 2 * PER_WORKER * len(self.actors))) as stream:
+        with contextlib.closing(self._ordered(send, what)) as stream:
             for items in stream:
                 yield from items
 
-    def tiles(self, job: TileJob, tiles: Sequence[TileScore], resume: bool) -> Generator[TileOutcome, None, None]:
-        """One outcome per tile of a whole slide, in the order given (``TILES_PER_CALL`` tiles a call, a
-        window of ``PER_WORKER`` calls a worker); closing the generator cancels the calls in flight."""
-        calls = [tuple(tiles[i:i + TILES_PER_CALL]) for i in range(0, len(tiles), TILES_PER_CALL)]
+    def tiles(self, job: TileJob, tiles: Sequence[TileScore], resume: bool, target_wbc: int | None = None
+              ) -> Generator[TileOutcome, None, None]:
+        """One outcome per tile of a whole slide, in the order given, at most ``TILES_PER_CALL`` tiles
+        a call; the tiles in flight follow ``wsi_tiles.TileBudget`` towards ``target_wbc`` (at most
+        PER_WORKER calls a worker); closing the generator cancels the calls in flight."""
+        from smear.pipeline.wsi_tiles import PRIOR_WBC_PER_MM2, TileBudget
 
-        def send(actor, i: int):
+        n = len(self.actors)
+        budget = TileBudget(target_wbc, self.classified, most=PER_WORKER * n * TILES_PER_CALL,
+                            start=n * TILES_PER_CALL, prior_wbc=PRIOR_WBC_PER_MM2 * job.geo.tile_mm2)
+        calls: list[tuple[TileScore, ...]] = []
+        first = [0]  # the next tile to send
+
+        def send(actor, i: int, _given: int):
+            size = min(TILES_PER_CALL, len(tiles) - first[0], budget.window() - (first[0] - budget.tiles))
+            if size < 1:
+                return None
+            calls.append(tuple(tiles[first[0]:first[0] + size]))
+            first[0] += size
             return actor.run_tiles.remote(job, calls[i], resume)
 
         def what(i: int) -> str:
             return f"{job.name}: tiles {calls[i][0].name} .. {calls[i][-1].name}"
 
-        with contextlib.closing(self._ordered(len(calls), send, what, PER_WORKER * len(self.actors))) as stream:
+        with contextlib.closing(self._ordered(send, what)) as stream:
             for items in stream:
-                yield from items
+                for out in items:
+                    budget.took(out)
+                    yield out
 
 
 def _wait_gone(pids: Sequence[int], timeout_s: float) -> None:

@@ -105,7 +105,7 @@ def geometry(slide: WholeSlide, settings: WsiSettings, warn: Callable[[str], Non
     scale = settings.detector_mpp / mpp
     level = slide.level_for(scale)
     return Geometry(mpp, source, level, scale, max(1, int(round(settings.tile_px * scale))),
-                    max(0, int(round(settings.margin_px * scale))))
+                    max(0, int(round(settings.margin_px * scale))), (slide.width, slide.height))
 
 
 def quality_map_path(folder: Path | None, name: str) -> Path | None:
@@ -168,7 +168,7 @@ def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettin
         plan = find_monolayer(slide, geo, settings)
         found = _Found(geo, plan, time.perf_counter() - start)
         job = TileJob(str(path), name, geo, settings.finder.min_focus)
-        outcomes = (engine.tiles(job, plan.path, resume) if engine is not None
+        outcomes = (engine.tiles(job, plan.path, resume, target_wbc=target_wbc) if engine is not None
                     else tile_outcomes(slide, job, plan.path, stages, cache, resume))
         counter = Counter()
         report = gather_report(name, count_until(outcomes, target_wbc, classified, counter), classified=classified,
@@ -190,7 +190,7 @@ def _info(slide: WholeSlide, found: _Found, settings: WsiSettings, counter: Coun
     png = cv2.imencode(".png", finder.quality_map(plan, counted)[..., ::-1])[1].tobytes()
     if target is not None:
         write_bytes_atomic(target, png)
-    area = len(counted) * (geo.tile_l0 * geo.mpp) ** 2 / 1e6
+    area = len(counted) * geo.tile_mm2
     hpf_mm2 = math.pi * (settings.hpf_diameter_um / 2000.0) ** 2
     per_hpf = round(counter.platelets / area * hpf_mm2, 2) if area > 0 else None
     known = geo.mpp_source in ("file", "config")

@@ -34,7 +34,8 @@ from smear.wsi.slide import Level, WholeSlide
 
 @dataclass(frozen=True)
 class Geometry:
-    """How a slide is read: pixel size, level, level-0 px per detector px, tile core and margin."""
+    """How a slide is read: pixel size, level, level-0 px per detector px, tile core and margin, and
+    the slide's level-0 width and height."""
 
     mpp: float
     mpp_source: str
@@ -42,6 +43,12 @@ class Geometry:
     scale: float
     tile_l0: int
     margin_l0: int
+    extent: tuple[int, int]
+
+    @property
+    def tile_mm2(self) -> float:
+        """A tile's core, mm^2 of the slide."""
+        return (self.tile_l0 * self.mpp) ** 2 / 1e6
 
 
 def _sides(geo: Geometry, side_l0: int) -> tuple[int, int]:
@@ -52,7 +59,7 @@ def _sides(geo: Geometry, side_l0: int) -> tuple[int, int]:
 def region_of(geo: Geometry, x0: int, y0: int, side_l0: int) -> SlideRegion:
     """Where ``read_tile`` of this square lies on the slide (without reading it)."""
     side_lv, out = _sides(geo, side_l0)
-    return SlideRegion(float(x0), float(y0), side_lv * geo.level.downsample / out, geo.mpp)
+    return SlideRegion(float(x0), float(y0), side_lv * geo.level.downsample / out, geo.mpp, geo.extent)
 
 
 def read_tile(slide: WholeSlide, geo: Geometry, x0: int, y0: int, side_l0: int) -> tuple[np.ndarray, SlideRegion]:
@@ -117,9 +124,11 @@ class TileEngine(Protocol):
     classified: bool
     guard: Any
 
-    def tiles(self, job: TileJob, tiles: Sequence[finder.TileScore], resume: bool
+    def tiles(self, job: TileJob, tiles: Sequence[finder.TileScore], resume: bool, target_wbc: int | None = None
               ) -> Generator[TileOutcome, None, None]:
-        """One outcome per tile, in the order given; closing the generator stops the work."""
+        """One outcome per tile, in the order given, until the generator is closed (which stops the
+        work); ``target_wbc``: the white cells the count needs (None: every tile), so that little
+        work is done past it."""
         ...
 
 
@@ -226,7 +235,9 @@ class Counter:
     counted: list[str] = dataclasses.field(default_factory=list)
 
 
-def _identified(fr: FieldResult, classified: bool) -> int:
+def identified(fr: FieldResult, classified: bool) -> int:
+    """The white cells a tile's result adds to the count: classified ones, or detected ones when
+    nothing classifies."""
     if classified:
         return sum(1 for c in fr.cells if c.label in WBC_CLASSES)
     return fr.count(CellKind.WBC)
@@ -234,7 +245,7 @@ def _identified(fr: FieldResult, classified: bool) -> int:
 
 def _cut_at(fr: FieldResult, need: int, classified: bool) -> FieldResult:
     """The tile's result with its white cells after the ``need``-th counted one (top to bottom) left out."""
-    if _identified(fr, classified) <= need:
+    if identified(fr, classified) <= need:
         return fr
     label = {id(c.detection): c.label for c in fr.cells}
     wbcs = sorted((d for d in fr.detections if d.kind == CellKind.WBC),
@@ -269,7 +280,7 @@ def count_until(outcomes: Iterable[TileOutcome], target_wbc: int | None, classif
             fr = out.result
             if target_wbc is not None:
                 fr = _cut_at(fr, target_wbc - counter.identified, classified)
-            counter.identified += _identified(fr, classified)
+            counter.identified += identified(fr, classified)
             counter.platelets += fr.count(CellKind.PLATELET) + sum(1 for c in fr.cells if c.label == "PLATELET")
             counter.counted.append(fr.field)
             yield fr
@@ -279,3 +290,39 @@ def count_until(outcomes: Iterable[TileOutcome], target_wbc: int | None, classif
         close = getattr(outcomes, "close", None)
         if close is not None:
             close()
+
+
+PRIOR_WBC_PER_MM2 = 20.0  # white cells a mm^2 of monolayer, before a slide's first results: a normal count's
+#                           few a 40x field; low, so that the first calls go out as if the target were far
+
+
+@dataclass
+class TileBudget:
+    """How many of a slide's tiles another engine keeps in flight (sent, not yet counted) so that the
+    count reaches ``target_wbc`` with little work past it: about as many as the white cells still
+    missing need at the rate counted so far (WBC a tile; ``prior_wbc`` a tile before the first
+    results), at least one; at most ``start`` until the first results, then at most ``most``
+    (None target: ``most``, always)."""
+
+    target_wbc: int | None
+    classified: bool
+    most: int
+    start: int
+    prior_wbc: float
+    tiles: int = 0  # outcomes counted
+    wbc: int = 0    # the white cells in them
+
+    def took(self, out: TileOutcome) -> None:
+        """One more tile's outcome counted."""
+        self.tiles += 1
+        if isinstance(out.result, FieldResult):
+            self.wbc += identified(out.result, self.classified)
+
+    def window(self) -> int:
+        """Tiles to keep in flight now."""
+        if self.target_wbc is None:
+            return self.most
+        rate = self.wbc / self.tiles if self.tiles else self.prior_wbc
+        missing = self.target_wbc - self.wbc
+        need = math.ceil(missing / rate) if rate > 0 else self.most
+        return max(1, min(self.most if self.tiles else self.start, need))
