@@ -73,7 +73,8 @@ def test_multipage_tiff_first_page_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="smear"):
         out = read_image(tmp_path / "m.tif")
         read_image(tmp_path / "m.tif")  # said once a file, as Python's warnings did
-    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'm.tif'}: multi-page image, using the first page only"]
+    said = f"{tmp_path / 'm.tif'}: multi-page image, using the first page only"
+    assert [r.getMessage() for r in caplog.records] == [said]
     assert (out == 10).all()
 
 
