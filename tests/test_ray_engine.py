@@ -186,6 +186,7 @@ def test_worker_shape_follows_the_cluster(cpus, gpus, nodes, workers, per_gpu, s
         RayEngine(SynthStages(), gpus_per_worker=1)._shape(_fake_cluster(2, 0, 1))
 
 
+@pytest.mark.slow
 def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(tmp_path, ray_local):
     """The only whole-slide Ray test (one engine start): the same report as the local engine, tiles
     given out in the finder's order, few tiles run past the target (the tiles in flight shrink as the
