@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -26,6 +27,9 @@ DEFAULT_MAX_PIXELS = 200_000_000
 DARK, BRIGHT = 16, 245
 #: share of the machine's memory that ``io.max_pixels_in_flight: auto`` gives to decoded fields
 MEMORY_SHARE = 0.1
+
+_log = logging.getLogger(__name__)
+_multipage_said: set[str] = set()  # each multi-page file is said once a process, as warnings.warn did
 
 # Truncated files must fail, not be padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -67,7 +71,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                         hint="raise io.max_pixels in the pipeline config",
                     )
                 if getattr(im, "n_frames", 1) > 1:
-                    warnings.warn(f"{path}: multi-page image, using the first page only", stacklevel=2)
+                    if str(path) not in _multipage_said:
+                        _multipage_said.add(str(path))
+                        _log.warning(f"{path}: multi-page image, using the first page only")
                     im.seek(0)
                 wide = _sixteen_bit_rgb(im)
                 im.load()
@@ -237,12 +243,11 @@ def _walk_folders(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def find_slides(paths: list[str | Path], recursive: bool = False,
-                warn: Callable[[str], None] | None = None) -> list[Slide]:
+def find_slides(paths: list[str | Path], recursive: bool = False, empty_slides: bool = False) -> list[Slide]:
     """Each path as a slide: an image is a one-field slide, a folder of images is one slide.
 
-    A folder without images is an error; with several paths and ``warn`` given, it is a warning
-    and an empty slide (reported with 0 fields) so the other slides still run.
+    A folder without images is an error; with several paths and ``empty_slides``, it is a warning
+    (logged) and an empty slide (reported with 0 fields) so the other slides still run.
     """
     slides: list[Slide] = []
     for raw in paths:
@@ -268,8 +273,8 @@ def find_slides(paths: list[str | Path], recursive: bool = False,
                 slides.append(Slide(name or str(folder), tuple(fields)))
                 found = True
         if not found:
-            if warn is not None and len(paths) > 1:
-                warn(f"{path}: folder holds no image files, reported as an empty slide")
+            if empty_slides and len(paths) > 1:
+                _log.warning(f"{path}: folder holds no image files, reported as an empty slide")
                 slides.append(Slide(path.name or str(path), ()))
                 continue
             raise SmearError(f"{path}: folder holds no image files",

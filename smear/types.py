@@ -53,25 +53,30 @@ class MaskStats:
 #: each cell's crop at VIEW_CROP_PX square, each field at most VIEW_FIELD_PX on its long side
 VIEW_CROP_PX = 96
 VIEW_FIELD_PX = 640
+#: the JPEG quality the views are kept at, the one the page embeds them at: a BCCD field's view is then
+#: 22 KB (its pixels 922 KB), and the page's image, drawn on the decoded view and encoded again at the
+#: same quality, is within 0.03 dB PSNR of the field encoded once
+VIEW_JPEG_QUALITY = 80
 
 
 @dataclass(frozen=True)
 class CellView:
     """What the review page shows of a classified cell, cut by the pipeline from the field it read:
-    the crop (the run's crop geometry, VIEW_CROP_PX square, RGB uint8) and, for a masked cell, the
-    segmenter's mask of it at the same size (0 background, 1 cytoplasm, 2 nucleus)."""
+    the crop (the run's crop geometry, VIEW_CROP_PX square) as JPEG bytes and, for a masked cell, the
+    segmenter's mask of it at the same size (0 background, 1 cytoplasm, 2 nucleus) as PNG bytes."""
 
-    crop: np.ndarray
-    mask: np.ndarray | None = None
+    crop_jpeg: bytes
+    mask_png: bytes | None = None
 
 
 @dataclass(frozen=True)
 class FieldView:
     """What the review page shows of a field: the image scaled by ``scale`` (<= 1) to at most
-    VIEW_FIELD_PX on its long side, and the sha256 of the decoded field's pixels (the page keys its
-    saved review by the content it shows; "" when the field could not be read for its view)."""
+    VIEW_FIELD_PX on its long side, as JPEG bytes (None when the field could not be read for its
+    view), and the sha256 of the decoded field's pixels (the page keys its saved review by the
+    content it shows; "" when the field could not be read)."""
 
-    image: np.ndarray | None
+    image_jpeg: bytes | None
     scale: float
     digest: str
 

@@ -103,14 +103,15 @@ class SynthStages:
     ContentClassifier and HalfMask, ``field_batch`` fields a batch. A worker that meets a field
     ``kill_width`` pixels wide, while ``marker`` does not exist yet, creates it and SIGKILLs its own
     process mid-run; one that meets a field ``fail_width`` wide raises. ``log``, when set, is a folder
-    where each worker writes a file per field batch it runs (to count what was run again)."""
+    where each worker writes a file per field batch it runs (to count what was run again). With ``views``
+    the stages keep what the review page shows."""
 
     LABELS = [("SNE", 0.9), ("LY", 0.8), ("MO", 0.3), ("EO", 0.95)]
 
     def __init__(self, field_batch: int = 2, kill_width: int = 0, marker: str = "", fail_width: int = 0,
-                 log: str = ""):
+                 log: str = "", views: bool = False):
         self.field_batch, self.kill_width, self.marker = field_batch, kill_width, marker
-        self.fail_width, self.log = fail_width, log
+        self.fail_width, self.log, self.views = fail_width, log, views
 
     def __call__(self):
         from smear.detect.classical import ClassicalDetector
@@ -118,7 +119,7 @@ class SynthStages:
 
         det = _Tripwire(ClassicalDetector(), self.kill_width, self.marker, self.fail_width, self.log)
         return Stages(detector=det, classifier=ContentClassifier(self.LABELS), segmenter=HalfMask(),
-                      field_batch=self.field_batch, version="synth")
+                      field_batch=self.field_batch, version="synth", keep_views=self.views)
 
 
 class _Tripwire:

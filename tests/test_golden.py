@@ -8,18 +8,16 @@ of the reports: ``SMEAR_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py``.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import need_data
+from conftest import bccd_golden_slide
 from smear.cli import app
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[1]
-N_BCCD = 20  # the first fields of BCCD test, sorted by name
 runner = CliRunner()
 
 pytestmark = pytest.mark.slow
@@ -58,10 +56,6 @@ def test_demo_slide_report_with_torch_runtime_is_golden(monkeypatch):
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_bccd_test_fields_report_is_golden(fmt, tmp_path, monkeypatch):
     """The first 20 BCCD test fields as one slide ``bccd_test20``; the fields are copied, never committed."""
-    images = need_data("bccd", "test", "images")
-    slide = tmp_path / "bccd_test20"
-    slide.mkdir()
-    for src in sorted(images.iterdir(), key=lambda p: p.name)[:N_BCCD]:
-        shutil.copyfile(src, slide / src.name)
+    bccd_golden_slide(tmp_path)
     monkeypatch.chdir(tmp_path)
     _check(_report("bccd_test20", fmt), f"bccd_test20_report.{fmt}")

@@ -70,3 +70,24 @@ def test_markup_like_file_names_are_printed_as_they_are(tmp_path):
     slide(bold, seeds=(1,))
     res = runner.invoke(app, ["run", str(bold), *CLASSICAL])
     assert res.exit_code == 0 and "[bold]slide: 1 fields" in res.stdout
+
+
+def test_the_runs_warnings_go_through_one_logger_whose_handler_the_cli_sets(tmp_path, caplog):
+    """A library call's warnings are records of the smear logger (a caller handles them); the CLI gives
+    that logger its one handler for the command, prints the same `warning:` lines, and takes it off."""
+    import logging
+
+    from smear.io import find_slides
+
+    slide(tmp_path / "s", seeds=(1,))
+    (tmp_path / "empty").mkdir()
+    said = f"{tmp_path / 'empty'}: folder holds no image files, reported as an empty slide"
+    with caplog.at_level(logging.WARNING, logger="smear"):
+        find_slides([tmp_path / "s", tmp_path / "empty"], empty_slides=True)
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("smear.io", logging.WARNING, said)]
+    res = runner.invoke(app, ["run", str(tmp_path / "s"), str(tmp_path / "empty"), "--report", "csv", *CLASSICAL,
+                              "--set", "cache_dir=off"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {said}" in res.stderr.splitlines()
+    logger = logging.getLogger("smear")
+    assert logger.propagate and not logger.handlers and not logging.getLogger("py.warnings").handlers

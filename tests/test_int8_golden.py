@@ -16,19 +16,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import need_data
+from conftest import bccd_golden_slide, need_data
 from smear.cli import app
 
 FIXTURE = Path(__file__).parent / "golden" / "int8_cell_diff.json"
 REPO = Path(__file__).resolve().parents[1]
-N_BCCD = 20  # the golden BCCD slide: the first fields of BCCD test, sorted by name
 runner = CliRunner()
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -103,11 +101,7 @@ def test_cell_diff_pairs_cells_by_overlap():
 
 def test_golden_slides_under_onnx_int8_move_only_the_listed_cells(tmp_path, monkeypatch):
     need_data("bccd", "train")  # the INT8 detector's calibration fields
-    images = need_data("bccd", "test", "images")
-    bccd = tmp_path / "bccd_test20"
-    bccd.mkdir()
-    for src in sorted(images.iterdir(), key=lambda p: p.name)[:N_BCCD]:
-        shutil.copyfile(src, bccd / src.name)
+    bccd = bccd_golden_slide(tmp_path)
     monkeypatch.chdir(tmp_path)
     got = {}
     for name, slide in (("slide_demo", REPO / "examples" / "slide_demo"), ("bccd_test20", bccd)):

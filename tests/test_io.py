@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -65,12 +66,15 @@ def test_16bit_tiff_scaled_to_8bit(tmp_path):
     assert out[0, 0, 0] == 0 and out[0, 1, 0] == 255 and out[1, 0, 0] == 128
 
 
-def test_multipage_tiff_first_page_with_warning(tmp_path):
+def test_multipage_tiff_first_page_with_warning(tmp_path, caplog):
     p1 = Image.fromarray(np.full((4, 4, 3), 10, np.uint8))
     p2 = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
     p1.save(tmp_path / "m.tif", save_all=True, append_images=[p2])
-    with pytest.warns(UserWarning, match="multi-page"):
+    with caplog.at_level(logging.WARNING, logger="smear"):
         out = read_image(tmp_path / "m.tif")
+        read_image(tmp_path / "m.tif")  # said once a file, as Python's warnings did
+    said = f"{tmp_path / 'm.tif'}: multi-page image, using the first page only"
+    assert [r.getMessage() for r in caplog.records] == [said]
     assert (out == 10).all()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -106,7 +108,7 @@ def test_unet_onnx_matches_torch(tmp_path, monkeypatch):
     assert torch.abs(t - o).max().item() < PROB_TOL
 
 
-def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
+def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     from smear.pipeline.build import _with_fallback
 
     calls = []
@@ -117,8 +119,9 @@ def test_onnx_failure_falls_back_to_torch_with_a_warning(monkeypatch):
             raise RuntimeError("exporter broke")
         return "torch model"
 
-    with pytest.warns(UserWarning, match="exporter broke"):
+    with caplog.at_level(logging.WARNING, logger="smear"):
         assert _with_fallback(default_config("pipeline").model_copy(update={"runtime": "onnx"}), load) == "torch model"
+    assert [r.levelno for r in caplog.records if "exporter broke" in r.getMessage()] == [logging.WARNING]
     assert calls == ["onnx", "torch"]
     from smear.errors import ModelError
 

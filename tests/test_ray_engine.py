@@ -128,6 +128,31 @@ def test_resumed_ray_run_after_an_interruption_gives_the_same_report(tmp_path, r
     assert len(rerun) == 8 - len(entries)  # the cached fields were not run again
 
 
+@pytest.mark.slow
+def test_html_report_on_ray_shows_the_local_engines_cells_and_outlines(tmp_path, ray_local):
+    """`--report html` under `--engine ray`: the workers' stages keep the views (built with them) and
+    send them back with the results; the page is the local engine's, every field, crop and outline."""
+    from smear.report.html import render_html
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for k in range(3):  # fields with white cells (the small ones of _slides have none to show)
+        write_image_atomic(folder / f"f{k}.png", make_field(seed=k, width=320, height=240, n_wbc=2).image_rgb)
+    slides = find_slides([folder])
+    build = SynthStages(views=True)
+    local = run_slides(slides, build())
+    with RayEngine(build, field_batch=build.field_batch, workers=1) as engine:
+        remote = run_slides(slides, build(), engine=engine)
+
+    def page(reports):
+        return render_html(reports, rep.differentials(reports), audit={"date": "today"})
+
+    cells = [c for r in local for c in r.cells()]
+    assert cells and all(c.view is not None and c.view.mask_png is not None for c in cells)
+    assert page(remote) == page(local)
+    assert page(local).count("data:image/jpeg;base64,") >= 3 + len(cells) and "N:C 1.00" in page(local)
+
+
 def test_ray_options_without_the_extra_or_the_engine_are_one_line_errors(tmp_path, monkeypatch):
     (folder,) = _slides(tmp_path, {"s": 1})
     res = runner.invoke(app, ["run", str(folder), "--workers", "2", *CLASSICAL])
@@ -161,6 +186,7 @@ def test_worker_shape_follows_the_cluster(cpus, gpus, nodes, workers, per_gpu, s
         RayEngine(SynthStages(), gpus_per_worker=1)._shape(_fake_cluster(2, 0, 1))
 
 
+@pytest.mark.slow
 def test_a_whole_slide_on_ray_counts_as_the_local_engine_stops_at_n_and_resumes(tmp_path, ray_local):
     """The only whole-slide Ray test (one engine start): the same report as the local engine, tiles
     given out in the finder's order, few tiles run past the target (the tiles in flight shrink as the

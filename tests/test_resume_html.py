@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 from PIL import Image
 
 from fakes import ContentClassifier, FakeDetector, HalfMask, dets
 from smear.config import default_config
-from smear.io import find_slides
+from smear.io import find_slides, read_image as _read
 from smear.pipeline.cache import FieldCache
 from smear.report.html import render_html
 from smear.report.tables import cells_csv, differentials, summary_csv, to_json
@@ -88,6 +89,55 @@ def test_resumed_run_makes_the_same_page(tmp_path):
     assert again.detector.batches == []  # every field came from the cache
     page = lambda rep: render_html([rep], differentials([rep], CFG), cfg=CFG, audit={"date": "today"})  # noqa: E731
     assert "N:C 0.50" in page(fresh) and page(resumed) == page(fresh)
+
+
+class _Counted:
+    """A segmenter that counts the crops it masks."""
+
+    def __init__(self, inner):
+        self.inner, self.crop_margin, self.input_size, self.masked = inner, inner.crop_margin, inner.input_size, 0
+
+    def segment(self, crops):
+        self.masked += len(crops)
+        return self.inner.segment(crops)
+
+
+def test_resumed_page_takes_the_views_from_the_cache_reading_and_masking_nothing(tmp_path, monkeypatch):
+    """The views a run kept are stored beside its cache entries (which stay byte for byte those of a run
+    without views): a resumed run makes the same page without reading or masking a field again. Views
+    that do not fit their entry (tampered, or of another result) are not believed: the field is read
+    and masked again for them, and the page is still the same."""
+    import smear.pipeline.run as run_mod
+
+    slide, by_width = _slide(tmp_path, n=4)
+
+    def stages(**kw):
+        return dataclasses.replace(_stages(by_width), segmenter=_Counted(HalfMask(rest=1)), **kw)
+
+    plain = FieldCache(tmp_path / "plain", "v1")
+    run_slide(slide, stages(), cache=plain)
+    cache = FieldCache(tmp_path / "cache", "v1")
+    fresh = run_slide(slide, stages(keep_views=True), cache=cache)
+    entries = sorted(p.relative_to(cache.folder) for p in cache.folder.rglob("*.json"))
+    assert [(cache.folder / e).read_bytes() for e in entries] == [(plain.folder / e).read_bytes() for e in entries]
+    sidecars = sorted(cache.folder.rglob("*.views"))
+    assert len(sidecars) == 4 and not list(plain.folder.rglob("*.views"))
+
+    read = []
+    monkeypatch.setattr(run_mod, "read_image", lambda path, **kw: read.append(path) or _read(path, **kw))
+    again = stages(keep_views=True)
+    resumed = run_slide(slide, again, cache=cache, resume=True)
+    page = lambda rep: render_html([rep], differentials([rep], CFG), cfg=CFG, audit={"date": "today"})  # noqa: E731
+    assert read == [] and again.segmenter.masked == 0 and again.detector.batches == []
+    assert page(resumed) == page(fresh)
+
+    stored = json.loads(sidecars[0].read_text())
+    stored["views"]["field"][2] = "0" * 64  # another field's digest, the checksum left as it was
+    sidecars[0].write_text(json.dumps(stored))
+    sidecars[1].write_text("{not json")
+    again = stages(keep_views=True)
+    resumed = run_slide(slide, again, cache=cache, resume=True)
+    assert len(read) == 2 and again.segmenter.masked > 0 and page(resumed) == page(fresh)
 
 
 def test_html_report_is_self_contained(tmp_path):

@@ -11,6 +11,7 @@ the crop): about (1/margin)^2 for a map spread evenly, near 1 when the model loo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from smear.classify.model import CnnClassifier
 from smear.nn.tensors import crops_to_tensor
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,10 @@ def overlay(crop: np.ndarray, cam: np.ndarray, alpha: float = 0.45, scale: int =
 
 
 def explain_files(clf: CnnClassifier, paths: Sequence[Path], out: Path, target: str | None = None,
-                  warn=None) -> list[dict]:
+                  skip_unreadable: bool = False) -> list[dict]:
     """Grad-CAM overlays of single-cell images (the cell is found as in training, then cut with the
-    model's geometry), written as ``out/<stem>_gradcam.png``; one summary row per image."""
+    model's geometry), written as ``out/<stem>_gradcam.png``; one summary row per image. An image that
+    cannot be read is an error, or with ``skip_unreadable`` a logged warning and no row."""
     from smear.classify.crop_cache import cut_cell_crop
     from smear.io import read_image, write_image_atomic
     from smear.errors import SmearError
@@ -129,9 +133,9 @@ def explain_files(clf: CnnClassifier, paths: Sequence[Path], out: Path, target: 
         try:
             image = read_image(path)
         except SmearError as exc:
-            if warn is None:
+            if not skip_unreadable:
                 raise
-            warn(f"skipped {exc}")
+            _log.warning(f"skipped {exc}")
             continue
         crop = cut_cell_crop(image, clf.crop_margin, clf.input_size)
         ex = grad_cam(clf, [crop], [target])[0]

@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from smear.errors import SmearError
 
 _state = {"verbose": False}
+_log = logging.getLogger(__name__)
 try:  # typer >= 0.29 carries its own click inside it
     from typer._click.exceptions import UsageError as _TyperUsageError
 except ImportError:
@@ -136,8 +137,9 @@ def fail(message: str, hint: str = "", code: int = 1) -> None:
 
 
 def warn(message: str) -> None:
-    """One yellow warning line on stderr; file names in it are printed as they are, not as markup."""
-    err_console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
+    """One yellow warning line on stderr, through smear's logger and the one handler ``setup_logging``
+    gives it (as the library's warnings); file names in it are printed as they are, not as markup."""
+    _log.warning(message)
 
 
 def show(message: str) -> None:
@@ -163,7 +165,8 @@ def terminate_cleanly():
 
 
 class _LogHandler(RichHandler):
-    """The library's log records as plain lines on stderr: progress as it is, warnings as `warning:`."""
+    """The one handler of smear's loggers (the library's and the CLI's): its records as plain lines on
+    stderr, progress as it is, warnings as `warning:`."""
 
     def render(self, *, record: logging.LogRecord, traceback, message_renderable):
         if record.levelno >= logging.WARNING:
@@ -171,20 +174,30 @@ class _LogHandler(RichHandler):
         return message_renderable
 
 
+_LOGGERS = ("smear", "py.warnings")  # smear's own, and Python warnings (logging.captureWarnings)
+
+
 def setup_logging(verbose: bool) -> None:
     """smear's loggers (and Python warnings) to stderr through rich; debug lines with --verbose."""
-    logger = logging.getLogger("smear")
-    for handler in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
-        logger.removeHandler(handler)
+    reset_logging()
     handler = _LogHandler(console=err_console, show_time=False, show_level=False, show_path=False,
-                          markup=False, highlighter=NullHighlighter(), rich_tracebacks=False)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-    warnings_logger = logging.getLogger("py.warnings")
-    if not any(isinstance(h, _LogHandler) for h in warnings_logger.handlers):
-        warnings_logger.addHandler(handler)
-    warnings_logger.propagate = False
+                          markup=False, highlighter=NullHighlighter(), rich_tracebacks=False, keywords=[])
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("smear").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def reset_logging() -> None:
+    """The loggers as they were before ``setup_logging`` (a library in another program, or a test,
+    then handles smear's records itself)."""
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.getLogger("smear").setLevel(logging.NOTSET)
 
 
 def _show_version(value: bool) -> None:
@@ -212,6 +225,7 @@ def _root(ctx: typer.Context,
     def restore() -> None:
         logging.captureWarnings(False)
         warnings.formatwarning = plain
+        reset_logging()
 
     ctx.call_on_close(restore)
 

@@ -73,7 +73,7 @@ def run(
     from smear.cli.wsi import check_whole_slides
 
     whole, paths = check_whole_slides(paths, target_wbc, all_tiles, recursive)
-    slides = find_slides(paths, recursive=recursive, warn=warn) if paths else []
+    slides = find_slides(paths, recursive=recursive, empty_slides=True) if paths else []
     check_outputs({"--out": out, "--cells": cells}, slides + whole.as_slides())  # before any model loads
     ray = None
     if engine == EngineName.ray:
@@ -139,8 +139,8 @@ def _run_job(slides, cfg, resume: bool, cells: Optional[Path], report: ReportFor
                     if writer is not None:
                         writer.write(slide_name, item)
                 advance()
-            outputs = JobOutputs(on_field, warn, keep_fields=report in (ReportFormat.json, ReportFormat.html),
-                                 views=report == ReportFormat.html)
+            outputs = JobOutputs(on_field, keep_fields=report in (ReportFormat.json, ReportFormat.html),
+                                 views=report == ReportFormat.html)  # warnings: the logger's, as the library's
             result = run_job(slides, cfg, resume, ray=ray, whole=whole or None, outputs=outputs)
         if writer is not None:
             writer.close()

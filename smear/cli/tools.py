@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smear.cli.app import ConfigOpt, SetOpt, app, config_app, data_app, err_console, out_console, warn
+from smear.cli.app import ConfigOpt, SetOpt, app, config_app, data_app, out_console, warn
 from smear import __version__
 from smear.errors import SmearError
 
@@ -126,8 +126,7 @@ def adapt(
     limits = Limits(**load_config("classify", config, set_ or []).adapt.model_dump())
     recipe = Recipe(seed=seed, **({"epochs": int(epochs)} if epochs else {}))
     model_dir = adapt_model(data, out, from_, recipe, Inputs(layout, fields, source_data=source_data or ()),
-                            Brakes(limits, force, allow_worse), device,
-                            log=lambda m: err_console.print(m, markup=False))
+                            Brakes(limits, force, allow_worse), device)  # its lines: the logger's
     out_console.print(f"model folder: {model_dir}\nuse it with:\n  {run_line(model_dir)}")
 
 
@@ -162,7 +161,7 @@ def explain(
     clf = CnnClassifier.from_dir(resolve_model_dir(model, "classifier"), device=device)
     if target is not None and target not in clf.classes:
         raise SmearError(f"--target {target}: not a class of this model", hint=f"one of {', '.join(clf.classes)}")
-    rows = explain_files(clf, files, out, target, warn=warn if len(files) > 1 else None)
+    rows = explain_files(clf, files, out, target, skip_unreadable=len(files) > 1)
     shares = [r["cam_in_box"] for r in rows if r["cam_in_box"] == r["cam_in_box"]]
     summary = {"n": len(rows), "mean_cam_in_box": round(sum(shares) / len(shares), 4) if shares else None,
                "uniform_cam_in_box": round(1 / clf.crop_margin ** 2, 4), "out": str(out), "images": rows}

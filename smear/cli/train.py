@@ -101,7 +101,7 @@ def train_guard(
     validation crops and its training labs' colours; needs its novelty score."""
     from smear.classify.guard_fit import fit_for_run
 
-    got = fit_for_run(run, model, max_val=max_val, draws=draws, log=lambda m: err_console.print(m, markup=False))
+    got = fit_for_run(run, model, max_val=max_val, draws=draws)  # its progress lines: the logger's
     fit = got["fit"]
     show(f"slide guard thresholds {got['thresholds']}; on its synthetic slides: recall {fit['recall_bad']} "
          f"({fit['bad_slides']} read < 0.75), false alarms {fit['false_alarms_good']} ({fit['good_slides']} read >= 0.90)")

@@ -47,8 +47,8 @@ class WholeSlideRun:
             self.quality_dir = Path(where)
         return self
 
-    def run(self, stages, cache, resume: bool, on_field: Callable, keep: bool, warn: Callable[[str], None],
-            engine=None) -> list:
+    def run(self, stages, cache, resume: bool, on_field: Callable, keep: bool,
+            warn: Optional[Callable[[str], None]], engine=None) -> list:
         """Each file counted into its SlideReport, with ``stages`` here or on the ``engine``'s workers;
         ``on_field(slide_name, item)`` per counted tile."""
         from smear.pipeline.wsi_run import SlideOutputs, run_whole_slide

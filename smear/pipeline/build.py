@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from smear.io import pixel_budget
 from smear.pipeline.run import Stages
 from smear.errors import ModelError
 from smear.types import Detector, Segmenter
+
+_log = logging.getLogger(__name__)
 
 
 def _runtime(cfg: PipelineConfig) -> str:
@@ -26,8 +29,6 @@ def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
     installed, no training data to calibrate INT8 on): one warning and fp32 onnxruntime. ONNX that
     cannot be made or loaded: a warning and torch. A missing or broken model folder is still an error.
     ``warned``: messages already given (one build of the stages says each once)."""
-    import warnings
-
     from smear.nn.runtime import RuntimeUnavailable
 
     warned = set() if warned is None else warned
@@ -35,7 +36,7 @@ def _with_fallback(cfg: PipelineConfig, load, warned: set[str] | None = None):
     def _warn_once(message: str) -> None:
         if message not in warned:
             warned.add(message)
-            warnings.warn(message, stacklevel=4)
+            _log.warning(message)
 
     runtime = _runtime(cfg)
     if runtime == "torch":
@@ -224,8 +225,9 @@ def audit_info(cfg: PipelineConfig, run_id: str, metas: Metas | None = None) -> 
     return {"run_id": run_id, "models": models, "settings": settings}
 
 
-def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
-    """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already)."""
+def build_stages(cfg: PipelineConfig, metas: Metas | None = None, *, views: bool = False) -> Stages:
+    """Stages for a resolved pipeline config; each model folder is read once (``metas``: read already).
+    With ``views`` their results keep what the review page shows (``Stages.keep_views``)."""
     from smear.devices import resolve_device
 
     _runtime(cfg)
@@ -248,7 +250,7 @@ def build_stages(cfg: PipelineConfig, metas: Metas | None = None) -> Stages:
                   review_threshold=cfg.review_threshold, mask_background=cfg.mask_background,
                   classify_batch=cfg.classify_batch, field_batch=cfg.field_batch,
                   version=stages_version(cfg, metas),
-                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels))
+                  pixel_budget=pixel_budget(cfg.io.max_pixels_in_flight, cfg.io.max_pixels), keep_views=views)
 
 
 def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
@@ -269,7 +271,7 @@ def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
 
 def build_cache(cfg: PipelineConfig, version: str, warn=None):
     """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
-    ``warn`` hears of refused entries and of a cache that cannot be written."""
+    ``warn`` (default: this module's logger) hears of refused entries and of a cache that cannot be written."""
     from smear.artifacts import cache_setting
     from smear.pipeline.cache import FieldCache
 

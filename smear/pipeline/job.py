@@ -9,6 +9,7 @@ report layer's job (``smear.report.write``); progress and warnings go to the cal
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -16,6 +17,8 @@ from smear.config_models import PipelineConfig
 from smear.io import Slide
 from smear.pipeline.run import FieldCallback, run_slides
 from smear.types import CropGeometry, RunResult, SkippedField, SlideReport
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,9 @@ class RayOptions:
 class JobOutputs:
     """What a run hands back besides its result, and how much it keeps: each field's result (or
     skip) to ``on_field(slide_name, item)`` as it is made, warnings (refused cache entries, a
-    classifier without a novelty score) to ``warn``, the fields kept in the reports
-    (``keep_fields``; else the slides' counts only) and, with ``views``, what the review page shows
-    of each kept field and cell (``Stages.keep_views``)."""
+    classifier without a novelty score) to ``warn`` (None: the logger of each module that warns),
+    the fields kept in the reports (``keep_fields``; else the slides' counts only) and, with
+    ``views``, what the review page shows of each kept field and cell (``Stages.keep_views``)."""
 
     on_field: FieldCallback | None = None
     warn: Callable[[str], None] | None = None
@@ -47,7 +50,7 @@ class WholeSlides(Protocol):
     here, or on the Ray engine's workers."""
 
     def run(self, stages: Any, cache: Any, resume: bool, on_field: FieldCallback, keep: bool,
-            warn: Callable[[str], None], engine: Any = None) -> list[SlideReport]:
+            warn: Callable[[str], None] | None, engine: Any = None) -> list[SlideReport]:
         """Each file counted into its SlideReport."""
         ...
 
@@ -63,14 +66,13 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
     on_field, warn, keep_fields, views = outputs.on_field, outputs.warn, outputs.keep_fields, outputs.views
     metas = model_metas(cfg)  # each model folder read and hashed once (the Ray driver loads no model)
     notice = guard_notice(cfg, metas)
-    if notice and warn is not None:
-        warn(notice)
+    if notice:
+        (warn or _log.warning)(notice)
     version = stages_version(cfg, metas)
     cache = build_cache(cfg, version, warn=warn)
     stages, engine = None, contextlib.nullcontext(None)
     if ray is None:
-        stages = build_stages(cfg, metas)
-        stages.keep_views = views
+        stages = build_stages(cfg, metas, views=views)
     else:
         from smear.pipeline.ray_engine import BuildFromConfig, RayEngine
 
@@ -94,7 +96,7 @@ def run_job(slides: Sequence[Slide], cfg: PipelineConfig, resume: bool = False, 
                    if slides else [])
         geometry = (stages or eng).crop_geometry
         if whole is not None:
-            reports += whole.run(stages, cache, resume, tile, keep_fields, warn or (lambda _m: None), engine=eng)
+            reports += whole.run(stages, cache, resume, tile, keep_fields, warn, engine=eng)
     return RunResult(tuple(reports), tuple(differentials(reports, cfg)), cfg, version, audit_info(cfg, version, metas),
                      None if geometry is None else CropGeometry(*geometry),
                      finished=(done[0], sum(len(s.fields) for s in slides) + done[1]))

@@ -36,6 +36,8 @@ from smear.pipeline.cache import FieldCache
 from smear.pipeline.run import Stages, iter_field_results
 from smear.types import FieldResult, SkippedField
 
+_log = logging.getLogger(__name__)
+
 INSTALL = 'pip install "smear[ray]"'
 RESTARTS = 3     # a worker process that dies is started again this many times; its runs are retried
 EXIT_WAIT_S = 10.0  # the most a closing engine waits for its killed workers to exit
@@ -94,9 +96,7 @@ class BuildFromConfig:
         cfg = self.cfg
         if cfg.device.strip().lower() == "auto" and not ray.get_gpu_ids():
             cfg = cfg.model_copy(update={"device": "cpu"})
-        stages = build_stages(cfg)
-        stages.keep_views = self.keep_views
-        return stages
+        return build_stages(cfg, views=self.keep_views)
 
 
 class FieldWorker:
@@ -205,7 +205,7 @@ class RayEngine:
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float | None = None
-    warn: Callable[[str], None] | None = None
+    warn: Callable[[str], None] | None = None  # the workers' warnings, said once each (None: the logger)
     worker_logs: bool = False
     start_timeout_s: float = START_TIMEOUT_S
     classified: bool = True  # whether the stages ``build`` makes classify (the reports say so)
@@ -298,16 +298,19 @@ class RayEngine:
             raise SmearError(f"no Ray worker started within {self.start_timeout_s:g} s "
                              f"(each asks for {cpus:g} CPUs and {gpus:g} GPUs)",
                              hint="see `ray status`; --workers and --gpus-per-worker ask for less")
-        if late and self.warn is not None:
-            self.warn(f"{len(late)} of {n} Ray workers did not start within {self.start_timeout_s:g} s; "
+        if late:
+            self._say(f"{len(late)} of {n} Ray workers did not start within {self.start_timeout_s:g} s; "
                       f"running on {len(started)}")
         self.actors = started
 
     def _note(self, notes: Sequence[str]) -> None:
         for message in notes:
-            if message not in self._noted and self.warn is not None:
+            if message not in self._noted:
                 self._noted.add(message)
-                self.warn(message)
+                self._say(message)
+
+    def _say(self, message: str) -> None:
+        (self.warn or _log.warning)(message)
 
     def _collect(self, ray, ref, what: str) -> list:
         """A call's results; ``what`` names its slide and items for the errors."""

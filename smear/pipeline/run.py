@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -19,14 +20,15 @@ from smear.crops import crop_square, cut_crop, pad_value, paint_background
 from smear.errors import SmearError
 from smear.taxonomy import FINE_CLASSES, UNIDENTIFIED, CellKind
 from smear.types import (
-    VIEW_CROP_PX, VIEW_FIELD_PX, CellPrediction, CellView, Classifier, Detection, Detector, FieldResult,
-    FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideEvidence, SlideReport, Tally,
+    VIEW_CROP_PX, VIEW_FIELD_PX, VIEW_JPEG_QUALITY, CellPrediction, CellView, Classifier, Detection, Detector,
+    FieldResult, FieldView, GuardSums, MaskStats, Segmenter, SkippedField, SlideEvidence, SlideReport, Tally,
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stages:
-    """The stages a run uses; only the detector is required."""
+    """The stages a run uses; only the detector is required. Made whole by their builder
+    (``smear.pipeline.build.build_stages``), never changed after."""
 
     detector: Detector
     classifier: Classifier | None = None
@@ -38,8 +40,9 @@ class Stages:
     #: decoded field pixels held at once (the batch running and the one decoded ahead); None: io's auto
     pixel_budget: int | None = None
     version: str = "unversioned"  # identifies models + settings; keys the resume cache
-    #: keep what the review page shows (a run that makes the page): each field at most VIEW_FIELD_PX on
-    #: its long side (under 1.3 MB) and each classified cell's crop and mask (37 KB), in its result
+    #: keep what the review page shows (a run that makes the page), encoded, in its results: each field at
+    #: most VIEW_FIELD_PX on its long side (a BCCD field: 22 KB) and each classified cell's crop and mask
+    #: (about 3 KB)
     keep_views: bool = False
 
     @property
@@ -75,32 +78,41 @@ def _classify(clf: Classifier, crops) -> tuple[list[dict[str, float]], list[floa
     return [scores.probs_of(i) for i in n], [scores.novelty_of(i) for i in n], [scores.guard_of(i) for i in n]
 
 
+def _jpeg(image_rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", np.ascontiguousarray(image_rgb[..., ::-1]),
+                        [cv2.IMWRITE_JPEG_QUALITY, VIEW_JPEG_QUALITY])[1].tobytes()
+
+
 def field_view(image: np.ndarray) -> FieldView:
-    """What the review page shows of a decoded field: the field at most VIEW_FIELD_PX on its long side,
-    and the sha256 of its pixels."""
+    """What the review page shows of a decoded field: the field at most VIEW_FIELD_PX on its long side
+    (JPEG bytes), and the sha256 of its pixels."""
     digest = hashlib.sha256(image.tobytes()).hexdigest()
     scale = VIEW_FIELD_PX / max(image.shape[:2])
     if scale >= 1:
-        return FieldView(image, 1.0, digest)
-    return FieldView(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale, digest)
+        return FieldView(_jpeg(image), 1.0, digest)
+    return FieldView(_jpeg(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)), scale, digest)
 
 
 def cell_view(image: np.ndarray, box_xyxy: tuple[float, float, float, float], margin: float,
               fill: tuple[int, int, int], mask: np.ndarray | None = None, crop: np.ndarray | None = None) -> CellView:
     """What the review page shows of a cell of ``image``: its crop at ``margin`` (``crop`` when it was cut
-    at VIEW_CROP_PX already) and the segmenter's ``mask`` of it, both VIEW_CROP_PX square."""
+    at VIEW_CROP_PX already) as JPEG bytes and the segmenter's ``mask`` of it as PNG bytes, both
+    VIEW_CROP_PX square."""
     if crop is None or crop.shape[0] != VIEW_CROP_PX:
         crop = cut_crop(image, box_xyxy, margin, VIEW_CROP_PX, fill)
+    png = None
     if mask is not None:
         mask = cv2.resize(mask, (VIEW_CROP_PX, VIEW_CROP_PX), interpolation=cv2.INTER_NEAREST)
-    return CellView(crop, mask)
+        png = cv2.imencode(".png", mask)[1].tobytes()
+    return CellView(_jpeg(crop), png)
 
 
 def with_views(fr: FieldResult, image: np.ndarray, geometry: tuple[float, int] | None,
                segmenter: Segmenter | None = None) -> FieldResult:
-    """A result made without views (the cache keeps no pixels) with those a fresh run keeps, cut from
-    the field's ``image``: the cells' crops at the run's ``geometry`` (margin, size; None: no cell views,
-    as in a run that does not classify), its masked cells masked again by ``segmenter`` for their outline."""
+    """A result made without views (a cached one whose views the cache does not hold) with those a
+    fresh run keeps, cut from the field's ``image``: the cells' crops at the run's ``geometry`` (margin,
+    size; None: no cell views, as in a run that does not classify), its masked cells masked again by
+    ``segmenter`` for their outline."""
     cells = fr.cells
     if geometry is not None and cells:
         margin, size = geometry
@@ -173,13 +185,18 @@ def classify_cells(images: Sequence[np.ndarray], detections: Sequence[Sequence[D
     return [tuple(c) for c in cells]
 
 
-def _read_batch(paths: Sequence[Path], max_pixels: int) -> list[tuple[Path, np.ndarray | SmearError]]:
-    out: list[tuple[Path, np.ndarray | SmearError]] = []
+def _read_batch(paths: Sequence[Path], max_pixels: int, views: bool = False
+                ) -> list[tuple[Path, np.ndarray | SmearError, FieldView | None]]:
+    """Each field decoded (or the error that stopped it) and, with ``views``, what the review page shows
+    of it: made here, in the reading thread, while the models run on the batch before."""
+    out: list[tuple[Path, np.ndarray | SmearError, FieldView | None]] = []
     for path in paths:
         try:
-            out.append((path, check_exposure(read_image(path, max_pixels=max_pixels), path)))
+            image = check_exposure(read_image(path, max_pixels=max_pixels), path)
         except SmearError as exc:
-            out.append((path, exc))
+            out.append((path, exc, None))
+            continue
+        out.append((path, image, field_view(image) if views else None))
     return out
 
 
@@ -211,7 +228,8 @@ def iter_field_results(
     cache every result is stored as it is made; with ``resume`` cached fields are not run again.
     """
     fields = list(slide.fields)
-    cached = {p: cache.get(p, slide.name) for p in fields} if cache is not None and resume else {}
+    cached = ({p: cache.get(p, slide.name, views=stages.keep_views) for p in fields}
+              if cache is not None and resume else {})
     todo = [p for p in fields if cached.get(p) is None]
     budget = stages.pixel_budget or pixel_budget("auto", max_pixels)
     sized = _batches(todo, stages.field_batch, budget)
@@ -219,47 +237,52 @@ def iter_field_results(
     done: dict[Path, FieldResult | SkippedField] = {k: v for k, v in cached.items() if v is not None}
     position = {p: i for i, p in enumerate(fields)}
     emitted = 0
+    read = functools.partial(_read_batch, max_pixels=max_pixels, views=stages.keep_views)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_batch, batches[0], max_pixels) if batches else None
+        pending = pool.submit(read, batches[0]) if batches else None
         for k, batch in enumerate(batches):
-            loaded = pending.result() if pending is not None else _read_batch(batch, max_pixels)
+            loaded = pending.result() if pending is not None else read(batch)
             # decode the next run while this one runs, when the two fit the pixel budget together
             ahead = k + 1 < len(batches) and sized[k][1] + sized[k + 1][1] <= budget
-            pending = pool.submit(_read_batch, batches[k + 1], max_pixels) if ahead else None
+            pending = pool.submit(read, batches[k + 1]) if ahead else None
             good = []
-            for path, img in loaded:
+            for path, img, view in loaded:
                 if isinstance(img, SmearError):
                     done[path] = SkippedField(slide.name, path.name, str(img))
                 else:
-                    good.append((path, img))
-            all_dets = stages.detector.detect([img for _, img in good]) if good else []
-            all_cells = classify_cells([img for _, img in good], all_dets, stages)
-            for (path, img), dets, cells in zip(good, all_dets, all_cells):
+                    good.append((path, img, view))
+            images = [img for _, img, _ in good]
+            all_dets = stages.detector.detect(images) if good else []
+            all_cells = classify_cells(images, all_dets, stages)
+            for (path, img, view), dets, cells in zip(good, all_dets, all_cells):
                 done[path] = FieldResult(slide.name, path.name, img.shape[1], img.shape[0], tuple(dets),
-                                         cells, str(path))
+                                         cells, str(path), view=view)
                 if cache is not None:
-                    cache.put(path, done[path])
-                if stages.keep_views:
-                    done[path] = dataclasses.replace(done[path], view=field_view(img))
-            loaded = good = img = None  # this run's pixels go before the next run is decoded ahead
+                    cache.put(path, done[path])  # with its views beside it, when kept
+            loaded = good = images = img = None  # this run's pixels go before the next run is decoded ahead
             while emitted <= position[batch[-1]]:  # in slide order, cached fields in between
-                yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
+                yield _viewed(done.pop(fields[emitted]), stages, max_pixels, cache)
                 emitted += 1
     while emitted < len(fields):
-        yield _viewed(done.pop(fields[emitted]), stages, max_pixels)
+        yield _viewed(done.pop(fields[emitted]), stages, max_pixels, cache)
         emitted += 1
 
 
-def _viewed(item: FieldResult | SkippedField, stages: Stages, max_pixels: int) -> FieldResult | SkippedField:
-    """A result from the cache with its views, when the stages keep them: its field is read again (a
-    field that cannot be read now is still counted, its view empty)."""
+def _viewed(item: FieldResult | SkippedField, stages: Stages, max_pixels: int,
+            cache: FieldCache | None) -> FieldResult | SkippedField:
+    """A result from the cache with its views, when the stages keep them and the cache had none for it:
+    its field is read (and masked) again, and the views stored for the next time (a field that cannot
+    be read now is still counted, its view empty)."""
     if not stages.keep_views or isinstance(item, SkippedField) or item.view is not None:
         return item
     try:
         image = read_image(item.path, max_pixels=max_pixels)
     except SmearError:
         return dataclasses.replace(item, view=FieldView(None, 1.0, ""))
-    return with_views(item, image, stages.view_geometry, stages.segmenter)
+    item = with_views(item, image, stages.view_geometry, stages.segmenter)
+    if cache is not None:
+        cache.put_views(Path(item.path), item)
+    return item
 
 
 def gather_report(slide: str, items: Iterable[FieldResult | SkippedField], *, classified: bool, guard: Any = None,

@@ -6,6 +6,7 @@ is classified; the tiles themselves are smear.pipeline.wsi_tiles'.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from smear.pipeline.wsi_tiles import (
 from smear.types import FieldResult, SkippedField, SlideReport, WholeSlideInfo
 from smear.wsi import finder
 from smear.wsi.slide import WholeSlide, thumbnail
+
+_log = logging.getLogger(__name__)
 
 HPF_SOURCE = ("platelets per 100x oil field x 20 = 10^9/L (x 20,000/uL), counted in the monolayer: Rodak's "
               "Hematology (Keohane, Otto, Walenga), peripheral blood film chapter; compared in Malok et al., "
@@ -87,7 +90,8 @@ def estimate_mpp(slide: WholeSlide, rbc_diameter_um: float, side: int = 1024) ->
 
 def geometry(slide: WholeSlide, settings: WsiSettings, warn: Callable[[str], None] | None = None) -> Geometry:
     """Pixel size (the file's, else the config's, else estimated from the red cells) and the reading
-    level whose pixel size is the finest that is no finer than the detector needs."""
+    level whose pixel size is the finest that is no finer than the detector needs; an estimated pixel
+    size is said to ``warn`` (default: this module's logger)."""
     mpp, source = slide.file_mpp(), "file"
     if mpp is None and settings.mpp:
         mpp, source = float(settings.mpp), "config"
@@ -96,8 +100,7 @@ def geometry(slide: WholeSlide, settings: WsiSettings, warn: Callable[[str], Non
         if mpp is None:
             raise SmearError(f"{slide.path}: the file states no pixel size and no red cells could be measured",
                              hint="give it: --set wsi.mpp=0.25 (um per level-0 pixel)")
-        if warn is not None:
-            warn(f"{slide.path}: no pixel size in the file; {mpp:.3f} um/px estimated from the red cells "
+        (warn or _log.warning)(f"{slide.path}: no pixel size in the file; {mpp:.3f} um/px estimated from the red cells "
                  f"({settings.rbc_diameter_um:g} um across); set wsi.mpp to give it")
     scale = settings.detector_mpp / mpp
     level = slide.level_for(scale)
@@ -128,7 +131,7 @@ class SlideOutputs:
     """How a whole-slide run names and hands back what it found besides its report: the report's
     slide ``name`` (default: the file's stem), each counted tile to ``on_field``, the fields kept in
     the report (``keep_fields``; else running counts only), the quality map written into
-    ``quality_map_dir`` (None: only in the report), warnings to ``warn``."""
+    ``quality_map_dir`` (None: only in the report), warnings to ``warn`` (None: this module's logger)."""
 
     name: str | None = None
     on_field: Callable[[FieldResult | SkippedField], None] | None = None
@@ -156,7 +159,7 @@ def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettin
     if engine is None and stages is None:
         raise ValueError("run_whole_slide needs stages or an engine")
     path = Path(path)
-    name, warn = outputs.name or path.stem, outputs.warn
+    name, warn = outputs.name or path.stem, outputs.warn or _log.warning
     classified, guard = ((engine.classified, engine.guard) if engine is not None
                          else (stages.classifier is not None, stages.guard))
     with WholeSlide(path) as slide:
@@ -172,7 +175,7 @@ def run_whole_slide(path: str | Path, stages: Stages | None, settings: WsiSettin
                                guard=guard, on_field=outputs.on_field, keep_fields=outputs.keep_fields)
     info = _info(slide, found, settings, counter, len(report.skipped), target_wbc,
                  quality_map_path(outputs.quality_map_dir, name))
-    if warn is not None and target_wbc is not None and not info.reached_target:
+    if target_wbc is not None and not info.reached_target:
         warn(f"{name}: the monolayer ran out at {counter.identified} of {target_wbc} white cells "
              f"({info.tiles_counted} tiles counted)")
     return dataclasses.replace(report, whole_slide=info)

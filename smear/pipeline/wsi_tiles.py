@@ -145,10 +145,12 @@ def _owned(fr_dets, cells, margin: float, core: float):
 def _load(slide: WholeSlide, job: TileJob, tile: finder.TileScore, cache: FieldCache | None, resume: bool,
           views: bool):
     """(cache key, the cached FieldResult or the tile's image or the ImageReadError, its region, read
-    seconds, the tile's image for the ``views`` of a cached result: read again only for those)."""
+    seconds, the tile's image for the ``views`` of a cached result the cache has none for: read again
+    only for those)."""
     key = job.key(slide, tile)
-    hit = cache.get(slide.path, job.name, key=key, field=tile.name) if cache is not None and resume else None
-    if hit is not None and not views:
+    hit = (cache.get(slide.path, job.name, key=key, field=tile.name, views=views) if cache is not None and resume
+           else None)
+    if hit is not None and (not views or hit.view is not None):
         return key, hit, job.region(tile), 0.0, None
     start = time.perf_counter()
     try:
@@ -170,10 +172,12 @@ def _run(slide: WholeSlide, job: TileJob, tile: finder.TileScore, stages: Stages
         return TileOutcome(tile, SkippedField(job.name, tile.name, str(got)), read_s=read_s)
     if isinstance(got, FieldResult):
         fr = dataclasses.replace(got, region=region)
-        if stages.keep_views and image is None:  # the tile could not be read again: counted, not shown
+        if stages.keep_views and fr.view is None and image is None:  # could not be read again: counted, not shown
             fr = dataclasses.replace(fr, view=FieldView(None, 1.0, ""))
-        elif stages.keep_views:  # masked again here, not in the reading thread
+        elif stages.keep_views and fr.view is None:  # masked again here, not in the reading thread
             fr = with_views(fr, image, stages.view_geometry, stages.segmenter)
+            if cache is not None:
+                cache.put_views(slide.path, fr, key=key)
         return TileOutcome(tile, fr, cached=True, read_s=read_s)
     geo = job.geo
     margin_px = geo.margin_l0 / geo.scale
@@ -186,12 +190,12 @@ def _run(slide: WholeSlide, job: TileJob, tile: finder.TileScore, stages: Stages
     dets = stages.detector.detect([got])[0]
     cells = classify_cells([got], [dets], stages)[0]
     dets, cells = _owned(dets, cells, margin_px, geo.tile_l0 / geo.scale)
-    fr = FieldResult(job.name, tile.name, w, h, dets, cells, str(slide.path))
+    fr = FieldResult(job.name, tile.name, w, h, dets, cells, str(slide.path),
+                     view=field_view(got) if stages.keep_views else None)
     detect_s = time.perf_counter() - start
     if cache is not None:
-        cache.put(slide.path, fr, key=key)
-    fr = dataclasses.replace(fr, region=region, view=field_view(got) if stages.keep_views else None)
-    return TileOutcome(tile, fr, read_s=read_s, detect_s=detect_s)
+        cache.put(slide.path, fr, key=key)  # with its views beside it, when kept
+    return TileOutcome(tile, dataclasses.replace(fr, region=region), read_s=read_s, detect_s=detect_s)
 
 
 def tile_outcomes(slide: WholeSlide, job: TileJob, tiles: Sequence[finder.TileScore], stages: Stages,

@@ -19,7 +19,7 @@ from smear.taxonomy import (
     SMUDGE, TYPES5, UNIDENTIFIED, WBC_CLASSES, CellKind,
 )
 from smear.report.summary import FLAG_RULES, rule_classes
-from smear.types import Differential, FieldResult, SlideReport, summary_columns
+from smear.types import VIEW_JPEG_QUALITY, Differential, FieldResult, SlideReport, summary_columns
 
 KIND_BGR = {CellKind.WBC: (200, 60, 140), CellKind.RBC: (40, 40, 220), CellKind.PLATELET: (40, 160, 40)}
 #: one key per class a reviewer can give (shown in the page's legend)
@@ -41,14 +41,20 @@ def _environment():
                               lstrip_blocks=True)
 
 
-def _b64_jpeg(image_rgb: np.ndarray, quality: int = 80) -> str:
+def _b64_jpeg(image_rgb: np.ndarray, quality: int = VIEW_JPEG_QUALITY) -> str:
     ok, buf = cv2.imencode(".jpg", image_rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
+def _decoded(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """An image the pipeline kept encoded (a view's JPEG or PNG bytes), as cv2 decodes it: BGR, or
+    one channel with ``cv2.IMREAD_UNCHANGED`` for a mask."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
 def _field_figure(fr: FieldResult) -> str:
     """The field as the pipeline kept it for the page, with its boxes and the cells' labels drawn."""
-    bgr = np.ascontiguousarray(fr.view.image[..., ::-1])
+    bgr = _decoded(fr.view.image_jpeg)
     scale = fr.view.scale
     labels = {id(c.detection): c.label for c in fr.cells}
     for d in fr.detections:
@@ -158,7 +164,7 @@ def _slide_view(rep: SlideReport, d: Differential, index: int,
     fields, field_hashes = [], []
     for k, fr in enumerate(rep.fields):
         field_hashes.append(fr.view.digest if fr.view is not None else "")  # the field's content, as shown
-        if fr.view is None or fr.view.image is None:
+        if fr.view is None or fr.view.image_jpeg is None:
             continue
         where = _position(fr, (0.0, 0.0, float(fr.width), float(fr.height))) if fr.region is not None else ""
         fields.append({"name": fr.field, "src": _field_figure(fr), "anchor": f"s{index}-{fr.field}",
@@ -167,7 +173,9 @@ def _slide_view(rep: SlideReport, d: Differential, index: int,
             if c.label not in by_label or c.view is None:
                 continue
             entry = _cell_entry(f"s{index}f{k}c{j}", fr, c, index)
-            crop = c.view.crop if c.view.mask is None else outline(c.view.crop, c.view.mask)
+            crop = _decoded(c.view.crop_jpeg)[..., ::-1]
+            if c.view.mask_png is not None:
+                crop = outline(crop, _decoded(c.view.mask_png, cv2.IMREAD_UNCHANGED))
             entry["src"] = _b64_jpeg(crop)
             by_label[c.label].append(entry)
     cells = [c for label in GALLERY_ORDER for c in by_label[label]]  # the review queue: unidentified first
