@@ -407,7 +407,8 @@ def runtime_files(model_dir: str | Path, meta: Mapping[str, Any] | None = None) 
 
 def files_version(model_dir: str | Path) -> str:
     """A short id of everything in a model folder that runs (``runtime_files``: a swapped model.onnx
-    or an edited meta.json gives another id); keys the result cache and the ONNX cache."""
+    or an edited meta.json gives another id), hashed from the files: the id ``load_model`` records as
+    ``ModelMeta.files``, which keys the result cache and the ONNX cache (tests use this one as the oracle)."""
     return _files_id({p.name: file_sha256(p) for p in runtime_files(model_dir)})
 
 

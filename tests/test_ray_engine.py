@@ -292,7 +292,7 @@ def test_ray_tiles_in_flight_shrink_as_the_count_nears_the_target(monkeypatch):
     assert even == [0, 0, 0], even
     uneven = [_tiles_past_the_stop(list(np.random.default_rng(seed).integers(0, 6, 80)), target)
               for seed in range(12) for target in (7, 40, 101)]
-    assert np.mean(uneven) <= 2 and max(uneven) <= 5, uneven
+    assert np.mean(uneven) <= 1.5 and max(uneven) <= 5, uneven  # 1.25 when measured
     assert _tiles_past_the_stop([1] * 30, None) == 0  # no target: every tile, once
 
 

@@ -139,6 +139,24 @@ def test_resumed_page_takes_the_views_from_the_cache_reading_and_masking_nothing
     resumed = run_slide(slide, again, cache=cache, resume=True)
     assert len(read) == 2 and again.segmenter.masked > 0 and page(resumed) == page(fresh)
 
+    # a checksum that holds over odd content (no views, views of the wrong shape, JSON nested past
+    # Python's recursion limit) is passed over as well: the field is read again, the run goes on
+    from smear.pipeline.cache import VIEWS_FORMAT, _checksum
+
+    for odd in (None, {"field": 5}, [[[]]] * 3):
+        entry = json.loads(sidecars[2].read_text())["entry"] if sidecars[2].read_text().startswith("{") else None
+        body = {"format": VIEWS_FORMAT, "entry": entry, "sha256": _checksum(odd)}
+        if odd is not None:
+            body["views"] = odd
+        sidecars[2].write_text(json.dumps(body))
+        read.clear()
+        resumed = run_slide(slide, stages(keep_views=True), cache=cache, resume=True)
+        assert read and page(resumed) == page(fresh)
+    sidecars[3].write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    read.clear()
+    resumed = run_slide(slide, stages(keep_views=True), cache=cache, resume=True)
+    assert read and page(resumed) == page(fresh)
+
 
 def test_html_report_is_self_contained(tmp_path):
     slide, by_width = _slide(tmp_path, n=3)

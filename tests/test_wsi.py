@@ -209,12 +209,13 @@ def test_cli_writes_every_report_of_a_whole_slide(slide, tmp_path):
     assert len(wbc) == 6
     from smear.wsi.slide import WholeSlide
 
-    ws = WholeSlide(slide)
+    with WholeSlide(slide) as ws:
+        width, height = ws.width, ws.height
     for c in cells:
         x, y = (int(v[1:]) for v in c["field"].split("_"))
         assert x <= (float(c["x0_l0"]) + float(c["x1_l0"])) / 2 < x + BLOCK  # the tile owns its cells
-        assert 0 <= float(c["x0_l0"]) <= float(c["x1_l0"]) <= ws.width  # on the slide, margins or not
-        assert 0 <= float(c["y0_l0"]) <= float(c["y1_l0"]) <= ws.height
+        assert 0 <= float(c["x0_l0"]) <= float(c["x1_l0"]) <= width  # on the slide, margins or not
+        assert 0 <= float(c["y0_l0"]) <= float(c["y1_l0"]) <= height
         assert float(c["x_um"]) == pytest.approx((float(c["x0_l0"]) + float(c["x1_l0"])) / 2 * MPP, abs=0.02)
     res = _run([str(slide), "--report", "json", "--out", str(out / "r.json"), "--all", *TEST_SET], tmp_path)
     assert res.exit_code == 0, res.output
@@ -345,14 +346,17 @@ def test_tile_budget_keeps_in_flight_what_the_missing_white_cells_need():
         budget.took(tile(10))
     assert budget.window() == 6  # 60 missing at 10 a tile
     budget.took(tile(0))
-    budget.took(TileOutcome(None, None))  # blurred when read: a tile without cells
-    assert budget.wbc == 40 and budget.window() == 8  # 60 missing at 40 / 6 a tile: 9, at most 8
+    budget.took(TileOutcome(None, None))  # blurred when read: no result, says nothing of the rate
+    assert budget.wbc == 40 and budget.tiles == 5 and budget.window() == 8  # 60 missing at 40 / 5 a tile
     for _ in range(5):
         budget.took(tile(11))
     assert budget.window() == 1  # 5 missing at 95 / 11 a tile
     assert TileBudget(5, False, 8, 4, prior_wbc=2.0).window() == 3  # a near target at the prior
     assert TileBudget(5, False, 8, 4, prior_wbc=0.0).window() == 4  # no prior: the first calls
     assert TileBudget(None, False, 8, 4, prior_wbc=2.0).window() == 8  # --all
+    blurred_first = TileBudget(5, False, 8, 4, prior_wbc=2.0)
+    blurred_first.took(TileOutcome(None, None))
+    assert blurred_first.window() == 3  # still the prior's window, not the widest one
 
 
 def test_run_job_counts_a_whole_slides_tiles_as_finished(slide):

@@ -30,11 +30,11 @@ class YoloSettings:
     iou: float
     max_det: int
     batch: int
+    field_scale: int
+    tile_above: float
+    tile_overlap: float
     per_class_conf: Mapping[Any, float] = field(default_factory=dict)
     border: float = 0.0
-    field_scale: int = 640
-    tile_above: float = 1.5
-    tile_overlap: float = 0.2
 
     @classmethod
     def of(cls, infer: Mapping[str, Any] | None = None) -> YoloSettings:

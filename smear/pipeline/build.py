@@ -271,7 +271,7 @@ def guard_notice(cfg: PipelineConfig, metas: Metas) -> str | None:
 
 def build_cache(cfg: PipelineConfig, version: str, warn=None):
     """The per-field result cache named by ``cfg.cache_dir`` ('auto', 'off' or a folder);
-    ``warn`` (default: this module's logger) hears of refused entries and of a cache that cannot be written."""
+    ``warn`` (default: the cache module's logger) hears of refused entries and of a cache that cannot be written."""
     from smear.artifacts import cache_setting
     from smear.pipeline.cache import FieldCache
 

@@ -224,8 +224,8 @@ class FieldCache:
             if (not isinstance(stored, dict) or stored.get("format") != VIEWS_FORMAT or stored.get("entry") != checksum
                     or stored.get("sha256") != _checksum(stored.get("views"))):
                 return result
-            return with_views_from_dict(stored["views"], result)
-        except (OSError, ValueError, BadEntry):
+            return with_views_from_dict(stored.get("views"), result)
+        except (OSError, ValueError, LookupError, TypeError, RecursionError, BadEntry):
             return result
 
     def put(self, path: Path, result: FieldResult, key: str | None = None) -> None:
@@ -247,8 +247,7 @@ class FieldCache:
             return
         try:
             entry = self._entry(path, key)
-        except OSError as exc:  # the field's file is gone meanwhile: nothing to key the views by
-            self._unwritable(exc)
+        except OSError:  # the field's file is gone meanwhile: nothing to key the views by (its entry stays)
             return
         self._put_views(entry, _checksum(field_to_dict(result)), result)
 

@@ -309,13 +309,13 @@ class TileBudget:
     most: int
     start: int
     prior_wbc: float
-    tiles: int = 0  # outcomes counted
+    tiles: int = 0  # tiles counted with a result (not blurred, not unreadable)
     wbc: int = 0    # the white cells in them
 
     def took(self, out: TileOutcome) -> None:
-        """One more tile's outcome counted."""
-        self.tiles += 1
+        """One more tile's outcome counted (a blurred or unreadable tile says nothing of the rate)."""
         if isinstance(out.result, FieldResult):
+            self.tiles += 1
             self.wbc += identified(out.result, self.classified)
 
     def window(self) -> int:

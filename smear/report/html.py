@@ -46,15 +46,18 @@ def _b64_jpeg(image_rgb: np.ndarray, quality: int = VIEW_JPEG_QUALITY) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def _decoded(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+def _decoded(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """An image the pipeline kept encoded (a view's JPEG or PNG bytes), as cv2 decodes it: BGR, or
-    one channel with ``cv2.IMREAD_UNCHANGED`` for a mask."""
+    one channel with ``cv2.IMREAD_UNCHANGED`` for a mask; None when the bytes do not decode."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
 
 
-def _field_figure(fr: FieldResult) -> str:
-    """The field as the pipeline kept it for the page, with its boxes and the cells' labels drawn."""
+def _field_figure(fr: FieldResult) -> str | None:
+    """The field as the pipeline kept it for the page, with its boxes and the cells' labels drawn
+    (None: its kept image does not decode, e.g. a damaged cached view: shown as a field without one)."""
     bgr = _decoded(fr.view.image_jpeg)
+    if bgr is None:
+        return None
     scale = fr.view.scale
     labels = {id(c.detection): c.label for c in fr.cells}
     for d in fr.detections:
@@ -166,16 +169,22 @@ def _slide_view(rep: SlideReport, d: Differential, index: int,
         field_hashes.append(fr.view.digest if fr.view is not None else "")  # the field's content, as shown
         if fr.view is None or fr.view.image_jpeg is None:
             continue
+        figure = _field_figure(fr)
+        if figure is None:
+            continue
         where = _position(fr, (0.0, 0.0, float(fr.width), float(fr.height))) if fr.region is not None else ""
-        fields.append({"name": fr.field, "src": _field_figure(fr), "anchor": f"s{index}-{fr.field}",
-                       "where": where})
+        fields.append({"name": fr.field, "src": figure, "anchor": f"s{index}-{fr.field}", "where": where})
         for j, c in enumerate(fr.cells):
             if c.label not in by_label or c.view is None:
                 continue
+            crop = _decoded(c.view.crop_jpeg)
+            if crop is None:  # a damaged kept crop: the cell is counted, not shown
+                continue
             entry = _cell_entry(f"s{index}f{k}c{j}", fr, c, index)
-            crop = _decoded(c.view.crop_jpeg)[..., ::-1]
-            if c.view.mask_png is not None:
-                crop = outline(crop, _decoded(c.view.mask_png, cv2.IMREAD_UNCHANGED))
+            crop = crop[..., ::-1]
+            mask = _decoded(c.view.mask_png, cv2.IMREAD_UNCHANGED) if c.view.mask_png is not None else None
+            if mask is not None:
+                crop = outline(crop, mask)
             entry["src"] = _b64_jpeg(crop)
             by_label[c.label].append(entry)
     cells = [c for label in GALLERY_ORDER for c in by_label[label]]  # the review queue: unidentified first
