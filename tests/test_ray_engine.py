@@ -253,16 +253,15 @@ def _tile_worker(wbc: list[int], ran: list[int]):
 
     def run_tiles(job, tiles, resume):
         ran.extend(t.index for t in tiles)
-        return _Ref(([TileOutcome(t, FieldResult(job.name, t.name, 64, 64, tuple(
+        return _Ref(([TileOutcome(t, None if wbc[t.index] is None else FieldResult(job.name, t.name, 64, 64, tuple(
             Detection((4.0 * k, 0.0, 4.0 * k + 3, 3.0), CellKind.WBC) for k in range(wbc[t.index]))))
             for t in tiles], []))
     return SimpleNamespace(run_tiles=SimpleNamespace(remote=run_tiles))
 
 
-def _tiles_past_the_stop(wbc: list[int], target: int | None) -> int:
-    """Tiles run past the last one counted by ``count_until`` over a fake-Ray engine of 2 workers on a
-    path whose tile i holds ``wbc[i]`` white cells; the count is checked to stop at exactly N in path
-    order."""
+def _dispatch(wbc: list[int | None], target: int | None):
+    """(what ``count_until`` counted, its Counter, the tiles run in the order run) over a fake-Ray
+    engine of 2 workers on a path whose tile i holds ``wbc[i]`` white cells (None: blurred when read)."""
     from smear.pipeline.wsi_tiles import Counter, count_until
 
     job = SimpleNamespace(name="s", geo=SimpleNamespace(tile_mm2=0.0236))
@@ -272,6 +271,14 @@ def _tiles_past_the_stop(wbc: list[int], target: int | None) -> int:
     engine.actors = [_tile_worker(wbc, ran), _tile_worker(wbc, ran)]
     counter = Counter()
     counted = list(count_until(engine.tiles(job, path, False, target_wbc=target), target, False, counter))
+    return counted, counter, ran
+
+
+def _tiles_past_the_stop(wbc: list[int], target: int | None) -> int:
+    """Tiles run past the last one counted by ``count_until`` over a fake-Ray engine of 2 workers on a
+    path whose tile i holds ``wbc[i]`` white cells; the count is checked to stop at exactly N in path
+    order."""
+    counted, counter, ran = _dispatch(wbc, target)
     assert [f.field for f in counted] == [f"t{i}" for i in range(len(counted))]
     assert counter.identified == (sum(wbc) if target is None else target)
     assert sorted(ran) == list(range(len(ran)))  # each tile once, in path order
@@ -294,6 +301,16 @@ def test_ray_tiles_in_flight_shrink_as_the_count_nears_the_target(monkeypatch):
               for seed in range(12) for target in (7, 40, 101)]
     assert np.mean(uneven) <= 1.5 and max(uneven) <= 5, uneven  # 1.25 when measured
     assert _tiles_past_the_stop([1] * 30, None) == 0  # no target: every tile, once
+
+
+def test_ray_tiles_blurred_when_read_do_not_stall_the_dispatch(monkeypatch):
+    """Tiles that come back without a result (blurred or unreadable when read) leave the tiles in flight
+    too: a path that starts with a dozen of them still counts to exactly N."""
+    import smear.pipeline.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "require_ray", _fake_ray)
+    _, counter, ran = _dispatch([None] * 12 + [2] * 30, 20)
+    assert counter.identified == 20 and sorted(ran) == list(range(len(ran))) and len(ran) <= 12 + 10 + 2
 
 
 class _WorkerInThisProcess:

@@ -348,6 +348,7 @@ def test_tile_budget_keeps_in_flight_what_the_missing_white_cells_need():
     budget.took(tile(0))
     budget.took(TileOutcome(None, None))  # blurred when read: no result, says nothing of the rate
     assert budget.wbc == 40 and budget.tiles == 5 and budget.window() == 8  # 60 missing at 40 / 5 a tile
+    assert budget.taken == 6  # every outcome leaves the tiles in flight
     for _ in range(5):
         budget.took(tile(11))
     assert budget.window() == 1  # 5 missing at 95 / 11 a tile

@@ -398,7 +398,7 @@ class RayEngine:
         first = [0]  # the next tile to send
 
         def send(actor, i: int, _given: int):
-            size = min(TILES_PER_CALL, len(tiles) - first[0], budget.window() - (first[0] - budget.tiles))
+            size = min(TILES_PER_CALL, len(tiles) - first[0], budget.window() - (first[0] - budget.taken))
             if size < 1:
                 return None
             calls.append(tuple(tiles[first[0]:first[0] + size]))

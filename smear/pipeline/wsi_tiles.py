@@ -309,11 +309,13 @@ class TileBudget:
     most: int
     start: int
     prior_wbc: float
-    tiles: int = 0  # tiles counted with a result (not blurred, not unreadable)
+    taken: int = 0  # outcomes counted, whatever they were (the sender's tiles in flight: sent - taken)
+    tiles: int = 0  # of them, tiles with a result (not blurred, not unreadable): the rate's tiles
     wbc: int = 0    # the white cells in them
 
     def took(self, out: TileOutcome) -> None:
         """One more tile's outcome counted (a blurred or unreadable tile says nothing of the rate)."""
+        self.taken += 1
         if isinstance(out.result, FieldResult):
             self.tiles += 1
             self.wbc += identified(out.result, self.classified)
