@@ -268,3 +268,27 @@ def test_openvino_and_nncf_send_no_telemetry(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0 and "OUT (4, 4)" in proc.stdout, proc.stderr[-3000:]
     assert "network connection" not in proc.stderr and "DNS lookup" not in proc.stderr
+
+
+def test_int8_score_shift_is_the_median_change_near_each_threshold():
+    """The INT8 detector's thresholds follow the median change of the scores near them (same box in
+    fp32 and INT8, training fields only); far boxes, other classes' boxes and a class with too few
+    pairs move nothing."""
+    from smear.detect.onnx_yolo import SHIFT_MIN_PAIRS, score_shift
+
+    rng = np.random.default_rng(0)
+    fp32, int8 = [], []
+    for _ in range(SHIFT_MIN_PAIRS):
+        box = rng.uniform(0, 100, 2).tolist()
+        box = box + [box[0] + 20, box[1] + 20]
+        near = [*box, 0.40, 1]                   # class 1 near its 0.38 threshold: INT8 takes 0.03 off
+        far = [b + 200 for b in box] + [0.90, 1]  # far from it: INT8 takes 0.2 off, not counted
+        few = [b + 400 for b in box] + [0.30, 2]  # class 2 near its 0.33 threshold: a shift of its own
+        fp32.append(np.array([near, far, few], np.float32))
+        int8.append(np.array([[*box, 0.37, 1], [*far[:4], 0.70, 1], [*few[:4], 0.10, 2]], np.float32))
+    shift = score_shift(fp32, int8, {1: 0.38, 2: 0.33})
+    assert shift[1] == pytest.approx(-0.03, abs=1e-6) and shift[2] == pytest.approx(-0.2, abs=1e-6)
+    shift = score_shift(fp32[:SHIFT_MIN_PAIRS - 1], int8[:SHIFT_MIN_PAIRS - 1], {1: 0.38, 2: 0.33})
+    assert shift == {1: 0.0, 2: 0.0}  # under SHIFT_MIN_PAIRS pairs: no shift
+    moved = [np.array([[b[0] + 50, *b[1:]] for b in im], np.float32) for im in int8]
+    assert score_shift(fp32, moved, {1: 0.38, 2: 0.33}) == {1: 0.0, 2: 0.0}  # no box pairs: no shift

@@ -128,7 +128,7 @@ def net_detector(meta: ModelMeta, settings: YoloSettings, runtime: str, calibrat
     """A ``NetYoloDetector`` on the ONNX of the folder whose meta (read already) is ``meta``
     (exported on first use), for ``runtime``."""
     from smear.detect.onnx_yolo import NetYoloDetector, head_nodes
-    from smear.nn.runtime import INT8_RUNTIMES, Calibration, open_net, runtime_model
+    from smear.nn.runtime import INT8_RUNTIMES, Calibration, manifest_of, open_net, runtime_model
 
     imgsz, batch = settings.imgsz, settings.batch
     fp32 = onnx_weights(meta, imgsz, batch)
@@ -148,9 +148,28 @@ def net_detector(meta: ModelMeta, settings: YoloSettings, runtime: str, calibrat
         names = tuple(f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in picked)
         calib = lambda: Calibration(names, batches)  # noqa: E731
     path = runtime_model(fp32, runtime, f"detect-{meta.files}-{imgsz}px", calib, exclude_onnx=head_nodes,
-                         ignored_openvino=OPENVINO_HEAD)
+                         ignored_openvino=OPENVINO_HEAD, tune=lambda model, batches: _tune(meta, fp32, model, runtime,
+                                                                                           batches))
     det.net, det.path = open_net(path, runtime), path
+    shift = manifest_of(path).get("score_shift") or {}
+    det.per_class_conf = {k: max(det.conf, t + float(shift.get(k.value, 0.0))) for k, t in det.per_class_conf.items()}
     return det
+
+
+def _tune(meta: ModelMeta, fp32: Path, model: Path, runtime: str, batches: list[np.ndarray]) -> dict[str, Any]:
+    """The INT8 detector's score shift per class (``score_shift`` on the calibration batches, at the
+    model's own thresholds, whatever a run overrides: the cached model is the same for every run):
+    INT8 lowers the scores near the thresholds a little, and a run's per-class thresholds follow, so
+    that it keeps the boxes fp32 keeps (measured on training fields only)."""
+    from smear.detect.onnx_yolo import postprocess, score_shift
+    from smear.nn.runtime import open_net
+
+    own = YoloSettings.of(meta.infer)
+    per_class = {CellKind(k): float(t) for k, t in own.per_class_conf.items()}
+    nets = open_net(fp32, "onnx"), open_net(model, runtime)
+    rows = [[r for x in batches for r in postprocess(net.run(x), own.conf, own.iou, own.max_det)] for net in nets]
+    shift = score_shift(*rows, {i: per_class.get(CellKind(name), own.conf) for i, name in enumerate(meta.classes)})
+    return {"score_shift": {name: round(shift[i], 6) for i, name in enumerate(meta.classes)}}
 
 
 #: the Detect head's decoding kept fp32 by NNCF (the ignored scope of ultralytics' own INT8 export)

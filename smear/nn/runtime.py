@@ -35,7 +35,7 @@ RUNTIMES = ("onnx", "onnx-int8", "openvino", "openvino-int8", "torch")
 INT8_RUNTIMES = ("onnx-int8", "openvino-int8")
 MANIFEST = "manifest.json"
 #: bump when the way an INT8 model is made changes (calibration size, quantiser settings): a new cache entry
-RECIPE = "r1"
+RECIPE = "r2"  # r2: the detector records its score shift (onnx_yolo.score_shift)
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -274,10 +274,13 @@ def to_openvino(src: Path, dest_xml: Path, batches: Iterable[np.ndarray] | None 
 
 def runtime_model(fp32_onnx: Path, runtime: str, key: str, calibration: Callable[[], Calibration] | None = None,
                   exclude_onnx: Callable[[Path], Sequence[str]] | None = None,
-                  ignored_openvino: dict[str, Any] | None = None) -> Path:
+                  ignored_openvino: dict[str, Any] | None = None,
+                  tune: Callable[[Path, list[np.ndarray]], dict[str, Any]] | None = None) -> Path:
     """The file a non-torch ``runtime`` runs, built on first use from ``fp32_onnx`` into the cache
     (``key``: the stage and its weights' hash). ``calibration()`` gives the INT8 runtimes their
-    batches and a name for them; ``exclude_onnx(path)`` names ONNX nodes onnxruntime leaves fp32."""
+    batches and a name for them; ``exclude_onnx(path)`` names ONNX nodes onnxruntime leaves fp32;
+    ``tune(model, batches)``, after an INT8 build, returns what the manifest also records (read back
+    with ``manifest_of``)."""
     check_runtime(runtime)
     if runtime == "onnx":
         return fp32_onnx
@@ -304,10 +307,19 @@ def runtime_model(fp32_onnx: Path, runtime: str, key: str, calibration: Callable
             info["excluded_nodes"] = exclude
         else:
             to_openvino(fp32_onnx, tmp / "model.xml", batches if calib else None, ignored_openvino)
+        if calib and tune is not None:
+            info.update(tune(tmp / ("model.onnx" if runtime == "onnx-int8" else "model.xml"), batches))
         return info
 
     folder = cached_build(int8_cache_dir() / name, build)
     return folder / ("model.onnx" if runtime == "onnx-int8" else "model.xml")
+
+
+def manifest_of(model: Path) -> dict[str, Any]:
+    """What the manifest of the cache folder of a model ``runtime_model`` built records ({} for the
+    fp32 ONNX file, which has none)."""
+    path = model.parent / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def open_net(path: Path, runtime: str, threads: int | None = None):
