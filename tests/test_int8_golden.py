@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from conftest import bccd_golden_slide, need_data
 from smear.cli import app
+from smear.detect.evaluate import box_iou
 
 FIXTURE = Path(__file__).parent / "golden" / "int8_cell_diff.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +51,6 @@ def _box(row: dict[str, str]) -> tuple[float, ...]:
     return tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1"))
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _wbc(row: dict[str, str]) -> dict[str, object]:
     return {"box": [round(v) for v in _box(row)], "label": row["label"]}
 
@@ -73,7 +67,7 @@ def cell_diff(fp32: dict[str, list[dict[str, str]]], int8: dict[str, list[dict[s
         wa, wb = [r for r in a if r["kind"] == "wbc"], [r for r in b if r["kind"] == "wbc"]
         free = set(range(len(wb)))
         for r in wa:
-            best = max(((_iou(_box(r), _box(wb[j])), j) for j in free), default=(0.0, -1))
+            best = max(((box_iou(_box(r), _box(wb[j])), j) for j in free), default=(0.0, -1))
             if best[0] < 0.5:
                 out.append({"field": field, "kind": "wbc", "fp32": _wbc(r), "int8": None})
                 continue

@@ -170,21 +170,14 @@ class NetYoloDetector:
 SHIFT_NEAR, SHIFT_MIN_PAIRS = 0.1, 20
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of each box of ``a`` (K x 4, xyxy) with each of ``b`` (M x 4): K x M."""
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def score_shift(fp32_rows: Sequence[np.ndarray], int8_rows: Sequence[np.ndarray],
                 thresholds: dict[int, float]) -> dict[int, float]:
     """Per class id, the median change of score from fp32 to INT8 of the same box (same class, IoU >
     0.5) among boxes whose fp32 score lies within SHIFT_NEAR of the class's threshold: where INT8 moves
     the scores that decide the counts (0.0 for a class with under SHIFT_MIN_PAIRS such pairs). Rows as
     ``postprocess`` gives them, per image, fp32 and INT8 of the same calibration images."""
+    from smear.detect.evaluate import iou_matrix
+
     diffs: dict[int, list[float]] = {c: [] for c in thresholds}
     for a, b in zip(fp32_rows, int8_rows):
         for c, t in thresholds.items():
@@ -192,7 +185,7 @@ def score_shift(fp32_rows: Sequence[np.ndarray], int8_rows: Sequence[np.ndarray]
             other = b[b[:, 5] == c]
             if not len(near) or not len(other):
                 continue
-            iou = _box_iou(near[:, :4], other[:, :4])
+            iou = iou_matrix(near[:, :4], other[:, :4])
             best = iou.argmax(1)
             keep = iou[np.arange(len(near)), best] > 0.5
             diffs[c] += list(other[best[keep], 4] - near[keep, 4])
