@@ -5,7 +5,8 @@ Usage: python benchmarks/int8_gates.py [--runtime onnx-int8 --runtime openvino-i
 
 Detector, per runtime: mAP50 (all boxes over conf 0.001, no WBC check) on BCCD test and on each
 TXL-PBC test source; WBC precision and recall at the shipped thresholds (the pipeline's detector:
-per-class thresholds and WBC check). Classifier, per runtime: 11-class accuracy and ECE on the PBC
+per-class thresholds and WBC check), and the red-cell boxes kept there (not a gate: the count the
+INT8 score shift is for). Classifier, per runtime: 11-class accuracy and ECE on the PBC
 test split (stratified, seed 0, 0.7/0.15/0.15), 5-type accuracy and ECE on jtsc, cellavision and
 Raabin Test-A, and the share of cells the novelty score holds back. The INT8 models are calibrated
 on training data only (BCCD/TXL-PBC train fields, PBC training-split crops: ``calibration_data``).
@@ -50,7 +51,8 @@ def detector_rows(runtime: str) -> dict[str, dict]:
         samples, _ = load_dataset(path, split=split)
         preds = predict_samples(raw, samples)
         truths = [truth_detections(s) for s in samples]
-        wbc = wbc_rows(samples, predict_samples(shipped, samples), conf=0.0)
+        at_thresholds = predict_samples(shipped, samples)
+        wbc = wbc_rows(samples, at_thresholds, conf=0.0)
         groups = {"all": list(range(len(samples)))}
         if name != "bccd-test":
             for i, s in enumerate(samples):
@@ -62,7 +64,8 @@ def detector_rows(runtime: str) -> dict[str, dict]:
             w = wbc["all" if name == "bccd-test" else src]
             rows[name if src == "all" else f"{name}/{src}"] = {
                 "fields": len(idx), "map50": m["map50"], "wbc_precision": w["precision"], "wbc_recall": w["recall"],
-                "wbc_boxes": w["n_pred"]}
+                "wbc_boxes": w["n_pred"],
+                "rbc_boxes": sum(d.kind.value == "rbc" for i in idx for d in at_thresholds[i] or ())}
     return rows
 
 
@@ -104,8 +107,8 @@ def gate_table(stage: str, base: dict, other: dict, runtime: str) -> bool:
     ok = True
     if stage == "detector":
         print(f"\n### detector: {runtime} against onnx (fp32)\n")
-        print("| source | fields | mAP50 fp32 | mAP50 | delta | WBC P fp32 -> | WBC R fp32 -> | gate |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| source | fields | mAP50 fp32 | mAP50 | delta | WBC P fp32 -> | WBC R fp32 -> | RBC boxes fp32 -> | gate |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for src, b in base.items():
             o = other[src]
             d = _delta(b["map50"], o["map50"])
@@ -114,7 +117,7 @@ def gate_table(stage: str, base: dict, other: dict, runtime: str) -> bool:
             ok &= good
             print(f"| {src} | {b['fields']} | {b['map50']:.4f} | {o['map50']:.4f} | {d:+.4f} | "
                   f"{b['wbc_precision']:.4f} -> {o['wbc_precision']:.4f} | {b['wbc_recall']:.4f} -> "
-                  f"{o['wbc_recall']:.4f} | {'PASS' if good else 'FAIL'} |")
+                  f"{o['wbc_recall']:.4f} | {b['rbc_boxes']} -> {o['rbc_boxes']} | {'PASS' if good else 'FAIL'} |")
     else:
         print(f"\n### classifier: {runtime} against onnx (fp32)\n")
         print("| set | n | acc fp32 -> (delta) | ECE fp32 -> (delta) | novelty held fp32 -> | crops/s fp32, this | gate |")
